@@ -1,0 +1,70 @@
+// Python bindings: one-line forwards only. Behaviour lives in the timeline files.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "timeline.h"
+#ifdef STAGETRACE_WITH_CUDA
+#include "cuda_timeline.h"
+#endif
+
+namespace py = pybind11;
+using namespace stagetrace;
+
+namespace {
+
+template <typename T>
+py::array_t<T> to_numpy(const std::vector<T>& v) {
+  py::array_t<T> out(static_cast<py::ssize_t>(v.size()));
+  if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(T));
+  return out;
+}
+
+py::tuple to_python(const Resolved& r) {
+  return py::make_tuple(to_numpy(r.labels), to_numpy(r.device_ns), to_numpy(r.host_ns), to_numpy(r.streams));
+}
+
+template <typename T, typename Cls>
+void def_common(Cls& cls) {
+  cls.def("mark", &T::mark, py::arg("label"))
+      .def("mark_on", &T::mark_on, py::arg("label"), py::arg("stream"))
+      .def("resolve", [](T& t) { return to_python(t.resolve()); })
+      .def("reset", &T::reset)
+      .def("__len__", &T::size)
+      .def_property_readonly("capacity", &T::capacity)
+      .def_property_readonly("dropped", &T::dropped)
+      .def_property_readonly("resolved", &T::resolved)
+      .def_property_readonly("max_marks", &T::max_marks);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "stagetrace native core: labelled marks on a GPU (CUDA events) or host timeline";
+  auto timeline_error = py::register_exception<TimelineError>(m, "TimelineError", PyExc_RuntimeError);
+  py::register_exception<CudaError>(m, "CudaError", PyExc_RuntimeError);
+  (void)timeline_error;
+
+  m.def("cuda_compiled", &cuda_compiled);
+  m.def("cuda_probe", &cuda_probe);
+  m.def("host_now_ns", &host_now_ns);
+
+  py::class_<HostTimeline> host(m, "HostTimeline");
+  host.def(py::init<int64_t, int64_t, int64_t>(), py::arg("capacity") = 4096, py::arg("chunk") = 4096,
+           py::arg("max_marks") = -1);
+  def_common<HostTimeline>(host);
+  host.def_property_readonly("backend", [](const HostTimeline&) { return "cpu"; });
+
+#ifdef STAGETRACE_WITH_CUDA
+  py::class_<CudaTimeline> cuda(m, "CudaTimeline");
+  cuda.def(py::init<int, int64_t, int64_t, int64_t>(), py::arg("device"), py::arg("capacity") = 4096,
+           py::arg("chunk") = 4096, py::arg("max_marks") = -1);
+  def_common<CudaTimeline>(cuda);
+  cuda.def("bind_stream", &CudaTimeline::bind_stream, py::arg("stream"))
+      .def_property_readonly("bound_stream", &CudaTimeline::bound_stream)
+      .def_property_readonly("device", &CudaTimeline::device)
+      .def_property_readonly("backend", [](const CudaTimeline&) { return "cuda"; });
+#endif
+}

@@ -1,0 +1,1 @@
+"""Exporters: each reads records (and their spans) and writes one format; none depends on another."""

@@ -1,0 +1,371 @@
+"""The stage tracer: hooks that place marks at stage boundaries of ``generate()``.
+
+What must stay true:
+
+* the hot path (a hook firing) only checks a flag and calls ``timeline.mark``: no
+  sync, no allocation beyond what Python does for the call itself;
+* the one sync per call is ``Marks.from_timeline`` after ``generate()`` returns;
+* an exception inside ``generate()`` leaves no partial record, and the tracer stays
+  usable; leaving the ``with`` block (or ``stop()``) removes every hook it added and
+  restores ``model.generate``;
+* tracing never changes what ``generate()`` computes or returns.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .labels import Kind, label
+from .layouts import ResolvedLayout, resolve_layout
+from .low_level import Marks, Timeline, new_timeline
+from .records import JsonlWriter, StageRecord, write_jsonl
+from .stages import StageOrderError, stages_from_marks
+
+__all__ = ["Tracer", "trace", "attach", "TracingError"]
+
+LAYER_DETAIL = ("off", "prefill", "all")
+
+# Plain ints: the hot path hands these straight to the native mark().
+_CALL_BEGIN, _CALL_END = label(Kind.CALL_BEGIN), label(Kind.CALL_END)
+_PREFILL, _DECODE = label(Kind.PREFILL_FORWARD), label(Kind.DECODE_FORWARD)
+
+# Models being traced right now, to refuse a second tracer on the same model.
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Tracer]" = weakref.WeakKeyDictionary()
+
+
+class TracingError(RuntimeError):
+    """Tracing was set up wrongly (nested tracing, no generate(), ...)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"stagetrace": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+@dataclass
+class _Call:
+    """State of the generate() call in flight."""
+
+    prompt_len: int
+    fed: int            # tokens the cache holds or has been fed so far
+    forwards: int = 0
+    in_prefill: bool = False
+    decoding: bool = False
+
+
+def _cache_len(cache: Any) -> int:
+    """Length of a cache passed into generate(); read once per call, off the hot path."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+        return int(cache[0][0].shape[-2])  # legacy list of (key, value): (B, H, T, D)
+    return 0
+
+
+def _input_len(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    x = kwargs.get("input_ids")
+    if x is None and args and isinstance(args[0], torch.Tensor):
+        x = args[0]
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+        return int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+    return int(x.shape[-1]) if isinstance(x, torch.Tensor) else None
+
+
+def _sequences(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    seq = getattr(out, "sequences", None)
+    return seq if isinstance(seq, torch.Tensor) else None
+
+
+class Tracer:
+    """Traces every ``generate()`` call of one model while active.
+
+    Use as a context manager (``with stagetrace.trace(model) as tracer:``), with
+    ``start()``/``stop()``, or as a decorator on a function that calls generate().
+    One :class:`StageRecord` per call lands in ``tracer.records``.
+    """
+
+    def __init__(self, model: nn.Module, *, vision: str | Sequence[str] | None = None,
+                 language_model: str | None = None, lm_head: str | None = None, layers: str | None = None,
+                 layer_detail: str | bool = "off", jsonl: str | Path | None = None,
+                 sample_id: str | None = None, capacity: int = 4096, keep_marks: bool = True):
+        if not callable(getattr(model, "generate", None)):
+            raise TracingError(f"{type(model).__name__} has no generate() method to trace")
+        if layer_detail is True:
+            layer_detail = "all"
+        elif layer_detail is False:
+            layer_detail = "off"
+        if layer_detail not in LAYER_DETAIL:
+            raise ValueError(f"layer_detail must be one of {LAYER_DETAIL}, got {layer_detail!r}")
+        self.model = model
+        self.layer_detail: str = layer_detail
+        self.sample_id = sample_id
+        self.records: list[StageRecord] = []
+        self.keep_marks = keep_marks
+        self._overrides = dict(vision=vision, language_model=language_model, lm_head=lm_head, layers=layers)
+        # Resolve now, so a bad layout fails at trace(), before any generate() runs.
+        self.layout: ResolvedLayout = resolve_layout(model, **self._overrides)
+        self._capacity = capacity
+        self._jsonl_path = Path(jsonl) if jsonl is not None else None
+        self._writer: JsonlWriter | None = None
+        self._handles: list[Any] = []
+        self._had_instance_generate = False
+        self._saved_generate: Any = None
+        self._timeline: Timeline | None = None
+        self._device = torch.device("cpu")
+        self._call: _Call | None = None
+        self._active = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @property
+    def backend(self) -> str:
+        return self._timeline.backend if self._timeline is not None else "none"
+
+    def start(self) -> "Tracer":
+        if self._active:
+            raise TracingError("this tracer is already active")
+        other = _ACTIVE.get(self.model)
+        if other is not None:
+            raise TracingError(f"{type(self.model).__name__} is already being traced by another stagetrace "
+                               "tracer: stop it before starting a new one (nested tracing is not supported)")
+        self._device = self._model_device()
+        if self._timeline is None:
+            self._timeline = new_timeline(self._device.type, self._device.index or 0, capacity=self._capacity)
+        if self._jsonl_path is not None and self._writer is None:
+            self._writer = JsonlWriter(self._jsonl_path)
+        try:
+            self._install()
+        except BaseException:
+            self._uninstall()
+            raise
+        _ACTIVE[self.model] = self
+        self._active = True
+        return self
+
+    def stop(self) -> None:
+        if not self._active:
+            return
+        self._uninstall()
+        _ACTIVE.pop(self.model, None)
+        self._active = False
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "Tracer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Decorator: run ``fn`` with this tracer active."""
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return fn(*args, **kwargs)
+        return wrapper
+
+    @contextlib.contextmanager
+    def sample(self, sample_id: str) -> Iterator["Tracer"]:
+        """Tag the records of calls made inside the block with ``sample_id``."""
+        previous, self.sample_id = self.sample_id, sample_id
+        try:
+            yield self
+        finally:
+            self.sample_id = previous
+
+    def _model_device(self) -> torch.device:
+        devices = {p.device for p in self.model.parameters()}
+        if len(devices) > 1:
+            raise TracingError(f"the model's parameters are spread over {sorted(map(str, devices))}; "
+                               "tracing a model split over devices is not supported yet")
+        return next(iter(devices)) if devices else torch.device("cpu")
+
+    # ------------------------------------------------------------------ hooks
+    def _install(self) -> None:
+        model, lay = self.model, self.layout
+        tl = self._timeline
+        assert tl is not None
+        mark = tl.mark
+
+        self._had_instance_generate = "generate" in model.__dict__
+        self._saved_generate = model.__dict__.get("generate")
+        original = model.generate
+        model.generate = self._wrap_generate(original)  # type: ignore[method-assign]
+
+        def on_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            call = self._call
+            if call is None:
+                return
+            first = call.forwards == 0
+            call.forwards += 1
+            if first or (not call.decoding and call.fed < call.prompt_len):
+                call.in_prefill = True
+                n = _input_len(args, kwargs)
+                call.fed += call.prompt_len if n is None else n
+                mark(_PREFILL)
+            else:
+                call.in_prefill = False
+                call.decoding = True
+                mark(_DECODE)
+
+        self._handles.append(model.register_forward_pre_hook(on_forward, with_kwargs=True))
+
+        vb, ve = label(Kind.VISION_BEGIN), label(Kind.VISION_END)
+        for _, mod in lay.vision:
+            self._handles.append(mod.register_forward_pre_hook(
+                lambda m, a, _l=vb: None if self._call is None else mark(_l)))
+            self._handles.append(mod.register_forward_hook(
+                lambda m, a, o, _l=ve: None if self._call is None else mark(_l)))
+
+        lm_b, head_e = label(Kind.LM_BEGIN), label(Kind.LM_HEAD_END)
+        self._handles.append(lay.language_model[1].register_forward_pre_hook(
+            lambda m, a: mark(lm_b) if self._call is not None and self._call.in_prefill else None))
+        self._handles.append(lay.lm_head[1].register_forward_hook(
+            lambda m, a, o: mark(head_e) if self._call is not None and self._call.in_prefill else None))
+
+        if self.layer_detail != "off":
+            every_step = self.layer_detail == "all"
+            for i, (_, layer) in enumerate(lay.layers):
+                lb, le = label(Kind.LAYER_BEGIN, i), label(Kind.LAYER_END, i)
+
+                def pre(m: nn.Module, a: Any, _l: int = lb) -> None:
+                    c = self._call
+                    if c is not None and (every_step or c.in_prefill):
+                        mark(_l)
+
+                def post(m: nn.Module, a: Any, o: Any, _l: int = le) -> None:
+                    c = self._call
+                    if c is not None and (every_step or c.in_prefill):
+                        mark(_l)
+
+                self._handles.append(layer.register_forward_pre_hook(pre))
+                self._handles.append(layer.register_forward_hook(post))
+
+    def _uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if "generate" in self.model.__dict__ or self._had_instance_generate:
+            if self._had_instance_generate:
+                self.model.__dict__["generate"] = self._saved_generate
+            else:
+                del self.model.__dict__["generate"]
+        self._saved_generate = None
+        self._had_instance_generate = False
+
+    # ------------------------------------------------------------------ one call
+    def _wrap_generate(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def traced_generate(*args: Any, **kwargs: Any) -> Any:
+            if self._call is not None or self._timeline is None:
+                # Re-entrant generate() (e.g. the model drafting for itself): run untraced.
+                return original(*args, **kwargs)
+            tl = self._timeline
+            input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+            embeds = kwargs.get("inputs_embeds")
+            prompt = input_ids if input_ids is not None else embeds
+            prompt_len = int(prompt.shape[1]) if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else 0
+            batch = int(prompt.shape[0]) if isinstance(prompt, torch.Tensor) and prompt.dim() >= 1 else 1
+            cache0 = _cache_len(kwargs.get("past_key_values", kwargs.get("cache")))
+            tl.reset()
+            if self._device.type == "cuda":
+                tl.bind_stream(torch.cuda.current_stream(self._device).cuda_stream)  # type: ignore[attr-defined]
+            self._call = _Call(prompt_len=prompt_len, fed=cache0)
+            host_start = time.monotonic_ns()
+            tl.mark(_CALL_BEGIN)
+            try:
+                out = original(*args, **kwargs)
+                tl.mark(_CALL_END)
+            except BaseException:
+                self._call = None
+                tl.reset()
+                raise
+            self._call = None
+            marks = Marks.from_timeline(tl)  # the one sync of the call
+            seq = _sequences(out)
+            if seq is None:
+                new_tokens = 0
+            elif input_ids is not None:
+                new_tokens = int(seq.shape[-1]) - prompt_len
+            else:
+                new_tokens = int(seq.shape[-1])  # inputs_embeds only: generate returns new tokens only
+            self._record(marks, batch, prompt_len, new_tokens, host_start)
+            return out
+
+        return traced_generate
+
+    def _record(self, marks: Marks, batch: int, prompt_len: int, new_tokens: int, host_start: int) -> None:
+        cfg = getattr(self.model, "config", None)
+        meta = dict(batch_size=batch, prompt_tokens=prompt_len, output_tokens=new_tokens,
+                    call_index=len(self.records), sample_id=self.sample_id,
+                    model_class=type(self.model).__name__, model_name=str(getattr(cfg, "_name_or_path", "") or ""),
+                    device=str(self._device), backend=marks.backend, layout=self.layout.name,
+                    layer_detail=self.layer_detail, host_start_ns=int(marks.host_ns[0]) if len(marks) else host_start,
+                    unix_time=time.time(), versions=_versions(), n_marks=len(marks))
+        if marks.dropped:
+            rec = StageRecord.failed(f"{marks.dropped} marks were dropped (the event pool could not grow); "
+                                     "this call's stages are unknown", **meta)
+        else:
+            try:
+                rec = StageRecord.from_stages(stages_from_marks(marks.labels, marks.device_ns), **meta)
+            except StageOrderError as exc:
+                rec = StageRecord.failed(str(exc), **meta)
+        if rec.error:
+            warnings.warn(f"stagetrace: call {rec.call_index} was not timed: {rec.error}", RuntimeWarning,
+                          stacklevel=3)
+        if self.keep_marks:
+            rec.marks = marks
+        self.records.append(rec)
+        if self._writer is not None:
+            self._writer.write(rec)
+
+    # ------------------------------------------------------------------ outputs
+    def save_jsonl(self, path: str | Path, spans: bool = False) -> Path:
+        write_jsonl(self.records, path, spans=spans)
+        return Path(path)
+
+    def save_chrome_trace(self, path: str | Path, **kw: Any) -> Path:
+        from .export.chrome import write_chrome_trace
+
+        return write_chrome_trace(self.records, path, **kw)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        from .export.table import summarize
+
+        return summarize(self.records)
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+def trace(model: nn.Module, **kwargs: Any) -> Tracer:
+    """A tracer for ``model``; use it as ``with stagetrace.trace(model) as tracer:``."""
+    return Tracer(model, **kwargs)
+
+
+def attach(model: nn.Module, **kwargs: Any) -> Tracer:
+    """Trace every ``generate()`` of ``model`` from now until ``tracer.stop()``."""
+    return Tracer(model, **kwargs).start()

@@ -1,0 +1,147 @@
+"""Stage math, on synthetic marks: exact partition, no negatives, per-step spans."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stagetrace.labels import Kind, index_of, kind_of, label
+from stagetrace.stages import StageOrderError, stages_from_marks
+
+K = Kind
+
+
+def marks(*pairs):
+    """(kind, t) or ((kind, index), t) pairs -> (labels, times) arrays."""
+    labels = [label(*k) if isinstance(k, tuple) else label(k) for k, _ in pairs]
+    return np.array(labels, dtype=np.int32), np.array([t for _, t in pairs], dtype=np.int64)
+
+
+def vlm_call():
+    # entry, vision 10..40, forward@45, LM 50..90 (prefill), 3 decode steps, return 160
+    return marks((K.CALL_BEGIN, 0), (K.VISION_BEGIN, 10), (K.VISION_END, 30), (K.VISION_BEGIN, 31),
+                 (K.VISION_END, 40), (K.PREFILL_FORWARD, 45), (K.LM_BEGIN, 50), (K.LM_HEAD_END, 90),
+                 (K.DECODE_FORWARD, 100), (K.DECODE_FORWARD, 120), (K.DECODE_FORWARD, 145), (K.CALL_END, 160))
+
+
+def test_labels_carry_kind_and_index():
+    lab = np.array([label(K.LAYER_BEGIN, 37), label(K.CALL_END)])
+    assert kind_of(lab).tolist() == [K.LAYER_BEGIN, K.CALL_END]
+    assert index_of(lab).tolist() == [37, 0]
+
+
+def test_a_vlm_call_partitions_exactly_into_vision_prefill_decode_and_other():
+    st = stages_from_marks(*vlm_call())
+    assert st.total_ns == 160
+    assert st.vision_ns == 30          # first vision start to last vision end
+    assert st.prefill_ns == 40         # LM start to lm_head end
+    assert st.decode_ns == 60          # first decode forward to return
+    assert st.other_ns == 160 - 30 - 40 - 60
+    assert st.vision_ns + st.prefill_ns + st.decode_ns + st.other_ns == st.total_ns
+    assert st.ttft_ns == 100
+    assert st.decode_step_ns == [20, 25, 15]
+    assert sum(st.decode_step_ns) == st.decode_ns
+
+
+def test_spans_nest_call_stage_step():
+    st = stages_from_marks(*vlm_call())
+    names = [(s.name, s.depth) for s in st.spans]
+    assert names == [("generate", 0), ("vision", 1), ("prefill", 1), ("decode", 1), ("step 0", 2),
+                     ("step 1", 2), ("step 2", 2)]
+
+
+def test_text_only_call_has_no_vision_stage_not_a_zero_one():
+    lab, t = marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 5), (K.LM_BEGIN, 6), (K.LM_HEAD_END, 20),
+                   (K.DECODE_FORWARD, 22), (K.CALL_END, 30))
+    st = stages_from_marks(lab, t)
+    assert st.vision_ns is None
+    assert st.prefill_ns == 14 and st.decode_ns == 8 and st.other_ns == 8
+
+
+def test_a_single_token_call_has_zero_decode_and_ttft_equal_to_total():
+    lab, t = marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 5), (K.LM_BEGIN, 6), (K.LM_HEAD_END, 20),
+                   (K.CALL_END, 30))
+    st = stages_from_marks(lab, t)
+    assert st.decode_ns == 0 and st.decode_step_ns == [] and st.ttft_ns == st.total_ns == 30
+
+
+def test_chunked_prefill_spans_from_first_chunk_start_to_last_chunk_head():
+    lab, t = marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 2), (K.LM_BEGIN, 3), (K.LM_HEAD_END, 10),
+                   (K.PREFILL_FORWARD, 12), (K.LM_BEGIN, 13), (K.LM_HEAD_END, 25), (K.DECODE_FORWARD, 30),
+                   (K.CALL_END, 40))
+    st = stages_from_marks(lab, t)
+    assert st.prefill_ns == 22 and st.decode_ns == 10 and st.other_ns == 8
+
+
+def test_vision_inside_the_first_forward_counts_before_the_language_model():
+    # Molmo: vision runs inside forward 0, before the first block
+    lab, t = marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 1), (K.VISION_BEGIN, 2), (K.VISION_END, 12),
+                   (K.LM_BEGIN, 14), (K.LM_HEAD_END, 30), (K.DECODE_FORWARD, 31), (K.CALL_END, 40))
+    st = stages_from_marks(lab, t)
+    assert (st.vision_ns, st.prefill_ns, st.decode_ns, st.other_ns) == (10, 16, 9, 5)
+
+
+def test_vision_rerun_inside_decode_steps_belongs_to_those_steps():
+    lab, t = marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 1), (K.VISION_BEGIN, 2), (K.VISION_END, 12),
+                   (K.LM_BEGIN, 14), (K.LM_HEAD_END, 30), (K.DECODE_FORWARD, 31), (K.VISION_BEGIN, 32),
+                   (K.VISION_END, 38), (K.CALL_END, 50))
+    st = stages_from_marks(lab, t)
+    assert st.vision_ns == 10 and st.decode_ns == 19 and st.decode_step_ns == [19]
+
+
+def test_without_lm_marks_prefill_runs_from_after_vision_to_the_first_step():
+    lab, t = marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 1), (K.VISION_BEGIN, 2), (K.VISION_END, 12),
+                   (K.DECODE_FORWARD, 31), (K.CALL_END, 40))
+    st = stages_from_marks(lab, t)
+    assert st.prefill_ns == 19 and st.other_ns == 2
+
+
+def test_layer_marks_become_nested_spans_in_prefill_and_in_each_step():
+    lab, t = marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 1), (K.LM_BEGIN, 2), ((K.LAYER_BEGIN, 0), 3),
+                   ((K.LAYER_END, 0), 5), ((K.LAYER_BEGIN, 1), 5), ((K.LAYER_END, 1), 8), (K.LM_HEAD_END, 9),
+                   (K.DECODE_FORWARD, 10), ((K.LAYER_BEGIN, 0), 11), ((K.LAYER_END, 0), 12), (K.CALL_END, 15))
+    st = stages_from_marks(lab, t)
+    layer_spans = [(s.name, s.start_ns, s.end_ns, s.depth) for s in st.spans if s.name.startswith("layer")]
+    assert layer_spans == [("layer 0", 3, 5, 2), ("layer 1", 5, 8, 2), ("layer 0", 11, 12, 3)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_valid_calls_always_partition_exactly_and_never_go_negative(seed):
+    rng = np.random.default_rng(seed)
+    seq = [K.CALL_BEGIN]
+    if rng.random() < 0.7:
+        seq += [K.VISION_BEGIN, K.VISION_END] * int(rng.integers(1, 3))
+    for _ in range(int(rng.integers(1, 3))):
+        seq += [K.PREFILL_FORWARD, K.LM_BEGIN, K.LM_HEAD_END]
+    n_steps = int(rng.integers(0, 6))
+    seq += [K.DECODE_FORWARD] * n_steps + [K.CALL_END]
+    t = np.cumsum(rng.integers(0, 10**6, size=len(seq)))
+    st = stages_from_marks(np.array([int(k) for k in seq], dtype=np.int32), t)
+    parts = [st.vision_ns or 0, st.prefill_ns, st.decode_ns, st.other_ns]
+    assert sum(parts) == st.total_ns and min(parts) >= 0
+    assert len(st.decode_step_ns) == n_steps and sum(st.decode_step_ns) == st.decode_ns
+    assert 0 <= st.ttft_ns <= st.total_ns
+
+
+def test_overlapping_stages_are_refused_not_reported():
+    # vision that ends after the language model started: a wrong layout, not a negative "other"
+    lab, t = marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 1), (K.LM_BEGIN, 2), (K.VISION_BEGIN, 3),
+                   (K.VISION_END, 12), (K.LM_HEAD_END, 9), (K.CALL_END, 40))
+    with pytest.raises(StageOrderError):
+        stages_from_marks(lab, t)
+
+
+def test_marks_out_of_device_order_are_refused():
+    lab, t = marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 10), (K.LM_BEGIN, 5), (K.CALL_END, 40))
+    with pytest.raises(StageOrderError, match="earlier on the device timeline"):
+        stages_from_marks(lab, t)
+
+
+@pytest.mark.parametrize("bad", [
+    marks((K.PREFILL_FORWARD, 0), (K.CALL_END, 5)),
+    marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 2)),
+    marks((K.CALL_BEGIN, 0), (K.CALL_END, 5)),
+    marks((K.CALL_BEGIN, 0), (K.VISION_BEGIN, 1), (K.PREFILL_FORWARD, 2), (K.CALL_END, 5)),
+])
+def test_incomplete_calls_are_refused(bad):
+    with pytest.raises(StageOrderError):
+        stages_from_marks(*bad)
