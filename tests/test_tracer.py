@@ -1,0 +1,361 @@
+"""The stage tracer on real transformers architectures (tiny, random weights)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import stagetrace
+from stagetrace import tiny
+from stagetrace.layouts import LayoutError
+from stagetrace.tracer import TracingError
+
+from conftest import DEVICES
+from helpers import assert_partition, build_on, gen_kwargs, hook_state, tokens
+
+FAMILIES = list(tiny.FAMILIES)
+VLMS = [f for f in FAMILIES if f != "llama"]
+HF = [f for f in FAMILIES if f != "molmo_like"]
+
+
+def _check_family(family: str, device: str, new_tokens: int = 5, **build_kw) -> stagetrace.StageRecord:
+    case = build_on(family, device, **build_kw)
+    plain = tokens(case.model.generate(**gen_kwargs(case, new_tokens)))
+    # after a first call: transformers installs hooks of its own (output capture) lazily
+    before = hook_state(case.model)
+    with stagetrace.trace(case.model) as tracer:
+        traced = tokens(case.model.generate(**gen_kwargs(case, new_tokens)))
+    assert torch.equal(plain, traced), "tracing changed the generated tokens"
+    assert hook_state(case.model) == before, "hooks left behind"
+    (rec,) = tracer.records
+    assert_partition(rec)
+    assert rec.output_tokens == new_tokens
+    assert len(rec.decode_step_ms) == rec.output_tokens - 1
+    assert rec.batch_size == case.inputs["input_ids"].shape[0]
+    assert rec.prompt_tokens == case.prompt_len
+    has_images = build_kw.get("images", True) and family != "llama"
+    assert (rec.vision_ms is not None) == has_images
+    if has_images:
+        assert rec.vision_ms > 0
+    assert rec.backend == ("cuda" if device == "cuda" else "cpu") and rec.device.startswith(device)
+    return rec
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", FAMILIES)
+class TestEveryFamily:
+    def test_stages_present_positive_and_exact_with_unchanged_tokens(self, family, device):
+        _check_family(family, device)
+
+    def test_batch_of_two_with_left_padding(self, family, device):
+        _check_family(family, device, batch=2, left_pad=2)
+
+    def test_a_single_new_token_has_no_decode_steps(self, family, device):
+        rec = _check_family(family, device, new_tokens=1)
+        assert rec.decode_ms == 0 and rec.decode_step_ms == [] and rec.ttft_ms == rec.total_ms
+
+    def test_a_call_without_images_has_no_vision_stage(self, family, device):
+        if family == "llama":
+            pytest.skip("text-only")
+        rec = _check_family(family, device, images=False)
+        assert rec.vision_ms is None
+
+    def test_beam_search_times_every_search_step(self, family, device):
+        if family == "molmo_like":
+            pytest.skip("Molmo's own generate loop is greedy only")
+        case = build_on(family, device)
+        kw = gen_kwargs(case, 4, num_beams=2)
+        plain = tokens(case.model.generate(**kw))
+        with stagetrace.trace(case.model) as tracer:
+            traced = tokens(case.model.generate(**kw))
+        assert torch.equal(plain, traced)
+        (rec,) = tracer.records
+        assert_partition(rec)
+        assert rec.output_tokens == 4 and len(rec.decode_step_ms) == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_several_calls_give_several_records(device):
+    case = build_on("llava", device)
+    with stagetrace.trace(case.model) as tracer:
+        for n in (2, 3, 4):
+            case.model.generate(**gen_kwargs(case, n))
+    assert [r.call_index for r in tracer.records] == [0, 1, 2]
+    assert [len(r.decode_step_ms) for r in tracer.records] == [1, 2, 3]
+
+
+class _Sleep:
+    """Forward post-hooks that pad stages with known host sleeps.
+
+    Registered before the tracer, so they run before the tracer's end marks and fall
+    inside the stage. On CUDA the GPU idles while the host sleeps, so the sleep shows
+    on the GPU timeline too.
+    """
+
+    def __init__(self, model, vision_s: float, prefill_s: float, step_s: float):
+        self.handles = [
+            model.model.vision_tower.register_forward_hook(lambda m, a, o: time.sleep(vision_s)),
+            model.model.language_model.register_forward_hook(
+                lambda m, a, o, **k: time.sleep(prefill_s if o.last_hidden_state.shape[1] > 1 else step_s)),
+        ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stages_padded_with_known_sleeps_measure_them(device):
+    case = build_on("llava", device)
+    vision_s, prefill_s, step_s = 0.030, 0.020, 0.008
+    _Sleep(case.model, vision_s, prefill_s, step_s)
+    case.model.generate(**gen_kwargs(case, 2))  # warm-up
+    with stagetrace.trace(case.model) as tracer:
+        case.model.generate(**gen_kwargs(case, 4))
+    rec = tracer.records[0]
+    assert_partition(rec)
+    slack = 15.0  # ms of real tiny-model compute and scheduler noise on a 2-core CI box
+    assert vision_s * 1e3 <= rec.vision_ms <= vision_s * 1e3 + slack
+    assert prefill_s * 1e3 <= rec.prefill_ms <= prefill_s * 1e3 + slack
+    for step in rec.decode_step_ms:
+        assert step_s * 1e3 <= step <= step_s * 1e3 + slack
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_detail_adds_nested_layer_spans_without_changing_stages(device):
+    case = build_on("llava", device)
+    for detail, per_step in (("prefill", False), ("all", True)):
+        with stagetrace.trace(case.model, layer_detail=detail) as tracer:
+            case.model.generate(**gen_kwargs(case, 3))
+        rec = tracer.records[0]
+        assert_partition(rec)
+        layers = [s for s in rec.spans if s.name.startswith("layer")]
+        n_layers = case.model.config.text_config.num_hidden_layers
+        assert len(layers) == n_layers * (1 + (2 if per_step else 0))
+        assert all(s.dur_ns >= 0 for s in layers)
+
+
+# ---------------------------------------------------------------- prefill/decode edge cases
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_prefill_is_one_prefill_stage(device):
+    case = build_on("llama", device)
+    kw = gen_kwargs(case, 4, prefill_chunk_size=3)
+    plain = tokens(case.model.generate(**kw))
+    with stagetrace.trace(case.model) as tracer:
+        traced = tokens(case.model.generate(**kw))
+    assert torch.equal(plain, traced)
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert len(rec.decode_step_ms) == 3
+    prefill_forwards = (rec.marks.labels & 0xFF == stagetrace.labels.Kind.PREFILL_FORWARD).sum()
+    assert prefill_forwards == -(-case.prompt_len // 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["llava", "molmo_like"])
+def test_without_a_cache_every_later_forward_is_a_decode_step(family, device):
+    case = build_on(family, device)
+    kw = gen_kwargs(case, 4, use_cache=False)
+    plain = tokens(case.model.generate(**kw))
+    with stagetrace.trace(case.model) as tracer:
+        traced = tokens(case.model.generate(**kw))
+    assert torch.equal(plain, traced)
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert len(rec.decode_step_ms) == 3 and rec.vision_ms > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_continuing_from_a_returned_cache_starts_with_a_prefill_of_the_new_tokens(device):
+    case = build_on("llama", device)
+    with stagetrace.trace(case.model) as tracer:
+        first = case.model.generate(**gen_kwargs(case, 3), return_dict_in_generate=True)
+        cache = first.past_key_values
+        extra = torch.tensor([[5, 6, 7]], device=device)
+        ids = torch.cat([first.sequences, extra], dim=1)
+        mask = torch.ones_like(ids)
+        second = case.model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4,
+                                     min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert second.shape[1] == ids.shape[1] + 4
+    rec = tracer.records[1]
+    assert_partition(rec)
+    assert rec.output_tokens == 4 and len(rec.decode_step_ms) == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["assistant", "prompt_lookup"])
+def test_assisted_decoding_steps_are_verification_forwards(mode, device):
+    case = build_on("llama", device)
+    extra = ({"assistant_model": build_on("llama", device, seed=1).model} if mode == "assistant"
+             else {"prompt_lookup_num_tokens": 2})
+    kw = gen_kwargs(case, 6, **extra)
+    plain = tokens(case.model.generate(**kw))
+    with stagetrace.trace(case.model) as tracer:
+        traced = tokens(case.model.generate(**kw))
+    assert torch.equal(plain, traced)
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert 1 <= len(rec.decode_step_ms) <= rec.output_tokens - 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_from_inputs_embeds_only(device):
+    case = build_on("llama", device)
+    embeds = case.model.get_input_embeddings()(case.inputs["input_ids"])
+    with stagetrace.trace(case.model) as tracer:
+        out = case.model.generate(inputs_embeds=embeds, attention_mask=case.inputs["attention_mask"],
+                                  max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert rec.output_tokens == out.shape[1] == 3 and len(rec.decode_step_ms) == 2
+
+
+# ---------------------------------------------------------------- API and lifecycle
+def test_start_stop_and_attach_trace_every_call_until_stopped():
+    case = tiny.build("llama")
+    before = hook_state(case.model)
+    tracer = stagetrace.attach(case.model)
+    assert tracer.active and hook_state(case.model) != before
+    case.model.generate(**gen_kwargs(case, 2))
+    case.model.generate(**gen_kwargs(case, 2))
+    tracer.stop()
+    case.model.generate(**gen_kwargs(case, 2))
+    assert len(tracer.records) == 2 and hook_state(case.model) == before
+    tracer.start()
+    case.model.generate(**gen_kwargs(case, 2))
+    tracer.stop()
+    assert len(tracer.records) == 3
+
+
+def test_the_tracer_works_as_a_decorator_and_tags_samples():
+    case = tiny.build("llama")
+    tracer = stagetrace.trace(case.model)
+
+    @tracer
+    def run():
+        with tracer.sample("img-7"):
+            case.model.generate(**gen_kwargs(case, 2))
+        case.model.generate(**gen_kwargs(case, 2))
+
+    run()
+    assert not tracer.active
+    assert [r.sample_id for r in tracer.records] == ["img-7", None]
+    d = tracer.records[0].to_dict()
+    assert d["sample_id"] == "img-7" and d["vision_ms"] is None and "marks" not in d
+    assert d["model_class"] == "LlamaForCausalLM" and set(d["versions"]) == {"stagetrace", "torch", "transformers"}
+
+
+def test_an_exception_inside_generate_records_nothing_and_leaves_the_tracer_usable():
+    case = tiny.build("llava")
+    fail = {"on": False}
+
+    def boom(m, a, o):
+        if fail["on"]:
+            raise RuntimeError("boom in the projector")
+
+    handle = case.model.model.multi_modal_projector.register_forward_hook(boom)
+    case.model.generate(**gen_kwargs(case, 2))  # transformers adds its own hooks on a first call
+    before = hook_state(case.model)
+    fail["on"] = True
+    tracer = stagetrace.trace(case.model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracer:
+            case.model.generate(**gen_kwargs(case, 3))
+    assert tracer.records == [] and not tracer.active
+    assert hook_state(case.model) == before, "an exception must still remove every hook"
+
+    with tracer:  # usable again, also when the exception is caught inside the block
+        with pytest.raises(RuntimeError):
+            case.model.generate(**gen_kwargs(case, 3))
+        fail["on"] = False
+        case.model.generate(**gen_kwargs(case, 3))
+    handle.remove()
+    (rec,) = tracer.records
+    assert_partition(rec)
+    assert len(rec.decode_step_ms) == 2
+
+
+def test_nested_tracing_of_one_model_is_a_clear_error():
+    case = tiny.build("llama")
+    with stagetrace.trace(case.model):
+        with pytest.raises(TracingError, match="already being traced"):
+            stagetrace.trace(case.model).start()
+
+
+def test_a_user_patched_generate_is_restored():
+    case = tiny.build("llama")
+    calls = []
+    original = case.model.generate
+
+    def mine(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    case.model.generate = mine
+    with stagetrace.trace(case.model) as tracer:
+        case.model.generate(**gen_kwargs(case, 2))
+    assert case.model.generate is mine and calls == [1] and len(tracer.records) == 1
+
+
+# ---------------------------------------------------------------- layouts: override and failure
+class OddVLM(nn.Module):
+    """A VLM whose layout no table row knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.pixel_encoder = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 16))
+        self.embed = nn.Embedding(64, 16)
+        self.brain = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+        self.readout = nn.Linear(16, 64)
+
+    def forward(self, input_ids, pixels=None):
+        x = self.embed(input_ids)
+        if pixels is not None:
+            x = x + self.pixel_encoder(pixels).mean(dim=1, keepdim=True)
+        for layer in self.brain:
+            x = torch.tanh(layer(x))
+        return self.readout(x)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixels=None, max_new_tokens=4):
+        seq = input_ids
+        for i in range(max_new_tokens):
+            logits = self(seq, pixels if i == 0 else None)
+            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+        return seq
+
+
+def test_an_unknown_layout_names_what_it_found_and_the_override_to_use():
+    with pytest.raises(LayoutError) as err:
+        stagetrace.trace(OddVLM())
+    msg = str(err.value)
+    assert "OddVLM" in msg and "pixel_encoder" in msg
+    assert "stagetrace.trace(model, vision=['pixel_encoder']" in msg
+    assert "top-level modules: ['pixel_encoder', 'embed', 'brain', 'readout']" in msg
+
+
+def test_the_override_path_traces_an_unknown_layout():
+    torch.manual_seed(0)
+    model = OddVLM().eval()
+    ids, pixels = torch.randint(0, 64, (1, 5)), torch.randn(1, 3, 12)
+    with stagetrace.trace(model, vision="pixel_encoder", language_model="brain", lm_head="readout",
+                          layer_detail="all") as tracer:
+        model.generate(ids, pixels, max_new_tokens=4)
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert rec.vision_ms > 0 and len(rec.decode_step_ms) == 3
+    assert rec.layout == "probe+override"
+    assert len([s for s in rec.spans if s.name.startswith("layer")]) == 3 * 4
+
+
+def test_override_can_cut_a_known_layout_differently():
+    case = tiny.build("llava")
+    with stagetrace.trace(case.model, vision=["model.vision_tower"]) as tracer:
+        case.model.generate(**gen_kwargs(case, 2))
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert tracer.layout.describe()["vision"] == ["model.vision_tower"] and rec.layout == "llava-style+override"
+
+
+def test_a_multimodal_model_is_never_taken_for_text_only():
+    case = tiny.build("llava")
+    with pytest.raises(LayoutError, match="does not name a submodule"):
+        stagetrace.trace(case.model, vision=["model.no_such_tower"])
