@@ -66,5 +66,6 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("bound_stream", &CudaTimeline::bound_stream)
       .def_property_readonly("device", &CudaTimeline::device)
       .def_property_readonly("backend", [](const CudaTimeline&) { return "cuda"; });
+  m.def("bench_event_record_ns", &bench_event_record_ns, py::arg("device"), py::arg("n"), py::arg("stream"));
 #endif
 }

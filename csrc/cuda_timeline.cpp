@@ -124,3 +124,18 @@ Resolved CudaTimeline::resolve() {
 }
 
 }  // namespace stagetrace
+
+namespace stagetrace {
+
+double bench_event_record_ns(int device, int64_t n, int64_t stream) {
+  if (n < 1) throw std::invalid_argument("n must be >= 1");
+  CudaTimeline tl(device, n, n, n);
+  tl.bind_stream(stream);
+  int64_t t0 = host_now_ns();
+  for (int64_t i = 0; i < n; ++i) tl.mark(static_cast<int32_t>(i));
+  int64_t t1 = host_now_ns();
+  tl.resolve();
+  return static_cast<double>(t1 - t0) / static_cast<double>(n);
+}
+
+}  // namespace stagetrace

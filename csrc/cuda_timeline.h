@@ -35,3 +35,8 @@ class CudaTimeline : public TimelineBase {
 };
 
 }  // namespace stagetrace
+
+namespace stagetrace {
+// Floor for the benchmark: ns per cudaEventRecord issued from C++ in a tight loop.
+double bench_event_record_ns(int device, int64_t n, int64_t stream);
+}  // namespace stagetrace

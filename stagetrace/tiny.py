@@ -43,7 +43,8 @@ def text_config(**over: Any) -> dict[str, Any]:
 
 
 def _ids(batch: int, n_image_tokens: int, text_len: int = 6, image_first: bool = False,
-         left_pad: int = 0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         left_pad: int = 0, generator: torch.Generator | None = None,
+         frame: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids with one image's worth of image tokens per row, and the attention mask.
 
     Row r > 0 gets ``left_pad * r`` pad tokens on the left (and as many fewer text tokens),
@@ -54,6 +55,8 @@ def _ids(batch: int, n_image_tokens: int, text_len: int = 6, image_first: bool =
         pad = left_pad * r
         text = torch.randint(3, IMAGE_TOKEN_ID, (text_len - pad,), generator=generator).tolist()
         img = [IMAGE_TOKEN_ID] * n_image_tokens
+        if frame and n_image_tokens:
+            img = [frame[0]] + img + [frame[1]]
         body = (img + [BOS_ID] + text) if image_first else ([BOS_ID] + img + text)
         rows.append([PAD_ID] * pad + body)
         masks.append([0] * pad + [1] * len(body))
@@ -191,7 +194,8 @@ def _qwen_vl(family: str, batch: int, images: bool, left_pad: int, seed: int, **
     model = getattr(transformers, names[1])(cfg)
     gh, gw = 4, 4  # patches per side, before merging
     n_tok = gh * gw // (merge * merge) if images else 0
-    ids, mask = _ids(batch, n_tok, left_pad=left_pad, generator=_gen(seed))
+    # Qwen counts images by their vision-start tokens (beam search expands inputs per image).
+    ids, mask = _ids(batch, n_tok, left_pad=left_pad, generator=_gen(seed), frame=(102, 103))
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
                               "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).long()}
     if images:

@@ -1,0 +1,56 @@
+"""What every benchmark result names: card, driver, CUDA, torch, transformers, date."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    import stagetrace
+
+    env: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "python": platform.python_version(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+        "stagetrace": stagetrace.__version__, "backend": str(stagetrace.backend_info()),
+        "card": "cpu", "driver": None,
+    }
+    if torch.cuda.is_available():
+        env["card"] = torch.cuda.get_device_name(0)
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            env["driver"] = "unknown"
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def card_slug(env: dict[str, Any]) -> str:
+    return "".join(c if c.isalnum() else "-" for c in env["card"]).strip("-").lower() or "cpu"
+
+
+def save(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
+    out_dir = out_dir or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{card_slug(payload['env'])}.json"
+    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    return path
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""Host cost of one mark, and of resolving it, against what users do today.
+
+  python benchmarks/mark_cost.py [--n 100000] [--reps 7] [--out DIR]
+
+Methods (host µs per mark, median over repetitions):
+  native_cpp          cudaEventRecord in a C++ loop (the floor)
+  stagetrace          Timeline.mark(label) from Python (the hot path)
+  torch_event_new     torch.cuda.Event(enable_timing=True) + .record() from Python
+  torch_event_record  .record() on a pre-made torch.cuda.Event from Python
+  sync_perf_counter   torch.cuda.synchronize() + time.perf_counter() (the usual hook)
+and resolve cost per mark (after the GPU is idle, so it is the work, not the wait).
+On a machine without CUDA it measures the host backend and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import environment, save, table  # noqa: E402
+
+
+def per_mark_us(fn, n: int, reps: int) -> tuple[float, list[float]]:
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter_ns()
+        fn(n)
+        samples.append((time.perf_counter_ns() - t0) / n / 1e3)
+    return statistics.median(samples), samples
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import stagetrace
+    from stagetrace import _C
+
+    env = environment()
+    cuda = stagetrace.backend_info().cuda_devices > 0 and torch.cuda.is_available()
+    n, reps = args.n, args.reps
+    results: dict[str, dict] = {}
+
+    if cuda:
+        dev = torch.cuda.current_device()
+        stream = torch.cuda.current_stream().cuda_stream
+        tl = _C.CudaTimeline(dev, capacity=n)
+        tl.bind_stream(stream)
+    else:
+        tl = _C.HostTimeline(capacity=n)
+    mark = tl.mark
+
+    def run_native(k: int) -> None:
+        tl.reset()
+        for i in range(k):
+            mark(1)
+
+    def run_resolve(k: int) -> None:
+        tl.reset()
+        for i in range(k):
+            mark(1)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter_ns()
+        tl.resolve()
+        resolve_ns.append((time.perf_counter_ns() - t0) / k)
+
+    run_native(1000)  # warm-up
+    results["stagetrace"] = dict(zip(("median_us", "samples_us"), per_mark_us(run_native, n, reps)))
+    resolve_ns: list[float] = []
+    for _ in range(reps):
+        run_resolve(n)
+    results["resolve"] = {"median_us": statistics.median(resolve_ns) / 1e3, "samples_us": [x / 1e3 for x in resolve_ns]}
+
+    if cuda:
+        floor = [_C.bench_event_record_ns(dev, n, stream) / 1e3 for _ in range(reps)]
+        results["native_cpp"] = {"median_us": statistics.median(floor), "samples_us": floor}
+        m = max(n // 10, 1000)
+
+        def torch_new(k: int) -> None:
+            evs = []
+            for _ in range(k):
+                e = torch.cuda.Event(enable_timing=True)
+                e.record()
+                evs.append(e)
+            torch.cuda.synchronize()
+
+        made = [torch.cuda.Event(enable_timing=True) for _ in range(m)]
+
+        def torch_record(k: int) -> None:
+            for e in made[:k]:
+                e.record()
+            torch.cuda.synchronize()
+
+        def sync_pc(k: int) -> None:
+            stamps = []
+            for _ in range(k):
+                torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+
+        for name, fn in (("torch_event_new", torch_new), ("torch_event_record", torch_record),
+                         ("sync_perf_counter", sync_pc)):
+            fn(100)
+            results[name] = dict(zip(("median_us", "samples_us"), per_mark_us(fn, m, reps)))
+
+    payload = {"benchmark": "mark_cost", "env": env, "params": {"n": n, "reps": reps, "cuda": cuda},
+               "results": results,
+               "targets": {"stagetrace_median_us": 1.6, "resolve_median_us": 0.1}}
+    path = save("mark_cost", payload, args.out)
+    order = ["native_cpp", "stagetrace", "torch_event_record", "torch_event_new", "sync_perf_counter", "resolve"]
+    rows = [[k, results[k]["median_us"], min(results[k]["samples_us"])] for k in order if k in results]
+    print(f"mark cost on {env['card']} (torch {env['torch']}, {'CUDA events' if cuda else 'host backend'})")
+    print(table(rows, ["method", "median µs/mark", "min µs/mark"]))
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
