@@ -105,7 +105,8 @@ class Tracer:
     def __init__(self, model: nn.Module, *, vision: str | Sequence[str] | None = None,
                  language_model: str | None = None, lm_head: str | None = None, layers: str | None = None,
                  layer_detail: str | bool = "off", jsonl: str | Path | None = None,
-                 sample_id: str | None = None, capacity: int = 4096, keep_marks: bool = True):
+                 sample_id: str | None = None, capacity: int = 4096, keep_marks: bool = True,
+                 timeline: Timeline | None = None):
         if not callable(getattr(model, "generate", None)):
             raise TracingError(f"{type(model).__name__} has no generate() method to trace")
         if layer_detail is True:
@@ -128,7 +129,8 @@ class Tracer:
         self._handles: list[Any] = []
         self._had_instance_generate = False
         self._saved_generate: Any = None
-        self._timeline: Timeline | None = None
+        # A caller-given timeline (e.g. a reference clock in benchmarks) replaces the native one.
+        self._timeline: Timeline | None = timeline
         self._device = torch.device("cpu")
         self._call: _Call | None = None
         self._active = False
@@ -291,7 +293,7 @@ class Tracer:
             batch = int(prompt.shape[0]) if isinstance(prompt, torch.Tensor) and prompt.dim() >= 1 else 1
             cache0 = _cache_len(kwargs.get("past_key_values", kwargs.get("cache")))
             tl.reset()
-            if self._device.type == "cuda":
+            if self._device.type == "cuda" and hasattr(tl, "bind_stream"):
                 tl.bind_stream(torch.cuda.current_stream(self._device).cuda_stream)  # type: ignore[attr-defined]
             self._call = _Call(prompt_len=prompt_len, fed=cache0)
             host_start = time.monotonic_ns()

@@ -1,0 +1,96 @@
+"""Reference timelines: what users do today, behind the same timeline protocol.
+
+They let benchmarks and tests put the usual methods at exactly stagetrace's
+boundaries (``Tracer(model, timeline=SyncTimeline())``) so only the clock differs.
+Not for production use: each mark costs a sync or a Python-side CUDA event.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+__all__ = ["SyncTimeline", "TorchEventTimeline"]
+
+
+class _Base:
+    def __init__(self) -> None:
+        self._labels: list[int] = []
+        self._host: list[int] = []
+        self._resolved = False
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    @property
+    def resolved(self) -> bool:
+        return self._resolved
+
+    def bind_stream(self, stream: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        self._labels.clear()
+        self._host.clear()
+        self._resolved = False
+
+
+class SyncTimeline(_Base):
+    """``torch.cuda.synchronize()`` + ``time.perf_counter_ns()`` at every mark (the usual hook)."""
+
+    backend = "sync"
+
+    def __init__(self, device: int | None = 0) -> None:
+        super().__init__()
+        self._device = device  # None: CPU work, nothing to synchronize
+
+    def mark(self, label: int) -> None:
+        if self._device is not None:
+            import torch
+
+            torch.cuda.synchronize(self._device)
+        self._host.append(time.perf_counter_ns())
+        self._labels.append(label)
+
+    def mark_on(self, label: int, stream: int) -> None:
+        self.mark(label)
+
+    def resolve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        self._resolved = True
+        host = np.asarray(self._host, dtype=np.int64)
+        return (np.asarray(self._labels, dtype=np.int32), host - host[0], host, np.zeros(len(host), np.int64))
+
+
+class TorchEventTimeline(_Base):
+    """A ``torch.cuda.Event(enable_timing=True)`` created and recorded from Python at every mark."""
+
+    backend = "torch-event"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._events: list = []
+
+    def mark(self, label: int) -> None:
+        import torch
+
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self._events.append(ev)
+        self._labels.append(label)
+        self._host.append(time.monotonic_ns())
+
+    def mark_on(self, label: int, stream: int) -> None:
+        self.mark(label)
+
+    def resolve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        self._events[-1].synchronize()
+        first = self._events[0]
+        dev = np.array([0] + [round(first.elapsed_time(e) * 1e6) for e in self._events[1:]], dtype=np.int64)
+        self._resolved = True
+        return (np.asarray(self._labels, dtype=np.int32), dev, np.asarray(self._host, dtype=np.int64),
+                np.zeros(len(dev), np.int64))
+
+    def reset(self) -> None:
+        super().reset()
+        self._events.clear()
