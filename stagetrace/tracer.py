@@ -127,6 +127,7 @@ class Tracer:
         self._jsonl_path = Path(jsonl) if jsonl is not None else None
         self._writer: JsonlWriter | None = None
         self._handles: list[Any] = []
+        self._restores: list[tuple[nn.Module, Any]] = []  # (module, its own instance-level forward or None)
         self._had_instance_generate = False
         self._saved_generate: Any = None
         # A caller-given timeline (e.g. a reference clock in benchmarks) replaces the native one.
@@ -251,25 +252,41 @@ class Tracer:
         if self.layer_detail != "off":
             every_step = self.layer_detail == "all"
             for i, (_, layer) in enumerate(lay.layers):
-                lb, le = label(Kind.LAYER_BEGIN, i), label(Kind.LAYER_END, i)
+                self._wrap_layer_forward(layer, label(Kind.LAYER_BEGIN, i), label(Kind.LAYER_END, i), every_step)
 
-                def pre(m: nn.Module, a: Any, _l: int = lb) -> None:
-                    c = self._call
-                    if c is not None and (every_step or c.in_prefill):
-                        mark(_l)
+    def _wrap_layer_forward(self, layer: nn.Module, begin: int, end: int, every_step: bool) -> None:
+        """Layer marks wrap ``forward`` instead of using module hooks.
 
-                def post(m: nn.Module, a: Any, o: Any, _l: int = le) -> None:
-                    c = self._call
-                    if c is not None and (every_step or c.in_prefill):
-                        mark(_l)
+        A module with hooks takes torch's slow ``_call_impl`` path (about 10 µs a call
+        here); a wrapped forward keeps the fast path and costs one Python frame. This is
+        what keeps layer detail (hundreds of marks per call) cheap.
+        """
+        mark = self._timeline.mark  # type: ignore[union-attr]
+        saved = layer.__dict__.get("forward")
+        inner = layer.forward
 
-                self._handles.append(layer.register_forward_pre_hook(pre))
-                self._handles.append(layer.register_forward_hook(post))
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            c = self._call
+            if c is None or not (every_step or c.in_prefill):
+                return inner(*args, **kwargs)
+            mark(begin)
+            out = inner(*args, **kwargs)
+            mark(end)
+            return out
+
+        layer.forward = forward  # type: ignore[method-assign]
+        self._restores.append((layer, saved))
 
     def _uninstall(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for module, saved in reversed(self._restores):
+            if saved is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = saved
+        self._restores.clear()
         if "generate" in self.model.__dict__ or self._had_instance_generate:
             if self._had_instance_generate:
                 self.model.__dict__["generate"] = self._saved_generate

@@ -32,6 +32,7 @@ def hook_state(model: nn.Module) -> dict[str, tuple[int, ...]]:
         state[name] = tuple(len(getattr(m, d)) for d in (
             "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
             "_forward_hooks_always_called", "_backward_hooks"))
+        state[name] += ("forward" in m.__dict__,)
     state["<generate patched>"] = ("generate" in model.__dict__,)  # type: ignore[assignment]
     return state
 

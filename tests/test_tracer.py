@@ -122,9 +122,12 @@ def test_stages_padded_with_known_sleeps_measure_them(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_detail_adds_nested_layer_spans_without_changing_stages(device):
     case = build_on("llava", device)
+    plain = tokens(case.model.generate(**gen_kwargs(case, 3)))
+    before = hook_state(case.model)
     for detail, per_step in (("prefill", False), ("all", True)):
         with stagetrace.trace(case.model, layer_detail=detail) as tracer:
-            case.model.generate(**gen_kwargs(case, 3))
+            assert torch.equal(tokens(case.model.generate(**gen_kwargs(case, 3))), plain)
+        assert hook_state(case.model) == before, "layer wrappers left behind"
         rec = tracer.records[0]
         assert_partition(rec)
         layers = [s for s in rec.spans if s.name.startswith("layer")]

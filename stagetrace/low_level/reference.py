@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-__all__ = ["SyncTimeline", "TorchEventTimeline"]
+__all__ = ["SyncTimeline", "TorchEventTimeline", "DualTimeline"]
 
 
 class _Base:
@@ -94,3 +94,50 @@ class TorchEventTimeline(_Base):
     def reset(self) -> None:
         super().reset()
         self._events.clear()
+
+
+class DualTimeline:
+    """stagetrace's CUDA events and the sync method at the very same marks of the very same run.
+
+    Each mark records the native event, then synchronizes and stamps the host clock. The
+    run is perturbed by the syncs, but both clocks see the same perturbed run, so their
+    stages differ only by what each clock measures: agreement without run-to-run noise.
+    After ``resolve()``, ``reference`` holds the sync method's (labels, times_ns).
+    """
+
+    backend = "cuda"
+
+    def __init__(self, native: object) -> None:
+        self._native = native
+        self._host: list[int] = []
+        self.reference: tuple[np.ndarray, np.ndarray] | None = None
+
+    def bind_stream(self, stream: int) -> None:
+        self._native.bind_stream(stream)  # type: ignore[attr-defined]
+
+    def mark(self, label: int) -> None:
+        import torch
+
+        self._native.mark(label)  # type: ignore[attr-defined]
+        torch.cuda.synchronize()
+        self._host.append(time.perf_counter_ns())
+
+    def mark_on(self, label: int, stream: int) -> None:
+        self.mark(label)
+
+    def resolve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        out = self._native.resolve()  # type: ignore[attr-defined]
+        host = np.asarray(self._host, dtype=np.int64)
+        self.reference = (out[0].copy(), host - host[0])
+        return out
+
+    def reset(self) -> None:
+        self._native.reset()  # type: ignore[attr-defined]
+        self._host.clear()
+
+    @property
+    def dropped(self) -> int:
+        return int(self._native.dropped)  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self._native)  # type: ignore[arg-type]
