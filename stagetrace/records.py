@@ -23,6 +23,9 @@ STAGES = ("total_ms", "vision_ms", "prefill_ms", "decode_ms", "other_ms", "ttft_
 SCHEMA_VERSION = 1
 
 
+_IN_MEMORY = ("spans", "marks", "_host_spans")
+
+
 class RecordLoadWarning(UserWarning):
     """A line of a records file could not be read and was skipped."""
 
@@ -54,7 +57,10 @@ class StageRecord:
     backend: str = "cpu"
     layout: str = ""
     layer_detail: str = "off"
+    stream: int = 0          # handle of the stream the call's marks were recorded on
+    rank: int = 0            # torchrun rank (RANK) of the process that made the record
     host_start_ns: int = 0   # time.monotonic_ns() when the call's first mark was issued
+    unix_start: float = 0.0  # wall clock (time.time()) at that same moment: aligns calls, ranks
     unix_time: float = 0.0   # wall clock at the call's end
     versions: dict[str, str] = field(default_factory=dict)
     n_marks: int = 0
@@ -63,6 +69,7 @@ class StageRecord:
     # in-memory only: the spans and raw marks behind the numbers
     spans: list[Span] = field(default_factory=list, repr=False, compare=False)
     marks: Any = field(default=None, repr=False, compare=False)
+    _host_spans: list[Span] | None = field(default=None, repr=False, compare=False)
 
     @property
     def tpot_ms(self) -> float | None:
@@ -83,21 +90,42 @@ class StageRecord:
                    ttft_ms=None, decode_step_ms=[], error=error, **meta)
 
     def to_dict(self, spans: bool = False) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("spans", "marks")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _IN_MEMORY}
         d["versions"] = dict(self.versions)
         d["decode_step_ms"] = list(self.decode_step_ms)
         d["tpot_ms"] = self.tpot_ms
         if spans:
             d["spans"] = [asdict(s) for s in self.spans]
+            d["host_spans"] = [asdict(s) for s in self.host_spans()]
         return d
+
+    def host_spans(self) -> list[Span]:
+        """The same stages on the host clock: when the host *issued* each boundary's mark.
+
+        Computed from the raw marks (kept in memory) or read back from a records file.
+        """
+        if self._host_spans is not None:
+            return self._host_spans
+        if self.marks is None or self.error is not None:
+            return []
+        from .stages import stages_from_marks
+
+        host = self.marks.host_ns - self.marks.host_ns[0]
+        try:
+            self._host_spans = stages_from_marks(self.marks.labels, host).spans
+        except ValueError:
+            self._host_spans = []
+        return self._host_spans
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StageRecord":
         known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known and k not in ("spans", "marks")}
+        kw = {k: v for k, v in d.items() if k in known and k not in _IN_MEMORY}
         rec = cls(**kw)
         if "spans" in d:
             rec.spans = [Span(**s) for s in d["spans"]]
+        if "host_spans" in d:
+            rec._host_spans = [Span(**s) for s in d["host_spans"]]
         return rec
 
 

@@ -421,3 +421,55 @@ def llava_next_inputs(model: Any, image_hw: tuple[int, int], text_len: int = 24,
     n_tok = _count_image_tokens(model, pixel_values=pixel, image_sizes=image_sizes)[0]
     ids, mask = _real_ids(1, n_tok, text_len, seed, p.device)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel, "image_sizes": image_sizes}
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny local checkpoint (model + processor), for `stagetrace profile` tests and examples.
+
+def tiny_tokenizer() -> Any:
+    """A word-level fast tokenizer with the tiny models' 128-token vocabulary, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID, "<unk>": 3}
+    words = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    words += ["the", "a", "is", "what", "in", "this", "image", "describe", "picture", "color", "of", "?", ".", ","]
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    while len(vocab) < IMAGE_TOKEN_ID:
+        vocab[f"<extra_{len(vocab)}>"] = len(vocab)
+    vocab["<image>"] = IMAGE_TOKEN_ID
+    while len(vocab) < VOCAB:
+        vocab[f"<extra_{len(vocab)}>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"},
+                                   padding_side="left")
+
+
+def save_tiny_checkpoint(path: str, family: str = "llava") -> str:
+    """Saves a tiny random-weight model and a matching processor with ``save_pretrained``.
+
+    ``family`` is "llava" (a VLM with an image processor) or "llama" (text only).
+    """
+    tok = tiny_tokenizer()
+    case = build(family)
+    case.model.generation_config.pad_token_id = PAD_ID
+    case.model.save_pretrained(path)
+    if family == "llama":
+        tok.save_pretrained(path)
+        return path
+    from transformers import LlavaProcessor
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    size = case.model.config.vision_config.image_size
+    improc = ImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    proc = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=case.model.config.vision_config.patch_size,
+                          vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1)
+    proc.save_pretrained(path)
+    return path

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 import warnings
 import weakref
@@ -120,6 +121,7 @@ class Tracer:
         self.sample_id = sample_id
         self.records: list[StageRecord] = []
         self.keep_marks = keep_marks
+        self.rank = int(os.environ.get("RANK", "0") or 0)  # torchrun sets it; one trace process per rank
         self._overrides = dict(vision=vision, language_model=language_model, lm_head=lm_head, layers=layers)
         # Resolve now, so a bad layout fails at trace(), before any generate() runs.
         self.layout: ResolvedLayout = resolve_layout(model, **self._overrides)
@@ -313,7 +315,7 @@ class Tracer:
             if self._device.type == "cuda" and hasattr(tl, "bind_stream"):
                 tl.bind_stream(torch.cuda.current_stream(self._device).cuda_stream)  # type: ignore[attr-defined]
             self._call = _Call(prompt_len=prompt_len, fed=cache0)
-            host_start = time.monotonic_ns()
+            unix_start = time.time()
             tl.mark(_CALL_BEGIN)
             try:
                 out = original(*args, **kwargs)
@@ -331,19 +333,20 @@ class Tracer:
                 new_tokens = int(seq.shape[-1]) - prompt_len
             else:
                 new_tokens = int(seq.shape[-1])  # inputs_embeds only: generate returns new tokens only
-            self._record(marks, batch, prompt_len, new_tokens, host_start)
+            self._record(marks, batch, prompt_len, new_tokens, unix_start)
             return out
 
         return traced_generate
 
-    def _record(self, marks: Marks, batch: int, prompt_len: int, new_tokens: int, host_start: int) -> None:
+    def _record(self, marks: Marks, batch: int, prompt_len: int, new_tokens: int, unix_start: float) -> None:
         cfg = getattr(self.model, "config", None)
         meta = dict(batch_size=batch, prompt_tokens=prompt_len, output_tokens=new_tokens,
                     call_index=len(self.records), sample_id=self.sample_id,
                     model_class=type(self.model).__name__, model_name=str(getattr(cfg, "_name_or_path", "") or ""),
                     device=str(self._device), backend=marks.backend, layout=self.layout.name,
-                    layer_detail=self.layer_detail, host_start_ns=int(marks.host_ns[0]) if len(marks) else host_start,
-                    unix_time=time.time(), versions=_versions(), n_marks=len(marks))
+                    layer_detail=self.layer_detail, stream=int(marks.streams[0]), rank=self.rank,
+                    host_start_ns=int(marks.host_ns[0]), unix_start=unix_start, unix_time=time.time(),
+                    versions=_versions(), n_marks=len(marks))
         if marks.dropped:
             rec = StageRecord.failed(f"{marks.dropped} marks were dropped (the event pool could not grow); "
                                      "this call's stages are unknown", **meta)

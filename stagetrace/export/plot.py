@@ -1,0 +1,59 @@
+"""A picture of where the time goes: stacked stages per call, and each stage's distribution.
+
+Needs matplotlib (the optional ``plot`` extra); imported only when plotting.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from ..records import StageRecord
+
+__all__ = ["plot_records"]
+
+STACK = (("vision_ms", "vision", "#4C72B0"), ("prefill_ms", "prefill", "#DD8452"),
+         ("decode_ms", "decode", "#55A868"), ("other_ms", "other", "#8C8C8C"))
+
+
+def plot_records(records: Iterable[StageRecord], path: str | os.PathLike[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if r.error is None]
+    if not recs:
+        raise ValueError("no timed records to plot")
+    fig, (ax_stack, ax_dist) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2, 1]})
+    x = range(len(recs))
+    bottom = [0.0] * len(recs)
+    for key, name, color in STACK:
+        vals = [getattr(r, key) or 0.0 for r in recs]
+        ax_stack.bar(x, vals, bottom=bottom, color=color, label=name, width=0.9 if len(recs) > 1 else 0.5)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax_stack.set_xlabel("call (in record order)")
+    ax_stack.set_ylabel("ms")
+    ax_stack.set_title("where each generate() call's time went")
+    ax_stack.legend(loc="upper right")
+
+    data, labels, colors = [], [], []
+    for key, name, color in (*STACK, ("ttft_ms", "ttft", "#C44E52")):
+        vals = [getattr(r, key) for r in recs if getattr(r, key) is not None]
+        if vals:
+            data.append(vals)
+            labels.append(name)
+            colors.append(color)
+    parts = ax_dist.boxplot(data, patch_artist=True)
+    ax_dist.set_xticks(range(1, len(labels) + 1), labels)
+    for patch, color in zip(parts["boxes"], colors):
+        patch.set_facecolor(color)
+        patch.set_alpha(0.6)
+    ax_dist.set_ylabel("ms")
+    ax_dist.set_title(f"distribution over {len(recs)} calls")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
