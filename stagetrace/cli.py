@@ -146,6 +146,8 @@ def _load(path: Path, args: argparse.Namespace, device: str) -> tuple[Any, Any]:
     dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}[args.dtype]
     common = dict(local_files_only=True, trust_remote_code=args.trust_remote_code)
+    # stderr carries our own progress bar and one-line errors only
+    transformers.utils.logging.disable_progress_bar()
     model = None
     errors = []
     for cls_name in ("AutoModelForImageTextToText", "AutoModelForCausalLM"):
