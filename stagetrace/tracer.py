@@ -129,7 +129,8 @@ class Tracer:
         self._jsonl_path = Path(jsonl) if jsonl is not None else None
         self._writer: JsonlWriter | None = None
         self._handles: list[Any] = []
-        self._restores: list[tuple[nn.Module, Any]] = []  # (module, its own instance-level forward or None)
+        # (module, attribute, its own instance-level value or None): what _install shadowed
+        self._restores: list[tuple[nn.Module, str, Any]] = []
         self._had_instance_generate = False
         self._saved_generate: Any = None
         # A caller-given timeline (e.g. a reference clock in benchmarks) replaces the native one.
@@ -215,6 +216,7 @@ class Tracer:
         assert tl is not None
         mark = tl.mark
 
+        self._refuse_compiled_decode()
         self._had_instance_generate = "generate" in model.__dict__
         self._saved_generate = model.__dict__.get("generate")
         original = model.generate
@@ -256,6 +258,34 @@ class Tracer:
             for i, (_, layer) in enumerate(lay.layers):
                 self._wrap_layer_forward(layer, label(Kind.LAYER_BEGIN, i), label(Kind.LAYER_END, i), every_step)
 
+    def _refuse_compiled_decode(self) -> None:
+        """Compiled forwards are not traced yet: refuse them rather than report wrong numbers.
+
+        Module hooks inside a torch.compile region are traced by dynamo (marks that never
+        fire, a recompile per call), so a compiled forward gets a clear error. transformers
+        compiles the decode step itself when the cache is static; that decision is made in
+        ``_valid_auto_compile_criteria``, which is intercepted for the traced model only.
+        """
+        model = self.model
+        for what, fn in (("model.forward", model.forward), ("language model forward", self.layout.language_model[1].forward)):
+            if hasattr(fn, "_torchdynamo_orig_callable") or hasattr(getattr(fn, "__self__", None), "_orig_mod"):
+                raise TracingError(f"{what} is compiled with torch.compile: stagetrace cannot trace compiled "
+                                   "forwards yet; trace the eager model")
+        decide = getattr(model, "_valid_auto_compile_criteria", None)
+        if decide is None:
+            return
+
+        def guarded(*args: Any, **kwargs: Any) -> bool:
+            if decide(*args, **kwargs) and self._call is not None:
+                raise TracingError(
+                    "generate() would compile the decode step (a static/compileable cache on this device), and "
+                    "stagetrace cannot trace compiled decode yet. Trace it eagerly with "
+                    "generate(..., disable_compile=True), or use the default dynamic cache")
+            return False if self._call is not None else decide(*args, **kwargs)
+
+        self._restores.append((model, "_valid_auto_compile_criteria", model.__dict__.get("_valid_auto_compile_criteria")))
+        model._valid_auto_compile_criteria = guarded  # type: ignore[method-assign]
+
     def _wrap_layer_forward(self, layer: nn.Module, begin: int, end: int, every_step: bool) -> None:
         """Layer marks wrap ``forward`` instead of using module hooks.
 
@@ -277,17 +307,17 @@ class Tracer:
             return out
 
         layer.forward = forward  # type: ignore[method-assign]
-        self._restores.append((layer, saved))
+        self._restores.append((layer, "forward", saved))
 
     def _uninstall(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for module, saved in reversed(self._restores):
+        for module, attr, saved in reversed(self._restores):
             if saved is None:
-                module.__dict__.pop("forward", None)
+                module.__dict__.pop(attr, None)
             else:
-                module.__dict__["forward"] = saved
+                module.__dict__[attr] = saved
         self._restores.clear()
         if "generate" in self.model.__dict__ or self._had_instance_generate:
             if self._had_instance_generate:

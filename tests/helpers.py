@@ -33,7 +33,8 @@ def hook_state(model: nn.Module) -> dict[str, tuple[int, ...]]:
             "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
             "_forward_hooks_always_called", "_backward_hooks"))
         state[name] += ("forward" in m.__dict__,)
-    state["<generate patched>"] = ("generate" in model.__dict__,)  # type: ignore[assignment]
+    state["<generate patched>"] = ("generate" in model.__dict__,  # type: ignore[assignment]
+                                   "_valid_auto_compile_criteria" in model.__dict__)
     return state
 
 

@@ -362,3 +362,79 @@ def test_a_multimodal_model_is_never_taken_for_text_only():
     case = tiny.build("llava")
     with pytest.raises(LayoutError, match="does not name a submodule"):
         stagetrace.trace(case.model, vision=["model.no_such_tower"])
+
+
+# ---------------------------------------------------------------- what is not traced yet is refused
+def test_compiled_decode_is_refused_with_a_clear_error_and_eager_static_cache_works():
+    from transformers import CompileConfig
+
+    case = tiny.build("llama")
+    case.model.generation_config.cache_implementation = "static"
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # what a CUDA device gets by default
+    before = hook_state(case.model)
+    with stagetrace.trace(case.model) as tracer:
+        with pytest.raises(TracingError, match="disable_compile=True"):
+            case.model.generate(**gen_kwargs(case, 3), compile_config=compile_config)
+        out = case.model.generate(**gen_kwargs(case, 3), compile_config=compile_config, disable_compile=True)
+    assert hook_state(case.model) == before
+    (rec,) = tracer.records
+    assert_partition(rec)
+    assert out.shape[1] == case.prompt_len + 3 and len(rec.decode_step_ms) == 2
+
+
+def test_a_hand_compiled_forward_is_refused():
+    case = tiny.build("llama")
+    case.model.forward = torch.compile(case.model.forward)
+    with pytest.raises(TracingError, match="torch.compile"):
+        stagetrace.trace(case.model).start()
+    assert "generate" not in case.model.__dict__
+
+
+def test_a_model_split_over_devices_is_refused():
+    case = tiny.build("llama")
+    case.model.lm_head.to("meta")  # parameters on two devices, as with a device_map split
+    with pytest.raises(TracingError, match=r"spread over \['cpu', 'meta'\].*not supported yet"):
+        stagetrace.trace(case.model).start()
+    assert "generate" not in case.model.__dict__
+
+
+# ---------------------------------------------------------------- streams (GPU)
+@pytest.mark.gpu
+def test_generate_under_a_user_stream_marks_that_stream():
+    case = build_on("llava", "cuda")
+    plain = tokens(case.model.generate(**gen_kwargs(case, 3)))
+    stream = torch.cuda.Stream()
+    with stagetrace.trace(case.model) as tracer, torch.cuda.stream(stream):
+        traced = tokens(case.model.generate(**gen_kwargs(case, 3)))
+    assert torch.equal(plain, traced)
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert rec.stream == stream.cuda_stream and set(rec.marks.streams.tolist()) == {stream.cuda_stream}
+
+
+@pytest.mark.gpu
+def test_side_stream_work_the_model_waits_for_stays_in_its_stage():
+    case = build_on("llava", "cuda")
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)
+    a.record()
+    torch.cuda._sleep(2_000_000)
+    b.record()
+    b.synchronize()
+    cycles_per_ms = 2_000_000 / a.elapsed_time(b)
+
+    def side_work(module, args, output):  # 3 ms of GPU work on a side stream, waited for
+        main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(int(3 * cycles_per_ms))
+        main.wait_stream(side)
+
+    handle = case.model.model.vision_tower.register_forward_hook(side_work)
+    with stagetrace.trace(case.model) as tracer:
+        case.model.generate(**gen_kwargs(case, 3))
+    handle.remove()
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert 3.0 <= rec.vision_ms <= 3.0 + 2.0
