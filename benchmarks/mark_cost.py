@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--cpu", action="store_true", help="measure the host backend even where a GPU is usable")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stagetrace import _C
 
     env = environment()
-    cuda = stagetrace.backend_info().cuda_devices > 0 and torch.cuda.is_available()
+    cuda = stagetrace.backend_info().cuda_devices > 0 and torch.cuda.is_available() and not args.cpu
     n, reps = args.n, args.reps
     results: dict[str, dict] = {}
 
@@ -111,10 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
             fn(100)
             results[name] = dict(zip(("median_us", "samples_us"), per_mark_us(fn, m, reps)))
 
-    payload = {"benchmark": "mark_cost", "env": env, "params": {"n": n, "reps": reps, "cuda": cuda},
+    payload = {"benchmark": "mark_cost", "env": env, "device": "cuda" if cuda else "cpu", "params": {"n": n, "reps": reps, "cuda": cuda},
                "results": results,
                "targets": {"stagetrace_median_us": 1.6, "resolve_median_us": 0.1}}
-    path = save("mark_cost", payload, args.out)
+    path = save("mark_cost" if cuda else "mark_cost-cpu", payload, args.out)
     order = ["native_cpp", "stagetrace", "torch_event_record", "torch_event_new", "sync_perf_counter", "resolve"]
     rows = [[k, results[k]["median_us"], min(results[k]["samples_us"])] for k in order if k in results]
     print(f"mark cost on {env['card']} (torch {env['torch']}, {'CUDA events' if cuda else 'host backend'})")

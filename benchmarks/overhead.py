@@ -22,6 +22,7 @@ comparison carries no run-to-run noise; target: within 2% or 0.2 ms.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -54,11 +55,16 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
               **case.generate_kwargs)
 
     def timed(fn: Callable[[], Any]) -> float:
-        _sync(cuda)
-        t0 = time.perf_counter_ns()
-        fn()
-        _sync(cuda)
-        return (time.perf_counter_ns() - t0) / 1e6
+        # As timeit does: no collector pauses inside the timed region (collected once per repetition).
+        gc.disable()
+        try:
+            _sync(cuda)
+            t0 = time.perf_counter_ns()
+            fn()
+            _sync(cuda)
+            return (time.perf_counter_ns() - t0) / 1e6
+        finally:
+            gc.enable()
 
     def plain() -> dict:
         return {"wall_ms": timed(lambda: model.generate(**kw))}
@@ -115,6 +121,7 @@ def run_config(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tok
     for rep in range(reps):
         # Interleaved (A B C ... A B C ...), starting one method later each repetition so no
         # method always follows the same neighbour (e.g. the profiler's teardown).
+        gc.collect()
         for m in names[rep % len(names):] + names[: rep % len(names)]:
             if m == "torch_profiler" and rep >= profiler_reps:
                 continue
@@ -125,7 +132,11 @@ def run_config(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tok
     for m, ss in samples.items():
         walls = [s["wall_ms"] for s in ss]
         med = statistics.median(walls)
-        row: dict[str, Any] = {"median_ms": med, "overhead_pct": 100 * (med - base) / base, "walls_ms": walls}
+        # Paired: each repetition's method against the plain run of the same repetition, so
+        # slow drift cancels; the A/A row (plain_again) shows what remains of the noise.
+        paired = [100 * (w - p) / p for w, p in zip(walls, plain)]
+        row: dict[str, Any] = {"median_ms": med, "overhead_pct": 100 * (med - base) / base,
+                               "paired_overhead_pct": statistics.median(paired), "walls_ms": walls}
         if ss and "n_marks" in ss[0]:
             row["n_marks"] = ss[0]["n_marks"]
             row["per_mark_us"] = (med - base) * 1e3 / ss[0]["n_marks"]
@@ -214,7 +225,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     cuda = torch.cuda.is_available() and not args.cpu_tiny
     env = environment()
-    results = []
+    results: list[dict] = []
+
+    def payload_of(results: list[dict]) -> dict:
+        return {"benchmark": "overhead", "env": env, "device": "cuda" if cuda else "cpu",
+                "models": ("realistic LLaVA (CLIP-L/336 + 22-layer 2048-wide Llama, bf16, random weights) / "
+                           "its Llama alone") if cuda else "tiny random-weight models on the CPU (smoke run)",
+                "params": {k: v for k, v in vars(args).items() if k != "out"}, "results": results,
+                "targets": {"stagetrace_overhead_pct": 0.5, "stagetrace_layers_overhead_pct_b1": 2.0}}
+
     for cfg in args.configs.split(","):
         family, batch = cfg.rsplit("_b", 1)
         b = int(batch)
@@ -224,24 +243,21 @@ def main(argv: list[str] | None = None) -> dict:
             case = tiny.build(family, batch=b)
         case.model.eval()
         results.append(run_config(cfg, case, cuda, args.reps, args.warmup, args.new_tokens, args.profiler_reps))
+        save("overhead" if cuda else "overhead-cpu-tiny", payload_of(results), args.out)  # survives a cut-off
         del case
         if cuda:
             torch.cuda.empty_cache()
 
-    payload = {"benchmark": "overhead", "env": env, "device": "cuda" if cuda else "cpu",
-               "models": "realistic LLaVA (CLIP-L/336 + 22-layer 2048-wide Llama, bf16, random weights) / "
-                         "its Llama alone" if cuda else "tiny random-weight models on the CPU (smoke run)",
-               "results": results,
-               "targets": {"stagetrace_overhead_pct": 0.5, "stagetrace_layers_overhead_pct_b1": 2.0}}
+    payload = payload_of(results)
     path = save("overhead" if cuda else "overhead-cpu-tiny", payload, args.out)
     for r in results:
         print(f"\n{r['config']} on {env['card']}: plain median {r['methods']['plain']['median_ms']:.2f} ms, "
               f"spread p10-p90 {r['plain_spread']['p10_p90_pct']:.2f}%, MAD {r['plain_spread']['mad_pct']:.2f}%")
-        rows = [[m, v["median_ms"], v["overhead_pct"], v.get("n_marks", ""),
+        rows = [[m, v["median_ms"], v["overhead_pct"], v["paired_overhead_pct"], v.get("n_marks", ""),
                  f"{v['per_mark_us']:.2f}" if "per_mark_us" in v else "",
                  f"{v['trace_bytes'] / 1e6:.1f} MB, export {v['export_s']:.2f} s" if "trace_bytes" in v else ""]
                 for m, v in r["methods"].items()]
-        print(table(rows, ["method", "median ms", "overhead %", "marks", "µs/mark", "notes"]))
+        print(table(rows, ["method", "median ms", "overhead %", "paired %", "marks", "µs/mark", "notes"]))
         arow = [[k, a["stagetrace_ms"], a["sync_ms"], a["diff_ms"], a["within_tolerance"]]
                 for k, a in r["agreement"].items()]
         print(table(arow, ["stage", "stagetrace ms", "sync ms", "diff ms", "within 2%/0.2ms"]))

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPTS = {
-    "mark_cost": ["--n", "2000", "--reps", "2"],
+    "mark_cost": ["--cpu", "--n", "2000", "--reps", "2"],
     "accuracy": ["--cpu", "--reps", "2", "--steps", "2", "--vision-us", "2000", "--prefill-us", "3000",
                  "--step-us", "1000"],
     "overhead": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--profiler-reps", "1",
@@ -28,7 +28,8 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = tmp_path.glob("*.json")
     payload = json.loads(result.read_text())
-    assert payload["env"]["card"] == "cpu" and payload["env"]["torch"] and payload["env"]["transformers"]
+    assert payload["device"] == "cpu"  # also on a GPU machine: the CPU configuration was asked for
+    assert payload["env"]["card"] and payload["env"]["torch"] and payload["env"]["transformers"]
     assert payload["results"]
     if script == "accuracy":
         assert payload["results"]["stagetrace"]["max_partition_error_ms"] < 1e-9

@@ -437,4 +437,5 @@ def test_side_stream_work_the_model_waits_for_stays_in_its_stage():
     handle.remove()
     rec = tracer.records[0]
     assert_partition(rec)
-    assert 3.0 <= rec.vision_ms <= 3.0 + 2.0
+    # at least the 3 ms the main stream waited for; the rest is the tiny vision tower itself
+    assert 3.0 <= rec.vision_ms <= 3.0 + 4.0
