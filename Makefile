@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-stamp
-OUT    ?= out/demo
+OUT    ?= stagetrace-demo
 
 .PHONY: demo test build bench-cpu clean
 
