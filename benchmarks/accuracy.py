@@ -97,18 +97,6 @@ class SpinVLM(nn.Module):
         return seq
 
 
-def cycles_per_us(cuda: bool) -> float:
-    if not cuda:
-        return 1.0
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1_000_000)
-    a.record()
-    torch.cuda._sleep(4_000_000)
-    b.record()
-    b.synchronize()
-    return 4_000_000 / (a.elapsed_time(b) * 1e3)
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true")
@@ -121,11 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     import stagetrace
-    from stagetrace.low_level.reference import SyncTimeline
+    from stagetrace.low_level.reference import SyncTimeline, spin_cycles_per_us
 
     cuda = torch.cuda.is_available() and not args.cpu
     dev = "cuda" if cuda else "cpu"
-    model = SpinVLM(cuda, cycles_per_us(cuda), args.vision_us, args.prefill_us, args.step_us).to(dev).eval()
+    model = SpinVLM(cuda, spin_cycles_per_us() if cuda else 1.0, args.vision_us, args.prefill_us, args.step_us).to(dev).eval()
     ids = torch.randint(0, 64, (1, 12), device=dev)
     pixels = torch.randn(1, 4, 16, device=dev)
     abs_tol_ms = 0.005 if cuda else 0.5  # CPU: Python between a hook and the busy-wait is real time too

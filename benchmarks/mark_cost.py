@@ -61,12 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run_native(k: int) -> None:
         tl.reset()
-        for i in range(k):
+        for _ in range(k):
             mark(1)
 
     def run_resolve(k: int) -> None:
         tl.reset()
-        for i in range(k):
+        for _ in range(k):
             mark(1)
         if cuda:
             torch.cuda.synchronize()

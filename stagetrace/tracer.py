@@ -267,7 +267,8 @@ class Tracer:
         ``_valid_auto_compile_criteria``, which is intercepted for the traced model only.
         """
         model = self.model
-        for what, fn in (("model.forward", model.forward), ("language model forward", self.layout.language_model[1].forward)):
+        forwards = (("model.forward", model.forward), ("language model forward", self.layout.language_model[1].forward))
+        for what, fn in forwards:
             if hasattr(fn, "_torchdynamo_orig_callable") or hasattr(getattr(fn, "__self__", None), "_orig_mod"):
                 raise TracingError(f"{what} is compiled with torch.compile: stagetrace cannot trace compiled "
                                    "forwards yet; trace the eager model")
@@ -283,7 +284,8 @@ class Tracer:
                     "generate(..., disable_compile=True), or use the default dynamic cache")
             return False if self._call is not None else decide(*args, **kwargs)
 
-        self._restores.append((model, "_valid_auto_compile_criteria", model.__dict__.get("_valid_auto_compile_criteria")))
+        saved = model.__dict__.get("_valid_auto_compile_criteria")
+        self._restores.append((model, "_valid_auto_compile_criteria", saved))
         model._valid_auto_compile_criteria = guarded  # type: ignore[method-assign]
 
     def _wrap_layer_forward(self, layer: nn.Module, begin: int, end: int, every_step: bool) -> None:
@@ -331,8 +333,9 @@ class Tracer:
     def _wrap_generate(self, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def traced_generate(*args: Any, **kwargs: Any) -> Any:
-            if self._call is not None or self._timeline is None:
-                # Re-entrant generate() (e.g. the model drafting for itself): run untraced.
+            if self._call is not None or self._timeline is None or not self._active:
+                # Re-entrant generate() (e.g. the model drafting for itself), or a reference to
+                # the wrapper kept past stop(): run untraced.
                 return original(*args, **kwargs)
             tl = self._timeline
             input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)

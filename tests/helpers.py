@@ -51,3 +51,16 @@ def assert_partition(rec: Any) -> None:
     assert 0 < rec.ttft_ms <= rec.total_ms
     assert abs(sum(rec.decode_step_ms) - rec.decode_ms) <= 1e-9 * max(1.0, rec.total_ms)
     assert all(s > 0 for s in rec.decode_step_ms)
+
+
+def trace_once(case: tiny.TinyCase, kw: dict[str, Any], **trace_kw: Any) -> Any:
+    """generate() untraced, then traced with the same arguments: same tokens, one exact record."""
+    import stagetrace
+
+    plain = tokens(case.model.generate(**kw))
+    with stagetrace.trace(case.model, **trace_kw) as tracer:
+        traced = tokens(case.model.generate(**kw))
+    assert torch.equal(plain, traced), "tracing changed the generated tokens"
+    (rec,) = tracer.records
+    assert_partition(rec)
+    return rec

@@ -8,15 +8,9 @@ pytestmark = pytest.mark.gpu
 
 
 def _spin_cycles_per_us():
-    import torch
+    from stagetrace.low_level.reference import spin_cycles_per_us
 
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1_000_000)  # warm-up
-    start.record()
-    torch.cuda._sleep(2_000_000)
-    end.record()
-    end.synchronize()
-    return 2_000_000 / (start.elapsed_time(end) * 1e3)
+    return spin_cycles_per_us()
 
 
 @pytest.mark.parametrize("target_us", [50, 1000, 10000])

@@ -13,7 +13,7 @@ from stagetrace.layouts import LayoutError
 from stagetrace.tracer import TracingError
 
 from conftest import DEVICES
-from helpers import assert_partition, build_on, gen_kwargs, hook_state, tokens
+from helpers import assert_partition, build_on, gen_kwargs, hook_state, tokens, trace_once
 
 FAMILIES = list(tiny.FAMILIES)
 VLMS = [f for f in FAMILIES if f != "llama"]
@@ -66,13 +66,7 @@ class TestEveryFamily:
         if family == "molmo_like":
             pytest.skip("Molmo's own generate loop is greedy only")
         case = build_on(family, device)
-        kw = gen_kwargs(case, 4, num_beams=2)
-        plain = tokens(case.model.generate(**kw))
-        with stagetrace.trace(case.model) as tracer:
-            traced = tokens(case.model.generate(**kw))
-        assert torch.equal(plain, traced)
-        (rec,) = tracer.records
-        assert_partition(rec)
+        rec = trace_once(case, gen_kwargs(case, 4, num_beams=2))
         assert rec.output_tokens == 4 and len(rec.decode_step_ms) == 3
 
 
@@ -140,13 +134,7 @@ def test_layer_detail_adds_nested_layer_spans_without_changing_stages(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_chunked_prefill_is_one_prefill_stage(device):
     case = build_on("llama", device)
-    kw = gen_kwargs(case, 4, prefill_chunk_size=3)
-    plain = tokens(case.model.generate(**kw))
-    with stagetrace.trace(case.model) as tracer:
-        traced = tokens(case.model.generate(**kw))
-    assert torch.equal(plain, traced)
-    rec = tracer.records[0]
-    assert_partition(rec)
+    rec = trace_once(case, gen_kwargs(case, 4, prefill_chunk_size=3))
     assert len(rec.decode_step_ms) == 3
     prefill_forwards = (rec.marks.labels & 0xFF == stagetrace.labels.Kind.PREFILL_FORWARD).sum()
     assert prefill_forwards == -(-case.prompt_len // 3)
@@ -156,13 +144,7 @@ def test_chunked_prefill_is_one_prefill_stage(device):
 @pytest.mark.parametrize("family", ["llava", "molmo_like"])
 def test_without_a_cache_every_later_forward_is_a_decode_step(family, device):
     case = build_on(family, device)
-    kw = gen_kwargs(case, 4, use_cache=False)
-    plain = tokens(case.model.generate(**kw))
-    with stagetrace.trace(case.model) as tracer:
-        traced = tokens(case.model.generate(**kw))
-    assert torch.equal(plain, traced)
-    rec = tracer.records[0]
-    assert_partition(rec)
+    rec = trace_once(case, gen_kwargs(case, 4, use_cache=False))
     assert len(rec.decode_step_ms) == 3 and rec.vision_ms > 0
 
 
@@ -189,13 +171,7 @@ def test_assisted_decoding_steps_are_verification_forwards(mode, device):
     case = build_on("llama", device)
     extra = ({"assistant_model": build_on("llama", device, seed=1).model} if mode == "assistant"
              else {"prompt_lookup_num_tokens": 2})
-    kw = gen_kwargs(case, 6, **extra)
-    plain = tokens(case.model.generate(**kw))
-    with stagetrace.trace(case.model) as tracer:
-        traced = tokens(case.model.generate(**kw))
-    assert torch.equal(plain, traced)
-    rec = tracer.records[0]
-    assert_partition(rec)
+    rec = trace_once(case, gen_kwargs(case, 6, **extra))
     assert 1 <= len(rec.decode_step_ms) <= rec.output_tokens - 1
 
 
@@ -415,14 +391,10 @@ def test_generate_under_a_user_stream_marks_that_stream():
 
 @pytest.mark.gpu
 def test_side_stream_work_the_model_waits_for_stays_in_its_stage():
+    from stagetrace.low_level.reference import spin_cycles_per_us
+
     case = build_on("llava", "cuda")
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1000)
-    a.record()
-    torch.cuda._sleep(2_000_000)
-    b.record()
-    b.synchronize()
-    cycles_per_ms = 2_000_000 / a.elapsed_time(b)
+    cycles_per_ms = spin_cycles_per_us() * 1e3
 
     def side_work(module, args, output):  # 3 ms of GPU work on a side stream, waited for
         main, side = torch.cuda.current_stream(), torch.cuda.Stream()
@@ -475,3 +447,11 @@ def test_molmo2_is_found_and_a_text_call_is_traced():
     rec = tracer.records[0]
     assert_partition(rec)
     assert rec.vision_ms is None and len(rec.decode_step_ms) == 3
+
+
+def test_a_wrapper_kept_past_stop_runs_untraced():
+    case = tiny.build("llama")
+    with stagetrace.trace(case.model) as tracer:
+        kept = case.model.generate
+    kept(**gen_kwargs(case, 2))
+    assert tracer.records == []

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-__all__ = ["SyncTimeline", "TorchEventTimeline", "DualTimeline"]
+__all__ = ["SyncTimeline", "TorchEventTimeline", "DualTimeline", "spin_cycles_per_us"]
 
 
 class _Base:
@@ -141,3 +141,19 @@ class DualTimeline:
 
     def __len__(self) -> int:
         return len(self._native)  # type: ignore[arg-type]
+
+
+def spin_cycles_per_us(cycles: int = 4_000_000) -> float:
+    """GPU clock cycles per µs, for spin kernels of known duration (``torch.cuda._sleep``).
+
+    Measured with an event pair after a warm-up spin (the card may idle at a low clock).
+    """
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles // 4)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (start.elapsed_time(end) * 1e3)
