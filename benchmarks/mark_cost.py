@@ -8,6 +8,9 @@ Methods (host µs per mark, median over repetitions):
   torch_event_new     torch.cuda.Event(enable_timing=True) + .record() from Python
   torch_event_record  .record() on a pre-made torch.cuda.Event from Python
   sync_perf_counter   torch.cuda.synchronize() + time.perf_counter() (the usual hook)
+  layer_wrapper       added host cost per mark of a layer mark as the tracer places it (a
+                      wrapped forward: begin + end mark around a module call), vs
+  layer_module_hooks  the same two marks placed by forward pre/post module hooks
 and resolve cost per mark (after the GPU is idle, so it is the work, not the wait).
 On a machine without CUDA it measures the host backend and says so.
 """
@@ -30,6 +33,45 @@ def per_mark_us(fn, n: int, reps: int) -> tuple[float, list[float]]:
         fn(n)
         samples.append((time.perf_counter_ns() - t0) / n / 1e3)
     return statistics.median(samples), samples
+
+
+def layer_mark_costs(tl, n: int, reps: int, cuda: bool) -> dict[str, dict]:
+    """Host µs added per layer mark, through the tracer's own wrapper and through module hooks.
+
+    Noise-free where whole-generate() timings are not: multiply by the marks of a call and
+    divide by its wall time for the layer-detail overhead of a host-bound decode.
+    """
+    import torch
+    from torch import nn
+
+    from stagetrace import tiny
+    from stagetrace.tracer import Tracer, _Call
+
+    x = torch.zeros(4, device="cuda" if cuda else "cpu")
+    tracer = Tracer(tiny.build("llama").model, timeline=tl)
+    tracer._call = _Call(prompt_len=0, fed=0, in_prefill=True)  # as inside a generate() call
+    plain, wrapped, hooked = nn.Identity(), nn.Identity(), nn.Identity()
+    tracer._wrap_layer_forward(wrapped, 9, 10, every_step=True)
+    mark = tl.mark
+    hooked.register_forward_pre_hook(lambda m, a: mark(9))
+    hooked.register_forward_hook(lambda m, a, o: mark(10))
+    k = max(n // 2, 1000)
+
+    def loop(module):
+        def run(count: int) -> None:
+            tl.reset()
+            for _ in range(count):
+                module(x)
+        return run
+
+    base, _ = per_mark_us(loop(plain), k, reps)
+    out = {}
+    for name, module in (("layer_wrapper", wrapped), ("layer_module_hooks", hooked)):
+        loop(module)(1000)
+        med, samples = per_mark_us(loop(module), k, reps)
+        # two marks per call: the added cost of the call, per mark
+        out[name] = {"median_us": (med - base) / 2, "samples_us": [(s - base) / 2 for s in samples]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,11 +154,13 @@ def main(argv: list[str] | None = None) -> dict:
             fn(100)
             results[name] = dict(zip(("median_us", "samples_us"), per_mark_us(fn, m, reps)))
 
+    results.update(layer_mark_costs(tl, n, reps, cuda))
     payload = {"benchmark": "mark_cost", "env": env, "device": "cuda" if cuda else "cpu", "params": {"n": n, "reps": reps, "cuda": cuda},
                "results": results,
                "targets": {"stagetrace_median_us": 1.6, "resolve_median_us": 0.1}}
     path = save("mark_cost" if cuda else "mark_cost-cpu", payload, args.out)
-    order = ["native_cpp", "stagetrace", "torch_event_record", "torch_event_new", "sync_perf_counter", "resolve"]
+    order = ["native_cpp", "stagetrace", "layer_wrapper", "layer_module_hooks", "torch_event_record",
+             "torch_event_new", "sync_perf_counter", "resolve"]
     rows = [[k, results[k]["median_us"], min(results[k]["samples_us"])] for k in order if k in results]
     print(f"mark cost on {env['card']} (torch {env['torch']}, {'CUDA events' if cuda else 'host backend'})")
     print(table(rows, ["method", "median µs/mark", "min µs/mark"]))
