@@ -131,8 +131,6 @@ class Tracer:
         self._handles: list[Any] = []
         # (module, attribute, its own instance-level value or None): what _install shadowed
         self._restores: list[tuple[nn.Module, str, Any]] = []
-        self._had_instance_generate = False
-        self._saved_generate: Any = None
         # A caller-given timeline (e.g. a reference clock in benchmarks) replaces the native one.
         self._timeline: Timeline | None = timeline
         self._device = torch.device("cpu")
@@ -163,7 +161,10 @@ class Tracer:
         try:
             self._install()
         except BaseException:
-            self._uninstall()
+            self._uninstall()  # undoes exactly what was installed before the failure
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
             raise
         _ACTIVE[self.model] = self
         self._active = True
@@ -217,10 +218,8 @@ class Tracer:
         mark = tl.mark
 
         self._refuse_compiled_decode()
-        self._had_instance_generate = "generate" in model.__dict__
-        self._saved_generate = model.__dict__.get("generate")
-        original = model.generate
-        model.generate = self._wrap_generate(original)  # type: ignore[method-assign]
+        self._restores.append((model, "generate", model.__dict__.get("generate")))
+        model.generate = self._wrap_generate(model.generate)  # type: ignore[method-assign]
 
         def on_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             call = self._call
@@ -321,13 +320,6 @@ class Tracer:
             else:
                 module.__dict__[attr] = saved
         self._restores.clear()
-        if "generate" in self.model.__dict__ or self._had_instance_generate:
-            if self._had_instance_generate:
-                self.model.__dict__["generate"] = self._saved_generate
-            else:
-                del self.model.__dict__["generate"]
-        self._saved_generate = None
-        self._had_instance_generate = False
 
     # ------------------------------------------------------------------ one call
     def _wrap_generate(self, original: Callable[..., Any]) -> Callable[..., Any]:

@@ -455,3 +455,16 @@ def test_a_wrapper_kept_past_stop_runs_untraced():
         kept = case.model.generate
     kept(**gen_kwargs(case, 2))
     assert tracer.records == []
+
+
+def test_a_refused_start_leaves_a_user_patched_generate_alone():
+    case = tiny.build("llama")
+
+    def mine(*a, **k):
+        return None
+
+    case.model.generate = mine
+    case.model.forward = torch.compile(case.model.forward)
+    with pytest.raises(TracingError):
+        stagetrace.trace(case.model).start()
+    assert case.model.generate is mine
