@@ -64,6 +64,7 @@ class StageRecord:
     unix_time: float = 0.0   # wall clock at the call's end
     versions: dict[str, str] = field(default_factory=dict)
     n_marks: int = 0
+    resolve_ms: float = 0.0  # host time of the call's one sync + resolve, after generate() returned
     error: str | None = None  # set when the call's marks could not be turned into stages
     schema: int = SCHEMA_VERSION
     # in-memory only: the spans and raw marks behind the numbers

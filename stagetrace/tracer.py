@@ -350,7 +350,9 @@ class Tracer:
                 tl.reset()
                 raise
             self._call = None
+            t_resolve = time.perf_counter_ns()
             marks = Marks.from_timeline(tl)  # the one sync of the call
+            resolve_ms = (time.perf_counter_ns() - t_resolve) / 1e6
             seq = _sequences(out)
             if seq is None:
                 new_tokens = 0
@@ -358,12 +360,13 @@ class Tracer:
                 new_tokens = int(seq.shape[-1]) - prompt_len
             else:
                 new_tokens = int(seq.shape[-1])  # inputs_embeds only: generate returns new tokens only
-            self._record(marks, batch, prompt_len, new_tokens, unix_start)
+            self._record(marks, batch, prompt_len, new_tokens, unix_start, resolve_ms)
             return out
 
         return traced_generate
 
-    def _record(self, marks: Marks, batch: int, prompt_len: int, new_tokens: int, unix_start: float) -> None:
+    def _record(self, marks: Marks, batch: int, prompt_len: int, new_tokens: int, unix_start: float,
+                resolve_ms: float) -> None:
         cfg = getattr(self.model, "config", None)
         meta = dict(batch_size=batch, prompt_tokens=prompt_len, output_tokens=new_tokens,
                     call_index=len(self.records), sample_id=self.sample_id,
@@ -371,7 +374,7 @@ class Tracer:
                     device=str(self._device), backend=marks.backend, layout=self.layout.name,
                     layer_detail=self.layer_detail, stream=int(marks.streams[0]), rank=self.rank,
                     host_start_ns=int(marks.host_ns[0]), unix_start=unix_start, unix_time=time.time(),
-                    versions=_versions(), n_marks=len(marks))
+                    versions=_versions(), n_marks=len(marks), resolve_ms=resolve_ms)
         if marks.dropped:
             rec = StageRecord.failed(f"{marks.dropped} marks were dropped (the event pool could not grow); "
                                      "this call's stages are unknown", **meta)
