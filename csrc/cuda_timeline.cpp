@@ -92,7 +92,11 @@ void CudaTimeline::mark(int32_t label) { mark_on(label, stream_); }
 void CudaTimeline::mark_on(int32_t label, int64_t stream) {
   int64_t i = claim_slot();
   if (i < 0) return;
-  check(cudaEventRecord(events_[i], reinterpret_cast<cudaStream_t>(stream)), "cudaEventRecord");
+  cudaError_t err = cudaEventRecord(events_[i], reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) {
+    --n_;  // the slot holds no event of this run: give it back before reporting
+    check(err, "cudaEventRecord");
+  }
   labels_[i] = label;
   host_ns_[i] = host_now_ns();
   streams_[i] = stream;
