@@ -57,6 +57,7 @@ class StageRecord:
     backend: str = "cpu"
     layout: str = ""
     layer_detail: str = "off"
+    compiled_decode: bool = False  # generate() compiled the decode step; steps were marked outside the graph
     stream: int = 0          # handle of the stream the call's marks were recorded on
     rank: int = 0            # torchrun rank (RANK) of the process that made the record
     host_start_ns: int = 0   # time.monotonic_ns() when the call's first mark was issued

@@ -35,6 +35,10 @@ __all__ = ["Tracer", "trace", "attach", "TracingError"]
 
 LAYER_DETAIL = ("off", "prefill", "all")
 
+# Device types on which tracing generate()'s compiled decode has been validated. CUDA
+# (CUDA-graph replay) joins once its tests have run on a GPU; until then it is refused.
+COMPILED_DECODE_VALIDATED_ON = ("cpu",)
+
 # Plain ints: the hot path hands these straight to the native mark().
 _CALL_BEGIN, _CALL_END = label(Kind.CALL_BEGIN), label(Kind.CALL_END)
 _PREFILL, _DECODE = label(Kind.PREFILL_FORWARD), label(Kind.DECODE_FORWARD)
@@ -65,6 +69,7 @@ class _Call:
     forwards: int = 0
     in_prefill: bool = False
     decoding: bool = False
+    compiled: bool = False  # generate() compiles the decode step: marks come from outside the graph
 
 
 def _cache_len(cache: Any) -> int:
@@ -131,6 +136,8 @@ class Tracer:
         self._handles: list[Any] = []
         # (module, attribute, its own instance-level value or None): what _install shadowed
         self._restores: list[tuple[nn.Module, str, Any]] = []
+        self._layer_restores: list[tuple[nn.Module, str, Any]] = []
+        self._hooks_installed = False
         # A caller-given timeline (e.g. a reference clock in benchmarks) replaces the native one.
         self._timeline: Timeline | None = timeline
         self._device = torch.device("cpu")
@@ -212,14 +219,27 @@ class Tracer:
 
     # ------------------------------------------------------------------ hooks
     def _install(self) -> None:
+        """Call-level wrappers (kept while active), then the module hooks."""
+        model = self.model
+        self._refuse_compiled_forward()
+        self._guard_auto_compile()
+        self._shadow(model, "generate", self._wrap_generate(model.generate))
+        if callable(getattr(model, "prepare_inputs_for_generation", None)):
+            self._shadow(model, "prepare_inputs_for_generation",
+                         self._wrap_prepare_inputs(model.prepare_inputs_for_generation))
+        self._install_module_hooks()
+
+    def _shadow(self, obj: nn.Module, attr: str, value: Any) -> None:
+        self._restores.append((obj, attr, obj.__dict__.get(attr)))
+        setattr(obj, attr, value)
+
+    def _install_module_hooks(self) -> None:
+        """Hooks and layer wrappers on modules: the ones a compiled region must never see."""
         model, lay = self.model, self.layout
         tl = self._timeline
         assert tl is not None
         mark = tl.mark
-
-        self._refuse_compiled_decode()
-        self._restores.append((model, "generate", model.__dict__.get("generate")))
-        model.generate = self._wrap_generate(model.generate)  # type: ignore[method-assign]
+        self._hooks_installed = True
 
         def on_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             call = self._call
@@ -257,35 +277,69 @@ class Tracer:
             for i, (_, layer) in enumerate(lay.layers):
                 self._wrap_layer_forward(layer, label(Kind.LAYER_BEGIN, i), label(Kind.LAYER_END, i), every_step)
 
-    def _refuse_compiled_decode(self) -> None:
-        """Compiled forwards are not traced yet: refuse them rather than report wrong numbers.
-
-        Module hooks inside a torch.compile region are traced by dynamo (marks that never
-        fire, a recompile per call), so a compiled forward gets a clear error. transformers
-        compiles the decode step itself when the cache is static; that decision is made in
-        ``_valid_auto_compile_criteria``, which is intercepted for the traced model only.
-        """
+    def _refuse_compiled_forward(self) -> None:
+        """A forward compiled by hand would trace our hooks into its graph: refuse it."""
         model = self.model
         forwards = (("model.forward", model.forward), ("language model forward", self.layout.language_model[1].forward))
         for what, fn in forwards:
             if hasattr(fn, "_torchdynamo_orig_callable") or hasattr(getattr(fn, "__self__", None), "_orig_mod"):
-                raise TracingError(f"{what} is compiled with torch.compile: stagetrace cannot trace compiled "
-                                   "forwards yet; trace the eager model")
+                raise TracingError(f"{what} is compiled with torch.compile: stagetrace cannot trace forwards "
+                                   "compiled by hand yet; trace the eager model (generate()'s own compiled "
+                                   "decode, with a static cache, is supported)")
+
+    def _guard_auto_compile(self) -> None:
+        """Learns whether generate() compiles the decode step, from transformers' own decision.
+
+        transformers compiles ``__call__`` for decode steps when the cache is static (and
+        the device qualifies); that decision is ``_valid_auto_compile_criteria``, shadowed
+        here for the traced model only. Module hooks inside a compiled region are traced by
+        dynamo (marks that never fire, a recompile per call), so for such a call the module
+        hooks come off before the first decode step and step marks come from
+        ``prepare_inputs_for_generation``, which runs in the generate loop outside the graph.
+        """
+        model = self.model
         decide = getattr(model, "_valid_auto_compile_criteria", None)
         if decide is None:
             return
 
         def guarded(*args: Any, **kwargs: Any) -> bool:
-            if decide(*args, **kwargs) and self._call is not None:
-                raise TracingError(
-                    "generate() would compile the decode step (a static/compileable cache on this device), and "
-                    "stagetrace cannot trace compiled decode yet. Trace it eagerly with "
-                    "generate(..., disable_compile=True), or use the default dynamic cache")
-            return False if self._call is not None else decide(*args, **kwargs)
+            compiles = bool(decide(*args, **kwargs))
+            call = self._call
+            if compiles and call is not None:
+                gen_config = args[1] if len(args) > 1 else kwargs.get("generation_config")
+                why = None
+                if self._device.type not in COMPILED_DECODE_VALIDATED_ON:
+                    why = (f"tracing compiled decode is not yet validated on {self._device.type} "
+                           "(CUDA graphs)")
+                elif self.layer_detail == "all":
+                    why = "per-step layer marks would sit inside the compiled graph; use layer_detail='prefill'"
+                elif getattr(gen_config, "prefill_chunk_size", None):
+                    why = "chunked prefill is compiled too, so its stage boundaries would sit inside the graph"
+                if why:
+                    raise TracingError(f"generate() compiles the decode step (a static cache) and {why}. "
+                                       "Trace it eagerly with generate(..., disable_compile=True)")
+                call.compiled = True
+            return compiles
 
-        saved = model.__dict__.get("_valid_auto_compile_criteria")
-        self._restores.append((model, "_valid_auto_compile_criteria", saved))
-        model._valid_auto_compile_criteria = guarded  # type: ignore[method-assign]
+        self._shadow(model, "_valid_auto_compile_criteria", guarded)
+
+    def _wrap_prepare_inputs(self, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """In compiled decode, a decode step starts where its inputs are prepared (outside the graph)."""
+        mark = self._timeline.mark  # type: ignore[union-attr]
+
+        @functools.wraps(inner)  # generate() inspects this signature (e.g. for inputs_embeds)
+        def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
+            c = self._call
+            if c is not None and c.compiled and c.forwards > 0 and c.fed >= c.prompt_len:
+                if self._hooks_installed:
+                    self._remove_module_hooks()  # the compiled graph must see the bare model
+                c.in_prefill = False
+                c.decoding = True
+                c.forwards += 1
+                mark(_DECODE)
+            return inner(*args, **kwargs)
+
+        return prepare_inputs_for_generation
 
     def _wrap_layer_forward(self, layer: nn.Module, begin: int, end: int, every_step: bool) -> None:
         """Layer marks wrap ``forward`` instead of using module hooks.
@@ -308,18 +362,27 @@ class Tracer:
             return out
 
         layer.forward = forward  # type: ignore[method-assign]
-        self._restores.append((layer, "forward", saved))
+        self._layer_restores.append((layer, "forward", saved))
 
-    def _uninstall(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        for module, attr, saved in reversed(self._restores):
+    @staticmethod
+    def _restore(restores: list[tuple[nn.Module, str, Any]]) -> None:
+        for module, attr, saved in reversed(restores):
             if saved is None:
                 module.__dict__.pop(attr, None)
             else:
                 module.__dict__[attr] = saved
-        self._restores.clear()
+        restores.clear()
+
+    def _remove_module_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._restore(self._layer_restores)
+        self._hooks_installed = False
+
+    def _uninstall(self) -> None:
+        self._remove_module_hooks()
+        self._restore(self._restores)
 
     # ------------------------------------------------------------------ one call
     def _wrap_generate(self, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -349,6 +412,10 @@ class Tracer:
                 self._call = None
                 tl.reset()
                 raise
+            finally:
+                if not self._hooks_installed and self._active:
+                    self._install_module_hooks()  # a compiled call took them off for its decode steps
+            compiled = self._call.compiled
             self._call = None
             t_resolve = time.perf_counter_ns()
             marks = Marks.from_timeline(tl)  # the one sync of the call
@@ -360,13 +427,13 @@ class Tracer:
                 new_tokens = int(seq.shape[-1]) - prompt_len
             else:
                 new_tokens = int(seq.shape[-1])  # inputs_embeds only: generate returns new tokens only
-            self._record(marks, batch, prompt_len, new_tokens, unix_start, resolve_ms)
+            self._record(marks, batch, prompt_len, new_tokens, unix_start, resolve_ms, compiled)
             return out
 
         return traced_generate
 
     def _record(self, marks: Marks, batch: int, prompt_len: int, new_tokens: int, unix_start: float,
-                resolve_ms: float) -> None:
+                resolve_ms: float, compiled: bool) -> None:
         cfg = getattr(self.model, "config", None)
         meta = dict(batch_size=batch, prompt_tokens=prompt_len, output_tokens=new_tokens,
                     call_index=len(self.records), sample_id=self.sample_id,
@@ -374,7 +441,7 @@ class Tracer:
                     device=str(self._device), backend=marks.backend, layout=self.layout.name,
                     layer_detail=self.layer_detail, stream=int(marks.streams[0]), rank=self.rank,
                     host_start_ns=int(marks.host_ns[0]), unix_start=unix_start, unix_time=time.time(),
-                    versions=_versions(), n_marks=len(marks), resolve_ms=resolve_ms)
+                    versions=_versions(), n_marks=len(marks), resolve_ms=resolve_ms, compiled_decode=compiled)
         if marks.dropped:
             rec = StageRecord.failed(f"{marks.dropped} marks were dropped (the event pool could not grow); "
                                      "this call's stages are unknown", **meta)

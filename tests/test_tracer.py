@@ -341,21 +341,76 @@ def test_a_multimodal_model_is_never_taken_for_text_only():
 
 
 # ---------------------------------------------------------------- what is not traced yet is refused
-def test_compiled_decode_is_refused_with_a_clear_error_and_eager_static_cache_works():
+def _static_compiled(case, backend="eager"):
+    """generate() kwargs under which transformers compiles the decode step itself (static cache).
+
+    The eager dynamo backend keeps CPU tests fast: what is checked here is what dynamo sees
+    (graphs, breaks, recompiles); CUDA-graph replay is the GPU half of the story.
+    """
     from transformers import CompileConfig
 
-    case = tiny.build("llama")
     case.model.generation_config.cache_implementation = "static"
-    compile_config = CompileConfig()
+    compile_config = CompileConfig(backend=backend, mode=None)
     compile_config._compile_all_devices = True  # what a CUDA device gets by default
+    return compile_config
+
+
+@pytest.mark.parametrize("family", ["llama", "llava", "qwen2_vl"])
+def test_compiled_decode_is_traced_without_graph_breaks_or_recompiles(family):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    case = tiny.build(family)
+    kw = gen_kwargs(case, 5, compile_config=_static_compiled(case))
+    torch._dynamo.reset()
+    counters.clear()
+    plain = tokens(case.model.generate(**kw))  # untraced: compiles the decode step once
+    frames = dict(counters["frames"])
+    assert frames.get("ok", 0) >= 1, "generate() did not compile the decode step"
     before = hook_state(case.model)
-    with stagetrace.trace(case.model) as tracer:
-        with pytest.raises(TracingError, match="disable_compile=True"):
-            case.model.generate(**gen_kwargs(case, 3), compile_config=compile_config)
-        out = case.model.generate(**gen_kwargs(case, 3), compile_config=compile_config, disable_compile=True)
+    with stagetrace.trace(case.model, layer_detail="prefill") as tracer:
+        for _ in range(3):
+            assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    assert dict(counters["frames"]) == frames, "tracing made dynamo compile again"
+    assert not counters["graph_break"], dict(counters["graph_break"])
     assert hook_state(case.model) == before
+    for rec in tracer.records:
+        assert_partition(rec)
+        assert rec.compiled_decode and rec.output_tokens == 5 and len(rec.decode_step_ms) == 4
+        assert len([s for s in rec.spans if s.name.startswith("layer")]) == 2  # prefill layers only
+        assert (rec.vision_ms is not None) == (family != "llama")
+
+
+def test_a_decode_step_first_compiled_under_tracing_serves_untraced_calls_too():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    case = tiny.build("llama")
+    kw = gen_kwargs(case, 4, compile_config=_static_compiled(case))
+    torch._dynamo.reset()
+    counters.clear()
+    with stagetrace.trace(case.model) as tracer:
+        traced = tokens(case.model.generate(**kw))  # compiles here, with the hooks already off
+    frames = dict(counters["frames"])
+    assert torch.equal(tokens(case.model.generate(**kw)), traced)
+    assert dict(counters["frames"]) == frames and not counters["graph_break"]
+    assert tracer.records[0].compiled_decode and len(tracer.records[0].decode_step_ms) == 3
+
+
+def test_compiled_decode_refuses_what_it_cannot_time(monkeypatch):
+    case = tiny.build("llama")
+    kw = gen_kwargs(case, 3, compile_config=_static_compiled(case))
+    with stagetrace.trace(case.model, layer_detail="all") as tracer:
+        with pytest.raises(TracingError, match="layer_detail='prefill'"):
+            case.model.generate(**kw)
+    monkeypatch.setattr(stagetrace.tracer, "COMPILED_DECODE_VALIDATED_ON", ())
+    with stagetrace.trace(case.model) as tracer:
+        with pytest.raises(TracingError, match="not yet validated on cpu.*disable_compile=True"):
+            case.model.generate(**kw)
+        out = case.model.generate(**kw, disable_compile=True)  # the eager static-cache run is traced
     (rec,) = tracer.records
     assert_partition(rec)
+    assert not rec.compiled_decode
     assert out.shape[1] == case.prompt_len + 3 and len(rec.decode_step_ms) == 2
 
 
