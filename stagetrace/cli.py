@@ -43,7 +43,10 @@ def _pick_device(name: str) -> str:
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        # under torchrun each rank takes its own GPU
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0) % torch.cuda.device_count()}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {name}: torch {torch.__version__} sees no CUDA device")
     return name
