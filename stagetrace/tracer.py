@@ -393,7 +393,9 @@ class Tracer:
                 # the wrapper kept past stop(): run untraced.
                 return original(*args, **kwargs)
             tl = self._timeline
-            input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+            input_ids = kwargs.get("input_ids", kwargs.get("inputs"))  # `inputs` is generate()'s own name
+            if input_ids is None and args and isinstance(args[0], torch.Tensor):
+                input_ids = args[0]
             embeds = kwargs.get("inputs_embeds")
             prompt = input_ids if input_ids is not None else embeds
             prompt_len = int(prompt.shape[1]) if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else 0

@@ -523,3 +523,17 @@ def test_a_refused_start_leaves_a_user_patched_generate_alone():
     with pytest.raises(TracingError):
         stagetrace.trace(case.model).start()
     assert case.model.generate is mine
+
+
+@pytest.mark.parametrize("how", ["positional", "inputs", "input_ids"])
+def test_the_prompt_is_read_however_generate_is_given_it(how):
+    case = tiny.build("llama")
+    ids, mask = case.inputs["input_ids"], case.inputs["attention_mask"]
+    kw = dict(attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    with stagetrace.trace(case.model) as tracer:
+        if how == "positional":
+            case.model.generate(ids, **kw)
+        else:
+            case.model.generate(**{how: ids}, **kw)
+    rec = tracer.records[0]
+    assert rec.prompt_tokens == ids.shape[1] and rec.output_tokens == 3 and len(rec.decode_step_ms) == 2
