@@ -468,40 +468,20 @@ def test_side_stream_work_the_model_waits_for_stays_in_its_stage():
     assert 3.0 <= rec.vision_ms <= 3.0 + 4.0
 
 
-def _tiny_molmo2():
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "Molmo2ForConditionalGeneration"):
-        pytest.skip(f"transformers {transformers.__version__} has no Molmo2")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("images", [True, False])
+def test_molmo2_is_found_and_traced(images, device):
     try:
-        cfg = transformers.Molmo2Config(
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=4, head_dim=8, image_size=[28, 28], patch_size=14),
-            adapter_config=dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
-                                intermediate_size=64, text_hidden_size=32, vision_feature_layer=[-1]),
-            text_config=dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                             vocab_size=128, additional_vocab_size=0, num_hidden_layers=2, intermediate_size=64))
-    except (TypeError, ValueError) as exc:
-        pytest.skip(f"this transformers' Molmo2Config differs: {exc}")
-    torch.manual_seed(0)
-    return transformers.Molmo2ForConditionalGeneration(cfg).eval()
-
-
-def test_molmo2_is_found_and_a_text_call_is_traced():
-    # Molmo2's image inputs (crops, pooling indices) are not built here: layout + text-only call.
-    model = _tiny_molmo2()
-    tracer = stagetrace.trace(model)
-    assert tracer.layout.describe() == {"layout": "llava-style", "vision": ["model.vision_tower",
-                                        "model.multi_modal_projector"], "language_model": "model.language_model",
-                                        "lm_head": "lm_head", "layers": 2}
-    ids = torch.randint(3, 100, (1, 8))
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
-              do_sample=False, pad_token_id=0)
-    plain = model.generate(**kw)
-    with tracer:
-        assert torch.equal(model.generate(**kw), plain)
-    rec = tracer.records[0]
-    assert_partition(rec)
-    assert rec.vision_ms is None and len(rec.decode_step_ms) == 3
+        case = build_on("molmo2", device, images=images)
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    except (TypeError, ValueError) as exc:  # another transformers' Molmo2Config
+        pytest.skip(f"this transformers' Molmo2 differs: {exc}")
+    assert stagetrace.trace(case.model).layout.describe() == {
+        "layout": "llava-style", "vision": ["model.vision_tower", "model.multi_modal_projector"],
+        "language_model": "model.language_model", "lm_head": "lm_head", "layers": 2}
+    rec = trace_once(case, gen_kwargs(case, 4))
+    assert (rec.vision_ms is not None) == images and len(rec.decode_step_ms) == 3
 
 
 def test_a_wrapper_kept_past_stop_runs_untraced():
