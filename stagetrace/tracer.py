@@ -138,6 +138,7 @@ class Tracer:
         self._restores: list[tuple[nn.Module, str, Any]] = []
         self._layer_restores: list[tuple[nn.Module, str, Any]] = []
         self._hooks_installed = False
+        self._compiled_forward = False  # the user compiled model.forward by hand
         # A caller-given timeline (e.g. a reference clock in benchmarks) replaces the native one.
         self._timeline: Timeline | None = timeline
         self._device = torch.device("cpu")
@@ -221,7 +222,7 @@ class Tracer:
     def _install(self) -> None:
         """Call-level wrappers (kept while active), then the module hooks."""
         model = self.model
-        self._refuse_compiled_forward()
+        self._check_compiled_forward()
         self._guard_auto_compile()
         self._shadow(model, "generate", self._wrap_generate(model.generate))
         if callable(getattr(model, "prepare_inputs_for_generation", None)):
@@ -267,6 +268,12 @@ class Tracer:
                 lambda m, a, o, _l=ve: None if self._call is None else mark(_l)))
 
         lm_b, head_e = label(Kind.LM_BEGIN), label(Kind.LM_HEAD_END)
+        if self._compiled_forward:
+            # The language model and lm_head run inside the compiled forward: prefill is cut
+            # at the top-level forward's own boundaries instead, which run outside the graph.
+            self._handles.append(model.register_forward_hook(
+                lambda m, a, o: mark(head_e) if self._call is not None and self._call.in_prefill else None))
+            return
         self._handles.append(lay.language_model[1].register_forward_pre_hook(
             lambda m, a: mark(lm_b) if self._call is not None and self._call.in_prefill else None))
         self._handles.append(lay.lm_head[1].register_forward_hook(
@@ -277,15 +284,31 @@ class Tracer:
             for i, (_, layer) in enumerate(lay.layers):
                 self._wrap_layer_forward(layer, label(Kind.LAYER_BEGIN, i), label(Kind.LAYER_END, i), every_step)
 
-    def _refuse_compiled_forward(self) -> None:
-        """A forward compiled by hand would trace our hooks into its graph: refuse it."""
+    def _check_compiled_forward(self) -> None:
+        """A forward compiled by hand (``model.forward = torch.compile(...)``).
+
+        Hooks on the top-level module run in ``_call_impl``, outside the compiled forward,
+        so they stay; everything inside it (language model, lm_head, layers, a vision part
+        called from forward) would be traced into the graph, so it gets no marks: prefill
+        is then the top-level prefill forward itself. Supported for text-only models.
+        """
         model = self.model
         forwards = (("model.forward", model.forward), ("language model forward", self.layout.language_model[1].forward))
-        for what, fn in forwards:
-            if hasattr(fn, "_torchdynamo_orig_callable") or hasattr(getattr(fn, "__self__", None), "_orig_mod"):
-                raise TracingError(f"{what} is compiled with torch.compile: stagetrace cannot trace forwards "
-                                   "compiled by hand yet; trace the eager model (generate()'s own compiled "
-                                   "decode, with a static cache, is supported)")
+        compiled = [what for what, fn in forwards
+                    if hasattr(fn, "_torchdynamo_orig_callable") or hasattr(getattr(fn, "__self__", None), "_orig_mod")]
+        self._compiled_forward = bool(compiled)
+        if not compiled:
+            return
+        why = None
+        if self._device.type not in COMPILED_DECODE_VALIDATED_ON:
+            why = f"tracing compiled forwards is not yet validated on {self._device.type} (CUDA graphs)"
+        elif self.layout.vision:
+            why = "a vision stage may run inside the compiled forward; only text-only models are supported"
+        elif self.layer_detail != "off":
+            why = "layer marks would sit inside the compiled graph; use layer_detail='off'"
+        if why:
+            raise TracingError(f"{' and '.join(compiled)} is compiled with torch.compile and {why}; "
+                               "trace the eager model")
 
     def _guard_auto_compile(self) -> None:
         """Learns whether generate() compiles the decode step, from transformers' own decision.
@@ -417,7 +440,7 @@ class Tracer:
             finally:
                 if not self._hooks_installed and self._active:
                     self._install_module_hooks()  # a compiled call took them off for its decode steps
-            compiled = self._call.compiled
+            compiled = self._call.compiled or self._compiled_forward
             self._call = None
             t_resolve = time.perf_counter_ns()
             marks = Marks.from_timeline(tl)  # the one sync of the call

@@ -414,12 +414,38 @@ def test_compiled_decode_refuses_what_it_cannot_time(monkeypatch):
     assert out.shape[1] == case.prompt_len + 3 and len(rec.decode_step_ms) == 2
 
 
-def test_a_hand_compiled_forward_is_refused():
+def test_a_forward_compiled_by_hand_is_traced_without_recompiles():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     case = tiny.build("llama")
-    case.model.forward = torch.compile(case.model.forward)
-    with pytest.raises(TracingError, match="torch.compile"):
-        stagetrace.trace(case.model).start()
-    assert "generate" not in case.model.__dict__
+    case.model.forward = torch.compile(case.model.forward, backend="eager")
+    kw = gen_kwargs(case, 5)
+    torch._dynamo.reset()
+    counters.clear()
+    plain = tokens(case.model.generate(**kw))
+    case.model.generate(**kw)  # the second call settles dynamo's dynamic shapes
+    frames = dict(counters["frames"])
+    with stagetrace.trace(case.model) as tracer:
+        for _ in range(3):
+            assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    assert dict(counters["frames"]) == frames and not counters["graph_break"]
+    for rec in tracer.records:
+        assert_partition(rec)
+        assert rec.compiled_decode and len(rec.decode_step_ms) == 4
+
+
+@pytest.mark.parametrize("case_name", ["vlm", "layers", "unvalidated_device"])
+def test_a_forward_compiled_by_hand_is_refused_where_it_cannot_be_timed(case_name, monkeypatch):
+    case = tiny.build("llava" if case_name == "vlm" else "llama")
+    case.model.forward = torch.compile(case.model.forward, backend="eager")
+    kw, match = {"vlm": ({}, "only text-only models"), "layers": ({"layer_detail": "prefill"}, "layer_detail='off'"),
+                 "unvalidated_device": ({}, "not yet validated on cpu")}[case_name]
+    if case_name == "unvalidated_device":
+        monkeypatch.setattr(stagetrace.tracer, "COMPILED_DECODE_VALIDATED_ON", ())
+    with pytest.raises(TracingError, match=match):
+        stagetrace.trace(case.model, **kw).start()
+    assert "generate" not in case.model.__dict__ and "forward" in case.model.__dict__
 
 
 def test_a_model_split_over_devices_is_refused():
@@ -493,13 +519,13 @@ def test_a_wrapper_kept_past_stop_runs_untraced():
 
 
 def test_a_refused_start_leaves_a_user_patched_generate_alone():
-    case = tiny.build("llama")
+    case = tiny.build("llava")
 
     def mine(*a, **k):
         return None
 
     case.model.generate = mine
-    case.model.forward = torch.compile(case.model.forward)
+    case.model.forward = torch.compile(case.model.forward)  # refused: a VLM with a compiled forward
     with pytest.raises(TracingError):
         stagetrace.trace(case.model).start()
     assert case.model.generate is mine
