@@ -131,6 +131,11 @@ class StageRecord:
         return rec
 
 
+def _line(record: StageRecord, spans: bool) -> str:
+    """One record as one JSONL line: the only place the file format is written."""
+    return json.dumps(record.to_dict(spans=spans), separators=(",", ":")) + "\n"
+
+
 class JsonlWriter:
     """Appends one record per line and flushes it, so a crash loses at most the call in flight.
 
@@ -153,7 +158,7 @@ class JsonlWriter:
     def write(self, record: StageRecord) -> None:
         if self._fh is None:
             raise ValueError(f"JsonlWriter for {self.path} is closed")
-        self._fh.write(json.dumps(record.to_dict(spans=self._spans), separators=(",", ":")) + "\n")
+        self._fh.write(_line(record, self._spans))
         self._fh.flush()
         if self._fsync:
             os.fsync(self._fh.fileno())
@@ -200,4 +205,4 @@ def load_records(path: str | os.PathLike[str], on_error: str = "warn") -> list[S
 def write_jsonl(records: Iterable[StageRecord], path: str | os.PathLike[str], spans: bool = False) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for r in records:
-            fh.write(json.dumps(r.to_dict(spans=spans), separators=(",", ":")) + "\n")
+            fh.write(_line(r, spans))

@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     NATIVE_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 __all__ = ["Marks", "BackendInfo", "Timeline", "TimelineError", "CudaError", "backend_info", "new_timeline",
-           "PyHostTimeline", "host_now_ns"]
+           "PyHostTimeline"]
 
 if _C is not None:
     TimelineError = _C.TimelineError  # type: ignore[misc,assignment]  # noqa: F811
@@ -96,12 +96,6 @@ def backend_info() -> BackendInfo:
         return BackendInfo(False, False, 0, f"the native extension did not import ({NATIVE_IMPORT_ERROR})")
     count, reason = _C.cuda_probe()
     return BackendInfo(True, bool(_C.cuda_compiled()), int(count), reason)
-
-
-def host_now_ns() -> int:
-    import time
-
-    return time.monotonic_ns()
 
 
 def new_timeline(device_type: str = "cpu", device_index: int = 0, capacity: int = 4096,
