@@ -72,6 +72,11 @@ class _Call:
     compiled: bool = False  # generate() compiles the decode step: marks come from outside the graph
 
 
+def _is_compiled(fn: Any) -> bool:
+    """A torch.compile'd function, or a bound method of a torch.compile'd module."""
+    return hasattr(fn, "_torchdynamo_orig_callable") or hasattr(getattr(fn, "__self__", None), "_orig_mod")
+
+
 def _cache_len(cache: Any) -> int:
     """Length of a cache passed into generate(); read once per call, off the hot path."""
     if cache is None:
@@ -294,21 +299,23 @@ class Tracer:
         """
         model = self.model
         forwards = (("model.forward", model.forward), ("language model forward", self.layout.language_model[1].forward))
-        compiled = [what for what, fn in forwards
-                    if hasattr(fn, "_torchdynamo_orig_callable") or hasattr(getattr(fn, "__self__", None), "_orig_mod")]
+        compiled = [what for what, fn in forwards if _is_compiled(fn)]
         self._compiled_forward = bool(compiled)
         if not compiled:
             return
-        why = None
-        if self._device.type not in COMPILED_DECODE_VALIDATED_ON:
-            why = f"tracing compiled forwards is not yet validated on {self._device.type} (CUDA graphs)"
-        elif self.layout.vision:
-            why = "a vision stage may run inside the compiled forward; only text-only models are supported"
-        elif self.layer_detail != "off":
-            why = "layer marks would sit inside the compiled graph; use layer_detail='off'"
+        why = (self._unvalidated_compile()
+               or ("a vision stage may run inside the compiled forward; only text-only models are supported"
+                   if self.layout.vision else None)
+               or ("layer marks would sit inside the compiled graph; use layer_detail='off'"
+                   if self.layer_detail != "off" else None))
         if why:
             raise TracingError(f"{' and '.join(compiled)} is compiled with torch.compile and {why}; "
                                "trace the eager model")
+
+    def _unvalidated_compile(self) -> str | None:
+        if self._device.type in COMPILED_DECODE_VALIDATED_ON:
+            return None
+        return f"tracing compiled code is not yet validated on {self._device.type} (CUDA graphs)"
 
     def _guard_auto_compile(self) -> None:
         """Learns whether generate() compiles the decode step, from transformers' own decision.
@@ -330,14 +337,11 @@ class Tracer:
             call = self._call
             if compiles and call is not None:
                 gen_config = args[1] if len(args) > 1 else kwargs.get("generation_config")
-                why = None
-                if self._device.type not in COMPILED_DECODE_VALIDATED_ON:
-                    why = (f"tracing compiled decode is not yet validated on {self._device.type} "
-                           "(CUDA graphs)")
-                elif self.layer_detail == "all":
-                    why = "per-step layer marks would sit inside the compiled graph; use layer_detail='prefill'"
-                elif getattr(gen_config, "prefill_chunk_size", None):
-                    why = "chunked prefill is compiled too, so its stage boundaries would sit inside the graph"
+                why = (self._unvalidated_compile()
+                       or ("per-step layer marks would sit inside the compiled graph; use layer_detail='prefill'"
+                           if self.layer_detail == "all" else None)
+                       or ("chunked prefill is compiled too, so its stage boundaries would sit inside the graph"
+                           if getattr(gen_config, "prefill_chunk_size", None) else None))
                 if why:
                     raise TracingError(f"generate() compiles the decode step (a static cache) and {why}. "
                                        "Trace it eagerly with generate(..., disable_compile=True)")
