@@ -8,6 +8,7 @@ machines without a GPU; otherwise a CPU-only build is made and says so.
 Environment:
   CUDA_HOME / CUDA_PATH      where the toolkit lives (else nvcc on PATH, else /usr/local/cuda)
   STAGETRACE_FORCE_CPU=1     build without the CUDA backend even if a toolkit exists
+  STAGETRACE_CUDA_ARCHS      SM targets of the GPU-side stamp kernels (default "80;86;89;90;100;120")
 """
 from __future__ import annotations
 
@@ -46,6 +47,16 @@ def find_cuda_home() -> Path | None:
     return None
 
 
+def cuda_archs() -> list[str]:
+    """-gencode targets: Ampere to Blackwell as SASS, plus Hopper PTX for newer cards.
+
+    STAGETRACE_CUDA_ARCHS (e.g. "90" or "80;90") narrows it for faster builds."""
+    wanted = os.environ.get("STAGETRACE_CUDA_ARCHS", "80;86;89;90;100;120").replace(",", ";").split(";")
+    archs = [f"arch=compute_{a},code=sm_{a}" for a in wanted if a.strip()]
+    ptx = max(int(a) for a in wanted if a.strip())
+    return archs + [f"arch=compute_{ptx},code=compute_{ptx}"]
+
+
 def cudart_static(home: Path) -> Path:
     for d in ("lib64", "lib", "targets/x86_64-linux/lib"):
         p = home / d / "libcudart_static.a"
@@ -71,9 +82,21 @@ class NinjaBuildExt(build_ext):
                   f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}"]
         ldflags = ["-shared", "-Wl,--exclude-libs,ALL"]
         libs: list[str] = []
+        nvcc = cuda / "bin" / "nvcc" if cuda is not None else None
+        cu_sources: list[str] = []
+        nvflags: list[str] = []
         if cuda is not None:
             sources.append("cuda_timeline.cpp")
             cflags += ["-DSTAGETRACE_WITH_CUDA", f"-I{cuda / 'include'}"]
+            if nvcc is not None and nvcc.exists():
+                # GPU-side stamps (graph-capturable) need device code; without nvcc the
+                # event timeline still builds and in-graph layer stamps are reported missing.
+                cu_sources.append("stamp_ring.cu")
+                cflags.append("-DSTAGETRACE_WITH_STAMPS")
+                nvflags = ["-O2", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", f"-I{CSRC}",
+                           *[f for a in cuda_archs() for f in ("-gencode", a)]]
+            else:
+                print(f"stagetrace: no nvcc in {cuda / 'bin'}: building without GPU-side stamps")
             libs += [str(cudart_static(cuda)), "-lrt", "-ldl", "-lpthread"]
             print(f"stagetrace: building WITH the CUDA backend (toolkit at {cuda})")
         else:
@@ -93,6 +116,13 @@ class NinjaBuildExt(build_ext):
             "  depfile = $out.d",
             "  deps = gcc",
             "  description = CXX $out",
+            f"nvcc = {shlex.quote(str(nvcc))}",
+            f"nvflags = {q(nvflags)}",
+            "rule nvcc",
+            "  command = $nvcc -MD -MF $out.d $nvflags -c $in -o $out",
+            "  depfile = $out.d",
+            "  deps = gcc",
+            "  description = NVCC $out",
             "rule link",
             "  command = $cxx $ldflags $in -o $out $libs",
             "  description = LINK $out",
@@ -102,6 +132,10 @@ class NinjaBuildExt(build_ext):
             obj = tmp / (Path(s).stem + ".o")
             objs.append(obj)
             lines.append(f"build {obj}: cxx {CSRC / s}")
+        for s in cu_sources:
+            obj = tmp / (Path(s).stem + ".cu.o")
+            objs.append(obj)
+            lines.append(f"build {obj}: nvcc {CSRC / s}")
         lines.append(f"build {out}: link {' '.join(map(str, objs))}")
         build_file = tmp / "build.ninja"
         text = "\n".join(lines) + "\n"

@@ -9,6 +9,9 @@
 #ifdef STAGETRACE_WITH_CUDA
 #include "cuda_timeline.h"
 #endif
+#ifdef STAGETRACE_WITH_STAMPS
+#include "stamp_ring.h"
+#endif
 
 namespace py = pybind11;
 using namespace stagetrace;
@@ -67,5 +70,31 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("device", &CudaTimeline::device)
       .def_property_readonly("backend", [](const CudaTimeline&) { return "cuda"; });
   m.def("bench_event_record_ns", &bench_event_record_ns, py::arg("device"), py::arg("n"), py::arg("stream"));
+#endif
+
+  m.def("stamps_compiled", []() {
+#ifdef STAGETRACE_WITH_STAMPS
+    return true;
+#else
+    return false;
+#endif
+  });
+#ifdef STAGETRACE_WITH_STAMPS
+  py::class_<StampRing> ring(m, "StampRing");
+  ring.def(py::init<int, int64_t>(), py::arg("device"), py::arg("capacity") = 65536)
+      .def("reset", &StampRing::reset, py::arg("stream"))
+      .def("stamp", &StampRing::stamp, py::arg("label"), py::arg("stream"))
+      .def("stamp_copy", &StampRing::stamp_copy, py::arg("label"), py::arg("src"), py::arg("dst"), py::arg("nbytes"),
+           py::arg("stream"))
+      .def("read", [](StampRing& r, int64_t stream) {
+             std::vector<int32_t> labels;
+             std::vector<int64_t> t_ns;
+             int64_t dropped = 0;
+             r.read(stream, labels, t_ns, dropped);
+             return py::make_tuple(to_numpy(labels), to_numpy(t_ns), dropped);
+           }, py::arg("stream"))
+      .def_property_readonly("device", &StampRing::device)
+      .def_property_readonly("capacity", &StampRing::capacity);
+  m.def("globaltimer_resolution_ns", &globaltimer_resolution_ns, py::arg("device"), py::arg("reads") = 100000);
 #endif
 }

@@ -37,7 +37,7 @@ LAYER_DETAIL = ("off", "prefill", "all")
 
 # Device types on which tracing generate()'s compiled decode has been validated. CUDA
 # (CUDA-graph replay) joins once its tests have run on a GPU; until then it is refused.
-COMPILED_DECODE_VALIDATED_ON = ("cpu",)
+COMPILED_DECODE_VALIDATED_ON = ("cpu", "cuda")
 
 # Plain ints: the hot path hands these straight to the native mark().
 _CALL_BEGIN, _CALL_END = label(Kind.CALL_BEGIN), label(Kind.CALL_END)
@@ -70,11 +70,20 @@ class _Call:
     in_prefill: bool = False
     decoding: bool = False
     compiled: bool = False  # generate() compiles the decode step: marks come from outside the graph
+    stamping: bool = False  # layer marks inside the compiled decode step are GPU-side stamps
 
 
 def _is_compiled(fn: Any) -> bool:
-    """A torch.compile'd function, or a bound method of a torch.compile'd module."""
-    return hasattr(fn, "_torchdynamo_orig_callable") or hasattr(getattr(fn, "__self__", None), "_orig_mod")
+    """A torch.compile'd function, a bound method of a torch.compile'd module, or a
+    ``functools.wraps`` wrapper around either (e.g. one that calls
+    ``torch.compiler.cudagraph_mark_step_begin()`` first)."""
+    for _ in range(8):  # a bounded walk down __wrapped__: wrappers may wrap wrappers
+        if hasattr(fn, "_torchdynamo_orig_callable") or hasattr(getattr(fn, "__self__", None), "_orig_mod"):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            return False
+    return False
 
 
 def _cache_len(cache: Any) -> int:
@@ -144,6 +153,10 @@ class Tracer:
         self._layer_restores: list[tuple[nn.Module, str, Any]] = []
         self._hooks_installed = False
         self._compiled_forward = False  # the user compiled model.forward by hand
+        # GPU-side stamps for layer detail inside compiled decode steps (made on first need)
+        self._ring: Any = None
+        self._stream = 0
+        self._stamp_wrappers: list[tuple[nn.Module, Callable[..., Any]]] = []
         # A caller-given timeline (e.g. a reference clock in benchmarks) replaces the native one.
         self._timeline: Timeline | None = timeline
         self._device = torch.device("cpu")
@@ -338,21 +351,27 @@ class Tracer:
             if compiles and call is not None:
                 gen_config = args[1] if len(args) > 1 else kwargs.get("generation_config")
                 why = (self._unvalidated_compile()
-                       or ("per-step layer marks would sit inside the compiled graph; use layer_detail='prefill'"
-                           if self.layer_detail == "all" else None)
                        or ("chunked prefill is compiled too, so its stage boundaries would sit inside the graph"
                            if getattr(gen_config, "prefill_chunk_size", None) else None))
+                if not why and self.layer_detail == "all":
+                    from .low_level.graph_stamps import stamps_available
+
+                    no_stamps = stamps_available(self._device.type)
+                    why = (f"per-step layer marks inside the compiled graph need GPU-side stamps: {no_stamps}; "
+                           "use layer_detail='prefill'") if no_stamps else None
                 if why:
                     raise TracingError(f"generate() compiles the decode step (a static cache) and {why}. "
                                        "Trace it eagerly with generate(..., disable_compile=True)")
                 call.compiled = True
+                call.stamping = self.layer_detail == "all"
             return compiles
 
         self._shadow(model, "_valid_auto_compile_criteria", guarded)
 
     def _wrap_prepare_inputs(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         """In compiled decode, a decode step starts where its inputs are prepared (outside the graph)."""
-        mark = self._timeline.mark  # type: ignore[union-attr]
+        tl = self._timeline
+        mark = tl.mark  # type: ignore[union-attr]
 
         @functools.wraps(inner)  # generate() inspects this signature (e.g. for inputs_embeds)
         def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
@@ -360,10 +379,14 @@ class Tracer:
             if c is not None and c.compiled and c.forwards > 0 and c.fed >= c.prompt_len:
                 if self._hooks_installed:
                     self._remove_module_hooks()  # the compiled graph must see the bare model
+                    if c.stamping:
+                        self._install_stamp_wrappers()
                 c.in_prefill = False
                 c.decoding = True
                 c.forwards += 1
                 mark(_DECODE)
+                if c.stamping:  # calibration: the step's event and the stamps' clock, side by side
+                    self._ring.stamp(_DECODE, self._stream)
             return inner(*args, **kwargs)
 
         return prepare_inputs_for_generation
@@ -390,6 +413,26 @@ class Tracer:
 
         layer.forward = forward  # type: ignore[method-assign]
         self._layer_restores.append((layer, "forward", saved))
+
+    def _install_stamp_wrappers(self) -> None:
+        """Layer marks for a compiled decode step: ``torch.ops.stagetrace.stamp`` around each layer.
+
+        Dynamo traces these wrappers into the graph (and CUDA-graph capture records the
+        stamp kernels), so each replay stamps every layer boundary on the GPU. The wrapper
+        objects are made once per tracer: dynamo guards on them, and new ones would
+        recompile the decode step on every call.
+        """
+        from .low_level.graph_stamps import ring_id
+
+        if not self._stamp_wrappers:
+            rid = ring_id(self._ring)
+            op = torch.ops.stagetrace.stamp.default
+            for i, (name, layer) in enumerate(self.layout.layers):
+                self._stamp_wrappers.append((layer, _stamping_forward(
+                    layer.forward, op, rid, label(Kind.LAYER_BEGIN, i), label(Kind.LAYER_END, i), name)))
+        for layer, forward in self._stamp_wrappers:
+            self._layer_restores.append((layer, "forward", layer.__dict__.get("forward")))
+            layer.forward = forward  # type: ignore[method-assign]
 
     @staticmethod
     def _restore(restores: list[tuple[nn.Module, str, Any]]) -> None:
@@ -430,7 +473,10 @@ class Tracer:
             cache0 = _cache_len(kwargs.get("past_key_values", kwargs.get("cache")))
             tl.reset()
             if self._device.type == "cuda" and hasattr(tl, "bind_stream"):
-                tl.bind_stream(torch.cuda.current_stream(self._device).cuda_stream)  # type: ignore[attr-defined]
+                self._stream = torch.cuda.current_stream(self._device).cuda_stream
+                tl.bind_stream(self._stream)  # type: ignore[attr-defined]
+            if self.layer_detail == "all" and callable(getattr(self.model, "_valid_auto_compile_criteria", None)):
+                self._prepare_ring()
             self._call = _Call(prompt_len=prompt_len, fed=cache0)
             unix_start = time.time()
             tl.mark(_CALL_BEGIN)
@@ -443,11 +489,16 @@ class Tracer:
                 raise
             finally:
                 if not self._hooks_installed and self._active:
+                    self._remove_module_hooks()  # the stamp wrappers of a compiled call, if any
                     self._install_module_hooks()  # a compiled call took them off for its decode steps
             compiled = self._call.compiled or self._compiled_forward
+            stamping = self._call.stamping
             self._call = None
             t_resolve = time.perf_counter_ns()
             marks = Marks.from_timeline(tl)  # the one sync of the call
+            stamp_error = None
+            if stamping:
+                marks, stamp_error = self._merge_stamps(marks)
             resolve_ms = (time.perf_counter_ns() - t_resolve) / 1e6
             seq = _sequences(out)
             if seq is None:
@@ -456,13 +507,32 @@ class Tracer:
                 new_tokens = int(seq.shape[-1]) - prompt_len
             else:
                 new_tokens = int(seq.shape[-1])  # inputs_embeds only: generate returns new tokens only
-            self._record(marks, batch, prompt_len, new_tokens, unix_start, resolve_ms, compiled)
+            self._record(marks, batch, prompt_len, new_tokens, unix_start, resolve_ms, compiled, stamp_error)
             return out
 
         return traced_generate
 
+    def _prepare_ring(self) -> None:
+        """Empties the stamp ring before a call that may stamp (off the hot path)."""
+        if self._ring is None:
+            from .low_level.graph_stamps import ring_for, stamps_available
+
+            if stamps_available(self._device.type):
+                return  # a compiled call is then refused with the reason, eager calls need no ring
+            self._ring = ring_for(self._device)
+        self._ring.reset(self._stream)
+
+    def _merge_stamps(self, marks: Marks) -> tuple[Marks, str | None]:
+        from .low_level.graph_stamps import StampMergeError, merge_stamps
+
+        labels, t_ns, dropped = self._ring.read(self._stream)
+        try:
+            return merge_stamps(marks, labels, t_ns, _DECODE, dropped), None
+        except StampMergeError as exc:
+            return marks, f"the GPU-side layer stamps do not line up with the step events: {exc}"
+
     def _record(self, marks: Marks, batch: int, prompt_len: int, new_tokens: int, unix_start: float,
-                resolve_ms: float, compiled: bool) -> None:
+                resolve_ms: float, compiled: bool, stamp_error: str | None = None) -> None:
         cfg = getattr(self.model, "config", None)
         meta = dict(batch_size=batch, prompt_tokens=prompt_len, output_tokens=new_tokens,
                     call_index=len(self.records), sample_id=self.sample_id,
@@ -471,7 +541,9 @@ class Tracer:
                     layer_detail=self.layer_detail, stream=int(marks.streams[0]), rank=self.rank,
                     host_start_ns=int(marks.host_ns[0]), unix_start=unix_start, unix_time=time.time(),
                     versions=_versions(), n_marks=len(marks), resolve_ms=resolve_ms, compiled_decode=compiled)
-        if marks.dropped:
+        if stamp_error:
+            rec = StageRecord.failed(stamp_error, **meta)
+        elif marks.dropped:
             rec = StageRecord.failed(f"{marks.dropped} marks were dropped (the event pool could not grow); "
                                      "this call's stages are unknown", **meta)
         else:
@@ -505,6 +577,33 @@ class Tracer:
 
     def clear(self) -> None:
         self.records.clear()
+
+
+def _stamping_forward(inner: Callable[..., Any], op: Any, ring: int, begin: int, end: int,
+                      name: str) -> Callable[..., Any]:
+    """A layer forward with a stamp on its hidden-state input and on its output.
+
+    The stamps are copies of the tensors they stamp (see graph_stamps): the layer then
+    reads the stamped input and its caller the stamped output, which pins both stamps
+    to the layer's boundaries in whatever order the compiler schedules the rest.
+    """
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], torch.Tensor):
+            args = (op(args[0], ring, begin),) + args[1:]
+        elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            kwargs = dict(kwargs, hidden_states=op(kwargs["hidden_states"], ring, begin))
+        else:
+            raise TracingError(f"layer {name} was called without a hidden-state tensor (first argument or "
+                               "hidden_states=): its stamps cannot be ordered; use layer_detail='prefill'")
+        out = inner(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return op(out, ring, end)
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+            return (op(out[0], ring, end),) + out[1:]
+        raise TracingError(f"layer {name} returned {type(out).__name__}, not a tensor or a tuple starting "
+                           "with one: its end stamp cannot be ordered; use layer_detail='prefill'")
+
+    return forward
 
 
 def trace(model: nn.Module, **kwargs: Any) -> Tracer:

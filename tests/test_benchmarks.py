@@ -17,6 +17,8 @@ SCRIPTS = {
     "overhead": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--profiler-reps", "1",
                  "--configs", "llava_b1,llama_b2"],
     "subtraction": ["--cpu-tiny", "--samples", "3"],
+    "compiled": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--stamps", "100",
+                 "--configs", "llama_b1"],
 }
 
 
@@ -36,5 +38,9 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
     if script == "overhead":
         assert {r["config"] for r in payload["results"]} == {"llava_b1", "llama_b2"}
         assert "plain_again" in payload["results"][0]["methods"]
+    if script == "compiled":
+        (r,) = payload["results"]
+        assert all(r["same_tokens"].values()) and r["stamps_per_step"] == 4
+        assert r["methods"]["stagetrace_layers"]["compiled_decode"] and not r["methods"]["stagetrace_layers"]["errors"]
     if script == "subtraction":
         assert payload["results"]["stagetrace"]["inconsistency_worst_ms"] <= 0

@@ -1,0 +1,276 @@
+"""What tracing costs compiled decode (static cache, CUDA graphs), and what a GPU-side stamp costs.
+
+  python benchmarks/compiled.py              # GPU: realistic Llama b1 (and LLaVA b1), 32 new tokens
+  python benchmarks/compiled.py --cpu-tiny   # CPU smoke run: tiny Llama, dynamo's eager backend
+
+Part 1, stamps: a CUDA graph of N chained ``torch.ops.stagetrace.stamp`` calls on a
+decode-sized hidden state (1 x 1 x 2048 bf16) against graphs of N plain copies and of
+one copy: GPU µs per stamp, per copy; host µs of one eager stamp; %globaltimer step.
+
+Part 2, compiled decode: ``generate()`` with a static cache, so transformers compiles the
+decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetitions of
+  plain               the compiled run untraced (baseline; plain_again is the A/A row)
+  stagetrace          stage level (events from the generate loop, outside the graph)
+  stagetrace_layers   plus stamps around every decoder layer inside the graph
+Wall overhead is paired per repetition; the GPU-side cost of the stamps is also read off
+the traced runs' own decode-step times (layers vs stage level), which host noise does not touch.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import environment, save, table  # noqa: E402
+
+
+def stamp_cost(cuda: bool, n: int, replays: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from stagetrace.low_level import _C
+    from stagetrace.low_level import graph_stamps as gs
+
+    device = torch.device("cuda" if cuda else "cpu")
+    ring = gs.ring_for(device)
+    rid = gs.ring_id(ring)
+    op = torch.ops.stagetrace.stamp.default
+    x = torch.zeros(1, 1, 2048, dtype=torch.bfloat16, device=device)
+    out: dict[str, Any] = {"n": n, "tensor": "1x1x2048 bf16"}
+
+    # Host cost of one eager stamp through the op (what a capture pays once, per stamp).
+    stream = torch.cuda.current_stream().cuda_stream if cuda else 0
+    ring.reset(stream)
+    for _ in range(50):
+        op(x, rid, 1)
+    if cuda:
+        torch.cuda.synchronize()
+    ring.reset(stream)
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        op(x, rid, 1)
+    out["host_us_per_eager_op"] = (time.perf_counter_ns() - t0) / 1e3 / n
+    if cuda:
+        torch.cuda.synchronize()
+        ring.reset(stream)
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            ring.stamp(1, stream)
+        out["host_us_per_calibration_stamp"] = (time.perf_counter_ns() - t0) / 1e3 / n
+        torch.cuda.synchronize()
+    if not cuda:
+        return out
+
+    def graph_of(body: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            body(x)  # warm-up outside capture
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            body(x)
+        return g
+
+    def chain(k: int, f: Callable[[torch.Tensor, int], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def body(y: torch.Tensor) -> torch.Tensor:
+            for i in range(k):
+                y = f(y, i)
+            return y
+        return body
+
+    graphs = {"stamps": graph_of(chain(n, lambda y, i: op(y, rid, i & 0xFF))),
+              "copies": graph_of(chain(n, lambda y, i: y.clone())),
+              "one_copy": graph_of(chain(1, lambda y, i: y.clone()))}
+
+    def replay_us(g: Any) -> float:
+        times = []
+        for _ in range(replays):
+            ring.reset(torch.cuda.current_stream().cuda_stream)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3)
+        return statistics.median(times)
+
+    for g in graphs.values():  # warm replays (clocks up)
+        replay_us(g)
+    t = {k: replay_us(g) for k, g in graphs.items()}
+    out["graph_replay_us"] = t
+    out["gpu_us_per_stamp"] = (t["stamps"] - t["one_copy"]) / (n - 1)
+    out["gpu_us_per_plain_copy"] = (t["copies"] - t["one_copy"]) / (n - 1)
+    out["globaltimer_resolution_ns"] = int(_C.globaltimer_resolution_ns(torch.cuda.current_device()))
+    replay_us(graphs["stamps"])  # last: its stamps are what the ring holds now
+    labels, t_ns, dropped = ring.read(torch.cuda.current_stream().cuda_stream)
+    out["stamps_read_back"] = {"count": len(labels), "dropped": int(dropped),
+                               "in_order": bool((labels == (np.arange(n) & 0xFF)).all()) if len(labels) == n else False}
+    return out
+
+
+def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int) -> dict[str, Any]:
+    import torch
+
+    import stagetrace
+
+    model = case.model
+    model.generation_config.cache_implementation = "static"
+    kw = dict(case.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              **case.generate_kwargs)
+    if not cuda:
+        from transformers import CompileConfig
+
+        cc = CompileConfig(backend="eager", mode=None)
+        cc._compile_all_devices = True
+        kw["compile_config"] = cc
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn: Callable[[], Any]) -> float:
+        gc.disable()
+        try:
+            sync()
+            t0 = time.perf_counter_ns()
+            fn()
+            sync()
+            return (time.perf_counter_ns() - t0) / 1e6
+        finally:
+            gc.enable()
+
+    tracers = {"stagetrace": stagetrace.trace(model, keep_marks=False),
+               "stagetrace_layers": stagetrace.trace(model, layer_detail="all", keep_marks=False)}
+    outputs: dict[str, Any] = {}
+
+    def method(m: str) -> Callable[[], dict]:
+        def run() -> dict:
+            tr = tracers.get(m)
+            if tr is None:
+                res: dict[str, Any] = {}
+                wall = timed(lambda: res.setdefault("out", model.generate(**kw)))
+                outputs.setdefault(m, res["out"].cpu())
+                return {"wall_ms": wall}
+            with tr:
+                res = {}
+                wall = timed(lambda: res.setdefault("out", model.generate(**kw)))
+            outputs.setdefault(m, res["out"].cpu())
+            rec = tr.records[-1]
+            tr.clear()
+            return {"wall_ms": wall, "record": rec.to_dict()}
+        return run
+
+    names = ["plain", "stagetrace", "stagetrace_layers", "plain_again"]
+    methods = {m: method(m) for m in names}
+    t_compile = time.perf_counter()
+    for _ in range(warmup):
+        for fn in methods.values():
+            fn()
+    compile_and_warmup_s = time.perf_counter() - t_compile
+    samples: dict[str, list[dict]] = {m: [] for m in names}
+    for rep in range(reps):
+        gc.collect()
+        for m in names[rep % len(names):] + names[: rep % len(names)]:
+            samples[m].append(methods[m]())
+    same_tokens = {m: bool(torch.equal(outputs[m], outputs["plain"])) for m in names}
+    plain = [s["wall_ms"] for s in samples["plain"]]
+    base = statistics.median(plain)
+    summary: dict[str, Any] = {}
+    for m, ss in samples.items():
+        walls = [s["wall_ms"] for s in ss]
+        row: dict[str, Any] = {"median_ms": statistics.median(walls),
+                               "paired_overhead_pct": statistics.median(
+                                   100 * (w - p) / p for w, p in zip(walls, plain)),
+                               "walls_ms": walls}
+        recs = [s["record"] for s in ss if "record" in s]
+        if recs:
+            errors = [r["error"] for r in recs if r["error"]]
+            row["errors"] = errors
+            ok = [r for r in recs if not r["error"]]
+            row["compiled_decode"] = all(r["compiled_decode"] for r in ok)
+            row["n_marks"] = ok[0]["n_marks"] if ok else 0
+            row["decode_step_median_ms"] = statistics.median(x for r in ok for x in r["decode_step_ms"])
+            row["prefill_median_ms"] = statistics.median(r["prefill_ms"] for r in ok)
+            row["resolve_ms"] = statistics.median(r["resolve_ms"] for r in ok)
+        summary[m] = row
+    layers = len(getattr(tracers["stagetrace"].layout, "layers"))
+    step_stage = summary["stagetrace"]["decode_step_median_ms"]
+    step_layers = summary["stagetrace_layers"]["decode_step_median_ms"]
+    return {"config": name, "methods": summary, "same_tokens": same_tokens,
+            "compile_and_warmup_s": compile_and_warmup_s,
+            "stamps_per_step": 2 * layers,
+            "gpu_step_cost_of_stamps_ms": step_layers - step_stage,
+            "gpu_us_per_stamp_in_decode": 1e3 * (step_layers - step_stage) / (2 * layers),
+            "plain_spread_p10_p90_pct": 100 * (_q(plain, 0.9) - _q(plain, 0.1)) / base,
+            "params": {"reps": reps, "warmup": warmup, "new_tokens": new_tokens,
+                       "batch": case.inputs["input_ids"].shape[0], "prompt_len": case.prompt_len}}
+
+
+def _q(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu-tiny", action="store_true", help="tiny Llama on the CPU (smoke run; CPU figures)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--stamps", type=int, default=1000, help="stamps in the chained graph of part 1")
+    ap.add_argument("--configs", default="llama_b1,llava_b1")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from stagetrace import tiny
+
+    cuda = torch.cuda.is_available() and not args.cpu_tiny
+    env = environment()
+    name = "compiled" if cuda else "compiled-cpu-tiny"
+    payload: dict[str, Any] = {
+        "benchmark": "compiled", "env": env, "device": "cuda" if cuda else "cpu",
+        "models": ("realistic Llama (22 layers, 2048 wide, bf16, random weights) and LLaVA (CLIP-L/336 + that "
+                   "Llama); static cache, transformers' own compile (inductor, reduce-overhead)") if cuda
+        else "tiny random-weight Llama on the CPU, dynamo eager backend (smoke run)",
+        "params": {k: v for k, v in vars(args).items() if k != "out"}, "results": []}
+    payload["stamp_cost"] = stamp_cost(cuda, args.stamps, replays=20)
+    save(name, payload, args.out)
+    for cfg in args.configs.split(","):
+        family, batch = cfg.rsplit("_b", 1)
+        if cuda:
+            case = tiny.llava_realistic(batch=int(batch)) if family == "llava" else tiny.llama_realistic(
+                batch=int(batch))
+        else:
+            case = tiny.build(family, batch=int(batch))
+        case.model.eval()
+        payload["results"].append(decode_overhead(cfg, case, cuda, args.reps, args.warmup, args.new_tokens))
+        path = save(name, payload, args.out)  # survives a cut-off
+        del case
+        if cuda:
+            torch.cuda.empty_cache()
+            torch._dynamo.reset()
+
+    sc = payload["stamp_cost"]
+    print(f"stamps on {env['card']}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in sc.items() if not isinstance(v, dict)))
+    for r in payload["results"]:
+        print(f"\n{r['config']}: same tokens as plain {r['same_tokens']}, stamps/step {r['stamps_per_step']}, "
+              f"GPU cost of stamps per step {r['gpu_step_cost_of_stamps_ms'] * 1e3:.1f} µs "
+              f"({r['gpu_us_per_stamp_in_decode']:.2f} µs/stamp), plain p10-p90 {r['plain_spread_p10_p90_pct']:.2f}%")
+        rows = [[m, v["median_ms"], v["paired_overhead_pct"], v.get("decode_step_median_ms", ""),
+                 v.get("n_marks", ""), len(v.get("errors", []))] for m, v in r["methods"].items()]
+        print(table(rows, ["method", "median ms", "paired %", "step ms", "marks", "errors"]))
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""GPU-side stamps (``torch.ops.stagetrace.stamp``): marks that live inside compiled graphs.
+
+The op, its fake-tensor behaviour and the merge arithmetic are checked on the CPU twin;
+what only a GPU can show (capture into a CUDA graph, %globaltimer against known work)
+is checked by the ``gpu`` tests at the end, written once per behaviour.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import stagetrace
+from stagetrace import tiny
+from stagetrace.labels import Kind, label
+from stagetrace.low_level import Marks
+from stagetrace.low_level import graph_stamps as gs
+from stagetrace.tracer import TracingError
+
+from conftest import DEVICES, sync
+from helpers import assert_partition, build_on, gen_kwargs, hook_state, tokens
+
+DECODE, LB0, LE0 = label(Kind.DECODE_FORWARD), label(Kind.LAYER_BEGIN, 0), label(Kind.LAYER_END, 0)
+
+
+def _ring(device: str):
+    ring = gs.ring_for(torch.device(device))
+    ring.reset(0)
+    return ring, gs.ring_id(ring)
+
+
+# ---------------------------------------------------------------- the op
+def test_the_op_is_registered_with_a_schema_fake_kernel_and_autograd_that_torch_accepts():
+    _, rid = _ring("cpu")
+    result = torch.library.opcheck(torch.ops.stagetrace.stamp.default, (torch.randn(2, 3), rid, 7))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_under_fake_tensors_the_op_only_describes_its_output():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ring, rid = _ring("cpu")
+    with FakeTensorMode():
+        x = torch.empty(4, 1, 8, dtype=torch.bfloat16)
+        y = torch.ops.stagetrace.stamp.default(x, rid, 3)
+        assert (y.shape, y.dtype, y.stride()) == (x.shape, x.dtype, x.stride())
+    assert len(ring.read(0)[0]) == 0, "a fake call must not stamp"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_op_returns_a_copy_and_stamps_in_call_order(device):
+    ring, rid = _ring(device)
+    x = torch.arange(12.0, device=device).reshape(3, 4)
+    ys = [torch.ops.stagetrace.stamp.default(x, rid, lab) for lab in (5, 6, 7)]
+    ts = torch.ops.stagetrace.stamp.default(x.t(), rid, 8)  # non-contiguous: stamp, then copy
+    sync(device)
+    assert all(torch.equal(y, x) and y.data_ptr() != x.data_ptr() for y in ys) and torch.equal(ts, x.t())
+    labels, t_ns, dropped = ring.read(0 if device == "cpu" else torch.cuda.current_stream().cuda_stream)
+    assert labels.tolist() == [5, 6, 7, 8] and dropped == 0
+    assert np.all(np.diff(t_ns) >= 0)
+
+
+def test_a_full_ring_counts_drops_and_never_overwrites():
+    ring = gs.HostStampRing(capacity=3)
+    for lab in range(5):
+        ring.stamp(lab)
+    labels, _, dropped = ring.read()
+    assert labels.tolist() == [0, 1, 2] and dropped == 2
+
+
+def test_a_device_without_stamps_says_why():
+    assert gs.stamps_available("cpu") is None
+    assert "no GPU-side stamps" in gs.stamps_available("mps")
+
+
+# ---------------------------------------------------------------- merging stamps into the timeline
+def _marks(labels, device_ns):
+    n = len(labels)
+    return Marks(np.asarray(labels, np.int32), np.asarray(device_ns, np.int64), np.arange(n, dtype=np.int64) + 100,
+                 np.zeros(n, np.int64), "cuda")
+
+
+def test_each_steps_stamps_are_placed_from_its_own_calibration_stamp():
+    begin, end = label(Kind.CALL_BEGIN), label(Kind.CALL_END)
+    marks = _marks([begin, DECODE, DECODE, end], [0, 1_000, 5_000, 9_000])
+    # the stamp clock is far off and runs from another origin; only differences within a step count
+    stamps = [DECODE, LB0, LE0, DECODE, LB0, LE0]
+    t = [7_000_000, 7_000_100, 7_002_000, 8_000_000, 8_000_050, 8_003_000]
+    merged = gs.merge_stamps(marks, stamps, t, DECODE, dropped=0)
+    assert merged.labels.tolist() == [begin, DECODE, LB0, LE0, DECODE, LB0, LE0, end]
+    assert merged.device_ns.tolist() == [0, 1_000, 1_100, 3_000, 5_000, 5_050, 8_000, 9_000]
+    assert merged.host_ns.tolist()[2:4] == [101, 101]  # issued with their step
+
+
+def test_a_stamp_past_the_next_event_is_held_at_it():
+    marks = _marks([label(Kind.CALL_BEGIN), DECODE, label(Kind.CALL_END)], [0, 1_000, 2_000])
+    merged = gs.merge_stamps(marks, [DECODE, LB0, LE0], [0, 500, 1_500], DECODE)
+    assert merged.device_ns.tolist() == [0, 1_000, 1_500, 2_000, 2_000]
+
+
+@pytest.mark.parametrize("stamps,match", [
+    ([DECODE, LB0], "1 calibration stamps for 2 step events"),
+    ([LB0, DECODE, DECODE], "before the first calibration stamp"),
+])
+def test_stamps_that_do_not_line_up_with_the_events_are_refused(stamps, match):
+    marks = _marks([label(Kind.CALL_BEGIN), DECODE, DECODE, label(Kind.CALL_END)], [0, 1, 2, 3])
+    with pytest.raises(gs.StampMergeError, match=match):
+        gs.merge_stamps(marks, stamps, np.arange(len(stamps)), DECODE)
+
+
+def test_drops_in_the_ring_fail_the_record_like_drops_in_the_timeline():
+    marks = _marks([label(Kind.CALL_BEGIN), DECODE, label(Kind.CALL_END)], [0, 1, 2])
+    assert gs.merge_stamps(marks, [DECODE], [0], DECODE, dropped=4).dropped == 4
+
+
+# ---------------------------------------------------------------- layer detail in compiled decode
+def _static_compiled(case, device: str):
+    """A static cache: generate() compiles the decode step itself (CUDA graphs on a GPU)."""
+    from transformers import CompileConfig
+
+    case.model.generation_config.cache_implementation = "static"
+    if device == "cuda":
+        return {}  # transformers' default: inductor, mode="reduce-overhead"
+    config = CompileConfig(backend="eager", mode=None)
+    config._compile_all_devices = True  # what a CUDA device gets by default
+    return {"compile_config": config}
+
+
+def _dynamo_state() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {"frames": counters["frames"].get("ok", 0), "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["llama", "llava"])
+def test_layer_detail_in_compiled_decode_stamps_every_layer_of_every_step(family, device):
+    import torch._dynamo
+
+    case = build_on(family, device)
+    kw = gen_kwargs(case, 5, **_static_compiled(case, device))
+    torch._dynamo.reset()
+    plain = tokens(case.model.generate(**kw))
+    hooks = hook_state(case.model)
+    with stagetrace.trace(case.model, layer_detail="all") as tracer:
+        assert torch.equal(tokens(case.model.generate(**kw)), plain)  # compiles the stamped variant once
+        settled = _dynamo_state()
+        for _ in range(2):
+            assert torch.equal(tokens(case.model.generate(**kw)), plain), "stamps changed the tokens"
+    assert _dynamo_state() == settled, "stamped decode recompiled after its first call"
+    assert settled["graph_breaks"] == 0 and settled["cudagraph_skips"] == 0, settled
+    assert hook_state(case.model) == hooks
+    assert torch.equal(tokens(case.model.generate(**kw)), plain)  # untraced again
+    for rec in tracer.records:
+        assert_partition(rec)
+        assert rec.compiled_decode and len(rec.decode_step_ms) == 4
+        steps = [s for s in rec.spans if s.name.startswith("step ")]
+        layers = [s for s in rec.spans if s.name.startswith("layer")]
+        assert len(layers) == 2 * 5  # two layers in the prefill and in each of 4 steps
+        for step in steps:
+            inside = [s for s in layers if step.start_ns <= s.start_ns and s.end_ns <= step.end_ns]
+            assert [s.name for s in inside] == ["layer 0", "layer 1"], (step, inside)
+            assert inside[0].end_ns <= inside[1].start_ns
+
+
+def test_layer_detail_in_compiled_decode_is_refused_where_there_are_no_stamps(monkeypatch):
+    case = tiny.build("llama")
+    kw = gen_kwargs(case, 3, **_static_compiled(case, "cpu"))
+    monkeypatch.setattr(gs, "stamps_available", lambda device_type: "built without stamps (test)")
+    with stagetrace.trace(case.model, layer_detail="all") as tracer:
+        with pytest.raises(TracingError, match="need GPU-side stamps: built without stamps.*layer_detail='prefill'"):
+            case.model.generate(**kw)
+        case.model.generate(**kw, disable_compile=True)  # eager: events, no stamps needed
+    (rec,) = tracer.records
+    assert_partition(rec)
+    assert not rec.compiled_decode
+
+
+# ---------------------------------------------------------------- what only a GPU shows
+@pytest.mark.gpu
+def test_stamps_captured_in_a_cuda_graph_time_known_work_on_every_replay():
+    from stagetrace.low_level.reference import spin_cycles_per_us
+
+    ring, rid = _ring("cuda")
+    cycles_per_us = spin_cycles_per_us()
+    stream = torch.cuda.Stream()
+    x = torch.zeros(1024, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            y = torch.ops.stagetrace.stamp.default(x, rid, 1)
+            torch.cuda._sleep(int(500 * cycles_per_us))
+            y = torch.ops.stagetrace.stamp.default(y, rid, 2)
+            torch.cuda._sleep(int(2000 * cycles_per_us))
+            y = torch.ops.stagetrace.stamp.default(y, rid, 3)
+        ring.reset(stream.cuda_stream)
+        for _ in range(3):
+            graph.replay()
+    labels, t_ns, dropped = ring.read(stream.cuda_stream)
+    assert labels.tolist() == [1, 2, 3] * 3 and dropped == 0
+    gaps_us = np.diff(t_ns.reshape(3, 3), axis=1) / 1e3
+    assert np.all(np.abs(gaps_us[:, 0] - 500) <= 0.02 * 500 + 5), gaps_us
+    assert np.all(np.abs(gaps_us[:, 1] - 2000) <= 0.02 * 2000 + 5), gaps_us
+    assert np.all(t_ns[3::3] > t_ns[2:-1:3]), "each replay stamps after the one before"
+
+
+@pytest.mark.gpu
+def test_globaltimer_ticks_finely_enough_for_layer_stamps():
+    from stagetrace.low_level import _C
+
+    resolution_ns = _C.globaltimer_resolution_ns(torch.cuda.current_device())
+    assert 0 < resolution_ns <= 1_000, resolution_ns
