@@ -66,6 +66,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("chunk") = 4096, py::arg("max_marks") = -1);
   def_common<CudaTimeline>(cuda);
   cuda.def("bind_stream", &CudaTimeline::bind_stream, py::arg("stream"))
+      .def("synchronize_device", &CudaTimeline::synchronize_device)
       .def_property_readonly("bound_stream", &CudaTimeline::bound_stream)
       .def_property_readonly("device", &CudaTimeline::device)
       .def_property_readonly("backend", [](const CudaTimeline&) { return "cuda"; });

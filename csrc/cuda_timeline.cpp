@@ -75,6 +75,11 @@ bool CudaTimeline::grow_device_slots(int64_t new_capacity) {
   }
 }
 
+void CudaTimeline::synchronize_device() {
+  DeviceGuard guard(device_);
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
+
 void CudaTimeline::bind_stream(int64_t stream) {
   if (stream < 0) throw std::invalid_argument("stream handle must be >= 0, got " + std::to_string(stream));
   if (stream != 0) {

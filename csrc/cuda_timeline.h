@@ -19,6 +19,8 @@ class CudaTimeline : public TimelineBase {
   void bind_stream(int64_t stream);
   int64_t bound_stream() const { return stream_; }
   int device() const { return device_; }
+  // Waits until every stream of this timeline's device is idle (calibration, off the hot path).
+  void synchronize_device();
 
   void mark(int32_t label);
   void mark_on(int32_t label, int64_t stream);

@@ -59,6 +59,8 @@ class StageRecord:
     layer_detail: str = "off"
     compiled_decode: bool = False  # generate() compiled the decode step; steps were marked outside the graph
     stream: int = 0          # handle of the stream the call's marks were recorded on
+    devices: list[str] = field(default_factory=list)  # every GPU of a model split over several, `device` first
+    device_streams: list[int] = field(default_factory=list)  # the stream marked on each of `devices`
     rank: int = 0            # torchrun rank (RANK) of the process that made the record
     host_start_ns: int = 0   # time.monotonic_ns() when the call's first mark was issued
     unix_start: float = 0.0  # wall clock (time.time()) at that same moment: aligns calls, ranks
@@ -94,6 +96,8 @@ class StageRecord:
     def to_dict(self, spans: bool = False) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _IN_MEMORY}
         d["versions"] = dict(self.versions)
+        d["devices"] = list(self.devices)
+        d["device_streams"] = list(self.device_streams)
         d["decode_step_ms"] = list(self.decode_step_ms)
         d["tpot_ms"] = self.tpot_ms
         if spans:

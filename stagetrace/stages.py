@@ -33,6 +33,7 @@ class Span:
     start_ns: int
     end_ns: int
     depth: int  # 0 call, 1 stage, 2 step or prefill layer, 3 layer inside a step
+    device: str | None = None  # the GPU whose work it is, when the model is split over several
 
     @property
     def dur_ns(self) -> int:

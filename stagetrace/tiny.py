@@ -511,3 +511,36 @@ def save_tiny_checkpoint(path: str, family: str = "llava") -> str:
                           num_additional_image_tokens=1)
     proc.save_pretrained(path)
     return path
+
+
+def split_over_gpus(model: torch.nn.Module, devices: tuple[str, str] = ("cuda:0", "cuda:1")) -> torch.nn.Module:
+    """``accelerate.dispatch_model`` the way a ``device_map`` splits a model that does not fit one card.
+
+    Vision, embeddings and the first half of the decoder layers on ``devices[0]``; the
+    second half, the final norm and the lm_head on ``devices[1]``. Returns the model.
+    """
+    from accelerate import dispatch_model
+
+    from .layouts import get_module, resolve_layout
+
+    lay = resolve_layout(model)
+    names = [n for n, _ in lay.layers]
+    second = set(names[len(names) // 2:]) | {lay.lm_head[0]}
+    norm = f"{lay.language_model[0]}.norm"
+    if get_module(model, norm) is not None:
+        second.add(norm)
+    device_map: dict[str, str] = {}
+
+    def assign(path: str, module: torch.nn.Module) -> None:
+        if path in second:
+            device_map[path] = devices[1]
+        elif not any(s.startswith(f"{path}.") or not path for s in second):
+            device_map[path] = devices[0]
+        else:  # holds modules of both halves: its own tensors on the first card, then each child
+            for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                device_map[f"{path}.{n}" if path else n] = devices[0]
+            for n, child in module.named_children():
+                assign(f"{path}.{n}" if path else n, child)
+
+    assign("", model)
+    return dispatch_model(model, device_map=device_map)

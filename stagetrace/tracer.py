@@ -13,6 +13,7 @@ What must stay true:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -160,6 +161,7 @@ class Tracer:
         # A caller-given timeline (e.g. a reference clock in benchmarks) replaces the native one.
         self._timeline: Timeline | None = timeline
         self._device = torch.device("cpu")
+        self._devices: list[torch.device] = []  # several when the model is split over GPUs
         self._call: _Call | None = None
         self._active = False
 
@@ -179,9 +181,15 @@ class Tracer:
         if other is not None:
             raise TracingError(f"{type(self.model).__name__} is already being traced by another stagetrace "
                                "tracer: stop it before starting a new one (nested tracing is not supported)")
-        self._device = self._model_device()
+        self._device, self._devices = self._model_devices()
         if self._timeline is None:
-            self._timeline = new_timeline(self._device.type, self._device.index or 0, capacity=self._capacity)
+            if len(self._devices) > 1:
+                from .low_level.multi_device import MultiDeviceTimeline
+
+                self._timeline = MultiDeviceTimeline([new_timeline("cuda", d.index or 0, capacity=self._capacity)
+                                                      for d in self._devices])
+            else:
+                self._timeline = new_timeline(self._device.type, self._device.index or 0, capacity=self._capacity)
         if self._jsonl_path is not None and self._writer is None:
             self._writer = JsonlWriter(self._jsonl_path)
         try:
@@ -229,12 +237,20 @@ class Tracer:
         finally:
             self.sample_id = previous
 
-    def _model_device(self) -> torch.device:
+    def _model_devices(self) -> tuple[torch.device, list[torch.device]]:
+        """The device generate() starts on (the input embeddings'), then every device, it first."""
         devices = {p.device for p in self.model.parameters()}
-        if len(devices) > 1:
-            raise TracingError(f"the model's parameters are spread over {sorted(map(str, devices))}; "
-                               "tracing a model split over devices is not supported yet")
-        return next(iter(devices)) if devices else torch.device("cpu")
+        if len(devices) <= 1:
+            device = next(iter(devices)) if devices else torch.device("cpu")
+            return device, [device]
+        if any(d.type != "cuda" for d in devices):
+            raise TracingError(f"the model's parameters are spread over {sorted(map(str, devices))}; a model "
+                               "split over several GPUs is traced, but not one offloaded to the CPU or disk")
+        primary = next(iter(devices))
+        embeddings = getattr(self.model, "get_input_embeddings", lambda: None)()
+        if isinstance(embeddings, nn.Module):
+            primary = next(embeddings.parameters(), torch.empty(0, device=primary)).device
+        return primary, [primary] + sorted(devices - {primary}, key=lambda d: d.index or 0)
 
     # ------------------------------------------------------------------ hooks
     def _install(self) -> None:
@@ -326,6 +342,8 @@ class Tracer:
                                "trace the eager model")
 
     def _unvalidated_compile(self) -> str | None:
+        if len(self._devices) > 1:
+            return f"the model is split over {len(self._devices)} GPUs, which compiled tracing does not support"
         if self._device.type in COMPILED_DECODE_VALIDATED_ON:
             return None
         return f"tracing compiled code is not yet validated on {self._device.type} (CUDA graphs)"
@@ -472,9 +490,13 @@ class Tracer:
             batch = int(prompt.shape[0]) if isinstance(prompt, torch.Tensor) and prompt.dim() >= 1 else 1
             cache0 = _cache_len(kwargs.get("past_key_values", kwargs.get("cache")))
             tl.reset()
-            if self._device.type == "cuda" and hasattr(tl, "bind_stream"):
+            if self._device.type == "cuda":
                 self._stream = torch.cuda.current_stream(self._device).cuda_stream
-                tl.bind_stream(self._stream)  # type: ignore[attr-defined]
+                if hasattr(tl, "bind_streams"):  # a model split over GPUs: each device's current stream
+                    tl.bind_streams([torch.cuda.current_stream(d).cuda_stream for d in self._devices])
+                    tl.calibrate()  # before the call: never a sync inside it
+                elif hasattr(tl, "bind_stream"):
+                    tl.bind_stream(self._stream)  # type: ignore[attr-defined]
             if self.layer_detail == "all" and callable(getattr(self.model, "_valid_auto_compile_criteria", None)):
                 self._prepare_ring()
             self._call = _Call(prompt_len=prompt_len, fed=cache0)
@@ -540,7 +562,9 @@ class Tracer:
                     device=str(self._device), backend=marks.backend, layout=self.layout.name,
                     layer_detail=self.layer_detail, stream=int(marks.streams[0]), rank=self.rank,
                     host_start_ns=int(marks.host_ns[0]), unix_start=unix_start, unix_time=time.time(),
-                    versions=_versions(), n_marks=len(marks), resolve_ms=resolve_ms, compiled_decode=compiled)
+                    versions=_versions(), n_marks=len(marks), resolve_ms=resolve_ms, compiled_decode=compiled,
+                    devices=[str(d) for d in self._devices] if len(self._devices) > 1 else [],
+                    device_streams=[tl.bound_stream for tl in getattr(self._timeline, "timelines", [])])
         if stamp_error:
             rec = StageRecord.failed(stamp_error, **meta)
         elif marks.dropped:
@@ -554,11 +578,32 @@ class Tracer:
         if rec.error:
             warnings.warn(f"stagetrace: call {rec.call_index} was not timed: {rec.error}", RuntimeWarning,
                           stacklevel=3)
+        if len(self._devices) > 1 and rec.spans:
+            rec.spans = self._place_spans_on_devices(rec.spans)
         if self.keep_marks:
             rec.marks = marks
         self.records.append(rec)
         if self._writer is not None:
             self._writer.write(rec)
+
+    def _place_spans_on_devices(self, spans: list[Any]) -> list[Any]:
+        """Layers and vision on the GPU holding their weights; the call and its stages on the
+        GPU generate() starts on (they span every device)."""
+        def device_of(module: nn.Module) -> str:
+            return str(next(module.parameters(), torch.empty(0, device=self._device)).device)
+
+        layer_devices = [device_of(m) for _, m in self.layout.layers]
+        vision_device = device_of(self.layout.vision[0][1]) if self.layout.vision else str(self._device)
+        out = []
+        for s in spans:
+            if s.name.startswith("layer "):
+                device = layer_devices[int(s.name.split()[1])]
+            elif s.name == "vision":
+                device = vision_device
+            else:
+                device = str(self._device)
+            out.append(dataclasses.replace(s, device=device))
+        return out
 
     # ------------------------------------------------------------------ outputs
     def save_jsonl(self, path: str | Path, spans: bool = False) -> Path:

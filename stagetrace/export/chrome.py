@@ -2,7 +2,8 @@
 
 Layout: one process per rank; in it one track per GPU device/stream with the stages of
 every call as nested complete ('X') events (generate ▸ vision / prefill / decode ▸ step i
-▸ layer j), and one host track with the same stages on the host clock: when the host
+▸ layer j) — for a model split over GPUs, layers and vision on the track of the GPU that
+holds them, the call and its stages on the GPU generate() starts on — and one host track with the same stages on the host clock: when the host
 *issued* each boundary's mark, so a reader sees how far the host ran ahead of the GPU.
 
 Placement on one clock: each call's device times are relative to its first mark. That
@@ -17,7 +18,7 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..records import StageRecord
 from ..stages import Span
@@ -31,10 +32,18 @@ def _us(ns: int) -> float:
     return round(ns / 1e3, 3)
 
 
-def _gpu_track_name(rec: StageRecord) -> str:
+def _gpu_track_name(rec: StageRecord, device: str, stream: int) -> str:
     if rec.backend == "cpu":
-        return f"device timeline: {rec.device} (host clock, CPU backend)"
-    return f"GPU {rec.device} stream {rec.stream:#x}"
+        return f"device timeline: {device} (host clock, CPU backend)"
+    return f"GPU {device} stream {stream:#x}"
+
+
+def _track_of(rec: StageRecord, span: Span) -> tuple[str, int]:
+    """(device, stream) of a span: its own GPU when the model is split over several."""
+    if span.device is None or span.device == rec.device or span.device not in rec.devices:
+        return rec.device, rec.stream
+    i = rec.devices.index(span.device)
+    return span.device, rec.device_streams[i] if i < len(rec.device_streams) else 0
 
 
 def _call_args(rec: StageRecord) -> dict[str, Any]:
@@ -44,7 +53,8 @@ def _call_args(rec: StageRecord) -> dict[str, Any]:
             "decode_ms": rec.decode_ms, "other_ms": rec.other_ms, "ttft_ms": rec.ttft_ms, "tpot_ms": rec.tpot_ms}
 
 
-def _span_events(spans: list[Span], rec: StageRecord, base_us: float, pid: int, tid: int, host: bool) -> list[dict]:
+def _span_events(spans: list[Span], rec: StageRecord, base_us: float, pid: int, tid: int | Callable[[Span], int],
+                 host: bool) -> list[dict]:
     events = []
     for s in spans:
         if s.depth == 0:
@@ -56,7 +66,7 @@ def _span_events(spans: list[Span], rec: StageRecord, base_us: float, pid: int, 
         name = s.name if not host else f"{s.name} (issued)"
         cat = "host" if host else ("layer" if s.name.startswith("layer") else "stage")
         events.append({"name": name, "cat": cat, "ph": "X", "ts": round(base_us + _us(s.start_ns), 3),
-                       "dur": _us(s.dur_ns), "pid": pid, "tid": tid, "args": args})
+                       "dur": _us(s.dur_ns), "pid": pid, "tid": tid(s) if callable(tid) else tid, "args": args})
     return events
 
 
@@ -67,12 +77,17 @@ def chrome_trace(records: Iterable[StageRecord], rank: int | None = None,
     origin = origin_unix if origin_unix is not None else min((r.unix_start for r in recs), default=0.0)
     pid = rank if rank is not None else (recs[0].rank if recs else 0)
     tids: dict[tuple[str, int], int] = {}
+    names: dict[int, str] = {}
     events: list[dict] = []
     for rec in recs:
-        key = (rec.device, rec.stream)
-        tid = tids.setdefault(key, len(tids) + 1)
+        def tid_of(span: Span, rec: StageRecord = rec) -> int:
+            device, stream = _track_of(rec, span)
+            tid = tids.setdefault((device, stream), len(tids) + 1)
+            names.setdefault(tid, _gpu_track_name(rec, device, stream))
+            return tid
+
         base_us = (rec.unix_start - origin) * 1e6
-        events += _span_events(rec.spans, rec, base_us, pid, tid, host=False)
+        events += _span_events(rec.spans, rec, base_us, pid, tid_of, host=False)
         events += _span_events(rec.host_spans(), rec, base_us, pid, HOST_TID, host=True)
     meta: list[dict] = [
         {"name": "process_name", "ph": "M", "pid": pid, "tid": HOST_TID, "args": {"name": f"stagetrace rank {pid}"}},
@@ -80,10 +95,8 @@ def chrome_trace(records: Iterable[StageRecord], rank: int | None = None,
         {"name": "thread_name", "ph": "M", "pid": pid, "tid": HOST_TID, "args": {"name": "host: marks issued"}},
         {"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": HOST_TID, "args": {"sort_index": 1000}},
     ]
-    for (device, stream), tid in tids.items():
-        sample = next(r for r in recs if (r.device, r.stream) == (device, stream))
-        meta.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
-                     "args": {"name": _gpu_track_name(sample)}})
+    for tid, name in names.items():
+        meta.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": name}})
         meta.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
     from .. import __version__
 

@@ -1,0 +1,203 @@
+"""A model split over several GPUs: every mark on every device, one clock from a calibration.
+
+The arithmetic is checked on synthetic clocks; the ``gpu`` tests at the end need two GPUs
+(they skip with the reason otherwise) and check known cross-device work and a real split.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import stagetrace
+from stagetrace.export.chrome import chrome_trace
+from stagetrace.labels import Kind, label
+from stagetrace.low_level.multi_device import MultiDeviceTimeline, place_on_one_clock
+from stagetrace.low_level.pytimeline import TimelineError
+from stagetrace.records import StageRecord
+from stagetrace.stages import Span
+
+from helpers import assert_partition, gen_kwargs, tokens
+
+L = [label(Kind.CALL_BEGIN), label(Kind.PREFILL_FORWARD), label(Kind.LM_BEGIN), label(Kind.CALL_END)]
+
+
+def _cols(device_ns, host0, stream=7):
+    n = len(device_ns)
+    return (np.asarray(L[:n], np.int32), np.asarray(device_ns, np.int64),
+            host0 + np.arange(n, dtype=np.int64) * 10, np.full(n, stream, np.int64))
+
+
+def test_each_mark_takes_the_latest_device_on_the_shared_clock():
+    # device 0 works 1 ms then hands over; device 1 idles, then works 2 ms
+    dev0 = _cols([0, 1_000_000, 1_000_000, 1_000_000], host0=5_000)
+    dev1 = _cols([0, 10, 1_000_500, 3_000_500], host0=6_300)  # issued 1.3 µs later: its origin is later
+    (labels, t, host, streams), which = place_on_one_clock([dev0, dev1])
+    assert labels.tolist() == L
+    assert which.tolist() == [1, 0, 1, 1]
+    assert t.tolist() == [0, 1_000_000 + 5_000 - 6_300, 1_000_500, 3_000_500]
+    assert np.all(np.diff(t) >= 0), "latest-of-monotone stays monotone: stages still partition"
+    assert host.tolist() == dev0[2].tolist() and streams.tolist() == [7] * 4
+
+
+def test_devices_that_saw_different_marks_are_an_error():
+    with pytest.raises(TimelineError, match="device 1 holds 3 marks and device 0 holds 4"):
+        place_on_one_clock([_cols([0, 1, 2, 3], 0), _cols([0, 1, 2], 0)])
+
+
+class _FakeDeviceTimeline:
+    """A device timeline on a synthetic clock that starts ``lag_ns`` behind the host."""
+
+    def __init__(self, device, busy_ns):
+        self.device, self.busy_ns = device, busy_ns
+        self.calls: list[str] = []
+        self.labels: list[int] = []
+        self.dropped = 0
+        self.bound_stream = 0
+
+    def mark(self, lab):
+        self.labels.append(lab)
+
+    def bind_stream(self, s):
+        self.bound_stream = s
+        self.calls.append(f"bind {s}")
+
+    def synchronize_device(self):
+        self.calls.append("sync")
+
+    def reset(self):
+        self.labels.clear()
+        self.calls.append("reset")
+
+    def resolve(self):
+        n = len(self.labels)
+        return (np.asarray(self.labels, np.int32), np.arange(n, dtype=np.int64) * self.busy_ns,
+                np.full(n, 1_000, np.int64), np.full(n, self.bound_stream, np.int64))
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def test_the_multi_device_timeline_marks_every_device_and_calibrates_before_the_call():
+    a, b = _FakeDeviceTimeline(0, busy_ns=100), _FakeDeviceTimeline(1, busy_ns=300)
+    tl = MultiDeviceTimeline([a, b])
+    tl.reset()
+    tl.bind_streams([11, 22])
+    tl.calibrate()
+    for lab in L:
+        tl.mark(lab)
+    assert a.labels == b.labels == L and len(tl) == 4
+    assert a.calls == ["reset", "bind 11", "sync"] and b.calls == ["reset", "bind 22", "sync"]
+    labels, t, _, streams = tl.resolve()
+    assert t.tolist() == [0, 300, 600, 900] and tl.mark_devices.tolist() == [0, 1, 1, 1]
+    assert streams.tolist() == [11] * 4
+    with pytest.raises(ValueError, match="2 streams for 2 devices|3 streams for 2 devices"):
+        tl.bind_streams([1, 2, 3])
+    with pytest.raises(TimelineError, match="mark_on"):
+        tl.mark_on(1, 2)
+
+
+def test_a_split_models_chrome_trace_has_one_gpu_track_per_device():
+    spans = [Span("generate", 0, 10_000, 0, "cuda:0"), Span("prefill", 0, 8_000, 1, "cuda:0"),
+             Span("layer 0", 0, 3_000, 2, "cuda:0"), Span("layer 1", 3_000, 7_000, 2, "cuda:1"),
+             Span("decode", 8_000, 10_000, 1, "cuda:0")]
+    rec = StageRecord(total_ms=0.01, vision_ms=None, prefill_ms=0.008, decode_ms=0.002, other_ms=0.0,
+                      ttft_ms=0.008, decode_step_ms=[0.002], batch_size=1, prompt_tokens=4, output_tokens=2,
+                      device="cuda:0", backend="cuda", stream=0x10, devices=["cuda:0", "cuda:1"],
+                      device_streams=[0x10, 0x20], spans=spans, unix_start=1.0)
+    trace = chrome_trace([rec])
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "thread_name"}
+    by_track = {}
+    for e in trace["traceEvents"]:
+        if e["ph"] == "X" and e["cat"] != "host":
+            by_track.setdefault(names[e["tid"]], []).append(e["name"])
+    assert by_track == {"GPU cuda:0 stream 0x10": ["generate", "prefill", "layer 0", "decode"],
+                        "GPU cuda:1 stream 0x20": ["layer 1"]}
+    back = StageRecord.from_dict(rec.to_dict(spans=True))
+    assert back.devices == rec.devices and back.spans == spans
+
+
+# ---------------------------------------------------------------- two GPUs
+def _two_gpus() -> None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two GPUs; torch sees {torch.cuda.device_count()}")
+
+
+@pytest.mark.gpu
+def test_work_handed_from_one_gpu_to_the_other_is_timed_on_one_clock():
+    """d0 spins 2 ms, d1 waits for it and spins 1 ms: each interval lands on the device that did it."""
+    from stagetrace.low_level import _C
+    from stagetrace.low_level.reference import spin_cycles_per_us
+
+    _two_gpus()
+    cycles = spin_cycles_per_us()
+    tl = MultiDeviceTimeline([_C.CudaTimeline(0), _C.CudaTimeline(1)])
+    errors_us = []
+    for _ in range(10):
+        tl.reset()
+        tl.bind_streams([torch.cuda.current_stream(0).cuda_stream, torch.cuda.current_stream(1).cuda_stream])
+        tl.calibrate()
+        tl.mark(L[0])
+        with torch.cuda.device(0):
+            torch.cuda._sleep(int(2000 * cycles))
+            handoff = torch.cuda.Event()
+            handoff.record()
+        tl.mark(L[1])
+        with torch.cuda.device(1):
+            torch.cuda.current_stream(1).wait_event(handoff)
+        tl.mark(L[2])
+        with torch.cuda.device(1):
+            torch.cuda._sleep(int(1000 * cycles))
+        tl.mark(L[3])
+        per_device = [t.resolve() for t in tl.timelines]
+        (_, t, _, _), which = place_on_one_clock(per_device)
+        assert which[1] == 0 and which[3] == 1  # d0's spin bounds mark 1, d1's spin mark 3
+        assert abs(t[1] / 1e3 - 2000) <= 0.02 * 2000 + 10, t
+        assert abs((t[3] - t[2]) / 1e3 - 1000) <= 0.02 * 1000 + 10, t
+        # d1 starts once d0 has finished: on one clock, its start is at or just after d0's end
+        d0_end = per_device[0][2][0] + per_device[0][1][1]
+        d1_start = per_device[1][2][0] + per_device[1][1][2]
+        errors_us.append((d1_start - d0_end) / 1e3)
+    assert -20 <= min(errors_us) and max(errors_us) <= 50, errors_us
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llava", "llama"])
+def test_a_model_split_over_two_gpus_is_traced_on_each(family):
+    from stagetrace import tiny
+    from stagetrace.low_level.reference import spin_cycles_per_us
+
+    _two_gpus()
+    case = tiny.build(family)
+    case.model = tiny.split_over_gpus(case.model)
+    case.inputs = {k: v.to("cuda:0") if isinstance(v, torch.Tensor) else v for k, v in case.inputs.items()}
+    kw = gen_kwargs(case, 4)
+    plain = tokens(case.model.generate(**kw))
+    with stagetrace.trace(case.model, layer_detail="all") as tracer:
+        traced = tokens(case.model.generate(**kw))
+    assert torch.equal(plain, traced)
+    (rec,) = tracer.records
+    assert_partition(rec)
+    assert rec.device == "cuda:0" and rec.devices == ["cuda:0", "cuda:1"] and len(rec.device_streams) == 2
+    layers = {s.device for s in rec.spans if s.name == "layer 1"}
+    assert layers == {"cuda:1"} and {s.device for s in rec.spans if s.name == "layer 0"} == {"cuda:0"}
+
+    # 3 ms of work on the second card inside layer 1 (in its MLP) during the prefill is found there
+    cycles = spin_cycles_per_us()
+    layer1 = tracer.layout.layers[1][1]
+
+    def spin_on_second_card(module, args, output):
+        if output.shape[1] > 1:  # the prefill
+            with torch.cuda.device(1):
+                torch.cuda._sleep(int(3000 * cycles))
+
+    handle = layer1.mlp.register_forward_hook(spin_on_second_card)
+    with stagetrace.trace(case.model, layer_detail="prefill") as tracer:
+        case.model.generate(**kw)
+    handle.remove()
+    rec = tracer.records[0]
+    assert_partition(rec)
+    prefill_layer1 = [s for s in rec.spans if s.name == "layer 1"][0]
+    assert 3.0 <= prefill_layer1.dur_ns / 1e6 <= 3.0 + 2.0, prefill_layer1
