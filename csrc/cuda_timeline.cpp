@@ -97,7 +97,21 @@ void CudaTimeline::mark(int32_t label) { mark_on(label, stream_); }
 void CudaTimeline::mark_on(int32_t label, int64_t stream) {
   int64_t i = claim_slot();
   if (i < 0) return;
-  cudaError_t err = cudaEventRecord(events_[i], reinterpret_cast<cudaStream_t>(stream));
+  cudaError_t err;
+  if (stream == 0) {
+    // Handle 0 is the legacy default stream *of the current device*: with a model on another
+    // GPU than the thread's current one (or split over several), record with ours current.
+    int current = device_;
+    cudaGetDevice(&current);
+    if (current != device_ && (err = cudaSetDevice(device_)) == cudaSuccess) {
+      err = cudaEventRecord(events_[i], nullptr);
+      cudaSetDevice(current);
+    } else if (current == device_) {
+      err = cudaEventRecord(events_[i], nullptr);
+    }
+  } else {
+    err = cudaEventRecord(events_[i], reinterpret_cast<cudaStream_t>(stream));
+  }
   if (err != cudaSuccess) {
     --n_;  // the slot holds no event of this run: give it back before reporting
     check(err, "cudaEventRecord");

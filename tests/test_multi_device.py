@@ -201,3 +201,22 @@ def test_a_model_split_over_two_gpus_is_traced_on_each(family):
     assert_partition(rec)
     prefill_layer1 = [s for s in rec.spans if s.name == "layer 1"][0]
     assert 3.0 <= prefill_layer1.dur_ns / 1e6 <= 3.0 + 2.0, prefill_layer1
+
+
+@pytest.mark.gpu
+def test_a_model_on_the_second_gpu_is_traced_while_the_first_is_current():
+    """torch's default stream handle (0) means the *current* device's: marks must still land on cuda:1."""
+    from stagetrace import tiny
+
+    _two_gpus()
+    case = tiny.build("llava")
+    case.model.to("cuda:1")
+    case.inputs = {k: v.to("cuda:1") if isinstance(v, torch.Tensor) else v for k, v in case.inputs.items()}
+    assert torch.cuda.current_device() == 0
+    kw = gen_kwargs(case, 3)
+    plain = tokens(case.model.generate(**kw))
+    with stagetrace.trace(case.model) as tracer:
+        assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert rec.device == "cuda:1" and rec.devices == []

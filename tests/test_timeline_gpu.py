@@ -30,8 +30,10 @@ def test_marks_around_spin_kernels_match_a_reference_event_pair(target_us):
         # Keep the GPU busy (~2 ms) so the host runs ahead, as in real use: a host hiccup
         # between the reference event and our mark then costs no GPU time.
         torch.cuda._sleep(int(2000 * _spin_cycles_per_us()))
-        ref_start.record()
+        # Each reference event right after our mark: both intervals then hold the same
+        # number of event writes (a bracketing pair would add two, a few µs on some hosts).
         tl.mark(1)
+        ref_start.record()
         torch.cuda._sleep(cycles)
         tl.mark(2)
         ref_end.record()
