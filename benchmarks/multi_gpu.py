@@ -58,8 +58,9 @@ def cross_device_error(reps: int) -> dict[str, Any]:
             a1, b1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a1.record()
             torch.cuda._sleep(int(1000 * cycles))
-            b1.record()
         tl.mark(labels[3])
+        with torch.cuda.device(1):
+            b1.record()  # after our mark: both intervals hold the same number of event writes
         per_device = [t.resolve() for t in tl.timelines]
         (_, t, _, _), _which = place_on_one_clock(per_device)
         if rep < 3:
@@ -67,7 +68,7 @@ def cross_device_error(reps: int) -> dict[str, Any]:
         d0_end = per_device[0][2][0] + per_device[0][1][1]
         d1_start = per_device[1][2][0] + per_device[1][1][2]
         handoff_us.append((d1_start - d0_end) / 1e3)
-        spin0_err_us.append(t[1] / 1e3 - a0.elapsed_time(b0) * 1e3)
+        spin0_err_us.append(t[1] / 1e3 - a0.elapsed_time(b0) * 1e3)  # includes the host's issue gap before a0
         spin1_err_us.append((t[3] - t[2]) / 1e3 - a1.elapsed_time(b1) * 1e3)
     h = np.asarray(handoff_us)
     return {"reps": reps, "handoff_us": {"median": float(np.median(h)), "min": float(h.min()), "max": float(h.max()),
