@@ -110,8 +110,10 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
 
 
 def run_config(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int,
-               profiler_reps: int) -> dict:
+               profiler_reps: int, only: list[str] | None = None) -> dict:
     methods = make_methods(case, cuda, new_tokens, with_profiler=profiler_reps > 0)
+    if only:
+        methods = {m: fn for m, fn in methods.items() if m in only or m == "plain"}
     samples: dict[str, list[dict]] = {m: [] for m in methods}
     for _ in range(warmup):
         for fn in methods.values():
@@ -135,8 +137,13 @@ def run_config(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tok
         # Paired: each repetition's method against the plain run of the same repetition, so
         # slow drift cancels; the A/A row (plain_again) shows what remains of the noise.
         paired = [100 * (w - p) / p for w, p in zip(walls, plain)]
+        lo, hi = _bootstrap_median_ci(paired)
         row: dict[str, Any] = {"median_ms": med, "overhead_pct": 100 * (med - base) / base,
-                               "paired_overhead_pct": statistics.median(paired), "walls_ms": walls}
+                               "paired_overhead_pct": statistics.median(paired),
+                               "paired_overhead_ci95_pct": [lo, hi],
+                               # the least disturbed run of each: host noise only ever adds time
+                               "min_overhead_pct": 100 * (min(walls) - min(plain)) / min(plain),
+                               "walls_ms": walls}
         if ss and "n_marks" in ss[0]:
             row["n_marks"] = ss[0]["n_marks"]
             row["resolve_ms"] = statistics.median(s["resolve_ms"] for s in ss)  # the one sync, included in wall
@@ -204,6 +211,18 @@ def same_run_agreement(case: Any, cuda: bool, new_tokens: int, reps: int) -> dic
     return out
 
 
+def _bootstrap_median_ci(xs: list[float], n: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the median: how far the paired median could move by chance."""
+    import numpy as np
+
+    if len(xs) < 3:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    a = np.asarray(xs)
+    meds = np.median(a[rng.integers(0, len(a), size=(n, len(a)))], axis=1)
+    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+
+
 def _q(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
@@ -217,10 +236,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--profiler-reps", type=int, default=3)
     ap.add_argument("--configs", default="llava_b1,llava_b32,llama_b1")
+    ap.add_argument("--methods", default="", help="comma-separated subset (plain is always run); default all")
+    ap.add_argument("--pin-cpu", type=int, default=None, metavar="CORE",
+                    help="pin this process to one core (less scheduler noise on a shared host)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
     import torch
+
+    if args.pin_cpu is not None:
+        os.sched_setaffinity(0, {args.pin_cpu})
+        torch.set_num_threads(1)
 
     from stagetrace import tiny
 
@@ -243,7 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             case = tiny.build(family, batch=b)
         case.model.eval()
-        results.append(run_config(cfg, case, cuda, args.reps, args.warmup, args.new_tokens, args.profiler_reps))
+        results.append(run_config(cfg, case, cuda, args.reps, args.warmup, args.new_tokens, args.profiler_reps,
+                                  [m for m in args.methods.split(",") if m]))
         save("overhead" if cuda else "overhead-cpu-tiny", payload_of(results), args.out)  # survives a cut-off
         del case
         if cuda:
@@ -254,12 +281,14 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         print(f"\n{r['config']} on {env['card']}: plain median {r['methods']['plain']['median_ms']:.2f} ms, "
               f"spread p10-p90 {r['plain_spread']['p10_p90_pct']:.2f}%, MAD {r['plain_spread']['mad_pct']:.2f}%")
-        rows = [[m, v["median_ms"], v["overhead_pct"], v["paired_overhead_pct"], v.get("n_marks", ""),
+        rows = [[m, v["median_ms"], v["overhead_pct"], v["paired_overhead_pct"],
+                 "[{:.2f}, {:.2f}]".format(*v["paired_overhead_ci95_pct"]), v["min_overhead_pct"], v.get("n_marks", ""),
                  f"{v['per_mark_us']:.2f}" if "per_mark_us" in v else "",
                  f"{v['resolve_ms'] * 1e3:.0f}" if "resolve_ms" in v else "",
                  f"{v['trace_bytes'] / 1e6:.1f} MB, export {v['export_s']:.2f} s" if "trace_bytes" in v else ""]
                 for m, v in r["methods"].items()]
-        print(table(rows, ["method", "median ms", "overhead %", "paired %", "marks", "µs/mark", "resolve µs",
+        print(table(rows, ["method", "median ms", "overhead %", "paired %", "paired 95% CI", "min-vs-min %", "marks",
+                           "µs/mark", "resolve µs",
                            "notes"]))
         arow = [[k, a["stagetrace_ms"], a["sync_ms"], a["diff_ms"], a["within_tolerance"]]
                 for k, a in r["agreement"].items()]

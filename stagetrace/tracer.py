@@ -443,6 +443,11 @@ class Tracer:
         from .low_level.graph_stamps import ring_id
 
         if not self._stamp_wrappers:
+            warnings.warn("stagetrace: layer detail inside compiled decode puts a stamp between layers, so the "
+                          "compiler can no longer fuse across layer boundaries: the stamped decode step is "
+                          "compiled once more, runs a few µs per stamp slower on the GPU, and in bf16 its "
+                          "rounding (hence tokens) may differ from the unstamped graph; stage-level tracing "
+                          "leaves the graph untouched", UserWarning, stacklevel=4)
             rid = ring_id(self._ring)
             op = torch.ops.stagetrace.stamp.default
             for i, (name, layer) in enumerate(self.layout.layers):

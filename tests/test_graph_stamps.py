@@ -144,7 +144,9 @@ def test_layer_detail_in_compiled_decode_stamps_every_layer_of_every_step(family
     plain = tokens(case.model.generate(**kw))
     hooks = hook_state(case.model)
     with stagetrace.trace(case.model, layer_detail="all") as tracer:
-        assert torch.equal(tokens(case.model.generate(**kw)), plain)  # compiles the stamped variant once
+        with pytest.warns(UserWarning, match="no longer fuse across layer boundaries"):
+            first = tokens(case.model.generate(**kw))  # compiles the stamped variant once
+        assert torch.equal(first, plain)  # fp32 here; bf16 rounding may differ (the warning says so)
         settled = _dynamo_state()
         for _ in range(2):
             assert torch.equal(tokens(case.model.generate(**kw)), plain), "stamps changed the tokens"
