@@ -12,6 +12,7 @@ decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetit
   plain               the compiled run untraced (baseline; plain_again is the A/A row)
   stagetrace          stage level (events from the generate loop, outside the graph)
   stagetrace_layers   plus stamps around every decoder layer inside the graph
+  stagetrace_layers_shared  one stamp per boundary between layers (half the stamps)
 Wall overhead is paired per repetition; the GPU-side cost of the stamps is also read off
 the traced runs' own decode-step times (layers vs stage level), which host noise does not touch.
 """
@@ -146,7 +147,9 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             gc.enable()
 
     tracers = {"stagetrace": stagetrace.trace(model, keep_marks=False),
-               "stagetrace_layers": stagetrace.trace(model, layer_detail="all", keep_marks=False)}
+               "stagetrace_layers": stagetrace.trace(model, layer_detail="all", keep_marks=False),
+               "stagetrace_layers_shared": stagetrace.trace(model, layer_detail="all", layer_marks="shared",
+                                                            keep_marks=False)}
     outputs: dict[str, Any] = {}
 
     def method(m: str) -> Callable[[], dict]:
@@ -166,7 +169,7 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             return {"wall_ms": wall, "record": rec.to_dict()}
         return run
 
-    names = ["plain", "stagetrace", "stagetrace_layers", "plain_again"]
+    names = ["plain", "stagetrace", "stagetrace_layers", "stagetrace_layers_shared", "plain_again"]
     methods = {m: method(m) for m in names}
     t_compile = time.perf_counter()
     for _ in range(warmup):
@@ -202,7 +205,9 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
     layers = len(getattr(tracers["stagetrace"].layout, "layers"))
     step_stage = summary["stagetrace"]["decode_step_median_ms"]
     step_layers = summary["stagetrace_layers"]["decode_step_median_ms"]
+    step_shared = summary["stagetrace_layers_shared"]["decode_step_median_ms"]
     return {"config": name, "methods": summary, "same_tokens": same_tokens,
+            "gpu_step_cost_of_shared_stamps_ms": step_shared - step_stage,
             "compile_and_warmup_s": compile_and_warmup_s,
             "stamps_per_step": 2 * layers,
             "gpu_step_cost_of_stamps_ms": step_layers - step_stage,

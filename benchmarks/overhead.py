@@ -9,6 +9,7 @@ interleaved repetition by repetition (A B C ... A B C ...), medians after warm-u
   plain                 generate() untraced: the baseline (its run-to-run spread is reported too)
   stagetrace            stage level
   stagetrace_layers     stage level + marks around every decoder layer at every step
+  stagetrace_layers_shared  the same with one mark per boundary between layers (half the marks)
   sync                  torch.cuda.synchronize() + perf_counter at stagetrace's boundaries
   sync_layers           the same at every decoder layer
   torch_event           torch.cuda.Event created + recorded from Python at the same boundaries
@@ -69,10 +70,12 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
     def plain() -> dict:
         return {"wall_ms": timed(lambda: model.generate(**kw))}
 
-    def traced(layer_detail: str, timeline_factory: Callable[[], Any] | None) -> Callable[[], dict]:
+    def traced(layer_detail: str, timeline_factory: Callable[[], Any] | None,
+               layer_marks: str = "pair") -> Callable[[], dict]:
         def run() -> dict:
             tl = timeline_factory() if timeline_factory else None
-            with stagetrace.trace(model, layer_detail=layer_detail, timeline=tl, keep_marks=False) as tracer:
+            with stagetrace.trace(model, layer_detail=layer_detail, layer_marks=layer_marks, timeline=tl,
+                                  keep_marks=False) as tracer:
                 wall = timed(lambda: model.generate(**kw))
             rec = tracer.records[-1]
             return {"wall_ms": wall, "record": rec.to_dict(), "n_marks": rec.n_marks, "resolve_ms": rec.resolve_ms}
@@ -84,6 +87,7 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
         "plain_again": plain,  # A/A: the same method twice shows what a difference of nothing looks like
         "stagetrace": traced("off", None),
         "stagetrace_layers": traced("all", None),
+        "stagetrace_layers_shared": traced("all", None, "shared"),
         "sync": traced("off", lambda: SyncTimeline(dev)),
         "sync_layers": traced("all", lambda: SyncTimeline(dev)),
     }

@@ -234,7 +234,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     model, processor = _load(Path(args.model_path), args, device)
     overrides = dict(vision=args.vision, language_model=args.language_model, lm_head=args.lm_head)
     try:
-        tracer = stagetrace.trace(model, jsonl=records_path, layer_detail=args.layers or "off", **overrides)
+        tracer = stagetrace.trace(model, jsonl=records_path, layer_detail=args.layers or "off",
+                                  layer_marks=args.layer_marks, **overrides)
     except LayoutError as exc:
         raise CliError(" ".join(line.strip() for line in str(exc).splitlines())) from None
 
@@ -394,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="stagetrace-out")
     p.add_argument("--layers", nargs="?", const="all", choices=["prefill", "all"],
                    help="marks at every decoder layer (default: all steps)")
+    p.add_argument("--layer-marks", choices=["pair", "shared"], default="pair",
+                   help="with --layers: 'shared' puts one mark per boundary between layers (half the cost; "
+                        "work run between two layers counts to the earlier one)")
     p.add_argument("--warmup", type=int, default=1, help="untraced generate() calls before the first traced one")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
     p.add_argument("--vision", nargs="+", default=None, help="override: vision module path(s)")

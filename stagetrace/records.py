@@ -57,6 +57,7 @@ class StageRecord:
     backend: str = "cpu"
     layout: str = ""
     layer_detail: str = "off"
+    layer_marks: str = "pair"  # "shared": one mark per boundary between layers (see Tracer)
     compiled_decode: bool = False  # generate() compiled the decode step; steps were marked outside the graph
     stream: int = 0          # handle of the stream the call's marks were recorded on
     devices: list[str] = field(default_factory=list)  # every GPU of a model split over several, `device` first

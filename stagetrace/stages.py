@@ -55,10 +55,15 @@ class StageTimes:
 
 def _pair_layers(kinds: np.ndarray, idx: np.ndarray, t: np.ndarray, lo: int, hi: int,
                  depth: int) -> list[Span]:
+    # Layers run one after another: a layer that begins closes the one still open. That is
+    # how layer_marks="shared" works (one mark per boundary, the last layer's end marked).
     spans: list[Span] = []
     open_at: dict[int, int] = {}
     for p in range(lo, hi):
         if kinds[p] == Kind.LAYER_BEGIN:
+            for i, b in list(open_at.items()):
+                spans.append(Span(f"layer {i}", int(t[b]), int(t[p]), depth))
+                del open_at[i]
             open_at[int(idx[p])] = p
         elif kinds[p] == Kind.LAYER_END and int(idx[p]) in open_at:
             b = open_at.pop(int(idx[p]))

@@ -35,6 +35,10 @@ from .stages import StageOrderError, stages_from_marks
 __all__ = ["Tracer", "trace", "attach", "TracingError"]
 
 LAYER_DETAIL = ("off", "prefill", "all")
+# "pair": a mark before and after every layer, so what runs between layers is outside them.
+# "shared": one mark per boundary between consecutive layers (and the last layer's end):
+# half the marks, and anything run between two layers counts to the earlier one.
+LAYER_MARKS = ("pair", "shared")
 
 # Device types on which tracing generate()'s compiled decode has been validated. CUDA
 # (CUDA-graph replay) joins once its tests have run on a GPU; until then it is refused.
@@ -125,7 +129,7 @@ class Tracer:
 
     def __init__(self, model: nn.Module, *, vision: str | Sequence[str] | None = None,
                  language_model: str | None = None, lm_head: str | None = None, layers: str | None = None,
-                 layer_detail: str | bool = "off", jsonl: str | Path | None = None,
+                 layer_detail: str | bool = "off", layer_marks: str = "pair", jsonl: str | Path | None = None,
                  sample_id: str | None = None, capacity: int = 4096, keep_marks: bool = True,
                  timeline: Timeline | None = None):
         if not callable(getattr(model, "generate", None)):
@@ -136,6 +140,9 @@ class Tracer:
             layer_detail = "off"
         if layer_detail not in LAYER_DETAIL:
             raise ValueError(f"layer_detail must be one of {LAYER_DETAIL}, got {layer_detail!r}")
+        if layer_marks not in LAYER_MARKS:
+            raise ValueError(f"layer_marks must be one of {LAYER_MARKS}, got {layer_marks!r}")
+        self.layer_marks = layer_marks
         self.model = model
         self.layer_detail: str = layer_detail
         self.sample_id = sample_id
@@ -315,8 +322,10 @@ class Tracer:
 
         if self.layer_detail != "off":
             every_step = self.layer_detail == "all"
+            last = len(lay.layers) - 1
             for i, (_, layer) in enumerate(lay.layers):
-                self._wrap_layer_forward(layer, label(Kind.LAYER_BEGIN, i), label(Kind.LAYER_END, i), every_step)
+                end = label(Kind.LAYER_END, i) if self.layer_marks == "pair" or i == last else None
+                self._wrap_layer_forward(layer, label(Kind.LAYER_BEGIN, i), end, every_step)
 
     def _check_compiled_forward(self) -> None:
         """A forward compiled by hand (``model.forward = torch.compile(...)``).
@@ -409,7 +418,7 @@ class Tracer:
 
         return prepare_inputs_for_generation
 
-    def _wrap_layer_forward(self, layer: nn.Module, begin: int, end: int, every_step: bool) -> None:
+    def _wrap_layer_forward(self, layer: nn.Module, begin: int, end: int | None, every_step: bool) -> None:
         """Layer marks wrap ``forward`` instead of using module hooks.
 
         A module with hooks takes torch's slow ``_call_impl`` path (about 10 µs a call
@@ -426,7 +435,8 @@ class Tracer:
                 return inner(*args, **kwargs)
             mark(begin)
             out = inner(*args, **kwargs)
-            mark(end)
+            if end is not None:
+                mark(end)
             return out
 
         layer.forward = forward  # type: ignore[method-assign]
@@ -450,9 +460,11 @@ class Tracer:
                           "leaves the graph untouched", UserWarning, stacklevel=4)
             rid = ring_id(self._ring)
             op = torch.ops.stagetrace.stamp.default
+            last = len(self.layout.layers) - 1
             for i, (name, layer) in enumerate(self.layout.layers):
+                end = label(Kind.LAYER_END, i) if self.layer_marks == "pair" or i == last else None
                 self._stamp_wrappers.append((layer, _stamping_forward(
-                    layer.forward, op, rid, label(Kind.LAYER_BEGIN, i), label(Kind.LAYER_END, i), name)))
+                    layer.forward, op, rid, label(Kind.LAYER_BEGIN, i), end, name)))
         for layer, forward in self._stamp_wrappers:
             self._layer_restores.append((layer, "forward", layer.__dict__.get("forward")))
             layer.forward = forward  # type: ignore[method-assign]
@@ -565,7 +577,7 @@ class Tracer:
                     call_index=len(self.records), sample_id=self.sample_id,
                     model_class=type(self.model).__name__, model_name=str(getattr(cfg, "_name_or_path", "") or ""),
                     device=str(self._device), backend=marks.backend, layout=self.layout.name,
-                    layer_detail=self.layer_detail, stream=int(marks.streams[0]), rank=self.rank,
+                    layer_detail=self.layer_detail, layer_marks=self.layer_marks, stream=int(marks.streams[0]), rank=self.rank,
                     host_start_ns=int(marks.host_ns[0]), unix_start=unix_start, unix_time=time.time(),
                     versions=_versions(), n_marks=len(marks), resolve_ms=resolve_ms, compiled_decode=compiled,
                     devices=[str(d) for d in self._devices] if len(self._devices) > 1 else [],
@@ -629,7 +641,7 @@ class Tracer:
         self.records.clear()
 
 
-def _stamping_forward(inner: Callable[..., Any], op: Any, ring: int, begin: int, end: int,
+def _stamping_forward(inner: Callable[..., Any], op: Any, ring: int, begin: int, end: int | None,
                       name: str) -> Callable[..., Any]:
     """A layer forward with a stamp on its hidden-state input and on its output.
 
@@ -646,6 +658,8 @@ def _stamping_forward(inner: Callable[..., Any], op: Any, ring: int, begin: int,
             raise TracingError(f"layer {name} was called without a hidden-state tensor (first argument or "
                                "hidden_states=): its stamps cannot be ordered; use layer_detail='prefill'")
         out = inner(*args, **kwargs)
+        if end is None:
+            return out
         if isinstance(out, torch.Tensor):
             return op(out, ring, end)
         if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):

@@ -166,6 +166,24 @@ def test_layer_detail_in_compiled_decode_stamps_every_layer_of_every_step(family
             assert inside[0].end_ns <= inside[1].start_ns
 
 
+def test_shared_layer_marks_halve_the_stamps_in_compiled_decode():
+    import torch._dynamo
+
+    case = tiny.build("llama")
+    kw = gen_kwargs(case, 4, **_static_compiled(case, "cpu"))
+    torch._dynamo.reset()
+    plain = tokens(case.model.generate(**kw))
+    with pytest.warns(UserWarning), stagetrace.trace(case.model, layer_detail="all", layer_marks="shared") as tracer:
+        assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    (rec,) = tracer.records
+    assert_partition(rec)
+    # call (2) + prefill (forward, lm, head: 3) + its layers (2 begins + the last end: 3), then per
+    # step its event and 3 stamps (the calibration stamps anchor the merge, they are not marks)
+    assert rec.n_marks == 2 + 3 + 3 + 3 * (1 + 3)
+    steps = [s for s in rec.spans if s.name.startswith("step ")]
+    assert len(steps) == 3 and len([s for s in rec.spans if s.name.startswith("layer")]) == 2 * 4
+
+
 def test_layer_detail_in_compiled_decode_is_refused_where_there_are_no_stamps(monkeypatch):
     case = tiny.build("llama")
     kw = gen_kwargs(case, 3, **_static_compiled(case, "cpu"))

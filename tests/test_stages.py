@@ -104,6 +104,18 @@ def test_layer_marks_become_nested_spans_in_prefill_and_in_each_step():
     assert layer_spans == [("layer 0", 3, 5, 2), ("layer 1", 5, 8, 2), ("layer 0", 11, 12, 3)]
 
 
+def test_shared_layer_marks_end_each_layer_where_the_next_begins():
+    """layer_marks="shared": one mark per boundary, and only the last layer's end."""
+    lab, t = marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 1), (K.LM_BEGIN, 2), ((K.LAYER_BEGIN, 0), 3),
+                   ((K.LAYER_BEGIN, 1), 5), ((K.LAYER_BEGIN, 2), 6), ((K.LAYER_END, 2), 8), (K.LM_HEAD_END, 9),
+                   (K.DECODE_FORWARD, 10), ((K.LAYER_BEGIN, 0), 11), ((K.LAYER_BEGIN, 1), 12),
+                   ((K.LAYER_BEGIN, 2), 13), ((K.LAYER_END, 2), 14), (K.CALL_END, 15))
+    st = stages_from_marks(lab, t)
+    layer_spans = [(s.name, s.start_ns, s.end_ns) for s in st.spans if s.name.startswith("layer")]
+    assert layer_spans == [("layer 0", 3, 5), ("layer 1", 5, 6), ("layer 2", 6, 8),
+                           ("layer 0", 11, 12), ("layer 1", 12, 13), ("layer 2", 13, 14)]
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_random_valid_calls_always_partition_exactly_and_never_go_negative(seed):
     rng = np.random.default_rng(seed)

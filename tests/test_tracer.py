@@ -130,6 +130,27 @@ def test_layer_detail_adds_nested_layer_spans_without_changing_stages(device):
         assert all(s.dur_ns >= 0 for s in layers)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_shared_layer_marks_give_the_same_spans_with_half_the_marks(device):
+    case = build_on("llama", device)
+    kw = gen_kwargs(case, 3)
+    with stagetrace.trace(case.model, layer_detail="all") as pair:
+        case.model.generate(**kw)
+    with stagetrace.trace(case.model, layer_detail="all", layer_marks="shared") as shared:
+        case.model.generate(**kw)
+    a, b = pair.records[0], shared.records[0]
+    assert_partition(b)
+    n_layers, calls_of_layers = case.model.config.num_hidden_layers, 3  # prefill + 2 steps
+    assert a.n_marks - b.n_marks == (n_layers - 1) * calls_of_layers and b.layer_marks == "shared"
+    names = lambda r: [(s.name, s.depth) for s in r.spans]  # noqa: E731
+    assert names(a) == names(b)
+    layers = [s for s in b.spans if s.name.startswith("layer")]
+    for first, second in zip(layers[:n_layers - 1], layers[1:n_layers]):
+        assert first.end_ns == second.start_ns  # one boundary mark between them
+    with pytest.raises(ValueError, match="layer_marks must be one of"):
+        stagetrace.trace(case.model, layer_marks="none")
+
+
 # ---------------------------------------------------------------- prefill/decode edge cases
 @pytest.mark.parametrize("device", DEVICES)
 def test_chunked_prefill_is_one_prefill_stage(device):
