@@ -130,7 +130,8 @@ def _collect_prompts(args: argparse.Namespace) -> list[str]:
     return [args.prompt]
 
 
-def _load(path: Path, args: argparse.Namespace, device: str) -> tuple[Any, Any]:
+def _load(path: Path, args: argparse.Namespace, device: str) -> tuple[Any, Any, str]:
+    """The model, its processor, and the device its inputs go to (the input embeddings')."""
     import torch
     import transformers
 
@@ -149,6 +150,12 @@ def _load(path: Path, args: argparse.Namespace, device: str) -> tuple[Any, Any]:
     dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}[args.dtype]
     common = dict(local_files_only=True, trust_remote_code=args.trust_remote_code)
+    if args.device_map:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise CliError("--device-map needs accelerate (pip install 'stagetrace[multi-gpu]')") from None
+        common["device_map"] = args.device_map
     # stderr carries our own progress bar and one-line errors only
     transformers.utils.logging.disable_progress_bar()
     model = None
@@ -171,7 +178,10 @@ def _load(path: Path, args: argparse.Namespace, device: str) -> tuple[Any, Any]:
             processor = transformers.AutoTokenizer.from_pretrained(path, **common)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CliError(f"cannot load a processor or tokenizer from {path}: {str(exc).splitlines()[0]}") from None
-    return model.to(device).eval(), processor
+    if args.device_map:  # placed by the map; inputs go where the embeddings are
+        emb = model.get_input_embeddings()
+        return model.eval(), processor, str(next(emb.parameters()).device)
+    return model.to(device).eval(), processor, device
 
 
 def _encode(processor: Any, prompts: list[str], images: list[Any] | None, device: str) -> dict[str, Any]:
@@ -231,7 +241,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if done:
         print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already in {records_path}")
 
-    model, processor = _load(Path(args.model_path), args, device)
+    model, processor, device = _load(Path(args.model_path), args, device)
     overrides = dict(vision=args.vision, language_model=args.language_model, lm_head=args.lm_head)
     try:
         tracer = stagetrace.trace(model, jsonl=records_path, layer_detail=args.layers or "off",
@@ -392,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--device", default="auto")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="place the model with transformers' device_map (e.g. 'auto' to split it over the GPUs; "
+                        "needs accelerate); each mark is then recorded on every GPU of the model")
     p.add_argument("--out", default="stagetrace-out")
     p.add_argument("--layers", nargs="?", const="all", choices=["prefill", "all"],
                    help="marks at every decoder layer (default: all steps)")

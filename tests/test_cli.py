@@ -84,6 +84,14 @@ def test_profile_text_only_checkpoint_with_a_prompt_file_and_layers(text_checkpo
     assert all(r.vision_ms is None and r.layer_detail == "all" and r.layer_marks == "shared" for r in recs)
 
 
+def test_profile_places_the_model_with_a_device_map(text_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    assert run("profile", text_checkpoint, "--prompt", "hello there", "--max-new-tokens", "2",
+               "--device-map", "cpu", "--out", out, "--no-progress") == 0
+    (rec,) = load_records(out / "records.jsonl")
+    assert rec.error is None and rec.device == "cpu" and rec.output_tokens == 2
+
+
 def test_a_bad_image_is_named_skipped_and_counted(checkpoint, images, tmp_path, capsys):
     (images / "broken.png").write_bytes(b"not an image at all")
     out = tmp_path / "run"

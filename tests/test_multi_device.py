@@ -117,6 +117,22 @@ def test_a_split_models_chrome_trace_has_one_gpu_track_per_device():
     assert back.devices == rec.devices and back.spans == spans
 
 
+@pytest.mark.parametrize("family", ["llava", "llama"])
+def test_split_over_gpus_maps_every_weight_once_second_half_to_the_second_device(family):
+    from stagetrace import tiny
+
+    case = tiny.build(family)
+    model = tiny.split_over_gpus(case.model, devices=("cpu", "cpu"))  # the map itself, on CPU
+    dm = model.hf_device_map
+    lay = stagetrace.trace(model).layout
+    second = {lay.layers[-1][0], lay.lm_head[0], f"{lay.language_model[0]}.norm"}
+    assert second <= set(dm) and lay.layers[0][0] in dm
+    names = [n for n, _ in [*model.named_parameters(), *model.named_buffers()]]
+    owners = [[k for k in dm if n == k or n.startswith(k + ".") or not k] for n in names]
+    assert all(len(o) == 1 for o in owners), [(n, o) for n, o in zip(names, owners) if len(o) != 1]
+    assert tokens(model.generate(**gen_kwargs(case, 2))).shape[1] == case.prompt_len + 2
+
+
 # ---------------------------------------------------------------- two GPUs
 def _two_gpus() -> None:
     import torch
