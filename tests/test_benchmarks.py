@@ -17,6 +17,7 @@ SCRIPTS = {
     "overhead": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--profiler-reps", "1",
                  "--configs", "llava_b1,llama_b2"],
     "subtraction": ["--cpu-tiny", "--samples", "3"],
+    "in_context": ["--cpu-tiny", "--reps", "2", "--new-tokens", "2", "--pin-cpu", "0"],
     "compiled": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--stamps", "100",
                  "--configs", "llama_b1"],
 }
@@ -42,5 +43,8 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         (r,) = payload["results"]
         assert all(r["same_tokens"].values()) and r["stamps_per_step"] == 4
         assert r["methods"]["stagetrace_layers"]["compiled_decode"] and not r["methods"]["stagetrace_layers"]["errors"]
+    if script == "in_context":
+        assert {"plain", "noop", "event_mark", "plain_again"} <= set(payload["results"])
+        assert payload["marks_per_call"] == 2 * 2 * 2  # 2 layers, prefill + 1 step, begin + end
     if script == "subtraction":
         assert payload["results"]["stagetrace"]["inconsistency_worst_ms"] <= 0
