@@ -29,47 +29,22 @@ from _env import environment, save, table  # noqa: E402
 
 def cross_device_error(reps: int) -> dict[str, Any]:
     import numpy as np
-    import torch
 
-    from stagetrace.labels import Kind, label
     from stagetrace.low_level import _C
-    from stagetrace.low_level.multi_device import MultiDeviceTimeline, place_on_one_clock
-    from stagetrace.low_level.reference import spin_cycles_per_us
+    from stagetrace.low_level.multi_device import MultiDeviceTimeline
+    from stagetrace.low_level.reference import gpu_handover, spin_cycles_per_us
 
     cycles = spin_cycles_per_us()
     tl = MultiDeviceTimeline([_C.CudaTimeline(0), _C.CudaTimeline(1)])
-    labels = [label(Kind.CALL_BEGIN), label(Kind.PREFILL_FORWARD), label(Kind.LM_BEGIN), label(Kind.CALL_END)]
     handoff_us, spin0_err_us, spin1_err_us = [], [], []
     for rep in range(reps + 3):
-        tl.reset()
-        tl.bind_streams([torch.cuda.current_stream(0).cuda_stream, torch.cuda.current_stream(1).cuda_stream])
-        tl.calibrate()
-        tl.mark(labels[0])
-        with torch.cuda.device(0):
-            a0, b0 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a0.record()
-            torch.cuda._sleep(int(2000 * cycles))
-            b0.record()
-        tl.mark(labels[1])
-        with torch.cuda.device(1):
-            torch.cuda.current_stream(1).wait_event(b0)
-        tl.mark(labels[2])
-        with torch.cuda.device(1):
-            a1, b1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a1.record()
-            torch.cuda._sleep(int(1000 * cycles))
-        tl.mark(labels[3])
-        with torch.cuda.device(1):
-            b1.record()  # after our mark: both intervals hold the same number of event writes
-        per_device = [t.resolve() for t in tl.timelines]
-        (_, t, _, _), _which = place_on_one_clock(per_device)
+        h = gpu_handover(tl, cycles)
         if rep < 3:
             continue  # warm-up: clocks ramp
-        d0_end = per_device[0][2][0] + per_device[0][1][1]
-        d1_start = per_device[1][2][0] + per_device[1][1][2]
-        handoff_us.append((d1_start - d0_end) / 1e3)
-        spin0_err_us.append(t[1] / 1e3 - a0.elapsed_time(b0) * 1e3)  # includes the host's issue gap before a0
-        spin1_err_us.append((t[3] - t[2]) / 1e3 - a1.elapsed_time(b1) * 1e3)
+        t = h["t_ns"]
+        handoff_us.append(h["handover_us"])
+        spin0_err_us.append(t[1] / 1e3 - h["first_ref_us"])  # includes the host's issue gap before the spin
+        spin1_err_us.append((t[3] - t[2]) / 1e3 - h["second_ref_us"])
     h = np.asarray(handoff_us)
     return {"reps": reps, "handoff_us": {"median": float(np.median(h)), "min": float(h.min()), "max": float(h.max()),
                                          "p1": float(np.percentile(h, 1)), "p99": float(np.percentile(h, 99))},

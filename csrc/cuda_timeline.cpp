@@ -2,31 +2,9 @@
 
 #include <cmath>
 
+#include "cuda_check.h"
+
 namespace stagetrace {
-namespace {
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear the (non-sticky) error so later calls start clean
-    throw CudaError(std::string(what) + " failed: " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-  }
-}
-
-// Makes `device` current for the scope and restores the caller's device, so the
-// runtime state torch sees on this thread is left as it was.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-
- private:
-  int previous_ = 0;
-};
-
-}  // namespace
 
 bool cuda_compiled() { return true; }
 

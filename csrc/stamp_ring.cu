@@ -6,29 +6,11 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_check.h"
 #include "timeline.h"
 
 namespace stagetrace {
 namespace {
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    throw CudaError(std::string(what) + " failed: " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-  }
-}
-
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-
- private:
-  int previous_ = 0;
-};
 
 __device__ __forceinline__ unsigned long long globaltimer() {
   unsigned long long t;

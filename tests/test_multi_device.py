@@ -145,45 +145,23 @@ def _two_gpus() -> None:
 def test_work_handed_from_one_gpu_to_the_other_is_timed_on_one_clock():
     """d0 spins 2 ms, d1 waits for it and spins 1 ms: each interval lands on the device that did it."""
     from stagetrace.low_level import _C
-    from stagetrace.low_level.reference import spin_cycles_per_us
+    from stagetrace.low_level.reference import gpu_handover, spin_cycles_per_us
 
     _two_gpus()
     cycles = spin_cycles_per_us()
     tl = MultiDeviceTimeline([_C.CudaTimeline(0), _C.CudaTimeline(1)])
     errors_us = []
     for rep in range(12):
-        tl.reset()
-        tl.bind_streams([torch.cuda.current_stream(0).cuda_stream, torch.cuda.current_stream(1).cuda_stream])
-        tl.calibrate()
-        tl.mark(L[0])
-        with torch.cuda.device(0):
-            torch.cuda._sleep(int(2000 * cycles))
-            handoff = torch.cuda.Event()
-            handoff.record()
-        tl.mark(L[1])
-        with torch.cuda.device(1):
-            torch.cuda.current_stream(1).wait_event(handoff)
-        tl.mark(L[2])
-        with torch.cuda.device(1):
-            ref_start, ref_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            ref_start.record()
-            torch.cuda._sleep(int(1000 * cycles))
-        tl.mark(L[3])
-        with torch.cuda.device(1):
-            ref_end.record()
-        per_device = [t.resolve() for t in tl.timelines]
-        (_, t, _, _), which = place_on_one_clock(per_device)
+        h = gpu_handover(tl, cycles)
         if rep < 2:
             continue  # the second card may still be clocking up
+        t, which = h["t_ns"], h["which"]
         assert which[1] == 0 and which[3] == 1  # d0's spin bounds mark 1, d1's spin mark 3
         assert t[1] / 1e3 >= 2000 * 0.98, t
-        # GPU 1's interval against its own reference pair (same number of event writes inside)
-        ref_us = ref_start.elapsed_time(ref_end) * 1e3
-        assert abs((t[3] - t[2]) / 1e3 - ref_us) <= 0.01 * ref_us + 5, (t, ref_us)
+        # GPU 1's interval against its own reference pair
+        assert abs((t[3] - t[2]) / 1e3 - h["second_ref_us"]) <= 0.01 * h["second_ref_us"] + 5, h
         # d1 starts once d0 has finished: on one clock, its start is at or just after d0's end
-        d0_end = per_device[0][2][0] + per_device[0][1][1]
-        d1_start = per_device[1][2][0] + per_device[1][1][2]
-        errors_us.append((d1_start - d0_end) / 1e3)
+        errors_us.append(h["handover_us"])
     assert -20 <= min(errors_us) and max(errors_us) <= 50, errors_us
 
 

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-__all__ = ["SyncTimeline", "TorchEventTimeline", "DualTimeline", "spin_cycles_per_us"]
+__all__ = ["SyncTimeline", "TorchEventTimeline", "DualTimeline", "spin_cycles_per_us", "gpu_handover"]
 
 
 class _Base:
@@ -157,3 +157,51 @@ def spin_cycles_per_us(cycles: int = 4_000_000) -> float:
     end.record()
     end.synchronize()
     return cycles / (start.elapsed_time(end) * 1e3)
+
+
+def gpu_handover(timeline: object, cycles_per_us: float, first_us: float = 2000.0,
+                 second_us: float = 1000.0) -> dict[str, object]:
+    """Known work handed from GPU 0 to GPU 1, marked through a two-device ``timeline``.
+
+    GPU 0 spins ``first_us``; GPU 1 waits for it (an event wait) and spins ``second_us``.
+    Marks (on both devices, calibrated first, as the tracer does): call begin, after GPU 0's
+    spin, after GPU 1's wait, after GPU 1's spin. Returns the merged times, which device each
+    mark took its time from, GPU 1's start minus GPU 0's end on the calibrated clock
+    (``handover_us``: the cross-GPU wait latency plus the calibration error), and reference
+    event pairs of each spin on its own device (each pair's second event recorded after our
+    mark, so both intervals hold the same number of event writes).
+    """
+    import torch
+
+    from ..labels import Kind, label
+    from .multi_device import place_on_one_clock
+
+    tl = timeline
+    labels = [label(Kind.CALL_BEGIN), label(Kind.PREFILL_FORWARD), label(Kind.LM_BEGIN), label(Kind.CALL_END)]
+    tl.reset()  # type: ignore[attr-defined]
+    tl.bind_streams([torch.cuda.current_stream(0).cuda_stream,  # type: ignore[attr-defined]
+                     torch.cuda.current_stream(1).cuda_stream])
+    tl.calibrate()  # type: ignore[attr-defined]
+    tl.mark(labels[0])  # type: ignore[attr-defined]
+    with torch.cuda.device(0):
+        a0, b0 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a0.record()
+        torch.cuda._sleep(int(first_us * cycles_per_us))
+        b0.record()
+    tl.mark(labels[1])  # type: ignore[attr-defined]
+    with torch.cuda.device(1):
+        torch.cuda.current_stream(1).wait_event(b0)
+    tl.mark(labels[2])  # type: ignore[attr-defined]
+    with torch.cuda.device(1):
+        a1, b1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a1.record()
+        torch.cuda._sleep(int(second_us * cycles_per_us))
+    tl.mark(labels[3])  # type: ignore[attr-defined]
+    with torch.cuda.device(1):
+        b1.record()
+    per_device = [t.resolve() for t in tl.timelines]  # type: ignore[attr-defined]
+    (_, t, _, _), which = place_on_one_clock(per_device)
+    d0_end = per_device[0][2][0] + per_device[0][1][1]
+    d1_start = per_device[1][2][0] + per_device[1][1][2]
+    return {"t_ns": t, "which": which, "handover_us": (d1_start - d0_end) / 1e3,
+            "first_ref_us": a0.elapsed_time(b0) * 1e3, "second_ref_us": a1.elapsed_time(b1) * 1e3}
