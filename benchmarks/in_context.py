@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cpu-tiny", action="store_true")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--pin-cpu", type=int, default=3, metavar="CORE")
+    ap.add_argument("--pin-cpu", default="3", metavar="CORES",
+                    help="comma-separated cores to pin the process to (threads started later, the CUDA driver's "
+                         "included, inherit it); 'none' for no pinning")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -46,8 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     from stagetrace import tiny
     from stagetrace.low_level import _C, new_timeline
 
-    if args.pin_cpu is not None and args.pin_cpu < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {args.pin_cpu})
+    if args.pin_cpu != "none":
+        cores = {int(c) for c in args.pin_cpu.split(",")} & set(range(os.cpu_count() or 1)) or {0}
+        os.sched_setaffinity(0, cores)
         torch.set_num_threads(1)
     cuda = torch.cuda.is_available() and not args.cpu_tiny
     case = tiny.llama_realistic(batch=1) if cuda else tiny.build("llama")
@@ -140,7 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
                "model": "realistic Llama b1 (22 layers, bf16)" if cuda else "tiny Llama (CPU smoke run)",
                "marks_per_call": marks_per_call, "params": {k: v for k, v in vars(args).items() if k != "out"},
                "results": rows}
-    path = save("in_context" if cuda else "in_context-cpu-tiny", payload, args.out)
+    name = "in_context" if cuda else "in_context-cpu-tiny"
+    if args.pin_cpu != "3":  # the default run keeps the plain name
+        name += "-pin-" + args.pin_cpu.replace(",", "_")
+    path = save(name, payload, args.out)
     print(f"in-context mark cost on {env['card']} ({marks_per_call} marks per call)")
     print(table([[k, v["median_ms"], v["paired_extra_ms"], v["us_per_mark"]] for k, v in rows.items()],
                 ["variant", "median ms", "paired extra ms", "µs per mark"]))

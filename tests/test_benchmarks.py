@@ -17,7 +17,7 @@ SCRIPTS = {
     "overhead": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--profiler-reps", "1",
                  "--configs", "llava_b1,llama_b2"],
     "subtraction": ["--cpu-tiny", "--samples", "3"],
-    "in_context": ["--cpu-tiny", "--reps", "2", "--new-tokens", "2", "--pin-cpu", "0"],
+    "in_context": ["--cpu-tiny", "--reps", "2", "--new-tokens", "2", "--pin-cpu", "3"],
     "compiled": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--stamps", "100",
                  "--configs", "llama_b1"],
 }
