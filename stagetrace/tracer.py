@@ -322,10 +322,8 @@ class Tracer:
 
         if self.layer_detail != "off":
             every_step = self.layer_detail == "all"
-            last = len(lay.layers) - 1
             for i, (_, layer) in enumerate(lay.layers):
-                end = label(Kind.LAYER_END, i) if self.layer_marks == "pair" or i == last else None
-                self._wrap_layer_forward(layer, label(Kind.LAYER_BEGIN, i), end, every_step)
+                self._wrap_layer_forward(layer, label(Kind.LAYER_BEGIN, i), self._layer_end_label(i), every_step)
 
     def _check_compiled_forward(self) -> None:
         """A forward compiled by hand (``model.forward = torch.compile(...)``).
@@ -397,8 +395,7 @@ class Tracer:
 
     def _wrap_prepare_inputs(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         """In compiled decode, a decode step starts where its inputs are prepared (outside the graph)."""
-        tl = self._timeline
-        mark = tl.mark  # type: ignore[union-attr]
+        mark = self._timeline.mark  # type: ignore[union-attr]
 
         @functools.wraps(inner)  # generate() inspects this signature (e.g. for inputs_embeds)
         def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
@@ -442,6 +439,12 @@ class Tracer:
         layer.forward = forward  # type: ignore[method-assign]
         self._layer_restores.append((layer, "forward", saved))
 
+    def _layer_end_label(self, i: int) -> int | None:
+        """Layer i's end label, or None where the next layer's begin marks it (shared marks)."""
+        if self.layer_marks == "pair" or i == len(self.layout.layers) - 1:
+            return label(Kind.LAYER_END, i)
+        return None
+
     def _install_stamp_wrappers(self) -> None:
         """Layer marks for a compiled decode step: ``torch.ops.stagetrace.stamp`` around each layer.
 
@@ -460,11 +463,9 @@ class Tracer:
                           "leaves the graph untouched", UserWarning, stacklevel=4)
             rid = ring_id(self._ring)
             op = torch.ops.stagetrace.stamp.default
-            last = len(self.layout.layers) - 1
             for i, (name, layer) in enumerate(self.layout.layers):
-                end = label(Kind.LAYER_END, i) if self.layer_marks == "pair" or i == last else None
                 self._stamp_wrappers.append((layer, _stamping_forward(
-                    layer.forward, op, rid, label(Kind.LAYER_BEGIN, i), end, name)))
+                    layer.forward, op, rid, label(Kind.LAYER_BEGIN, i), self._layer_end_label(i), name)))
         for layer, forward in self._stamp_wrappers:
             self._layer_restores.append((layer, "forward", layer.__dict__.get("forward")))
             layer.forward = forward  # type: ignore[method-assign]
