@@ -282,6 +282,14 @@ class Tracer:
         assert tl is not None
         mark = tl.mark
         self._hooks_installed = True
+        stamps_in_forward = self._compiled_forward and self.layer_detail == "all"
+        forward_mark = mark
+        if stamps_in_forward:
+            ring = self._ring
+
+            def forward_mark(lab: int) -> None:  # the event, then its calibration stamp
+                mark(lab)
+                ring.stamp(lab, self._stream)
 
         def on_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             call = self._call
@@ -293,11 +301,11 @@ class Tracer:
                 call.in_prefill = True
                 n = _input_len(args, kwargs)
                 call.fed += call.prompt_len if n is None else n
-                mark(_PREFILL)
+                forward_mark(_PREFILL)
             else:
                 call.in_prefill = False
                 call.decoding = True
-                mark(_DECODE)
+                forward_mark(_DECODE)
 
         self._handles.append(model.register_forward_pre_hook(on_forward, with_kwargs=True))
 
@@ -314,6 +322,8 @@ class Tracer:
             # at the top-level forward's own boundaries instead, which run outside the graph.
             self._handles.append(model.register_forward_hook(
                 lambda m, a, o: mark(head_e) if self._call is not None and self._call.in_prefill else None))
+            if stamps_in_forward:
+                self._install_stamp_wrappers()  # dynamo recompiles the forward once with them
             return
         self._handles.append(lay.language_model[1].register_forward_pre_hook(
             lambda m, a: mark(lm_b) if self._call is not None and self._call.in_prefill else None))
@@ -330,8 +340,10 @@ class Tracer:
 
         Hooks on the top-level module run in ``_call_impl``, outside the compiled forward,
         so they stay; everything inside it (language model, lm_head, layers, a vision part
-        called from forward) would be traced into the graph, so it gets no marks: prefill
-        is then the top-level prefill forward itself. Supported for text-only models.
+        called from forward) would be traced into the graph, so it gets no event marks:
+        prefill is then the top-level prefill forward itself. Layer detail there comes from
+        GPU-side stamps around every layer of every forward, each forward's stamps placed
+        from a calibration stamp issued after its top-level event. Text-only models only.
         """
         model = self.model
         forwards = (("model.forward", model.forward), ("language model forward", self.layout.language_model[1].forward))
@@ -342,8 +354,16 @@ class Tracer:
         why = (self._unvalidated_compile()
                or ("a vision stage may run inside the compiled forward; only text-only models are supported"
                    if self.layout.vision else None)
-               or ("layer marks would sit inside the compiled graph; use layer_detail='off'"
-                   if self.layer_detail != "off" else None))
+               or ("layer stamps inside a compiled forward run in every forward, prefill and decode alike; "
+                   "use layer_detail='all' (or 'off')" if self.layer_detail == "prefill" else None))
+        if not why and self.layer_detail == "all":
+            from .low_level.graph_stamps import ring_for, stamps_available
+
+            no_stamps = stamps_available(self._device.type)
+            why = (f"layer marks inside the compiled graph need GPU-side stamps: {no_stamps}; "
+                   "use layer_detail='off'") if no_stamps else None
+            if not why:
+                self._ring = ring_for(self._device)
         if why:
             raise TracingError(f"{' and '.join(compiled)} is compiled with torch.compile and {why}; "
                                "trace the eager model")
@@ -515,7 +535,8 @@ class Tracer:
                     tl.calibrate()  # before the call: never a sync inside it
                 elif hasattr(tl, "bind_stream"):
                     tl.bind_stream(self._stream)  # type: ignore[attr-defined]
-            if self.layer_detail == "all" and callable(getattr(self.model, "_valid_auto_compile_criteria", None)):
+            if self.layer_detail == "all" and (self._compiled_forward or callable(
+                    getattr(self.model, "_valid_auto_compile_criteria", None))):
                 self._prepare_ring()
             self._call = _Call(prompt_len=prompt_len, fed=cache0)
             unix_start = time.time()
@@ -532,7 +553,7 @@ class Tracer:
                     self._remove_module_hooks()  # the stamp wrappers of a compiled call, if any
                     self._install_module_hooks()  # a compiled call took them off for its decode steps
             compiled = self._call.compiled or self._compiled_forward
-            stamping = self._call.stamping
+            stamping = self._call.stamping or (self._compiled_forward and self.layer_detail == "all")
             self._call = None
             t_resolve = time.perf_counter_ns()
             marks = Marks.from_timeline(tl)  # the one sync of the call
@@ -567,7 +588,8 @@ class Tracer:
 
         labels, t_ns, dropped = self._ring.read(self._stream)
         try:
-            return merge_stamps(marks, labels, t_ns, _DECODE, dropped), None
+            anchors = (_PREFILL, _DECODE) if self._compiled_forward else (_DECODE,)
+            return merge_stamps(marks, labels, t_ns, anchors, dropped), None
         except StampMergeError as exc:
             return marks, f"the GPU-side layer stamps do not line up with the step events: {exc}"
 

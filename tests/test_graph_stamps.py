@@ -184,6 +184,73 @@ def test_shared_layer_marks_halve_the_stamps_in_compiled_decode():
     assert len(steps) == 3 and len([s for s in rec.spans if s.name.startswith("layer")]) == 2 * 4
 
 
+def _compile_forward_by_hand(case, device: str, new_tokens: int) -> tuple[dict, object]:
+    """A text model's forward compiled by hand: on CUDA the reduce-overhead recipe (CUDA graphs,
+    static cache initialized first), on the CPU dynamo's eager backend. Returns generate()
+    kwargs and the cache to reset between calls (or None)."""
+    import functools
+
+    model, cache = case.model, None
+    kw = gen_kwargs(case, new_tokens, disable_compile=True)
+    if device == "cuda":
+        from transformers import StaticCache
+
+        cfg = model.config
+        cache = StaticCache(config=cfg, max_cache_len=case.prompt_len + new_tokens)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        cache.early_initialization(case.inputs["input_ids"].shape[0], cfg.num_key_value_heads, head_dim,
+                                   model.dtype, torch.device("cuda"))
+        kw["past_key_values"] = cache
+        compiled = torch.compile(model.forward, mode="reduce-overhead")
+    else:
+        compiled = torch.compile(model.forward, backend="eager")
+
+    @functools.wraps(compiled)
+    def forward(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    model.forward = forward
+    return kw, cache
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_detail_inside_a_forward_compiled_by_hand(device):
+    import torch._dynamo
+
+    case = build_on("llama", device)
+    kw, cache = _compile_forward_by_hand(case, device, 4)
+
+    def generate():
+        if cache is not None:
+            cache.reset()
+        return tokens(case.model.generate(**kw))
+
+    torch._dynamo.reset()
+    plain = generate()
+    assert torch.equal(generate(), plain)
+    with pytest.warns(UserWarning, match="fuse across layer boundaries"):
+        tracer = stagetrace.trace(case.model, layer_detail="all").start()
+    try:
+        assert torch.equal(generate(), plain)  # recompiles the forward once, with the stamps
+        settled = _dynamo_state()
+        for _ in range(2):
+            assert torch.equal(generate(), plain)
+        assert _dynamo_state() == settled, "the stamped forward recompiled after its first call"
+    finally:
+        tracer.stop()
+    assert torch.equal(generate(), plain) and _dynamo_state() == settled  # the unstamped graph is still cached
+    assert settled["graph_breaks"] == 0 and settled["cudagraph_skips"] == 0, settled
+    for rec in tracer.records:
+        assert_partition(rec)
+        assert rec.compiled_decode and len(rec.decode_step_ms) == 3
+        prefill = next(s for s in rec.spans if s.name == "prefill")
+        layers = [s for s in rec.spans if s.name.startswith("layer")]
+        assert len(layers) == 2 * 4  # two layers in the prefill forward and in each of 3 steps
+        assert [s.name for s in layers if prefill.start_ns <= s.start_ns and s.end_ns <= prefill.end_ns] == [
+            "layer 0", "layer 1"]
+
+
 def test_layer_detail_in_compiled_decode_is_refused_where_there_are_no_stamps(monkeypatch):
     case = tiny.build("llama")
     kw = gen_kwargs(case, 3, **_static_compiled(case, "cpu"))

@@ -453,14 +453,20 @@ def test_a_forward_compiled_by_hand_is_traced_without_recompiles():
         assert rec.compiled_decode and len(rec.decode_step_ms) == 4
 
 
-@pytest.mark.parametrize("case_name", ["vlm", "layers", "unvalidated_device"])
+@pytest.mark.parametrize("case_name", ["vlm", "prefill_layers", "no_stamps", "unvalidated_device"])
 def test_a_forward_compiled_by_hand_is_refused_where_it_cannot_be_timed(case_name, monkeypatch):
+    from stagetrace.low_level import graph_stamps
+
     case = tiny.build("llava" if case_name == "vlm" else "llama")
     case.model.forward = torch.compile(case.model.forward, backend="eager")
-    kw, match = {"vlm": ({}, "only text-only models"), "layers": ({"layer_detail": "prefill"}, "layer_detail='off'"),
+    kw, match = {"vlm": ({}, "only text-only models"),
+                 "prefill_layers": ({"layer_detail": "prefill"}, "run in every forward.*layer_detail='all'"),
+                 "no_stamps": ({"layer_detail": "all"}, "need GPU-side stamps: built without.*layer_detail='off'"),
                  "unvalidated_device": ({}, "not yet validated on cpu")}[case_name]
     if case_name == "unvalidated_device":
         monkeypatch.setattr(stagetrace.tracer, "COMPILED_DECODE_VALIDATED_ON", ())
+    if case_name == "no_stamps":
+        monkeypatch.setattr(graph_stamps, "stamps_available", lambda device_type: "built without stamps (test)")
     with pytest.raises(TracingError, match=match):
         stagetrace.trace(case.model, **kw).start()
     assert "generate" not in case.model.__dict__ and "forward" in case.model.__dict__

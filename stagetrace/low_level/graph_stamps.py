@@ -137,23 +137,26 @@ def _stamp_fake(x: torch.Tensor, ring: int, label: int) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def merge_stamps(marks: Marks, labels: np.ndarray, t_ns: np.ndarray, anchor_label: int,
+def merge_stamps(marks: Marks, labels: np.ndarray, t_ns: np.ndarray, anchor_label: int | tuple[int, ...],
                  dropped: int = 0) -> Marks:
     """Marks with the stamps placed on the events' timeline.
 
-    Every stamp labelled ``anchor_label`` is a calibration stamp taken right after the
-    event mark of the same label (one per decode step, in order); the stamps after it
-    belong to that step and are placed at ``event + (stamp - calibration stamp)``. The
+    Every stamp labelled with an anchor label is a calibration stamp taken right after the
+    event mark of the same label (one per compiled forward, in order); the stamps after it
+    belong to that forward and are placed at ``event + (stamp - calibration stamp)``. The
     clocks are compared only within a step, so drift between them never accumulates;
     what remains is the calibration stamp's own delay after its event (a few µs, which
     moves a step's stamps earlier, never across the step's start).
     """
     labels = np.asarray(labels, dtype=np.int32)
     t_ns = np.asarray(t_ns, dtype=np.int64)
-    event_idx = np.flatnonzero(marks.labels == anchor_label)
-    anchor_idx = np.flatnonzero(labels == anchor_label)
+    anchors = np.asarray([anchor_label] if isinstance(anchor_label, int) else list(anchor_label), dtype=np.int32)
+    event_idx = np.flatnonzero(np.isin(marks.labels, anchors))
+    anchor_idx = np.flatnonzero(np.isin(labels, anchors))
     if len(anchor_idx) != len(event_idx):
         raise StampMergeError(f"{len(anchor_idx)} calibration stamps for {len(event_idx)} step events")
+    if not np.array_equal(labels[anchor_idx], marks.labels[event_idx]):
+        raise StampMergeError("calibration stamps and step events differ in kind or order")
     if len(labels) and (not len(anchor_idx) or anchor_idx[0] != 0):
         raise StampMergeError("stamps were taken before the first calibration stamp")
     if len(labels) == len(anchor_idx):  # nothing but calibration: the marks stand as they are
