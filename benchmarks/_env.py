@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import platform
 import subprocess
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,3 +56,29 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def timed_ms(fn: Callable[[], Any], cuda: bool) -> float:
+    """Host wall ms of ``fn()`` between two syncs (everything it queued has run).
+
+    As timeit does: no collector pauses inside the timed region (callers collect once per
+    repetition)."""
+    gc.disable()
+    try:
+        if cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        t0 = time.perf_counter_ns()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter_ns() - t0) / 1e6
+    finally:
+        gc.enable()
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """The sample at quantile ``q`` (nearest rank): for p10/p90 spreads of a handful of runs."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, save, table  # noqa: E402
+from _env import environment, quantile, save, table, timed_ms  # noqa: E402
 
 
 def stamp_cost(cuda: bool, n: int, replays: int) -> dict[str, Any]:
@@ -131,20 +131,8 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
         cc._compile_all_devices = True
         kw["compile_config"] = cc
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
     def timed(fn: Callable[[], Any]) -> float:
-        gc.disable()
-        try:
-            sync()
-            t0 = time.perf_counter_ns()
-            fn()
-            sync()
-            return (time.perf_counter_ns() - t0) / 1e6
-        finally:
-            gc.enable()
+        return timed_ms(fn, cuda)
 
     tracers = {"stagetrace": stagetrace.trace(model, keep_marks=False),
                "stagetrace_layers": stagetrace.trace(model, layer_detail="all", keep_marks=False),
@@ -212,14 +200,9 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             "stamps_per_step": 2 * layers,
             "gpu_step_cost_of_stamps_ms": step_layers - step_stage,
             "gpu_us_per_stamp_in_decode": 1e3 * (step_layers - step_stage) / (2 * layers),
-            "plain_spread_p10_p90_pct": 100 * (_q(plain, 0.9) - _q(plain, 0.1)) / base,
+            "plain_spread_p10_p90_pct": 100 * (quantile(plain, 0.9) - quantile(plain, 0.1)) / base,
             "params": {"reps": reps, "warmup": warmup, "new_tokens": new_tokens,
                        "batch": case.inputs["input_ids"].shape[0], "prompt_len": case.prompt_len}}
-
-
-def _q(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,16 +20,14 @@ generate() calls, interleaved and pinned to one core:
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, save, table  # noqa: E402
+from _env import environment, save, table, timed_ms  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,17 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
             layer.__dict__.pop("forward", None)
 
     def timed() -> float:
-        gc.disable()
-        try:
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter_ns()
-            model.generate(**kw)
-            if cuda:
-                torch.cuda.synchronize()
-            return (time.perf_counter_ns() - t0) / 1e6
-        finally:
-            gc.enable()
+        return timed_ms(lambda: model.generate(**kw), cuda)
 
     kinds = [k for k in ("plain", "noop", "host_call", "event_mark", "side_mark", "stamp_kernel", "plain_again")
              if k in ("plain", "plain_again") or before_after(k) is not None]

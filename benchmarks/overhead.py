@@ -33,16 +33,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, save, table  # noqa: E402
+from _env import environment, quantile, save, table, timed_ms  # noqa: E402
 
 STAGE_KEYS = ("vision_ms", "prefill_ms", "decode_ms", "other_ms", "total_ms", "ttft_ms")
-
-
-def _sync(cuda: bool) -> None:
-    if cuda:
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) -> dict[str, Callable[[], dict]]:
@@ -56,16 +49,7 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
               **case.generate_kwargs)
 
     def timed(fn: Callable[[], Any]) -> float:
-        # As timeit does: no collector pauses inside the timed region (collected once per repetition).
-        gc.disable()
-        try:
-            _sync(cuda)
-            t0 = time.perf_counter_ns()
-            fn()
-            _sync(cuda)
-            return (time.perf_counter_ns() - t0) / 1e6
-        finally:
-            gc.enable()
+        return timed_ms(fn, cuda)
 
     def plain() -> dict:
         return {"wall_ms": timed(lambda: model.generate(**kw))}
@@ -157,7 +141,7 @@ def run_config(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tok
             row["trace_bytes"] = statistics.median(s["trace_bytes"] for s in ss)
         summary[m] = row
     spread = {"min_ms": min(plain), "max_ms": max(plain),
-              "p10_p90_pct": 100 * (_q(plain, 0.9) - _q(plain, 0.1)) / base,
+              "p10_p90_pct": 100 * (quantile(plain, 0.9) - quantile(plain, 0.1)) / base,
               "mad_pct": 100 * statistics.median(abs(x - base) for x in plain) / base}
 
     def stage_medians(m: str) -> dict[str, float | None]:
@@ -225,11 +209,6 @@ def _bootstrap_median_ci(xs: list[float], n: int = 4000, seed: int = 0) -> tuple
     a = np.asarray(xs)
     meds = np.median(a[rng.integers(0, len(a), size=(n, len(a)))], axis=1)
     return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
-
-
-def _q(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def main(argv: list[str] | None = None) -> dict:

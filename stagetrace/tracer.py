@@ -283,13 +283,14 @@ class Tracer:
         mark = tl.mark
         self._hooks_installed = True
         stamps_in_forward = self._compiled_forward and self.layer_detail == "all"
-        forward_mark = mark
         if stamps_in_forward:
             ring = self._ring
 
             def forward_mark(lab: int) -> None:  # the event, then its calibration stamp
                 mark(lab)
                 ring.stamp(lab, self._stream)
+        else:
+            forward_mark = mark  # the native mark itself: nothing added on the hot path
 
         def on_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             call = self._call

@@ -65,3 +65,78 @@ def trace_once(case: tiny.TinyCase, kw: dict[str, Any], **trace_kw: Any) -> Any:
     (rec,) = tracer.records
     assert_partition(rec)
     return rec
+
+
+# ---------------------------------------------------------------- compiled runs
+def dynamo_state() -> dict[str, int]:
+    """What dynamo/inductor did so far: frames by outcome, graph breaks, cudagraph skips."""
+    from torch._dynamo.utils import counters
+
+    return {**{f"frames.{k}": v for k, v in counters["frames"].items()},
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0)}
+
+
+def fresh_dynamo() -> None:
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def static_compiled(case: tiny.TinyCase, device: str = "cpu") -> dict[str, Any]:
+    """generate() kwargs under which transformers compiles the decode step itself (static cache).
+
+    On CUDA transformers' default (inductor, mode="reduce-overhead": CUDA graphs). On the CPU
+    dynamo's eager backend keeps tests fast: what is checked there is what dynamo sees
+    (graphs, breaks, recompiles)."""
+    from transformers import CompileConfig
+
+    case.model.generation_config.cache_implementation = "static"
+    if device == "cuda":
+        return {}
+    config = CompileConfig(backend="eager", mode=None)
+    config._compile_all_devices = True  # what a CUDA device gets by default
+    return {"compile_config": config}
+
+
+def compile_forward_by_hand(case: tiny.TinyCase, device: str, new_tokens: int,
+                            mode: str = "reduce-overhead") -> Any:
+    """A text model's forward compiled by hand; returns a function: one generate(), its tokens.
+
+    On CUDA the recipe transformers 5.x needs for that (untraced too): a static cache
+    initialized before the compiled forward sees it (else its tensors become CUDA-graph
+    outputs that the next replay overwrites), reset between calls, and each invocation
+    marked as a new CUDA-graph step. On the CPU dynamo's eager backend and a dynamic cache.
+    """
+    import functools
+
+    model, cache = case.model, None
+    kw = gen_kwargs(case, new_tokens, disable_compile=True)  # transformers must not compile again
+    if device == "cuda":
+        from transformers import StaticCache
+
+        cfg = model.config
+        cache = StaticCache(config=cfg, max_cache_len=case.prompt_len + new_tokens)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        cache.early_initialization(case.inputs["input_ids"].shape[0], cfg.num_key_value_heads, head_dim,
+                                   model.dtype, torch.device("cuda"))
+        kw["past_key_values"] = cache
+        compiled = torch.compile(model.forward, mode=mode)
+    else:
+        compiled = torch.compile(model.forward, backend="eager")
+
+    @functools.wraps(compiled)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    model.forward = forward
+
+    def generate() -> torch.Tensor:
+        if cache is not None:
+            cache.reset()
+        return tokens(model.generate(**kw))
+
+    return generate

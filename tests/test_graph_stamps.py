@@ -18,7 +18,8 @@ from stagetrace.low_level import graph_stamps as gs
 from stagetrace.tracer import TracingError
 
 from conftest import DEVICES, sync
-from helpers import assert_partition, build_on, gen_kwargs, hook_state, tokens
+from helpers import (assert_partition, build_on, compile_forward_by_hand, dynamo_state, gen_kwargs, hook_state,
+                     static_compiled, tokens)
 
 DECODE, LB0, LE0 = label(Kind.DECODE_FORWARD), label(Kind.LAYER_BEGIN, 0), label(Kind.LAYER_END, 0)
 
@@ -114,32 +115,13 @@ def test_drops_in_the_ring_fail_the_record_like_drops_in_the_timeline():
 
 
 # ---------------------------------------------------------------- layer detail in compiled decode
-def _static_compiled(case, device: str):
-    """A static cache: generate() compiles the decode step itself (CUDA graphs on a GPU)."""
-    from transformers import CompileConfig
-
-    case.model.generation_config.cache_implementation = "static"
-    if device == "cuda":
-        return {}  # transformers' default: inductor, mode="reduce-overhead"
-    config = CompileConfig(backend="eager", mode=None)
-    config._compile_all_devices = True  # what a CUDA device gets by default
-    return {"compile_config": config}
-
-
-def _dynamo_state() -> dict[str, int]:
-    from torch._dynamo.utils import counters
-
-    return {"frames": counters["frames"].get("ok", 0), "graph_breaks": sum(counters["graph_break"].values()),
-            "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0)}
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "llava"])
 def test_layer_detail_in_compiled_decode_stamps_every_layer_of_every_step(family, device):
     import torch._dynamo
 
     case = build_on(family, device)
-    kw = gen_kwargs(case, 5, **_static_compiled(case, device))
+    kw = gen_kwargs(case, 5, **static_compiled(case, device))
     torch._dynamo.reset()
     plain = tokens(case.model.generate(**kw))
     hooks = hook_state(case.model)
@@ -147,10 +129,10 @@ def test_layer_detail_in_compiled_decode_stamps_every_layer_of_every_step(family
         with pytest.warns(UserWarning, match="no longer fuse across layer boundaries"):
             first = tokens(case.model.generate(**kw))  # compiles the stamped variant once
         assert torch.equal(first, plain)  # fp32 here; bf16 rounding may differ (the warning says so)
-        settled = _dynamo_state()
+        settled = dynamo_state()
         for _ in range(2):
             assert torch.equal(tokens(case.model.generate(**kw)), plain), "stamps changed the tokens"
-    assert _dynamo_state() == settled, "stamped decode recompiled after its first call"
+    assert dynamo_state() == settled, "stamped decode recompiled after its first call"
     assert settled["graph_breaks"] == 0 and settled["cudagraph_skips"] == 0, settled
     assert hook_state(case.model) == hooks
     assert torch.equal(tokens(case.model.generate(**kw)), plain)  # untraced again
@@ -170,7 +152,7 @@ def test_shared_layer_marks_halve_the_stamps_in_compiled_decode():
     import torch._dynamo
 
     case = tiny.build("llama")
-    kw = gen_kwargs(case, 4, **_static_compiled(case, "cpu"))
+    kw = gen_kwargs(case, 4, **static_compiled(case, "cpu"))
     torch._dynamo.reset()
     plain = tokens(case.model.generate(**kw))
     with pytest.warns(UserWarning), stagetrace.trace(case.model, layer_detail="all", layer_marks="shared") as tracer:
@@ -184,47 +166,12 @@ def test_shared_layer_marks_halve_the_stamps_in_compiled_decode():
     assert len(steps) == 3 and len([s for s in rec.spans if s.name.startswith("layer")]) == 2 * 4
 
 
-def _compile_forward_by_hand(case, device: str, new_tokens: int) -> tuple[dict, object]:
-    """A text model's forward compiled by hand: on CUDA the reduce-overhead recipe (CUDA graphs,
-    static cache initialized first), on the CPU dynamo's eager backend. Returns generate()
-    kwargs and the cache to reset between calls (or None)."""
-    import functools
-
-    model, cache = case.model, None
-    kw = gen_kwargs(case, new_tokens, disable_compile=True)
-    if device == "cuda":
-        from transformers import StaticCache
-
-        cfg = model.config
-        cache = StaticCache(config=cfg, max_cache_len=case.prompt_len + new_tokens)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        cache.early_initialization(case.inputs["input_ids"].shape[0], cfg.num_key_value_heads, head_dim,
-                                   model.dtype, torch.device("cuda"))
-        kw["past_key_values"] = cache
-        compiled = torch.compile(model.forward, mode="reduce-overhead")
-    else:
-        compiled = torch.compile(model.forward, backend="eager")
-
-    @functools.wraps(compiled)
-    def forward(*args, **kwargs):
-        torch.compiler.cudagraph_mark_step_begin()
-        return compiled(*args, **kwargs)
-
-    model.forward = forward
-    return kw, cache
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_detail_inside_a_forward_compiled_by_hand(device):
     import torch._dynamo
 
     case = build_on("llama", device)
-    kw, cache = _compile_forward_by_hand(case, device, 4)
-
-    def generate():
-        if cache is not None:
-            cache.reset()
-        return tokens(case.model.generate(**kw))
+    generate = compile_forward_by_hand(case, device, 4)
 
     torch._dynamo.reset()
     plain = generate()
@@ -233,13 +180,13 @@ def test_layer_detail_inside_a_forward_compiled_by_hand(device):
         tracer = stagetrace.trace(case.model, layer_detail="all").start()
     try:
         assert torch.equal(generate(), plain)  # recompiles the forward once, with the stamps
-        settled = _dynamo_state()
+        settled = dynamo_state()
         for _ in range(2):
             assert torch.equal(generate(), plain)
-        assert _dynamo_state() == settled, "the stamped forward recompiled after its first call"
+        assert dynamo_state() == settled, "the stamped forward recompiled after its first call"
     finally:
         tracer.stop()
-    assert torch.equal(generate(), plain) and _dynamo_state() == settled  # the unstamped graph is still cached
+    assert torch.equal(generate(), plain) and dynamo_state() == settled  # the unstamped graph is still cached
     assert settled["graph_breaks"] == 0 and settled["cudagraph_skips"] == 0, settled
     for rec in tracer.records:
         assert_partition(rec)
@@ -253,7 +200,7 @@ def test_layer_detail_inside_a_forward_compiled_by_hand(device):
 
 def test_layer_detail_in_compiled_decode_is_refused_where_there_are_no_stamps(monkeypatch):
     case = tiny.build("llama")
-    kw = gen_kwargs(case, 3, **_static_compiled(case, "cpu"))
+    kw = gen_kwargs(case, 3, **static_compiled(case, "cpu"))
     monkeypatch.setattr(gs, "stamps_available", lambda device_type: "built without stamps (test)")
     with stagetrace.trace(case.model, layer_detail="all") as tracer:
         with pytest.raises(TracingError, match="need GPU-side stamps: built without stamps.*layer_detail='prefill'"):

@@ -13,7 +13,7 @@ from stagetrace.layouts import LayoutError
 from stagetrace.tracer import TracingError
 
 from conftest import DEVICES
-from helpers import assert_partition, build_on, gen_kwargs, hook_state, tokens, trace_once
+from helpers import assert_partition, build_on, gen_kwargs, hook_state, static_compiled, tokens, trace_once
 
 FAMILIES = list(tiny.FAMILIES)
 VLMS = [f for f in FAMILIES if f != "llama"]
@@ -362,27 +362,13 @@ def test_a_multimodal_model_is_never_taken_for_text_only():
 
 
 # ---------------------------------------------------------------- what is not traced yet is refused
-def _static_compiled(case, backend="eager"):
-    """generate() kwargs under which transformers compiles the decode step itself (static cache).
-
-    The eager dynamo backend keeps CPU tests fast: what is checked here is what dynamo sees
-    (graphs, breaks, recompiles); CUDA-graph replay is the GPU half of the story.
-    """
-    from transformers import CompileConfig
-
-    case.model.generation_config.cache_implementation = "static"
-    compile_config = CompileConfig(backend=backend, mode=None)
-    compile_config._compile_all_devices = True  # what a CUDA device gets by default
-    return compile_config
-
-
 @pytest.mark.parametrize("family", ["llama", "llava", "qwen2_vl"])
 def test_compiled_decode_is_traced_without_graph_breaks_or_recompiles(family):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     case = tiny.build(family)
-    kw = gen_kwargs(case, 5, compile_config=_static_compiled(case))
+    kw = gen_kwargs(case, 5, **static_compiled(case))
     torch._dynamo.reset()
     counters.clear()
     plain = tokens(case.model.generate(**kw))  # untraced: compiles the decode step once
@@ -407,7 +393,7 @@ def test_a_decode_step_first_compiled_under_tracing_serves_untraced_calls_too():
     from torch._dynamo.utils import counters
 
     case = tiny.build("llama")
-    kw = gen_kwargs(case, 4, compile_config=_static_compiled(case))
+    kw = gen_kwargs(case, 4, **static_compiled(case))
     torch._dynamo.reset()
     counters.clear()
     with stagetrace.trace(case.model) as tracer:
@@ -420,7 +406,7 @@ def test_a_decode_step_first_compiled_under_tracing_serves_untraced_calls_too():
 
 def test_compiled_decode_refuses_what_it_cannot_time(monkeypatch):
     case = tiny.build("llama")
-    kw = gen_kwargs(case, 3, compile_config=_static_compiled(case))
+    kw = gen_kwargs(case, 3, **static_compiled(case))
     monkeypatch.setattr(stagetrace.tracer, "COMPILED_DECODE_VALIDATED_ON", ())
     with stagetrace.trace(case.model) as tracer:
         with pytest.raises(TracingError, match="not yet validated on cpu.*disable_compile=True"):
