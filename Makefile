@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-stamp
 OUT    ?= stagetrace-demo
 
-.PHONY: demo test build bench-cpu clean
+.PHONY: demo test build clean
 
 $(DEPS): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,4 +24,4 @@ test: build
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf build stagetrace/_C*.so *.egg-info
+	rm -rf build stagetrace/low_level/_C*.so *.egg-info

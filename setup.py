@@ -1,4 +1,4 @@
-"""Build stagetrace._C with ninja, picking the CUDA or the CPU-only build.
+"""Build stagetrace.low_level._C with ninja, picking the CUDA or the CPU-only build.
 
 The extension links the CUDA runtime statically and never includes libtorch
 headers, so one build works with any torch. The CUDA backend is compiled
@@ -148,6 +148,6 @@ class NinjaBuildExt(build_ext):
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import find_cuda_home
     setup(
-        ext_modules=[Extension("stagetrace._C", sources=[])],
+        ext_modules=[Extension("stagetrace.low_level._C", sources=[])],
         cmdclass={"build_ext": NinjaBuildExt},
     )

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     import stagetrace
-    from stagetrace.low_level.reference import SyncTimeline, spin_cycles_per_us
+    from stagetrace.testing.reference import SyncTimeline, spin_cycles_per_us
 
     cuda = torch.cuda.is_available() and not args.cpu
     dev = "cuda" if cuda else "cpu"

@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from stagetrace import tiny
+    import models
+    from stagetrace.testing import tiny
 
     cuda = torch.cuda.is_available() and not args.cpu_tiny
     env = environment()
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     for cfg in args.configs.split(","):
         family, batch = cfg.rsplit("_b", 1)
         if cuda:
-            case = tiny.llava_realistic(batch=int(batch)) if family == "llava" else tiny.llama_realistic(
+            case = models.llava_realistic(batch=int(batch)) if family == "llava" else models.llama_realistic(
                 batch=int(batch))
         else:
             case = tiny.build(family, batch=int(batch))

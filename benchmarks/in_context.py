@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from stagetrace import tiny
+    import models
+    from stagetrace.testing import tiny
     from stagetrace.low_level import _C, new_timeline
 
     if args.pin_cpu != "none":
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.sched_setaffinity(0, cores)
         torch.set_num_threads(1)
     cuda = torch.cuda.is_available() and not args.cpu_tiny
-    case = tiny.llama_realistic(batch=1) if cuda else tiny.build("llama")
+    case = models.llama_realistic(batch=1) if cuda else tiny.build("llama")
     model = case.model.eval()
     kw = dict(case.inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
               **case.generate_kwargs)

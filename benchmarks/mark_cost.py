@@ -11,7 +11,9 @@ Methods (host µs per mark, median over repetitions):
   layer_wrapper       added host cost per mark of a layer mark as the tracer places it (a
                       wrapped forward: begin + end mark around a module call), vs
   layer_module_hooks  the same two marks placed by forward pre/post module hooks
-and resolve cost per mark (after the GPU is idle, so it is the work, not the wait).
+and resolve cost per mark (after the GPU is idle, so it is the work, not the wait), and
+  after_call          everything done after generate() returns, per mark (the one wait,
+                      resolve, stage math on both clocks, the record), at --n marks
 On a machine without CUDA it measures the host backend and says so.
 """
 from __future__ import annotations
@@ -44,15 +46,15 @@ def layer_mark_costs(tl, n: int, reps: int, cuda: bool) -> dict[str, dict]:
     import torch
     from torch import nn
 
-    from stagetrace import tiny
-    from stagetrace.tracer import Tracer, _Call
+    from stagetrace.tracing.call import CallSlot, CallState
+    from stagetrace.tracing.eager import layer_forward
 
     x = torch.zeros(4, device="cuda" if cuda else "cpu")
-    tracer = Tracer(tiny.build("llama").model, timeline=tl)
-    tracer._call = _Call(prompt_len=0, fed=0, in_prefill=True)  # as inside a generate() call
-    plain, wrapped, hooked = nn.Identity(), nn.Identity(), nn.Identity()
-    tracer._wrap_layer_forward(wrapped, 9, 10, every_step=True)
+    slot = CallSlot()
+    slot.call = CallState(prompt_len=0, fed=0, forward_compiled=False, stamping=False, in_prefill=True)
     mark = tl.mark
+    plain, wrapped, hooked = nn.Identity(), nn.Identity(), nn.Identity()
+    wrapped.forward = layer_forward(wrapped.forward, slot, mark, 9, 10, every_step=True)  # as the tracer does
     hooked.register_forward_pre_hook(lambda m, a: mark(9))
     hooked.register_forward_hook(lambda m, a, o: mark(10))
     k = max(n // 2, 1000)
@@ -74,6 +76,37 @@ def layer_mark_costs(tl, n: int, reps: int, cuda: bool) -> dict[str, dict]:
     return out
 
 
+def after_call_cost(n_marks: int, reps: int, cuda: bool) -> dict:
+    """Host µs per mark of everything done after generate() returns — the one wait, resolve,
+    stage math on both clocks, the record — exactly as the tracer does it
+    (``Marks.from_timeline`` + ``tracing.record.build_record``), for one call of about
+    ``n_marks`` marks: layer detail (pair marks) on 24 layers at every step."""
+    import torch
+
+    from stagetrace.labels import Kind, label, layer_labels
+    from stagetrace.low_level import Marks, new_timeline
+    from stagetrace.tracing.record import build_record
+
+    layers = [lab for pair in layer_labels(24, "pair") for lab in pair]
+    steps = max((n_marks - 5 - len(layers)) // (1 + len(layers)), 1)
+    seq = ([label(Kind.CALL_BEGIN), label(Kind.PREFILL_FORWARD), label(Kind.LM_BEGIN)] + layers
+           + [label(Kind.LM_HEAD_END)] + ([label(Kind.DECODE_FORWARD)] + layers) * steps + [label(Kind.CALL_END)])
+    tl = new_timeline("cuda" if cuda else "cpu", torch.cuda.current_device() if cuda else 0, capacity=len(seq))
+    if cuda:
+        tl.bind_streams([torch.cuda.current_stream().cuda_stream])
+    meta = dict(batch_size=1, prompt_tokens=1, output_tokens=steps + 1)
+    samples = []
+    for _ in range(reps):
+        tl.reset()
+        for lab in seq:
+            tl.mark(lab)
+        t0 = time.perf_counter_ns()
+        rec = build_record(Marks.from_timeline(tl), meta, None, None, keep_marks=True)
+        samples.append((time.perf_counter_ns() - t0) / len(seq) / 1e3)
+        assert rec.error is None and len(rec.decode_step_ms) == steps, rec.error
+    return {"after_call": {"median_us": statistics.median(samples), "samples_us": samples, "marks": len(seq)}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
@@ -85,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     import stagetrace
-    from stagetrace import _C
+    from stagetrace.low_level import _C
 
     env = environment()
     cuda = stagetrace.backend_info().cuda_devices > 0 and torch.cuda.is_available() and not args.cpu
@@ -155,12 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
             results[name] = dict(zip(("median_us", "samples_us"), per_mark_us(fn, m, reps)))
 
     results.update(layer_mark_costs(tl, n, reps, cuda))
+    results.update(after_call_cost(n, reps, cuda))
     payload = {"benchmark": "mark_cost", "env": env, "device": "cuda" if cuda else "cpu", "params": {"n": n, "reps": reps, "cuda": cuda},
                "results": results,
-               "targets": {"stagetrace_median_us": 1.6, "resolve_median_us": 0.1}}
+               "targets": {"stagetrace_median_us": 1.6, "resolve_median_us": 0.1, "after_call_median_us": 1.0}}
     path = save("mark_cost" if cuda else "mark_cost-cpu", payload, args.out)
     order = ["native_cpp", "stagetrace", "layer_wrapper", "layer_module_hooks", "torch_event_record",
-             "torch_event_new", "sync_perf_counter", "resolve"]
+             "torch_event_new", "sync_perf_counter", "resolve", "after_call"]
     rows = [[k, results[k]["median_us"], min(results[k]["samples_us"])] for k in order if k in results]
     print(f"mark cost on {env['card']} (torch {env['torch']}, {'CUDA events' if cuda else 'host backend'})")
     print(table(rows, ["method", "median µs/mark", "min µs/mark"]))

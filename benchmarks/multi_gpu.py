@@ -32,7 +32,7 @@ def cross_device_error(reps: int) -> dict[str, Any]:
 
     from stagetrace.low_level import _C
     from stagetrace.low_level.multi_device import MultiDeviceTimeline
-    from stagetrace.low_level.reference import gpu_handover, spin_cycles_per_us
+    from stagetrace.testing.reference import gpu_handover, spin_cycles_per_us
 
     cycles = spin_cycles_per_us()
     tl = MultiDeviceTimeline([_C.CudaTimeline(0), _C.CudaTimeline(1)])
@@ -59,9 +59,10 @@ def split_model(reps: int, new_tokens: int) -> dict[str, Any]:
     import torch
 
     import stagetrace
-    from stagetrace import tiny
+    import models
+    from stagetrace.testing import tiny
 
-    case = tiny.llava_realistic(batch=1, device="cpu")
+    case = models.llava_realistic(batch=1, device="cpu")
     model = tiny.split_over_gpus(case.model.eval())
     inputs = {k: v.to("cuda:0") if isinstance(v, torch.Tensor) else v for k, v in case.inputs.items()}
     kw = dict(inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **case.generate_kwargs)

@@ -42,7 +42,7 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
     import torch
 
     import stagetrace
-    from stagetrace.low_level.reference import SyncTimeline, TorchEventTimeline
+    from stagetrace.testing.reference import SyncTimeline, TorchEventTimeline
 
     model = case.model
     kw = dict(case.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -170,8 +170,8 @@ def same_run_agreement(case: Any, cuda: bool, new_tokens: int, reps: int) -> dic
     import torch
 
     import stagetrace
-    from stagetrace import _C
-    from stagetrace.low_level.reference import DualTimeline
+    from stagetrace.low_level import new_timeline
+    from stagetrace.testing.reference import DualTimeline
     from stagetrace.records import StageRecord
 
     kw = dict(case.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -179,7 +179,7 @@ def same_run_agreement(case: Any, cuda: bool, new_tokens: int, reps: int) -> dic
     ours: list[dict] = []
     ref: list[dict] = []
     for _ in range(reps):
-        dual = DualTimeline(_C.CudaTimeline(torch.cuda.current_device()))
+        dual = DualTimeline(new_timeline("cuda", torch.cuda.current_device()))
         with stagetrace.trace(case.model, timeline=dual, keep_marks=False) as tracer:
             case.model.generate(**kw)
         ours.append(tracer.records[-1].to_dict())
@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
         os.sched_setaffinity(0, {args.pin_cpu})
         torch.set_num_threads(1)
 
-    from stagetrace import tiny
+    import models
+    from stagetrace.testing import tiny
 
     cuda = torch.cuda.is_available() and not args.cpu_tiny
     env = environment()
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         family, batch = cfg.rsplit("_b", 1)
         b = int(batch)
         if cuda:
-            case = (tiny.llava_realistic(batch=b) if family == "llava" else tiny.llama_realistic(batch=b))
+            case = (models.llava_realistic(batch=b) if family == "llava" else models.llama_realistic(batch=b))
         else:
             case = tiny.build(family, batch=b)
         case.model.eval()

@@ -39,14 +39,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     import stagetrace
-    from stagetrace import tiny
+    import models
+    from stagetrace.testing import tiny
 
     cuda = torch.cuda.is_available() and not args.cpu_tiny
     rng = random.Random(args.seed)
     if cuda:
-        model = tiny.llava_next_realistic()
+        model = models.llava_next_realistic()
         sizes = IMAGE_SIZES
-        make = lambda hw, s: tiny.llava_next_inputs(model, hw, text_len=rng.randint(8, 48), seed=s)  # noqa: E731
+        make = lambda hw, s: models.llava_next_inputs(model, hw, text_len=rng.randint(8, 48), seed=s)  # noqa: E731
     else:
         base = tiny.build("llava_next")
         model = base.model

@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 from .layouts import LAYOUTS, Layout, LayoutError
 from .low_level import BackendInfo, Marks, backend_info, new_timeline
 from .records import JsonlWriter, RecordLoadWarning, StageRecord, load_records
+from .spans import Span, SpanTable
 from .stages import StageOrderError, StageTimes, stages_from_marks
-from .tracer import Tracer, TracingError, attach, trace
+from .tracing import Tracer, TracingError, attach, trace
 
 
 def __getattr__(name: str):  # exporters import lazily: `import stagetrace` stays light
@@ -31,5 +32,5 @@ __all__ = [
     "__version__", "trace", "attach", "Tracer", "TracingError", "StageRecord", "load_records", "JsonlWriter",
     "RecordLoadWarning", "summarize", "format_summary", "write_chrome_trace", "backend_info", "BackendInfo",
     "new_timeline", "Marks", "stages_from_marks", "StageTimes", "StageOrderError", "Layout", "LayoutError",
-    "LAYOUTS",
+    "LAYOUTS", "Span", "SpanTable",
 ]

@@ -63,7 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     import stagetrace
-    from stagetrace import tiny
+    from stagetrace.testing import tiny
 
     out = _writable_dir(Path(args.out))
     device = _pick_device(args.device)

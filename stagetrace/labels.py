@@ -9,7 +9,7 @@ import enum
 
 import numpy as np
 
-__all__ = ["Kind", "label", "kind_of", "index_of"]
+__all__ = ["Kind", "label", "kind_of", "index_of", "layer_labels"]
 
 INDEX_SHIFT = 8
 
@@ -37,3 +37,15 @@ def kind_of(labels: np.ndarray) -> np.ndarray:
 
 def index_of(labels: np.ndarray) -> np.ndarray:
     return np.asarray(labels) >> INDEX_SHIFT
+
+
+def layer_labels(n_layers: int, layer_marks: str) -> list[tuple[int, int | None]]:
+    """(begin label, end label or None) of each decoder layer.
+
+    ``layer_marks="pair"`` marks both ends of every layer; ``"shared"`` marks one boundary
+    between consecutive layers (the next layer's begin ends the previous one) and only the
+    last layer's end. The stage math pairs them the same way (``stages._layer_spans``).
+    """
+    return [(label(Kind.LAYER_BEGIN, i),
+             label(Kind.LAYER_END, i) if layer_marks == "pair" or i == n_layers - 1 else None)
+            for i in range(n_layers)]

@@ -1,29 +1,32 @@
 """Per-call records: what one traced ``generate()`` call took, stage by stage.
 
-A record is plain data (ms floats, token counts, metadata). The raw marks and spans
-it was computed from stay attached in memory for exporters (Chrome trace) but are
-not part of its JSON form unless asked for.
+A record is plain data (ms floats, token counts, metadata). Its spans — on the device
+timeline and on the host clock (when each boundary's mark was issued), both computed
+once when the record is built — and the raw marks stay attached in memory for
+exporters (Chrome trace); they are not part of its JSON form unless asked for.
 """
 from __future__ import annotations
 
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
-from .stages import Span, StageTimes
+from .spans import Span, SpanTable
+from .stages import StageTimes
 
 __all__ = ["StageRecord", "JsonlWriter", "load_records", "RecordLoadWarning", "STAGES"]
 
 # The stage columns every summary and table shows, in order.
 STAGES = ("total_ms", "vision_ms", "prefill_ms", "decode_ms", "other_ms", "ttft_ms", "tpot_ms")
 
-SCHEMA_VERSION = 1
+# 1: the first release. 2: spans carry their identity as fields (kind, index), not a name.
+SCHEMA_VERSION = 2
 
 
-_IN_MEMORY = ("spans", "marks", "_host_spans")
+_IN_MEMORY = ("spans", "host_spans", "marks")
 
 
 class RecordLoadWarning(UserWarning):
@@ -72,9 +75,9 @@ class StageRecord:
     error: str | None = None  # set when the call's marks could not be turned into stages
     schema: int = SCHEMA_VERSION
     # in-memory only: the spans and raw marks behind the numbers
-    spans: list[Span] = field(default_factory=list, repr=False, compare=False)
+    spans: SpanTable = field(default_factory=SpanTable.empty, repr=False, compare=False)
+    host_spans: SpanTable = field(default_factory=SpanTable.empty, repr=False, compare=False)
     marks: Any = field(default=None, repr=False, compare=False)
-    _host_spans: list[Span] | None = field(default=None, repr=False, compare=False)
 
     @property
     def tpot_ms(self) -> float | None:
@@ -84,10 +87,11 @@ class StageRecord:
         return self.decode_ms / len(self.decode_step_ms)
 
     @classmethod
-    def from_stages(cls, st: StageTimes, **meta: Any) -> "StageRecord":
+    def from_stages(cls, st: StageTimes, host_spans: SpanTable | None = None, **meta: Any) -> "StageRecord":
         return cls(total_ms=_ms(st.total_ns), vision_ms=_ms(st.vision_ns), prefill_ms=_ms(st.prefill_ns),
                    decode_ms=_ms(st.decode_ns), other_ms=_ms(st.other_ns), ttft_ms=_ms(st.ttft_ns),
-                   decode_step_ms=[s / 1e6 for s in st.decode_step_ns], spans=list(st.spans), **meta)
+                   decode_step_ms=[s / 1e6 for s in st.decode_step_ns], spans=st.spans,
+                   host_spans=host_spans if host_spans is not None else SpanTable.empty(), **meta)
 
     @classmethod
     def failed(cls, error: str, **meta: Any) -> "StageRecord":
@@ -102,27 +106,9 @@ class StageRecord:
         d["decode_step_ms"] = list(self.decode_step_ms)
         d["tpot_ms"] = self.tpot_ms
         if spans:
-            d["spans"] = [asdict(s) for s in self.spans]
-            d["host_spans"] = [asdict(s) for s in self.host_spans()]
+            d["spans"] = _as_table(self.spans).to_dicts()
+            d["host_spans"] = _as_table(self.host_spans).to_dicts()
         return d
-
-    def host_spans(self) -> list[Span]:
-        """The same stages on the host clock: when the host *issued* each boundary's mark.
-
-        Computed from the raw marks (kept in memory) or read back from a records file.
-        """
-        if self._host_spans is not None:
-            return self._host_spans
-        if self.marks is None or self.error is not None:
-            return []
-        from .stages import stages_from_marks
-
-        host = self.marks.host_ns - self.marks.host_ns[0]
-        try:
-            self._host_spans = stages_from_marks(self.marks.labels, host).spans
-        except ValueError:
-            self._host_spans = []
-        return self._host_spans
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StageRecord":
@@ -130,10 +116,25 @@ class StageRecord:
         kw = {k: v for k, v in d.items() if k in known and k not in _IN_MEMORY}
         rec = cls(**kw)
         if "spans" in d:
-            rec.spans = [Span(**s) for s in d["spans"]]
+            rec.spans = _read_spans(d["spans"])
         if "host_spans" in d:
-            rec._host_spans = [Span(**s) for s in d["host_spans"]]
+            rec.host_spans = _read_spans(d["host_spans"])
         return rec
+
+
+def _as_table(spans: SpanTable | list[Span]) -> SpanTable:
+    return spans if isinstance(spans, SpanTable) else SpanTable.from_spans(spans)
+
+
+def _read_spans(rows: list[dict[str, Any]]) -> SpanTable:
+    """Spans of a records file; schema 1 wrote a span's identity as its display name only."""
+    return SpanTable.from_spans(Span(**row) if "kind" in row else _schema1_span(**row) for row in rows)
+
+
+def _schema1_span(name: str, start_ns: int, end_ns: int, depth: int, device: str | None = None) -> Span:
+    kind, _, index = name.partition(" ")
+    return Span("call" if kind == "generate" else kind, int(index) if index else None, start_ns, end_ns, depth,
+                device)
 
 
 def _line(record: StageRecord, spans: bool) -> str:

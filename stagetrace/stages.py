@@ -8,36 +8,27 @@ No torch, no model. This is where exactness lives, so what must stay true is:
   :class:`StageOrderError` instead of producing a wrong record;
 * ``decode_step_ns`` partitions ``decode_ns`` exactly;
 * only marks issued before the first decode forward shape vision and prefill (vision
-  that re-runs inside decode steps, e.g. without a cache, belongs to those steps).
+  that re-runs inside decode steps, e.g. without a cache, belongs to those steps);
+* the work is vectorized (numpy over all marks at once): it runs after every
+  ``generate()``, on up to hundreds of thousands of marks, and its cost per mark is
+  budgeted (``benchmarks/mark_cost.py``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from .labels import Kind, index_of, kind_of
+from .spans import KIND_CODE, Span, SpanTable
 
-__all__ = ["Span", "StageTimes", "StageOrderError", "stages_from_marks"]
+__all__ = ["Span", "SpanTable", "StageTimes", "StageOrderError", "stages_from_marks"]
+
+_LAYER, _STEP = KIND_CODE["layer"], KIND_CODE["step"]
 
 
 class StageOrderError(ValueError):
     """The marks of a call do not form ordered, non-overlapping stages."""
-
-
-@dataclass(frozen=True)
-class Span:
-    """A named interval on the call's timeline, ns relative to the call's first mark."""
-
-    name: str
-    start_ns: int
-    end_ns: int
-    depth: int  # 0 call, 1 stage, 2 step or prefill layer, 3 layer inside a step
-    device: str | None = None  # the GPU whose work it is, when the model is split over several
-
-    @property
-    def dur_ns(self) -> int:
-        return self.end_ns - self.start_ns
 
 
 @dataclass(frozen=True)
@@ -50,25 +41,35 @@ class StageTimes:
     ttft_ns: int
     decode_step_ns: list[int]
     call_start_ns: int              # time of the call's first mark on the device timeline
-    spans: list[Span] = field(default_factory=list)
+    spans: SpanTable
 
 
-def _pair_layers(kinds: np.ndarray, idx: np.ndarray, t: np.ndarray, lo: int, hi: int,
-                 depth: int) -> list[Span]:
-    # Layers run one after another: a layer that begins closes the one still open. That is
-    # how layer_marks="shared" works (one mark per boundary, the last layer's end marked).
-    spans: list[Span] = []
-    open_at: dict[int, int] = {}
-    for p in range(lo, hi):
-        if kinds[p] == Kind.LAYER_BEGIN:
-            for i, b in list(open_at.items()):
-                spans.append(Span(f"layer {i}", int(t[b]), int(t[p]), depth))
-                del open_at[i]
-            open_at[int(idx[p])] = p
-        elif kinds[p] == Kind.LAYER_END and int(idx[p]) in open_at:
-            b = open_at.pop(int(idx[p]))
-            spans.append(Span(f"layer {int(idx[p])}", int(t[b]), int(t[p]), depth))
-    return spans
+def _layer_spans(kinds: np.ndarray, idx: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(begin mark positions, end mark positions) of the layer spans, in begin order.
+
+    Layers run one after another, so at most one is open: a layer is closed by the next
+    layer mark of its region (the prefill, or one decode step) that is either any layer's
+    begin (``layer_marks="shared"``: one mark per boundary) or its own end. A layer left
+    open at the end of its region gets no span.
+    """
+    pos = np.flatnonzero((kinds == Kind.LAYER_BEGIN) | (kinds == Kind.LAYER_END))
+    j = np.flatnonzero(kinds[pos] == Kind.LAYER_BEGIN)
+    if not len(j):
+        return j, j
+    nxt = np.minimum(j + 1, len(pos) - 1)
+    closes = ((j + 1 < len(pos)) & (region[pos[nxt]] == region[pos[j]])
+              & ((kinds[pos[nxt]] == Kind.LAYER_BEGIN) | (idx[pos[nxt]] == idx[pos[j]])))
+    end = np.where(closes, pos[nxt], -1)
+    for k in np.flatnonzero(~closes):  # rare: another layer's end mark in between (nested layers)
+        b = pos[j[k]]
+        for q in pos[j[k] + 1:]:
+            if region[q] != region[b]:
+                break
+            if kinds[q] == Kind.LAYER_BEGIN or idx[q] == idx[b]:
+                end[k] = q
+                break
+    keep = end >= 0
+    return pos[j][keep], end[keep]
 
 
 def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray) -> StageTimes:
@@ -91,24 +92,22 @@ def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray) -> StageTimes:
                               "be recorded in the order the device runs them (one stream)")
 
     begin, end = int(t[0]), int(t[-1])
-    pos = lambda k: np.flatnonzero(kinds == k)  # noqa: E731
-    decode_pos = pos(Kind.DECODE_FORWARD)
+    decode_pos = np.flatnonzero(kinds == Kind.DECODE_FORWARD)
     first_decode = int(decode_pos[0]) if len(decode_pos) else n - 1
-    before = lambda p: p[p < first_decode]  # noqa: E731
+    head = kinds[:first_decode]  # what shapes vision and prefill
+    pos = lambda k: np.flatnonzero(head == k)  # noqa: E731
 
-    spans: list[Span] = [Span("generate", begin, end, 0)]
-
-    vb, ve = before(pos(Kind.VISION_BEGIN)), before(pos(Kind.VISION_END))
+    vb, ve = pos(Kind.VISION_BEGIN), pos(Kind.VISION_END)
     vision: tuple[int, int] | None = None
     if len(vb) and len(ve):
         vision = (int(t[vb].min()), int(t[ve].max()))
     elif len(vb) or len(ve):
         raise StageOrderError("vision marks are unpaired: a vision module started without ending or vice versa")
 
-    prefill_fwd = before(pos(Kind.PREFILL_FORWARD))
+    prefill_fwd = pos(Kind.PREFILL_FORWARD)
     if len(prefill_fwd) == 0:
         raise StageOrderError("no prefill forward was marked: generate() ran no forward of the traced model")
-    lm_begin, head_end = before(pos(Kind.LM_BEGIN)), before(pos(Kind.LM_HEAD_END))
+    lm_begin, head_end = pos(Kind.LM_BEGIN), pos(Kind.LM_HEAD_END)
     p_start = int(t[lm_begin[0]]) if len(lm_begin) else int(t[prefill_fwd[0]])
     if not len(lm_begin) and vision is not None:
         p_start = max(p_start, vision[1])  # without an LM mark, prefill starts after vision
@@ -116,9 +115,8 @@ def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray) -> StageTimes:
     prefill = (p_start, p_end)
 
     decode = (int(t[first_decode]), end)
-    steps = [int(t[decode_pos[i + 1]] - t[decode_pos[i]]) for i in range(len(decode_pos) - 1)]
-    if len(decode_pos):
-        steps.append(end - int(t[decode_pos[-1]]))
+    step_bounds = np.append(decode_pos, n - 1)  # step i runs from its DECODE mark to the next (or the return)
+    steps_ns = np.diff(t[step_bounds])
 
     chain = [("generate entry", begin)]
     if vision:
@@ -136,19 +134,41 @@ def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray) -> StageTimes:
     prefill_ns = prefill[1] - prefill[0]
     decode_ns = decode[1] - decode[0]
     other = total - (vision_ns or 0) - prefill_ns - decode_ns
-
-    if vision:
-        spans.append(Span("vision", vision[0], vision[1], 1))
-    spans.append(Span("prefill", prefill[0], prefill[1], 1))
-    spans += _pair_layers(kinds, idx, t, 0, first_decode, 2)
-    if len(decode_pos):
-        spans.append(Span("decode", decode[0], decode[1], 1))
-        bounds = list(decode_pos) + [n - 1]
-        for i in range(len(decode_pos)):
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
-            spans.append(Span(f"step {i}", int(t[lo]), int(t[hi]), 2))
-            spans += _pair_layers(kinds, idx, t, lo, hi, 3)
-
+    spans = _spans(kinds, idx, t, vision, prefill, decode_pos, step_bounds)
     return StageTimes(total_ns=total, vision_ns=vision_ns, prefill_ns=prefill_ns, decode_ns=decode_ns,
-                      other_ns=other, ttft_ns=int(t[first_decode]) - begin, decode_step_ns=steps,
-                      call_start_ns=begin, spans=spans)
+                      other_ns=other, ttft_ns=int(t[first_decode]) - begin,
+                      decode_step_ns=steps_ns.tolist(), call_start_ns=begin, spans=spans)
+
+
+def _spans(kinds: np.ndarray, idx: np.ndarray, t: np.ndarray, vision: tuple[int, int] | None,
+           prefill: tuple[int, int], decode_pos: np.ndarray, step_bounds: np.ndarray) -> SpanTable:
+    """The call, its stages, the steps and the layers, in nesting order: generate, vision,
+    prefill, prefill layers, decode, then each step followed by its layers."""
+    n = len(kinds)
+    stage_rows = [("call", 0, int(t[0]), int(t[-1]))]
+    if vision:
+        stage_rows.append(("vision", 1, *vision))
+    stage_rows.append(("prefill", 1, *prefill))
+    # region 0 is everything before the first decode step, region k >= 1 is step k - 1
+    region = np.searchsorted(decode_pos, np.arange(n), side="right")
+    lb, le = _layer_spans(kinds, idx, region)
+    in_prefill = region[lb] == 0
+    n_steps = len(decode_pos)
+
+    # rows after the prefill: decode, then steps and step layers ordered by their first mark
+    tail_pos = np.concatenate([decode_pos, lb[~in_prefill]])
+    order = np.argsort(tail_pos, kind="stable")
+    cols = {
+        "kind": np.concatenate([[KIND_CODE[k] for k, *_ in stage_rows], np.full(in_prefill.sum(), _LAYER),
+                                [KIND_CODE["decode"]] if n_steps else [],
+                                np.concatenate([np.full(n_steps, _STEP), np.full((~in_prefill).sum(), _LAYER)])[order]]),
+        "index": np.concatenate([np.full(len(stage_rows), -1), idx[lb[in_prefill]], [-1] if n_steps else [],
+                                 np.concatenate([np.arange(n_steps), idx[lb[~in_prefill]]])[order]]),
+        "start_ns": np.concatenate([[r[2] for r in stage_rows], t[lb[in_prefill]], [t[decode_pos[0]]] if n_steps else [],
+                                    np.concatenate([t[decode_pos], t[lb[~in_prefill]]])[order]]),
+        "end_ns": np.concatenate([[r[3] for r in stage_rows], t[le[in_prefill]], [t[-1]] if n_steps else [],
+                                  np.concatenate([t[step_bounds[1:]], t[le[~in_prefill]]])[order]]),
+        "depth": np.concatenate([[r[1] for r in stage_rows], np.full(in_prefill.sum(), 2), [1] if n_steps else [],
+                                 np.concatenate([np.full(n_steps, 2), np.full((~in_prefill).sum(), 3)])[order]]),
+    }
+    return SpanTable(**cols)

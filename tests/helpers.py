@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stagetrace import tiny
+from stagetrace.testing import tiny
 
 
 def build_on(family: str, device: str, **kw: Any) -> tiny.TinyCase:

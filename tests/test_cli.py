@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stagetrace import tiny
+from stagetrace.testing import tiny
 from stagetrace.cli import main
 from stagetrace.records import load_records
 

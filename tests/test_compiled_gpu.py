@@ -71,7 +71,7 @@ def test_a_forward_compiled_by_hand_is_traced_unchanged(mode):
 
 def test_compiled_decode_steps_time_known_gpu_work():
     """A spin of known length inside every decode step shows up in that step's time."""
-    from stagetrace.low_level.reference import spin_cycles_per_us
+    from stagetrace.testing.reference import spin_cycles_per_us
 
     case = build_on("llama", "cuda")
     case.model.generation_config.cache_implementation = "static"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import stagetrace
-from stagetrace import tiny
+from stagetrace.testing import tiny
 from stagetrace.export.chrome import chrome_trace, merge_chrome_traces, read_chrome_trace
 from stagetrace.export.table import format_summary, summarize, write_csv
 from stagetrace.records import JsonlWriter, RecordLoadWarning, StageRecord, load_records
@@ -127,7 +127,7 @@ def test_a_crash_mid_stream_leaves_every_finished_record_readable(tmp_path):
     path = tmp_path / "crash.jsonl"
     child = textwrap.dedent(f"""
         import stagetrace
-        from stagetrace import tiny
+        from stagetrace.testing import tiny
         case = tiny.build("llama")
         kw = dict(case.inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
         with stagetrace.trace(case.model, jsonl={str(path)!r}):

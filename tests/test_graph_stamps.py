@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import stagetrace
-from stagetrace import tiny
+from stagetrace.testing import tiny
 from stagetrace.labels import Kind, label
-from stagetrace.low_level import Marks
 from stagetrace.low_level import graph_stamps as gs
-from stagetrace.tracer import TracingError
+from stagetrace.tracing import TracingError
 
 from conftest import DEVICES, sync
 from helpers import (assert_partition, build_on, compile_forward_by_hand, dynamo_state, gen_kwargs, hook_state,
@@ -70,48 +69,8 @@ def test_a_full_ring_counts_drops_and_never_overwrites():
 
 
 def test_a_device_without_stamps_says_why():
-    assert gs.stamps_available("cpu") is None
-    assert "no GPU-side stamps" in gs.stamps_available("mps")
-
-
-# ---------------------------------------------------------------- merging stamps into the timeline
-def _marks(labels, device_ns):
-    n = len(labels)
-    return Marks(np.asarray(labels, np.int32), np.asarray(device_ns, np.int64), np.arange(n, dtype=np.int64) + 100,
-                 np.zeros(n, np.int64), "cuda")
-
-
-def test_each_steps_stamps_are_placed_from_its_own_calibration_stamp():
-    begin, end = label(Kind.CALL_BEGIN), label(Kind.CALL_END)
-    marks = _marks([begin, DECODE, DECODE, end], [0, 1_000, 5_000, 9_000])
-    # the stamp clock is far off and runs from another origin; only differences within a step count
-    stamps = [DECODE, LB0, LE0, DECODE, LB0, LE0]
-    t = [7_000_000, 7_000_100, 7_002_000, 8_000_000, 8_000_050, 8_003_000]
-    merged = gs.merge_stamps(marks, stamps, t, DECODE, dropped=0)
-    assert merged.labels.tolist() == [begin, DECODE, LB0, LE0, DECODE, LB0, LE0, end]
-    assert merged.device_ns.tolist() == [0, 1_000, 1_100, 3_000, 5_000, 5_050, 8_000, 9_000]
-    assert merged.host_ns.tolist()[2:4] == [101, 101]  # issued with their step
-
-
-def test_a_stamp_past_the_next_event_is_held_at_it():
-    marks = _marks([label(Kind.CALL_BEGIN), DECODE, label(Kind.CALL_END)], [0, 1_000, 2_000])
-    merged = gs.merge_stamps(marks, [DECODE, LB0, LE0], [0, 500, 1_500], DECODE)
-    assert merged.device_ns.tolist() == [0, 1_000, 1_500, 2_000, 2_000]
-
-
-@pytest.mark.parametrize("stamps,match", [
-    ([DECODE, LB0], "1 calibration stamps for 2 step events"),
-    ([LB0, DECODE, DECODE], "before the first calibration stamp"),
-])
-def test_stamps_that_do_not_line_up_with_the_events_are_refused(stamps, match):
-    marks = _marks([label(Kind.CALL_BEGIN), DECODE, DECODE, label(Kind.CALL_END)], [0, 1, 2, 3])
-    with pytest.raises(gs.StampMergeError, match=match):
-        gs.merge_stamps(marks, stamps, np.arange(len(stamps)), DECODE)
-
-
-def test_drops_in_the_ring_fail_the_record_like_drops_in_the_timeline():
-    marks = _marks([label(Kind.CALL_BEGIN), DECODE, label(Kind.CALL_END)], [0, 1, 2])
-    assert gs.merge_stamps(marks, [DECODE], [0], DECODE, dropped=4).dropped == 4
+    assert gs.stamps_unavailable_reason("cpu") is None
+    assert "no GPU-side stamps" in gs.stamps_unavailable_reason("mps")
 
 
 # ---------------------------------------------------------------- layer detail in compiled decode
@@ -201,7 +160,7 @@ def test_layer_detail_inside_a_forward_compiled_by_hand(device):
 def test_layer_detail_in_compiled_decode_is_refused_where_there_are_no_stamps(monkeypatch):
     case = tiny.build("llama")
     kw = gen_kwargs(case, 3, **static_compiled(case, "cpu"))
-    monkeypatch.setattr(gs, "stamps_available", lambda device_type: "built without stamps (test)")
+    monkeypatch.setattr(gs, "stamps_unavailable_reason", lambda device_type: "built without stamps (test)")
     with stagetrace.trace(case.model, layer_detail="all") as tracer:
         with pytest.raises(TracingError, match="need GPU-side stamps: built without stamps.*layer_detail='prefill'"):
             case.model.generate(**kw)
@@ -214,7 +173,7 @@ def test_layer_detail_in_compiled_decode_is_refused_where_there_are_no_stamps(mo
 # ---------------------------------------------------------------- what only a GPU shows
 @pytest.mark.gpu
 def test_stamps_captured_in_a_cuda_graph_time_known_work_on_every_replay():
-    from stagetrace.low_level.reference import spin_cycles_per_us
+    from stagetrace.testing.reference import spin_cycles_per_us
 
     ring, rid = _ring("cuda")
     cycles_per_us = spin_cycles_per_us()

@@ -12,37 +12,14 @@ import torch
 import stagetrace
 from stagetrace.export.chrome import chrome_trace
 from stagetrace.labels import Kind, label
-from stagetrace.low_level.multi_device import MultiDeviceTimeline, place_on_one_clock
+from stagetrace.low_level.multi_device import MultiDeviceTimeline
 from stagetrace.low_level.pytimeline import TimelineError
 from stagetrace.records import StageRecord
-from stagetrace.stages import Span
+from stagetrace.spans import Span
 
 from helpers import assert_partition, gen_kwargs, tokens
 
 L = [label(Kind.CALL_BEGIN), label(Kind.PREFILL_FORWARD), label(Kind.LM_BEGIN), label(Kind.CALL_END)]
-
-
-def _cols(device_ns, host0, stream=7):
-    n = len(device_ns)
-    return (np.asarray(L[:n], np.int32), np.asarray(device_ns, np.int64),
-            host0 + np.arange(n, dtype=np.int64) * 10, np.full(n, stream, np.int64))
-
-
-def test_each_mark_takes_the_latest_device_on_the_shared_clock():
-    # device 0 works 1 ms then hands over; device 1 idles, then works 2 ms
-    dev0 = _cols([0, 1_000_000, 1_000_000, 1_000_000], host0=5_000)
-    dev1 = _cols([0, 10, 1_000_500, 3_000_500], host0=6_300)  # issued 1.3 µs later: its origin is later
-    (labels, t, host, streams), which = place_on_one_clock([dev0, dev1])
-    assert labels.tolist() == L
-    assert which.tolist() == [1, 0, 1, 1]
-    assert t.tolist() == [0, 1_000_000 + 5_000 - 6_300, 1_000_500, 3_000_500]
-    assert np.all(np.diff(t) >= 0), "latest-of-monotone stays monotone: stages still partition"
-    assert host.tolist() == dev0[2].tolist() and streams.tolist() == [7] * 4
-
-
-def test_devices_that_saw_different_marks_are_an_error():
-    with pytest.raises(TimelineError, match="device 1 holds 3 marks and device 0 holds 4"):
-        place_on_one_clock([_cols([0, 1, 2, 3], 0), _cols([0, 1, 2], 0)])
 
 
 class _FakeDeviceTimeline:
@@ -98,9 +75,9 @@ def test_the_multi_device_timeline_marks_every_device_and_calibrates_before_the_
 
 
 def test_a_split_models_chrome_trace_has_one_gpu_track_per_device():
-    spans = [Span("generate", 0, 10_000, 0, "cuda:0"), Span("prefill", 0, 8_000, 1, "cuda:0"),
-             Span("layer 0", 0, 3_000, 2, "cuda:0"), Span("layer 1", 3_000, 7_000, 2, "cuda:1"),
-             Span("decode", 8_000, 10_000, 1, "cuda:0")]
+    spans = [Span("call", None, 0, 10_000, 0, "cuda:0"), Span("prefill", None, 0, 8_000, 1, "cuda:0"),
+             Span("layer", 0, 0, 3_000, 2, "cuda:0"), Span("layer", 1, 3_000, 7_000, 2, "cuda:1"),
+             Span("decode", None, 8_000, 10_000, 1, "cuda:0")]
     rec = StageRecord(total_ms=0.01, vision_ms=None, prefill_ms=0.008, decode_ms=0.002, other_ms=0.0,
                       ttft_ms=0.008, decode_step_ms=[0.002], batch_size=1, prompt_tokens=4, output_tokens=2,
                       device="cuda:0", backend="cuda", stream=0x10, devices=["cuda:0", "cuda:1"],
@@ -119,7 +96,7 @@ def test_a_split_models_chrome_trace_has_one_gpu_track_per_device():
 
 @pytest.mark.parametrize("family", ["llava", "llama"])
 def test_split_over_gpus_maps_every_weight_once_second_half_to_the_second_device(family):
-    from stagetrace import tiny
+    from stagetrace.testing import tiny
 
     case = tiny.build(family)
     model = tiny.split_over_gpus(case.model, devices=("cpu", "cpu"))  # the map itself, on CPU
@@ -145,7 +122,7 @@ def _two_gpus() -> None:
 def test_work_handed_from_one_gpu_to_the_other_is_timed_on_one_clock():
     """d0 spins 2 ms, d1 waits for it and spins 1 ms: each interval lands on the device that did it."""
     from stagetrace.low_level import _C
-    from stagetrace.low_level.reference import gpu_handover, spin_cycles_per_us
+    from stagetrace.testing.reference import gpu_handover, spin_cycles_per_us
 
     _two_gpus()
     cycles = spin_cycles_per_us()
@@ -168,8 +145,8 @@ def test_work_handed_from_one_gpu_to_the_other_is_timed_on_one_clock():
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llava", "llama"])
 def test_a_model_split_over_two_gpus_is_traced_on_each(family):
-    from stagetrace import tiny
-    from stagetrace.low_level.reference import spin_cycles_per_us
+    from stagetrace.testing import tiny
+    from stagetrace.testing.reference import spin_cycles_per_us
 
     _two_gpus()
     case = tiny.build(family)
@@ -208,7 +185,7 @@ def test_a_model_split_over_two_gpus_is_traced_on_each(family):
 @pytest.mark.gpu
 def test_a_model_on_the_second_gpu_is_traced_while_the_first_is_current():
     """torch's default stream handle (0) means the *current* device's: marks must still land on cuda:1."""
-    from stagetrace import tiny
+    from stagetrace.testing import tiny
 
     _two_gpus()
     case = tiny.build("llava")

@@ -157,3 +157,59 @@ def test_marks_out_of_device_order_are_refused():
 def test_incomplete_calls_are_refused(bad):
     with pytest.raises(StageOrderError):
         stages_from_marks(*bad)
+
+
+def _reference_layers(kinds, idx, t, lo, hi, depth):
+    """The loop the vectorized pairing replaced: its executable description."""
+    spans, open_at = [], {}
+    for p in range(lo, hi):
+        if kinds[p] == K.LAYER_BEGIN:
+            for i, b in list(open_at.items()):
+                spans.append(("layer", i, int(t[b]), int(t[p]), depth))
+                del open_at[i]
+            open_at[int(idx[p])] = p
+        elif kinds[p] == K.LAYER_END and int(idx[p]) in open_at:
+            b = open_at.pop(int(idx[p]))
+            spans.append(("layer", int(idx[p]), int(t[b]), int(t[p]), depth))
+    return spans
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_vectorized_layer_pairing_equals_the_reference_loop(seed):
+    """Random layer marks (pair, shared, nested, unclosed, stray ends) in prefill and steps."""
+    rng = np.random.default_rng(seed)
+    seq = [(K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 0), (K.LM_BEGIN, 0)]
+
+    def layer_marks():
+        out = []
+        for _ in range(int(rng.integers(0, 8))):
+            kind = K.LAYER_BEGIN if rng.random() < 0.6 else K.LAYER_END
+            out.append((kind, int(rng.integers(0, 3))))
+        return out
+
+    seq += layer_marks() + [(K.LM_HEAD_END, 0)]
+    for _ in range(int(rng.integers(0, 4))):
+        seq += [(K.DECODE_FORWARD, 0)] + layer_marks()
+    seq.append((K.CALL_END, 0))
+    lab = np.array([label(k, i) for k, i in seq], dtype=np.int32)
+    t = np.cumsum(rng.integers(1, 100, size=len(seq)))
+    st = stages_from_marks(lab, t)
+    kinds, idx = kind_of(lab), index_of(lab)
+    decode = list(np.flatnonzero(kinds == K.DECODE_FORWARD))
+    first = decode[0] if decode else len(seq) - 1
+    want = _reference_layers(kinds, idx, t, 0, first, 2)
+    for lo, hi in zip(decode, decode[1:] + [len(seq) - 1]):
+        want += _reference_layers(kinds, idx, t, lo, hi, 3)
+    got = [(s.kind, s.index, s.start_ns, s.end_ns, s.depth) for s in st.spans if s.kind == "layer"]
+    assert got == want
+
+
+def test_spans_carry_kind_and_index_as_fields():
+    lab, t = marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 1), (K.LM_BEGIN, 2), ((K.LAYER_BEGIN, 4), 3),
+                   ((K.LAYER_END, 4), 5), (K.LM_HEAD_END, 9), (K.DECODE_FORWARD, 10), (K.DECODE_FORWARD, 12),
+                   (K.CALL_END, 15))
+    st = stages_from_marks(lab, t)
+    assert [(s.kind, s.index, s.depth) for s in st.spans] == [
+        ("call", None, 0), ("prefill", None, 1), ("layer", 4, 2), ("decode", None, 1), ("step", 0, 2),
+        ("step", 1, 2)]
+    assert [s.name for s in st.spans][-2:] == ["step 0", "step 1"]  # names are for display only

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import stagetrace
-from stagetrace import _C
+from stagetrace.low_level import _C
 from stagetrace.low_level import Marks, PyHostTimeline, new_timeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,10 +139,10 @@ def test_a_cpu_only_build_imports_and_says_why_cuda_is_missing(tmp_path):
                            text=True)
     assert build.returncode == 0, build.stderr
     assert "building the CPU-only backend" in build.stdout
-    (so,) = (tmp_path / "lib" / "stagetrace").glob("_C*.so")
+    (so,) = (tmp_path / "lib" / "stagetrace" / "low_level").glob("_C*.so")
     probe = textwrap.dedent(f"""
         import importlib.util, sys
-        spec = importlib.util.spec_from_file_location("stagetrace._C", {str(so)!r})
+        spec = importlib.util.spec_from_file_location("stagetrace.low_level._C", {str(so)!r})
         m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
         print(m.cuda_compiled(), hasattr(m, "CudaTimeline"), m.cuda_probe())
     """)

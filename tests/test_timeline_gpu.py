@@ -8,7 +8,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _spin_cycles_per_us():
-    from stagetrace.low_level.reference import spin_cycles_per_us
+    from stagetrace.testing.reference import spin_cycles_per_us
 
     return spin_cycles_per_us()
 
@@ -17,7 +17,7 @@ def _spin_cycles_per_us():
 def test_marks_around_spin_kernels_match_a_reference_event_pair(target_us):
     import torch
 
-    from stagetrace import _C
+    from stagetrace.low_level import _C
 
     cycles = int(target_us * _spin_cycles_per_us())
     stream = torch.cuda.current_stream()
@@ -50,7 +50,7 @@ def test_marks_around_spin_kernels_match_a_reference_event_pair(target_us):
 def test_one_hundred_thousand_marks_in_one_run_resolve_correctly():
     import torch
 
-    from stagetrace import _C
+    from stagetrace.low_level import _C
 
     tl = _C.CudaTimeline(torch.cuda.current_device(), capacity=4096, chunk=4096)
     tl.bind_stream(torch.cuda.current_stream().cuda_stream)
@@ -69,7 +69,7 @@ def test_one_hundred_thousand_marks_in_one_run_resolve_correctly():
 def test_marks_on_a_side_stream_that_finishes_last_are_still_resolved():
     import torch
 
-    from stagetrace import _C
+    from stagetrace.low_level import _C
 
     main = torch.cuda.current_stream()
     side = torch.cuda.Stream()
@@ -88,7 +88,7 @@ def test_marks_on_a_side_stream_that_finishes_last_are_still_resolved():
 def test_stream_handles_are_validated_when_bound():
     import torch
 
-    from stagetrace import _C
+    from stagetrace.low_level import _C
 
     tl = _C.CudaTimeline(torch.cuda.current_device())
     with pytest.raises(ValueError):

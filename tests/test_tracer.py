@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import stagetrace
-from stagetrace import tiny
+from stagetrace.testing import tiny
 from stagetrace.layouts import LayoutError
-from stagetrace.tracer import TracingError
+from stagetrace.tracing import TracingError
 
 from conftest import DEVICES
 from helpers import assert_partition, build_on, gen_kwargs, hook_state, static_compiled, tokens, trace_once
@@ -407,7 +407,7 @@ def test_a_decode_step_first_compiled_under_tracing_serves_untraced_calls_too():
 def test_compiled_decode_refuses_what_it_cannot_time(monkeypatch):
     case = tiny.build("llama")
     kw = gen_kwargs(case, 3, **static_compiled(case))
-    monkeypatch.setattr(stagetrace.tracer, "COMPILED_DECODE_VALIDATED_ON", ())
+    monkeypatch.setattr(stagetrace.tracing.compiled, "COMPILED_DECODE_VALIDATED_ON", ())
     with stagetrace.trace(case.model) as tracer:
         with pytest.raises(TracingError, match="not yet validated on cpu.*disable_compile=True"):
             case.model.generate(**kw)
@@ -450,9 +450,9 @@ def test_a_forward_compiled_by_hand_is_refused_where_it_cannot_be_timed(case_nam
                  "no_stamps": ({"layer_detail": "all"}, "need GPU-side stamps: built without.*layer_detail='off'"),
                  "unvalidated_device": ({}, "not yet validated on cpu")}[case_name]
     if case_name == "unvalidated_device":
-        monkeypatch.setattr(stagetrace.tracer, "COMPILED_DECODE_VALIDATED_ON", ())
+        monkeypatch.setattr(stagetrace.tracing.compiled, "COMPILED_DECODE_VALIDATED_ON", ())
     if case_name == "no_stamps":
-        monkeypatch.setattr(graph_stamps, "stamps_available", lambda device_type: "built without stamps (test)")
+        monkeypatch.setattr(graph_stamps, "stamps_unavailable_reason", lambda device_type: "built without stamps (test)")
     with pytest.raises(TracingError, match=match):
         stagetrace.trace(case.model, **kw).start()
     assert "generate" not in case.model.__dict__ and "forward" in case.model.__dict__
@@ -482,7 +482,7 @@ def test_generate_under_a_user_stream_marks_that_stream():
 
 @pytest.mark.gpu
 def test_side_stream_work_the_model_waits_for_stays_in_its_stage():
-    from stagetrace.low_level.reference import spin_cycles_per_us
+    from stagetrace.testing.reference import spin_cycles_per_us
 
     case = build_on("llava", "cuda")
     cycles_per_ms = spin_cycles_per_us() * 1e3

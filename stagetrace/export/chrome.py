@@ -53,18 +53,18 @@ def _call_args(rec: StageRecord) -> dict[str, Any]:
             "decode_ms": rec.decode_ms, "other_ms": rec.other_ms, "ttft_ms": rec.ttft_ms, "tpot_ms": rec.tpot_ms}
 
 
-def _span_events(spans: list[Span], rec: StageRecord, base_us: float, pid: int, tid: int | Callable[[Span], int],
+def _span_events(spans: Iterable[Span], rec: StageRecord, base_us: float, pid: int, tid: int | Callable[[Span], int],
                  host: bool) -> list[dict]:
     events = []
     for s in spans:
-        if s.depth == 0:
+        if s.kind == "call":
             args = _call_args(rec)
         else:
             args = {"ms": s.dur_ns / 1e6}
-            if s.name.startswith("step "):
-                args["step"] = int(s.name.split()[1])
+            if s.index is not None:
+                args[s.kind] = s.index
         name = s.name if not host else f"{s.name} (issued)"
-        cat = "host" if host else ("layer" if s.name.startswith("layer") else "stage")
+        cat = "host" if host else ("layer" if s.kind == "layer" else "stage")
         events.append({"name": name, "cat": cat, "ph": "X", "ts": round(base_us + _us(s.start_ns), 3),
                        "dur": _us(s.dur_ns), "pid": pid, "tid": tid(s) if callable(tid) else tid, "args": args})
     return events
@@ -73,7 +73,7 @@ def _span_events(spans: list[Span], rec: StageRecord, base_us: float, pid: int, 
 def chrome_trace(records: Iterable[StageRecord], rank: int | None = None,
                  origin_unix: float | None = None) -> dict[str, Any]:
     """The trace as a dict (``traceEvents``, ``displayTimeUnit``, ``otherData``)."""
-    recs = [r for r in records if r.error is None and r.spans]
+    recs = [r for r in records if r.error is None and len(r.spans)]
     origin = origin_unix if origin_unix is not None else min((r.unix_start for r in recs), default=0.0)
     pid = rank if rank is not None else (recs[0].rank if recs else 0)
     tids: dict[tuple[str, int], int] = {}
@@ -88,7 +88,7 @@ def chrome_trace(records: Iterable[StageRecord], rank: int | None = None,
 
         base_us = (rec.unix_start - origin) * 1e6
         events += _span_events(rec.spans, rec, base_us, pid, tid_of, host=False)
-        events += _span_events(rec.host_spans(), rec, base_us, pid, HOST_TID, host=True)
+        events += _span_events(rec.host_spans, rec, base_us, pid, HOST_TID, host=True)
     meta: list[dict] = [
         {"name": "process_name", "ph": "M", "pid": pid, "tid": HOST_TID, "args": {"name": f"stagetrace rank {pid}"}},
         {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": HOST_TID, "args": {"sort_index": pid}},

@@ -1,21 +1,24 @@
 """The native boundary: timelines that record labelled marks, and backend selection.
 
-Everything above this package sees only :class:`Marks` (plain numpy columns) and
-the small timeline protocol (``mark``, ``mark_on``, ``resolve``, ``reset``).
+The compiled extension is ``stagetrace.low_level._C`` (its stub ``_C.pyi`` lies beside
+it). Everything above this package sees only :class:`Marks` (plain numpy columns) and
+the :class:`Timeline` protocol, which every timeline implements in full — host ones
+with no-op stream binding and calibration — so no caller probes with ``hasattr``.
 """
 from __future__ import annotations
 
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
+from .marks import Marks
 from .pytimeline import PyHostTimeline, TimelineError
 
 try:
-    from .. import _C
+    from . import _C
 
     NATIVE_IMPORT_ERROR: str | None = None
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
@@ -34,6 +37,8 @@ else:  # pragma: no cover
 
 
 class Timeline(Protocol):
+    """What the tracer needs of a timeline. ``mark`` is the hot path: nothing else is."""
+
     backend: str
 
     def mark(self, label: int) -> None: ...
@@ -42,31 +47,48 @@ class Timeline(Protocol):
     def reset(self) -> None: ...
     def __len__(self) -> int: ...
 
+    @property
+    def dropped(self) -> int:
+        """Marks lost since the last reset (the pool could not grow): the call is then not timed."""
 
-@dataclass(frozen=True)
-class Marks:
-    """One resolved run: parallel columns, in issue order.
+    @property
+    def device_streams(self) -> list[int]:
+        """The stream marked on each device of the timeline ([] where there are no streams)."""
 
-    ``device_ns`` is the time of each mark on the timeline that executed it (GPU
-    events, or the host clock on the CPU backend), relative to the first mark;
-    ``host_ns`` is when the host issued it (absolute ``time.monotonic_ns`` clock).
-    """
+    def bind_streams(self, streams: Sequence[int]) -> None:
+        """Before a call: the stream to mark on each device, in the timeline's device order."""
 
-    labels: np.ndarray
-    device_ns: np.ndarray
-    host_ns: np.ndarray
-    streams: np.ndarray
-    backend: str = "cpu"
-    dropped: int = 0
+    def calibrate(self) -> None:
+        """Before a call: put every device on one clock (no-op where there is one clock)."""
 
-    @classmethod
-    def from_timeline(cls, timeline: Any) -> "Marks":
-        dropped = int(timeline.dropped)
-        labels, device_ns, host_ns, streams = timeline.resolve()
-        return cls(labels, device_ns, host_ns, streams, timeline.backend, dropped)
 
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
+class _OneClock:
+    """The protocol's calls for timelines with one clock (a host clock, or one GPU)."""
+
+    def calibrate(self) -> None:
+        pass
+
+
+if _C is not None:
+    class HostTimeline(_OneClock, _C.HostTimeline):
+        """The native host-clock timeline: no streams to bind."""
+
+        device_streams: list[int] = []
+
+        def bind_streams(self, streams: Sequence[int]) -> None:
+            pass
+
+    if hasattr(_C, "CudaTimeline"):
+        class CudaTimeline(_OneClock, _C.CudaTimeline):
+            """The native CUDA-event timeline of one GPU."""
+
+            def bind_streams(self, streams: Sequence[int]) -> None:
+                (stream,) = streams  # one device: one stream
+                self.bind_stream(stream)
+
+            @property
+            def device_streams(self) -> list[int]:
+                return [self.bound_stream]
 
 
 @dataclass(frozen=True)
@@ -113,11 +135,11 @@ def new_timeline(device_type: str = "cpu", device_index: int = 0, capacity: int 
                 f"{info.reason}. Rebuild stagetrace where the CUDA toolkit is present "
                 "(CUDA_HOME pointing at a toolkit with libcudart_static.a), e.g. "
                 "`pip install --no-build-isolation --no-deps -e .`")
-        return _C.CudaTimeline(device_index, capacity, chunk, max_marks)
+        return CudaTimeline(device_index, capacity, chunk, max_marks)
     if device_type != "cpu":
         raise ValueError(f"stagetrace has no timeline backend for device type {device_type!r} (cpu, cuda)")
     if _C is None:
         warnings.warn(f"stagetrace: native extension unavailable ({NATIVE_IMPORT_ERROR}); "
                       "using the pure-Python host timeline", RuntimeWarning, stacklevel=2)
         return PyHostTimeline(capacity, chunk, max_marks)
-    return _C.HostTimeline(capacity, chunk, max_marks)
+    return HostTimeline(capacity, chunk, max_marks)

@@ -4,7 +4,7 @@ An event recorded from Python cannot sit inside a CUDA graph replayed by
 ``torch.compile(mode="reduce-overhead")``: the Python never runs again after capture.
 A stamp is a kernel instead. It is captured with the graph and, on every replay, the
 GPU itself writes ``%globaltimer`` and a label into a device ring (one atomic slot per
-stamp). After the call, one read brings the ring back and :func:`merge_stamps` places
+stamp). After the call, one read brings the ring back and ``clocks.merge_stamps`` places
 the stamps on the event timeline using a calibration stamp taken right after each
 decode-step event.
 
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _C, Marks
+from . import _C
 
-__all__ = ["stamp", "ring_for", "ring_id", "HostStampRing", "merge_stamps", "stamps_available", "StampMergeError"]
+__all__ = ["stamp", "ring_for", "ring_id", "HostStampRing", "stamps_unavailable_reason"]
 
 # id -> ring. The op takes the id (a plain int that dynamo bakes into the graph as a
 # constant), never a pointer, so a graph can only ever reach a ring that is registered.
@@ -38,10 +38,6 @@ _RINGS: dict[int, Any] = {}
 _BY_DEVICE: dict[tuple[str, int], int] = {}
 _NEXT_ID = itertools.count(1)
 _LOCK = threading.Lock()
-
-
-class StampMergeError(RuntimeError):
-    """The stamps of a call do not line up with its events (so they are not used)."""
 
 
 class HostStampRing:
@@ -72,8 +68,8 @@ class HostStampRing:
                 self._count - len(self._labels))
 
 
-def stamps_available(device_type: str) -> str | None:
-    """None when stamps work on ``device_type``, else why not."""
+def stamps_unavailable_reason(device_type: str) -> str | None:
+    """Why GPU-side stamps cannot run on ``device_type``; None when they can."""
     if device_type == "cpu":
         return None
     if device_type != "cuda":
@@ -90,7 +86,7 @@ def ring_for(device: torch.device, capacity: int = 65536) -> Any:
     with _LOCK:
         rid = _BY_DEVICE.get(key)
         if rid is None:
-            why = stamps_available(device.type)
+            why = stamps_unavailable_reason(device.type)
             if why:
                 raise RuntimeError(why)
             ring = HostStampRing(capacity) if device.type == "cpu" else _C.StampRing(device.index or 0, capacity)
@@ -135,52 +131,3 @@ def _stamp_cuda(x: torch.Tensor, ring: int, label: int) -> torch.Tensor:
 @stamp.register_fake
 def _stamp_fake(x: torch.Tensor, ring: int, label: int) -> torch.Tensor:
     return torch.empty_like(x)
-
-
-def merge_stamps(marks: Marks, labels: np.ndarray, t_ns: np.ndarray, anchor_label: int | tuple[int, ...],
-                 dropped: int = 0) -> Marks:
-    """Marks with the stamps placed on the events' timeline.
-
-    Every stamp labelled with an anchor label is a calibration stamp taken right after the
-    event mark of the same label (one per compiled forward, in order); the stamps after it
-    belong to that forward and are placed at ``event + (stamp - calibration stamp)``. The
-    clocks are compared only within a step, so drift between them never accumulates;
-    what remains is the calibration stamp's own delay after its event (a few µs, which
-    moves a step's stamps earlier, never across the step's start).
-    """
-    labels = np.asarray(labels, dtype=np.int32)
-    t_ns = np.asarray(t_ns, dtype=np.int64)
-    anchors = np.asarray([anchor_label] if isinstance(anchor_label, int) else list(anchor_label), dtype=np.int32)
-    event_idx = np.flatnonzero(np.isin(marks.labels, anchors))
-    anchor_idx = np.flatnonzero(np.isin(labels, anchors))
-    if len(anchor_idx) != len(event_idx):
-        raise StampMergeError(f"{len(anchor_idx)} calibration stamps for {len(event_idx)} step events")
-    if not np.array_equal(labels[anchor_idx], marks.labels[event_idx]):
-        raise StampMergeError("calibration stamps and step events differ in kind or order")
-    if len(labels) and (not len(anchor_idx) or anchor_idx[0] != 0):
-        raise StampMergeError("stamps were taken before the first calibration stamp")
-    if len(labels) == len(anchor_idx):  # nothing but calibration: the marks stand as they are
-        return Marks(marks.labels, marks.device_ns, marks.host_ns, marks.streams, marks.backend,
-                     marks.dropped + dropped)
-    cols: dict[str, list[np.ndarray]] = {"labels": [], "device_ns": [], "host_ns": [], "streams": []}
-    start = 0
-    bounds = list(anchor_idx) + [len(labels)]
-    for k, ev in enumerate(event_idx):
-        cols["labels"].append(marks.labels[start:ev + 1])
-        cols["device_ns"].append(marks.device_ns[start:ev + 1])
-        cols["host_ns"].append(marks.host_ns[start:ev + 1])
-        cols["streams"].append(marks.streams[start:ev + 1])
-        lo, hi = bounds[k] + 1, bounds[k + 1]
-        t = marks.device_ns[ev] + (t_ns[lo:hi] - t_ns[bounds[k]])
-        if ev + 1 < len(marks):  # a step's stamps end before the next event
-            t = np.minimum(t, marks.device_ns[ev + 1])
-        cols["labels"].append(labels[lo:hi])
-        cols["device_ns"].append(t.astype(marks.device_ns.dtype))
-        cols["host_ns"].append(np.full(hi - lo, marks.host_ns[ev], dtype=marks.host_ns.dtype))
-        cols["streams"].append(np.full(hi - lo, marks.streams[ev], dtype=marks.streams.dtype))
-        start = ev + 1
-    for name, col in (("labels", marks.labels), ("device_ns", marks.device_ns), ("host_ns", marks.host_ns),
-                      ("streams", marks.streams)):
-        cols[name].append(col[start:])
-    return Marks(*(np.concatenate(cols[n]) for n in ("labels", "device_ns", "host_ns", "streams")),
-                 backend=marks.backend, dropped=marks.dropped + dropped)

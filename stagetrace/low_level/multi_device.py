@@ -14,7 +14,7 @@ is when the work before the boundary has finished everywhere — on a split mode
 is the device doing the work (the others are idle and record early). Times stay in
 issue order, so stages still partition the call exactly; what the calibration cannot
 see (the difference between two cards' launch latencies) is the cross-device error,
-measured on two GPUs by ``tests/test_multi_gpu.py`` and ``benchmarks/multi_gpu.py``.
+measured on two GPUs by ``tests/test_multi_device.py`` and ``benchmarks/multi_gpu.py``.
 """
 from __future__ import annotations
 
@@ -22,35 +22,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .clocks import Resolved, place_on_one_clock
 from .pytimeline import TimelineError
 
-__all__ = ["MultiDeviceTimeline", "place_on_one_clock"]
-
-Resolved = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-
-def place_on_one_clock(per_device: Sequence[Resolved]) -> tuple[Resolved, np.ndarray]:
-    """Merges per-device resolved columns of the same marks into one timeline.
-
-    Returns the merged columns (device times relative to the merged first mark; host
-    times and streams of the first device) and, per mark, the index of the device whose
-    time it took (the device whose work the boundary waited for).
-    """
-    if not per_device:
-        raise ValueError("no devices to merge")
-    labels = per_device[0][0]
-    for i, cols in enumerate(per_device[1:], 1):
-        if len(cols[0]) != len(labels) or not np.array_equal(cols[0], labels):
-            raise TimelineError(f"device {i} holds {len(cols[0])} marks and device 0 holds {len(labels)}: "
-                                "every mark must be recorded on every device")
-    if len(labels) == 0:
-        return per_device[0], np.zeros(0, dtype=np.int64)
-    # (devices, marks): each device's times on the host clock, from its first mark's issue time
-    common = np.stack([np.asarray(host, np.int64)[0] + np.asarray(dev, np.int64) for _, dev, host, _ in per_device])
-    which = np.argmax(common, axis=0)
-    t = common[which, np.arange(common.shape[1])]
-    first = per_device[0]
-    return (labels, t - t[0], first[2], first[3]), which.astype(np.int64)
+__all__ = ["MultiDeviceTimeline"]
 
 
 class MultiDeviceTimeline:
@@ -81,6 +56,10 @@ class MultiDeviceTimeline:
             raise ValueError(f"{len(streams)} streams for {len(self.timelines)} devices")
         for tl, s in zip(self.timelines, streams):
             tl.bind_stream(s)
+
+    @property
+    def device_streams(self) -> list[int]:
+        return [int(tl.bound_stream) for tl in self.timelines]
 
     def calibrate(self) -> None:
         """Before a call: every device idle, so the call's first mark runs as it is issued."""

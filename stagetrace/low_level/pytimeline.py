@@ -7,6 +7,7 @@ native recorder must do.
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 import numpy as np
 
@@ -19,6 +20,7 @@ class TimelineError(RuntimeError):
 
 class PyHostTimeline:
     backend = "cpu"
+    device_streams: list[int] = []  # one host clock: no streams to bind, nothing to calibrate
 
     def __init__(self, capacity: int = 4096, chunk: int = 4096, max_marks: int = -1):
         if capacity < 1:
@@ -64,6 +66,12 @@ class PyHostTimeline:
         host = np.asarray(self._host_ns, dtype=np.int64)
         return (np.asarray(self._labels, dtype=np.int32), host - host[0], host,
                 np.zeros(len(host), dtype=np.int64))
+
+    def bind_streams(self, streams: Sequence[int]) -> None:
+        pass
+
+    def calibrate(self) -> None:
+        pass
 
     def reset(self) -> None:
         self._labels.clear()

@@ -27,7 +27,13 @@ class _Base:
     def resolved(self) -> bool:
         return self._resolved
 
-    def bind_stream(self, stream: int) -> None:
+    # the Timeline protocol's stream and clock calls: these clocks have neither
+    device_streams: list[int] = []
+
+    def bind_streams(self, streams: object) -> None:
+        pass
+
+    def calibrate(self) -> None:
         pass
 
     def reset(self) -> None:
@@ -112,8 +118,15 @@ class DualTimeline:
         self._host: list[int] = []
         self.reference: tuple[np.ndarray, np.ndarray] | None = None
 
-    def bind_stream(self, stream: int) -> None:
-        self._native.bind_stream(stream)  # type: ignore[attr-defined]
+    def bind_streams(self, streams: object) -> None:
+        self._native.bind_streams(streams)  # type: ignore[attr-defined]
+
+    def calibrate(self) -> None:
+        self._native.calibrate()  # type: ignore[attr-defined]
+
+    @property
+    def device_streams(self) -> list[int]:
+        return self._native.device_streams  # type: ignore[attr-defined,no-any-return]
 
     def mark(self, label: int) -> None:
         import torch
@@ -174,7 +187,7 @@ def gpu_handover(timeline: object, cycles_per_us: float, first_us: float = 2000.
     import torch
 
     from ..labels import Kind, label
-    from .multi_device import place_on_one_clock
+    from ..low_level.clocks import place_on_one_clock
 
     tl = timeline
     labels = [label(Kind.CALL_BEGIN), label(Kind.PREFILL_FORWARD), label(Kind.LM_BEGIN), label(Kind.CALL_END)]

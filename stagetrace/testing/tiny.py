@@ -6,7 +6,6 @@ The ``size`` knob scales the same architectures up for GPU benchmarks.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -64,11 +63,11 @@ def _ids(batch: int, n_image_tokens: int, text_len: int = 6, image_first: bool =
     return torch.tensor(rows), torch.tensor(masks)
 
 
-def _gen(seed: int) -> torch.Generator:
+def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _finish(family: str, model: Any, inputs: dict[str, Any], image_token_id: int | None) -> TinyCase:
+def finish(family: str, model: Any, inputs: dict[str, Any], image_token_id: int | None) -> TinyCase:
     model.eval()
     gk: dict[str, Any] = {"pad_token_id": PAD_ID}
     if image_token_id is not None:
@@ -89,8 +88,8 @@ def llama(batch: int = 1, images: bool = True, left_pad: int = 0, seed: int = 0,
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**text_config(**text)))
-    ids, mask = _ids(batch, 0, text_len=8, left_pad=left_pad, generator=_gen(seed))
-    return _finish("llama", model, {"input_ids": ids, "attention_mask": mask}, None)
+    ids, mask = _ids(batch, 0, text_len=8, left_pad=left_pad, generator=seeded(seed))
+    return finish("llama", model, {"input_ids": ids, "attention_mask": mask}, None)
 
 
 def llava(batch: int = 1, images: bool = True, left_pad: int = 0, seed: int = 0,
@@ -103,14 +102,14 @@ def llava(batch: int = 1, images: bool = True, left_pad: int = 0, seed: int = 0,
                       image_token_index=IMAGE_TOKEN_ID, vision_feature_select_strategy="default")
     model = LlavaForConditionalGeneration(cfg)
     n_tok = (vcfg["image_size"] // vcfg["patch_size"]) ** 2
-    ids, mask = _ids(batch, n_tok if images else 0, left_pad=left_pad, generator=_gen(seed))
+    ids, mask = _ids(batch, n_tok if images else 0, left_pad=left_pad, generator=seeded(seed))
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     if images:
-        inputs["pixel_values"] = torch.randn(batch, 3, vcfg["image_size"], vcfg["image_size"], generator=_gen(seed))
-    return _finish("llava", model, inputs, IMAGE_TOKEN_ID)
+        inputs["pixel_values"] = torch.randn(batch, 3, vcfg["image_size"], vcfg["image_size"], generator=seeded(seed))
+    return finish("llava", model, inputs, IMAGE_TOKEN_ID)
 
 
-def _count_image_tokens(model: Any, **kw: Any) -> list[int]:
+def count_image_tokens(model: Any, **kw: Any) -> list[int]:
     with torch.no_grad():
         feats = model.model.get_image_features(**kw)
     feats = getattr(feats, "pooler_output", feats)
@@ -145,14 +144,14 @@ def _llava_next_like(family: str, batch: int, images: bool, left_pad: int, seed:
     model = getattr(transformers, cls_model)(cfg)
     h, w = tiles_hw
     n_tiles = 1 + (h // size) * (w // size)
-    pixel = torch.randn(batch, n_tiles, 3, size, size, generator=_gen(seed))
+    pixel = torch.randn(batch, n_tiles, 3, size, size, generator=seeded(seed))
     image_sizes = torch.tensor([[h, w]] * batch)
-    n_tok = _count_image_tokens(model, pixel_values=pixel, image_sizes=image_sizes)[0] if images else 0
-    ids, mask = _ids(batch, n_tok, left_pad=left_pad, generator=_gen(seed))
+    n_tok = count_image_tokens(model, pixel_values=pixel, image_sizes=image_sizes)[0] if images else 0
+    ids, mask = _ids(batch, n_tok, left_pad=left_pad, generator=seeded(seed))
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     if images:
         inputs.update(pixel_values=pixel, image_sizes=image_sizes)
-    return _finish(family, model, inputs, IMAGE_TOKEN_ID)
+    return finish(family, model, inputs, IMAGE_TOKEN_ID)
 
 
 def llava_next(batch: int = 1, images: bool = True, left_pad: int = 0, seed: int = 0,
@@ -196,13 +195,13 @@ def _qwen_vl(family: str, batch: int, images: bool, left_pad: int, seed: int, **
     gh, gw = 4, 4  # patches per side, before merging
     n_tok = gh * gw // (merge * merge) if images else 0
     # Qwen counts images by their vision-start tokens (beam search expands inputs per image).
-    ids, mask = _ids(batch, n_tok, left_pad=left_pad, generator=_gen(seed), frame=(102, 103))
+    ids, mask = _ids(batch, n_tok, left_pad=left_pad, generator=seeded(seed), frame=(102, 103))
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
                               "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).long()}
     if images:
-        inputs["pixel_values"] = torch.randn(batch * gh * gw, 3 * tp * patch * patch, generator=_gen(seed))
+        inputs["pixel_values"] = torch.randn(batch * gh * gw, 3 * tp * patch * patch, generator=seeded(seed))
         inputs["image_grid_thw"] = torch.tensor([[1, gh, gw]] * batch)
-    return _finish(family, model, inputs, IMAGE_TOKEN_ID)
+    return finish(family, model, inputs, IMAGE_TOKEN_ID)
 
 
 def qwen2_vl(batch: int = 1, images: bool = True, left_pad: int = 0, seed: int = 0, **text: Any) -> TinyCase:
@@ -233,12 +232,12 @@ def _idefics3_like(family: str, batch: int, images: bool, left_pad: int, seed: i
     model = getattr(transformers, cls_model)(cfg)
     crops = 2
     n_tok = crops * ((size // patch) ** 2) // (scale * scale) if images else 0
-    ids, mask = _ids(batch, n_tok, left_pad=left_pad, generator=_gen(seed))
+    ids, mask = _ids(batch, n_tok, left_pad=left_pad, generator=seeded(seed))
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     if images:
-        inputs["pixel_values"] = torch.randn(batch, crops, 3, size, size, generator=_gen(seed))
+        inputs["pixel_values"] = torch.randn(batch, crops, 3, size, size, generator=seeded(seed))
         inputs["pixel_attention_mask"] = torch.ones(batch, crops, size, size, dtype=torch.bool)
-    return _finish(family, model, inputs, IMAGE_TOKEN_ID)
+    return finish(family, model, inputs, IMAGE_TOKEN_ID)
 
 
 def idefics3(batch: int = 1, images: bool = True, left_pad: int = 0, seed: int = 0, **text: Any) -> TinyCase:
@@ -260,11 +259,11 @@ def paligemma(batch: int = 1, images: bool = True, left_pad: int = 0, seed: int 
                           vocab_size=VOCAB, projection_dim=32, hidden_size=32)
     model = PaliGemmaForConditionalGeneration(cfg)
     n_tok = 16 if images else 0
-    ids, mask = _ids(batch, n_tok, image_first=True, left_pad=left_pad, generator=_gen(seed))
+    ids, mask = _ids(batch, n_tok, image_first=True, left_pad=left_pad, generator=seeded(seed))
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     if images:
-        inputs["pixel_values"] = torch.randn(batch, 3, 32, 32, generator=_gen(seed))
-    return _finish("paligemma", model, inputs, IMAGE_TOKEN_ID)
+        inputs["pixel_values"] = torch.randn(batch, 3, 32, 32, generator=seeded(seed))
+    return finish("paligemma", model, inputs, IMAGE_TOKEN_ID)
 
 
 def gemma3(batch: int = 1, images: bool = True, left_pad: int = 0, seed: int = 0, **text: Any) -> TinyCase:
@@ -278,7 +277,7 @@ def gemma3(batch: int = 1, images: bool = True, left_pad: int = 0, seed: int = 0
     cfg = Gemma3Config(vision_config=vcfg, text_config=tcfg, mm_tokens_per_image=mm_tokens,
                        boi_token_index=104, eoi_token_index=105, image_token_index=IMAGE_TOKEN_ID)
     model = Gemma3ForConditionalGeneration(cfg)
-    gen = _gen(seed)
+    gen = seeded(seed)
     rows, masks = [], []
     for r in range(batch):
         pad = left_pad * r
@@ -291,7 +290,7 @@ def gemma3(batch: int = 1, images: bool = True, left_pad: int = 0, seed: int = 0
                               "token_type_ids": (ids == IMAGE_TOKEN_ID).long()}
     if images:
         inputs["pixel_values"] = torch.randn(batch, 3, 32, 32, generator=gen)
-    return _finish("gemma3", model, inputs, IMAGE_TOKEN_ID)
+    return finish("gemma3", model, inputs, IMAGE_TOKEN_ID)
 
 
 def molmo_like(batch: int = 1, images: bool = True, left_pad: int = 0, seed: int = 0, **text: Any) -> TinyCase:
@@ -326,7 +325,7 @@ def molmo2(images: bool = True, seed: int = 0, **text: Any) -> TinyCase:
         image_start_token_id=101, low_res_image_start_token_id=102, image_end_token_id=103,
         image_patch_id=IMAGE_TOKEN_ID, frame_start_token_id=104, frame_end_token_id=105)
     model = transformers.Molmo2ForConditionalGeneration(cfg)
-    g = _gen(seed)
+    g = seeded(seed)
     text_ids = torch.randint(3, IMAGE_TOKEN_ID, (5,), generator=g).tolist()
     body = [BOS_ID] + ([101, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 103] if images else []) + text_ids
     ids = torch.tensor([body])
@@ -335,7 +334,7 @@ def molmo2(images: bool = True, seed: int = 0, **text: Any) -> TinyCase:
         inputs.update(pixel_values=torch.randn(1, 1, 4, 14 * 14 * 3, generator=g),
                       image_token_pooling=torch.tensor([[0, 1], [2, 3]]), image_grids=torch.tensor([[1, 2, 0, 0]]),
                       image_num_crops=torch.tensor([1]))
-    return _finish("molmo2", model, inputs, IMAGE_TOKEN_ID)
+    return finish("molmo2", model, inputs, IMAGE_TOKEN_ID)
 
 
 FAMILIES: dict[str, Callable[..., TinyCase]] = {
@@ -363,102 +362,6 @@ def build(family: str, **kw: Any) -> TinyCase:
     if fn is None:
         raise ValueError(f"unknown tiny family {family!r}; known: {sorted(FAMILIES) + sorted(EXTRA_FAMILIES)}")
     return fn(**kw)
-
-
-# ---------------------------------------------------------------------------------------------
-# Realistic sizes (GPU benchmarks): CLIP-L/336 vision + a 22-layer, 2048-wide Llama, random weights.
-
-CLIP_L_336 = dict(model_type="clip_vision_model", image_size=336, patch_size=14, hidden_size=1024,
-                  intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
-LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=8192,
-                pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
-REAL_IMAGE_TOKEN_ID = 32000 - 1
-NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-
-
-@contextlib.contextmanager
-def _build_on(device: str | torch.device, dtype: torch.dtype):
-    """Construct (and randomly initialise) weights directly on the device, in `dtype`."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _real_ids(batch: int, n_image: int, text_len: int, seed: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    g = _gen(seed)
-    rows = []
-    for _ in range(batch):
-        text = torch.randint(3, 31000, (text_len,), generator=g).tolist()
-        rows.append([BOS_ID] + [REAL_IMAGE_TOKEN_ID] * n_image + text)
-    ids = torch.tensor(rows, device=device)
-    return ids, torch.ones_like(ids)
-
-
-def llava_realistic(batch: int = 1, images: bool = True, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                    text_len: int = 32, seed: int = 0, num_hidden_layers: int | None = None) -> TinyCase:
-    """Random-weight LLaVA of realistic size: CLIP-L/336 + 22-layer 2048-wide Llama (576 image tokens)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    text = dict(LLAMA_1B, **({"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}))
-    cfg = LlavaConfig(vision_config=dict(CLIP_L_336), text_config=dict(model_type="llama", **text),
-                      image_token_index=REAL_IMAGE_TOKEN_ID, vision_feature_select_strategy="default")
-    with _build_on(device, dtype):
-        model = LlavaForConditionalGeneration(cfg)
-    ids, mask = _real_ids(batch, 576 if images else 0, text_len, seed, device)
-    inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-    if images:
-        inputs["pixel_values"] = torch.randn(batch, 3, 336, 336, generator=_gen(seed)).to(device, dtype)
-    return _finish("llava_realistic", model, inputs, REAL_IMAGE_TOKEN_ID)
-
-
-def llama_realistic(batch: int = 1, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, text_len: int = 608,
-                    seed: int = 0, **_: Any) -> TinyCase:
-    """The text half of :func:`llava_realistic` alone, with a prompt as long as LLaVA's."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    with _build_on(device, dtype):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B))
-    ids, mask = _real_ids(batch, 0, text_len - 1, seed, device)
-    return _finish("llama_realistic", model, {"input_ids": ids, "attention_mask": mask}, None)
-
-
-def llava_next_realistic(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                         num_hidden_layers: int | None = None) -> Any:
-    """Random-weight LLaVA-NeXT (CLIP-L/336 tiles + the 22-layer Llama); returns the model only.
-
-    Use :func:`llava_next_inputs` for one sample of a given image size (the tile count follows it).
-    """
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    torch.manual_seed(seed)
-    text = dict(LLAMA_1B, **({"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}))
-    cfg = LlavaNextConfig(vision_config=dict(CLIP_L_336), text_config=dict(model_type="llama", **text),
-                          image_token_index=REAL_IMAGE_TOKEN_ID, image_grid_pinpoints=NEXT_PINPOINTS,
-                          vision_feature_select_strategy="default")
-    with _build_on(device, dtype):
-        model = LlavaNextForConditionalGeneration(cfg)
-    return model.eval()
-
-
-def llava_next_inputs(model: Any, image_hw: tuple[int, int], text_len: int = 24, seed: int = 0) -> dict[str, Any]:
-    """Inputs for one image of size `image_hw`: its tiles and exactly as many image tokens as they make."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    p = next(model.parameters())
-    size = model.config.vision_config.image_size
-    n_tiles = image_size_to_num_patches(image_hw, model.config.image_grid_pinpoints, size)
-    pixel = torch.randn(1, n_tiles, 3, size, size, generator=_gen(seed)).to(p.device, p.dtype)
-    image_sizes = torch.tensor([list(image_hw)], device=p.device)
-    n_tok = _count_image_tokens(model, pixel_values=pixel, image_sizes=image_sizes)[0]
-    ids, mask = _real_ids(1, n_tok, text_len, seed, p.device)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel, "image_sizes": image_sizes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,7 +424,7 @@ def split_over_gpus(model: torch.nn.Module, devices: tuple[str, str] = ("cuda:0"
     """
     from accelerate import dispatch_model
 
-    from .layouts import get_module, resolve_layout
+    from ..layouts import get_module, resolve_layout
 
     lay = resolve_layout(model)
     names = [n for n, _ in lay.layers]

@@ -1,0 +1,35 @@
+"""The resolved marks of one call: plain columns, the only thing that leaves a timeline."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Marks"]
+
+
+@dataclass(frozen=True)
+class Marks:
+    """One resolved run: parallel columns, in issue order.
+
+    ``device_ns`` is the time of each mark on the timeline that executed it (GPU
+    events, or the host clock on the CPU backend), relative to the first mark;
+    ``host_ns`` is when the host issued it (absolute ``time.monotonic_ns`` clock).
+    """
+
+    labels: np.ndarray
+    device_ns: np.ndarray
+    host_ns: np.ndarray
+    streams: np.ndarray
+    backend: str = "cpu"
+    dropped: int = 0
+
+    @classmethod
+    def from_timeline(cls, timeline: Any) -> "Marks":
+        dropped = int(timeline.dropped)
+        labels, device_ns, host_ns, streams = timeline.resolve()
+        return cls(labels, device_ns, host_ns, streams, timeline.backend, dropped)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])

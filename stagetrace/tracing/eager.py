@@ -1,0 +1,108 @@
+"""Marks placed by hooks and wrappers on eager modules: the call's forwards, vision, the
+language model's start, lm_head's end, and decoder layers (layer detail).
+
+What must stay true:
+
+* a hook firing only reads the call slot and calls ``timeline.mark`` (the native method
+  itself): no sync, no allocation beyond Python's own for the call;
+* layer marks wrap ``forward`` instead of using module hooks: a module with hooks takes
+  torch's slow ``_call_impl`` path (about 10 µs a call), a wrapped forward keeps the fast
+  path and costs one Python frame — what keeps hundreds of marks per call cheap;
+* :meth:`EagerHooks.remove` undoes exactly what :meth:`EagerHooks.install` did.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from ..labels import Kind, label, layer_labels
+from ..layouts import ResolvedLayout
+from .call import CallSlot, forward_input_len, next_forward_is_prefill
+from .patch import Shadows
+
+__all__ = ["EagerHooks", "layer_forward"]
+
+# Plain ints: the hot path hands these straight to the native mark().
+_PREFILL, _DECODE = label(Kind.PREFILL_FORWARD), label(Kind.DECODE_FORWARD)
+_VISION_BEGIN, _VISION_END = label(Kind.VISION_BEGIN), label(Kind.VISION_END)
+_LM_BEGIN, _HEAD_END = label(Kind.LM_BEGIN), label(Kind.LM_HEAD_END)
+
+
+class EagerHooks:
+    """Module hooks and layer wrappers of one tracer. ``forward_mark`` marks each top-level
+    forward (the native mark, or the mark plus a calibration stamp under a hand-compiled
+    forward); ``inside_compiled_forward``: the language model and layers run inside a
+    forward the user compiled, so they get no hooks (prefill is cut at the top-level
+    forward's own boundaries, which run outside the graph)."""
+
+    def __init__(self, model: nn.Module, layout: ResolvedLayout, slot: CallSlot, mark: Callable[[int], None],
+                 forward_mark: Callable[[int], None], layer_detail: str, layer_marks: str,
+                 inside_compiled_forward: bool):
+        self.model, self.layout, self.slot = model, layout, slot
+        self._mark, self._forward_mark = mark, forward_mark
+        self.layer_detail, self.layer_marks = layer_detail, layer_marks
+        self.inside_compiled_forward = inside_compiled_forward
+        self._handles: list[Any] = []
+        self._wrappers = Shadows()
+        self.installed = False
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        self.installed = True
+        self._handles.append(self.model.register_forward_pre_hook(self._on_forward(), with_kwargs=True))
+        slot, mark = self.slot, self._mark
+        for _, mod in self.layout.vision:
+            self._handles.append(mod.register_forward_pre_hook(
+                lambda m, a: None if slot.call is None else mark(_VISION_BEGIN)))
+            self._handles.append(mod.register_forward_hook(
+                lambda m, a, o: None if slot.call is None else mark(_VISION_END)))
+        if self.inside_compiled_forward:
+            self._handles.append(self.model.register_forward_hook(
+                lambda m, a, o: mark(_HEAD_END) if slot.call is not None and slot.call.in_prefill else None))
+            return
+        self._handles.append(self.layout.language_model[1].register_forward_pre_hook(
+            lambda m, a: mark(_LM_BEGIN) if slot.call is not None and slot.call.in_prefill else None))
+        self._handles.append(self.layout.lm_head[1].register_forward_hook(
+            lambda m, a, o: mark(_HEAD_END) if slot.call is not None and slot.call.in_prefill else None))
+        if self.layer_detail != "off":
+            every_step = self.layer_detail == "all"
+            labels = layer_labels(len(self.layout.layers), self.layer_marks)
+            for (_, layer), (begin, end) in zip(self.layout.layers, labels):
+                self._wrappers.set(layer, "forward", layer_forward(layer.forward, slot, mark, begin, end, every_step))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._wrappers.restore()
+        self.installed = False
+
+    def _on_forward(self) -> Callable[..., None]:
+        slot, forward_mark = self.slot, self._forward_mark
+
+        def on_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            call = slot.call
+            if call is None:
+                return
+            forward_mark(_PREFILL if next_forward_is_prefill(call, forward_input_len(args, kwargs)) else _DECODE)
+
+        return on_forward
+
+
+def layer_forward(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[int], None], begin: int,
+                  end: int | None, every_step: bool) -> Callable[..., Any]:
+    """A layer's forward with its marks around it while a call is in flight (every step, or
+    the prefill only); ``end`` None: the next layer's begin marks this one's end."""
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        c = slot.call
+        if c is None or not (every_step or c.in_prefill):
+            return inner(*args, **kwargs)
+        mark(begin)
+        out = inner(*args, **kwargs)
+        if end is not None:
+            mark(end)
+        return out
+
+    return forward

@@ -1,0 +1,61 @@
+"""One call's record, built in one place: marks → stage math → spans placed → record.
+
+Everything here runs after generate() returned, once per call, on every mark: the
+stage math is vectorized and the spans stay columns (``SpanTable``).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import torch
+
+from ..low_level import Marks
+from ..records import StageRecord
+from ..spans import SpanTable
+from ..stages import StageOrderError, stages_from_marks
+from .devices import SpanPlacement
+
+__all__ = ["build_record", "versions"]
+
+
+@functools.lru_cache(maxsize=1)
+def versions() -> dict[str, str]:
+    import transformers
+
+    from .. import __version__
+
+    return {"stagetrace": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _host_spans(marks: Marks) -> SpanTable:
+    """The same stages on the host clock: when the host *issued* each boundary's mark."""
+    try:
+        return stages_from_marks(marks.labels, marks.host_ns - marks.host_ns[0]).spans
+    except ValueError:  # host issue order is the mark order; anything else leaves no host spans
+        return SpanTable.empty()
+
+
+def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | None, error: str | None,
+                 keep_marks: bool) -> StageRecord:
+    """The record of one call: its stages, or why the call was not timed (``error``, or marks
+    that were dropped or out of order), with a RuntimeWarning then."""
+    if error is None and marks.dropped:
+        error = (f"{marks.dropped} marks were dropped (the event pool could not grow); "
+                 "this call's stages are unknown")
+    rec: StageRecord | None = None
+    if error is None:
+        try:
+            rec = StageRecord.from_stages(stages_from_marks(marks.labels, marks.device_ns),
+                                          host_spans=_host_spans(marks), **meta)
+        except StageOrderError as exc:
+            error = str(exc)
+    if rec is None:
+        rec = StageRecord.failed(error or "", **meta)
+        warnings.warn(f"stagetrace: call {rec.call_index} was not timed: {rec.error}", RuntimeWarning, stacklevel=4)
+    elif placement is not None:
+        rec.spans = placement.place(rec.spans)
+    if keep_marks:
+        rec.marks = marks
+    return rec

@@ -1,0 +1,117 @@
+"""Layer marks inside compiled code: GPU-side stamps around every decoder layer, and their
+merge onto the call's event timeline.
+
+Dynamo traces the stamp wrappers into the graph (CUDA-graph capture records the stamp
+kernels), so each replay stamps every layer boundary on the GPU. After the call the ring
+is read once and ``clocks.merge_stamps`` places each forward's stamps from the
+calibration stamp issued right after that forward's event mark.
+
+What must stay true: the wrapper objects are made once per tracer (dynamo guards on
+them: new ones would recompile the decode step on every call), and :meth:`remove`
+restores exactly what :meth:`install` shadowed.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from ..labels import layer_labels
+from ..layouts import ResolvedLayout
+from ..low_level import Marks
+from ..low_level.clocks import StampMergeError, merge_stamps
+from ..low_level import graph_stamps
+from .errors import TracingError
+from .patch import Shadows
+
+__all__ = ["LayerStamps"]
+
+_FUSION_WARNING = ("stagetrace: layer detail inside compiled decode puts a stamp between layers, so the compiler "
+                   "can no longer fuse across layer boundaries: the stamped decode step is compiled once more, "
+                   "runs a few µs per stamp slower on the GPU, and in bf16 its rounding (hence tokens) may differ "
+                   "from the unstamped graph; stage-level tracing leaves the graph untouched")
+
+
+class LayerStamps:
+    """The stamp ring of the model's device and the stamp wrappers of its layers."""
+
+    def __init__(self, layout: ResolvedLayout, device: torch.device, layer_marks: str):
+        self.layout, self.device, self.layer_marks = layout, device, layer_marks
+        self.ring: Any = None
+        self.stream = 0  # the stream of the call in flight
+        self._wrappers: list[tuple[torch.nn.Module, Callable[..., Any]]] = []
+        self._shadows = Shadows()
+
+    def unavailable_reason(self) -> str | None:
+        return graph_stamps.stamps_unavailable_reason(self.device.type)
+
+    def ensure_ring(self) -> bool:
+        """The device's ring made (once); False where stamps cannot run (a compiled call is
+        then refused with the reason; eager calls need no ring)."""
+        if self.ring is None and not self.unavailable_reason():
+            self.ring = graph_stamps.ring_for(self.device)
+        return self.ring is not None
+
+    def prepare(self, stream: int) -> None:
+        """Before a call that may stamp: the ring emptied on the call's stream (off the hot path)."""
+        self.stream = stream
+        if self.ensure_ring():
+            self.ring.reset(stream)
+
+    def calibrate(self, label: int) -> None:
+        """A stamp right after the event mark of the same label: where the clocks meet."""
+        self.ring.stamp(label, self.stream)
+
+    def install(self) -> None:
+        if self._shadows:
+            return
+        if not self._wrappers:
+            warnings.warn(_FUSION_WARNING, UserWarning, stacklevel=5)
+            rid = graph_stamps.ring_id(self.ring)
+            op = torch.ops.stagetrace.stamp.default
+            labels = layer_labels(len(self.layout.layers), self.layer_marks)
+            for (name, layer), (begin, end) in zip(self.layout.layers, labels):
+                self._wrappers.append((layer, _stamping_forward(layer.forward, op, rid, begin, end, name)))
+        for layer, forward in self._wrappers:
+            self._shadows.set(layer, "forward", forward)
+
+    def remove(self) -> None:
+        self._shadows.restore()
+
+    def merge(self, marks: Marks, stream: int, anchors: tuple[int, ...]) -> tuple[Marks, str | None]:
+        """The call's marks with its stamps placed among them, or the marks and why not."""
+        labels, t_ns, dropped = self.ring.read(stream)
+        try:
+            return merge_stamps(marks, labels, t_ns, anchors, dropped), None
+        except StampMergeError as exc:
+            return marks, f"the GPU-side layer stamps do not line up with the step events: {exc}"
+
+
+def _stamping_forward(inner: Callable[..., Any], op: Any, ring: int, begin: int, end: int | None,
+                      name: str) -> Callable[..., Any]:
+    """A layer forward with a stamp on its hidden-state input and on its output.
+
+    The stamps are copies of the tensors they stamp (see graph_stamps): the layer then
+    reads the stamped input and its caller the stamped output, which pins both stamps
+    to the layer's boundaries in whatever order the compiler schedules the rest.
+    """
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], torch.Tensor):
+            args = (op(args[0], ring, begin),) + args[1:]
+        elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            kwargs = dict(kwargs, hidden_states=op(kwargs["hidden_states"], ring, begin))
+        else:
+            raise TracingError(f"layer {name} was called without a hidden-state tensor (first argument or "
+                               "hidden_states=): its stamps cannot be ordered; use layer_detail='prefill'")
+        out = inner(*args, **kwargs)
+        if end is None:
+            return out
+        if isinstance(out, torch.Tensor):
+            return op(out, ring, end)
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+            return (op(out[0], ring, end),) + out[1:]
+        raise TracingError(f"layer {name} returned {type(out).__name__}, not a tensor or a tuple starting "
+                           "with one: its end stamp cannot be ordered; use layer_detail='prefill'")
+
+    return forward

@@ -1,0 +1,339 @@
+"""The tracer: the lifecycle of tracing one model, and the generate() wrapper that times a call.
+
+It coordinates; each way of placing marks is its own module that owns its install and
+its exact undo (``eager``, ``compiled_decode``, ``stamps``), per-call state and the
+prefill/decode rule live in ``call``, devices and timelines in ``devices``, the record
+is built in ``record``.
+
+What must stay true:
+
+* the hot path (a hook firing) only checks the call slot and calls ``timeline.mark``: no
+  sync, no allocation beyond what Python does for the call itself;
+* the one sync per call is ``Marks.from_timeline`` after ``generate()`` returns, and
+  ``resolve_ms`` covers everything done after it returned (sync, merges, stage math,
+  record);
+* an exception inside ``generate()`` leaves no partial record, and the tracer stays
+  usable; leaving the ``with`` block (or ``stop()``) removes every hook and wrapper it
+  added and restores every attribute it shadowed (``model.generate`` included);
+* a second traced call on the same model from another thread while one is in flight is
+  refused (its marks would mix with the first call's), a re-entrant one runs untraced;
+* tracing never changes what ``generate()`` computes or returns.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from torch import nn
+
+from ..labels import Kind, label
+from ..layouts import ResolvedLayout, resolve_layout
+from ..low_level import Marks, Timeline
+from ..records import JsonlWriter, StageRecord, write_jsonl
+from .call import CallInputs, CallSlot, CallState, new_token_count, read_call_inputs
+from .compiled import compiled_decode_refusal, hand_compiled_forwards, hand_compiled_refusal
+from .compiled_decode import CompiledDecodeMarks
+from .devices import SpanPlacement, bind_call_streams, model_devices, new_model_timeline
+from .eager import EagerHooks
+from .errors import TracingError
+from .patch import Shadows
+from .record import build_record, versions
+from .stamps import LayerStamps
+
+__all__ = ["Tracer", "trace", "attach", "TracingError", "LAYER_DETAIL", "LAYER_MARKS"]
+
+LAYER_DETAIL = ("off", "prefill", "all")
+# "pair": a mark before and after every layer, so what runs between layers is outside them.
+# "shared": one mark per boundary between consecutive layers (and the last layer's end):
+# half the marks, and anything run between two layers counts to the earlier one.
+LAYER_MARKS = ("pair", "shared")
+
+_CALL_BEGIN, _CALL_END = label(Kind.CALL_BEGIN), label(Kind.CALL_END)
+_PREFILL, _DECODE = label(Kind.PREFILL_FORWARD), label(Kind.DECODE_FORWARD)
+
+# Models being traced right now, to refuse a second tracer on the same model.
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Tracer]" = weakref.WeakKeyDictionary()
+
+
+def _layer_detail(value: str | bool) -> str:
+    value = {True: "all", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    if value not in LAYER_DETAIL:
+        raise ValueError(f"layer_detail must be one of {LAYER_DETAIL}, got {value!r}")
+    return value
+
+
+class Tracer:
+    """Traces every ``generate()`` call of one model while active.
+
+    Use as a context manager (``with stagetrace.trace(model) as tracer:``), with
+    ``start()``/``stop()``, or as a decorator on a function that calls generate().
+    One :class:`StageRecord` per call lands in ``tracer.records``.
+    """
+
+    def __init__(self, model: nn.Module, *, vision: str | Sequence[str] | None = None,
+                 language_model: str | None = None, lm_head: str | None = None, layers: str | None = None,
+                 layer_detail: str | bool = "off", layer_marks: str = "pair", jsonl: str | Path | None = None,
+                 sample_id: str | None = None, capacity: int = 4096, keep_marks: bool = True,
+                 timeline: Timeline | None = None):
+        if not callable(getattr(model, "generate", None)):
+            raise TracingError(f"{type(model).__name__} has no generate() method to trace")
+        if layer_marks not in LAYER_MARKS:
+            raise ValueError(f"layer_marks must be one of {LAYER_MARKS}, got {layer_marks!r}")
+        self.model = model
+        self.layer_detail: str = _layer_detail(layer_detail)
+        self.layer_marks = layer_marks
+        self.sample_id = sample_id
+        self.records: list[StageRecord] = []
+        self.keep_marks = keep_marks
+        self.rank = int(os.environ.get("RANK", "0") or 0)  # torchrun sets it; one trace process per rank
+        # Resolved now, so a bad layout fails at trace(), before any generate() runs.
+        self.layout: ResolvedLayout = resolve_layout(model, vision=vision, language_model=language_model,
+                                                     lm_head=lm_head, layers=layers)
+        self._capacity = capacity
+        self._jsonl_path = Path(jsonl) if jsonl is not None else None
+        self._writer: JsonlWriter | None = None
+        self._timeline: Timeline | None = timeline  # a caller-given one (e.g. a reference clock) replaces ours
+        self._slot = CallSlot()
+        self._owner: int | None = None  # the thread whose call is in flight
+        self._owner_lock = threading.Lock()
+        self._shadows = Shadows()
+        self._parts: list[Any] = []  # the installed mark placers, each with its own remove()
+        self._active = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @property
+    def backend(self) -> str:
+        return self._timeline.backend if self._timeline is not None else "none"
+
+    def start(self) -> "Tracer":
+        if self._active:
+            raise TracingError("this tracer is already active")
+        if _ACTIVE.get(self.model) is not None:
+            raise TracingError(f"{type(self.model).__name__} is already being traced by another stagetrace "
+                               "tracer: stop it before starting a new one (nested tracing is not supported)")
+        self._devices = model_devices(self.model)
+        self._placement = SpanPlacement.of(self.layout, self._devices)
+        if self._timeline is None:
+            self._timeline = new_model_timeline(self._devices, self._capacity)
+        if self._jsonl_path is not None and self._writer is None:
+            self._writer = JsonlWriter(self._jsonl_path)
+        try:
+            self._install()
+        except BaseException:
+            self._uninstall()  # undoes exactly what was installed before the failure
+            self._close_writer()
+            raise
+        _ACTIVE[self.model] = self
+        self._active = True
+        return self
+
+    def stop(self) -> None:
+        if not self._active:
+            return
+        self._uninstall()
+        _ACTIVE.pop(self.model, None)
+        self._active = False
+        self._close_writer()
+
+    def __enter__(self) -> "Tracer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Decorator: run ``fn`` with this tracer active."""
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return fn(*args, **kwargs)
+        return wrapper
+
+    @contextlib.contextmanager
+    def sample(self, sample_id: str) -> Iterator["Tracer"]:
+        """Tag the records of calls made inside the block with ``sample_id``."""
+        previous, self.sample_id = self.sample_id, sample_id
+        try:
+            yield self
+        finally:
+            self.sample_id = previous
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ------------------------------------------------------------------ installing
+    def _install(self) -> None:
+        """Decides the mode (refusing what cannot be timed), then places every part."""
+        model, tl = self.model, self._timeline
+        assert tl is not None
+        compiled = hand_compiled_forwards(model, self.layout)
+        why = hand_compiled_refusal(self.layout, self._devices, self.layer_detail) if compiled else None
+        if why:
+            raise TracingError(f"{' and '.join(compiled)} is compiled with torch.compile and {why}; "
+                               "trace the eager model")
+        self._forward_compiled = bool(compiled)
+        self._stamps = LayerStamps(self.layout, self._devices[0], self.layer_marks)
+        stamps_in_forward = self._forward_compiled and self.layer_detail == "all"
+        mark = tl.mark
+        if stamps_in_forward:
+            self._stamps.ensure_ring()  # it exists before the forward mark that stamps into it
+            calibrate = self._stamps.calibrate
+
+            def forward_mark(lab: int) -> None:  # the event, then its calibration stamp
+                mark(lab)
+                calibrate(lab)
+        else:
+            forward_mark = mark  # the native mark itself: nothing added on the hot path
+        self._hooks = EagerHooks(model, self.layout, self._slot, mark, forward_mark, self.layer_detail,
+                                 self.layer_marks, inside_compiled_forward=self._forward_compiled)
+        decode = CompiledDecodeMarks(
+            model, self._slot, mark, stamps_layers=self.layer_detail == "all",
+            refusal=lambda gen_config: compiled_decode_refusal(self._devices, self.layer_detail, gen_config),
+            before_step=self._before_compiled_step, calibrate=self._stamps.calibrate)
+        self._parts = [self._hooks, self._stamps, decode]
+        self._shadows.set(model, "generate", self._wrap_generate(model.generate))
+        decode.install()
+        self._hooks.install()
+        if stamps_in_forward:
+            self._stamps.install()  # dynamo recompiles the forward once with them
+
+    def _uninstall(self) -> None:
+        for part in reversed(self._parts):
+            part.remove()
+        self._parts = []
+        self._shadows.restore()
+
+    def _before_compiled_step(self) -> None:
+        """generate()'s compiled decode starts: the graph must see the bare model (or its stamps)."""
+        if self._hooks.installed:
+            self._hooks.remove()
+            call = self._slot.call
+            if call is not None and call.stamping:
+                self._stamps.install()
+
+    def _after_call(self) -> None:
+        """A compiled decode took the module hooks off for its steps: back as they were."""
+        if self._active and not self._hooks.installed:
+            self._stamps.remove()
+            self._hooks.install()
+
+    # ------------------------------------------------------------------ one call
+    def _claim_call(self) -> bool:
+        """True: this call is traced. False: run it untraced (re-entrant, or the wrapper was
+        kept past stop()). Another thread's call while one is in flight is refused."""
+        with self._owner_lock:
+            if not self._active or self._timeline is None:
+                return False
+            me = threading.get_ident()
+            if self._owner == me:
+                return False  # generate() inside generate() (e.g. the model drafting for itself)
+            if self._owner is not None:
+                raise TracingError(f"generate() of this traced {type(self.model).__name__} was called from a "
+                                   "second thread while another call is being traced: their marks would mix. "
+                                   "Trace one call at a time per model (or one model copy per thread)")
+            self._owner = me
+            return True
+
+    def _wrap_generate(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def traced_generate(*args: Any, **kwargs: Any) -> Any:
+            if not self._claim_call():
+                return original(*args, **kwargs)
+            try:
+                return self._traced_call(original, args, kwargs)
+            finally:
+                self._owner = None
+
+        return traced_generate
+
+    def _traced_call(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        tl = self._timeline
+        assert tl is not None
+        inputs = read_call_inputs(args, kwargs)
+        tl.reset()
+        stream = bind_call_streams(tl, self._devices)
+        stamping = self._forward_compiled and self.layer_detail == "all"
+        if self.layer_detail == "all" and (self._forward_compiled or callable(
+                getattr(self.model, "_valid_auto_compile_criteria", None))):
+            self._stamps.prepare(stream)
+        call = CallState(prompt_len=inputs.prompt_len, fed=inputs.cache_len,
+                         forward_compiled=self._forward_compiled, stamping=stamping)
+        self._slot.call = call
+        unix_start = time.time()
+        tl.mark(_CALL_BEGIN)
+        try:
+            out = original(*args, **kwargs)
+            tl.mark(_CALL_END)
+        except BaseException:
+            tl.reset()
+            raise
+        finally:
+            self._slot.call = None
+            self._after_call()
+        t_returned = time.perf_counter_ns()
+        marks = Marks.from_timeline(tl)  # the one sync of the call
+        error = None
+        if call.stamping:
+            anchors = (_PREFILL, _DECODE) if call.forward_compiled else (_DECODE,)
+            marks, error = self._stamps.merge(marks, stream, anchors)
+        rec = build_record(marks, self._meta(call, inputs, out, marks, unix_start), self._placement, error,
+                           self.keep_marks)
+        rec.resolve_ms = (time.perf_counter_ns() - t_returned) / 1e6
+        self.records.append(rec)
+        if self._writer is not None:
+            self._writer.write(rec)
+        return out
+
+    def _meta(self, call: CallState, inputs: CallInputs, out: Any, marks: Marks, unix_start: float) -> dict[str, Any]:
+        cfg = getattr(self.model, "config", None)
+        split = len(self._devices) > 1
+        return dict(batch_size=inputs.batch, prompt_tokens=inputs.prompt_len,
+                    output_tokens=new_token_count(out, inputs), call_index=len(self.records),
+                    sample_id=self.sample_id, model_class=type(self.model).__name__,
+                    model_name=str(getattr(cfg, "_name_or_path", "") or ""), device=str(self._devices[0]),
+                    backend=marks.backend, layout=self.layout.name, layer_detail=self.layer_detail,
+                    layer_marks=self.layer_marks, stream=int(marks.streams[0]), rank=self.rank,
+                    host_start_ns=int(marks.host_ns[0]), unix_start=unix_start, unix_time=time.time(),
+                    versions=versions(), n_marks=len(marks), compiled_decode=call.compiled,
+                    devices=[str(d) for d in self._devices] if split else [],
+                    device_streams=list(self._timeline.device_streams) if split else [])  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ outputs
+    def save_jsonl(self, path: str | Path, spans: bool = False) -> Path:
+        write_jsonl(self.records, path, spans=spans)
+        return Path(path)
+
+    def save_chrome_trace(self, path: str | Path, **kw: Any) -> Path:
+        from ..export.chrome import write_chrome_trace
+
+        return write_chrome_trace(self.records, path, **kw)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        from ..export.table import summarize
+
+        return summarize(self.records)
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+def trace(model: nn.Module, **kwargs: Any) -> Tracer:
+    """A tracer for ``model``; use it as ``with stagetrace.trace(model) as tracer:``."""
+    return Tracer(model, **kwargs)
+
+
+def attach(model: nn.Module, **kwargs: Any) -> Tracer:
+    """Trace every ``generate()`` of ``model`` from now until ``tracer.stop()``."""
+    return Tracer(model, **kwargs).start()
