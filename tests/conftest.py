@@ -1,21 +1,13 @@
-"""Shared fixtures. GPU tests carry @pytest.mark.gpu and are skipped, with the reason,
-when stagetrace has no usable CUDA backend. Nothing here touches a device at import."""
+"""Shared pytest hooks and fixtures. GPU tests carry @pytest.mark.gpu and are skipped, with
+the reason, when stagetrace has no usable CUDA backend. Nothing here touches a device at
+import. Plain helpers (DEVICES, sync, ...) live in helpers.py: this file is never imported."""
 from __future__ import annotations
+
+from typing import Any, Iterator
 
 import pytest
 
-
-def cuda_skip_reason() -> str | None:
-    import torch
-
-    import stagetrace
-
-    info = stagetrace.backend_info()
-    if info.cuda_devices == 0:
-        return f"no usable CUDA backend: {info.reason}"
-    if not torch.cuda.is_available():
-        return f"torch {torch.__version__} sees no CUDA device"
-    return None
+from helpers import cuda_skip_reason, stagetrace_leftovers
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -30,12 +22,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-# Each check is written once as _check(device) and run on both backends.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+@pytest.fixture(autouse=True)
+def no_tracing_state_leaks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fails a test after which a tracer is still active, or a model it traced still carries a
+    hook, a wrapper or a shadowed attribute placed by stagetrace's tracing code."""
+    from stagetrace.tracing import tracer as tracer_module
 
+    traced: list[Any] = []
+    start = tracer_module.Tracer.start
 
-def sync(device: str) -> None:
-    import torch
+    def recording_start(self: Any) -> Any:
+        if not any(m is self.model for m in traced):
+            traced.append(self.model)
+        return start(self)
 
-    if device == "cuda":
-        torch.cuda.synchronize()
+    monkeypatch.setattr(tracer_module.Tracer, "start", recording_start)
+    yield
+    still_active = [type(m).__name__ for m in list(tracer_module._ACTIVE)]
+    for model in list(tracer_module._ACTIVE):  # leave the next test a clean slate either way
+        tracer_module._ACTIVE[model].stop()
+    assert not still_active, f"a tracer was left active on {still_active}"
+    for model in traced:
+        left = stagetrace_leftovers(model)
+        assert not left, f"tracing left hooks, wrappers or attributes on {type(model).__name__}: {left}"

@@ -1,12 +1,32 @@
-"""Helpers shared by the tracer tests (no fixtures; plain functions)."""
+"""Helpers shared by the tests (no fixtures; plain functions and constants)."""
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
 from stagetrace.testing import tiny
+
+# Each check is written once as _check(device) and run on both backends.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def cuda_skip_reason() -> str | None:
+    import stagetrace
+
+    info = stagetrace.backend_info()
+    if info.cuda_devices == 0:
+        return f"no usable CUDA backend: {info.reason}"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device"
+    return None
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def build_on(family: str, device: str, **kw: Any) -> tiny.TinyCase:
@@ -37,6 +57,23 @@ def hook_state(model: nn.Module) -> dict[str, tuple[int, ...]]:
     state["<model attributes shadowed>"] = tuple(  # type: ignore[assignment]
         a in model.__dict__ for a in ("generate", "_valid_auto_compile_criteria", "prepare_inputs_for_generation"))
     return state
+
+
+def _from_stagetrace(fn: Any) -> bool:
+    fn = getattr(fn, "__func__", fn)
+    return str(getattr(fn, "__module__", "") or "").startswith("stagetrace.tracing")
+
+
+def stagetrace_leftovers(model: nn.Module) -> list[str]:
+    """Hooks, wrappers and shadowing attributes that stagetrace's tracing code put on ``model``
+    and its submodules (transformers adds hooks of its own on first use: those are not ours)."""
+    found = []
+    for name, m in model.named_modules():
+        for d in ("_forward_hooks", "_forward_pre_hooks"):
+            found += [f"{name or '<model>'}.{d}" for fn in getattr(m, d).values() if _from_stagetrace(fn)]
+        found += [f"{name or '<model>'}.{attr}" for attr, value in m.__dict__.items()
+                  if callable(value) and _from_stagetrace(value)]
+    return found
 
 
 def tokens(out: Any) -> torch.Tensor:

@@ -16,8 +16,7 @@ from stagetrace.labels import Kind, label
 from stagetrace.low_level import graph_stamps as gs
 from stagetrace.tracing import TracingError
 
-from conftest import DEVICES, sync
-from helpers import (assert_partition, build_on, compile_forward_by_hand, dynamo_state, gen_kwargs, hook_state,
+from helpers import (DEVICES, assert_partition, build_on, compile_forward_by_hand, dynamo_state, gen_kwargs, hook_state, sync,
                      static_compiled, tokens)
 
 DECODE, LB0, LE0 = label(Kind.DECODE_FORWARD), label(Kind.LAYER_BEGIN, 0), label(Kind.LAYER_END, 0)

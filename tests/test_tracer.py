@@ -5,15 +5,12 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 import stagetrace
 from stagetrace.testing import tiny
-from stagetrace.layouts import LayoutError
 from stagetrace.tracing import TracingError
 
-from conftest import DEVICES
-from helpers import assert_partition, build_on, gen_kwargs, hook_state, static_compiled, tokens, trace_once
+from helpers import DEVICES, assert_partition, build_on, gen_kwargs, hook_state, tokens, trace_once
 
 FAMILIES = list(tiny.FAMILIES)
 VLMS = [f for f in FAMILIES if f != "llama"]
@@ -295,169 +292,6 @@ def test_a_user_patched_generate_is_restored():
     assert case.model.generate is mine and calls == [1] and len(tracer.records) == 1
 
 
-# ---------------------------------------------------------------- layouts: override and failure
-class OddVLM(nn.Module):
-    """A VLM whose layout no table row knows."""
-
-    def __init__(self):
-        super().__init__()
-        self.pixel_encoder = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 16))
-        self.embed = nn.Embedding(64, 16)
-        self.brain = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
-        self.readout = nn.Linear(16, 64)
-
-    def forward(self, input_ids, pixels=None):
-        x = self.embed(input_ids)
-        if pixels is not None:
-            x = x + self.pixel_encoder(pixels).mean(dim=1, keepdim=True)
-        for layer in self.brain:
-            x = torch.tanh(layer(x))
-        return self.readout(x)
-
-    @torch.no_grad()
-    def generate(self, input_ids, pixels=None, max_new_tokens=4):
-        seq = input_ids
-        for i in range(max_new_tokens):
-            logits = self(seq, pixels if i == 0 else None)
-            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
-        return seq
-
-
-def test_an_unknown_layout_names_what_it_found_and_the_override_to_use():
-    with pytest.raises(LayoutError) as err:
-        stagetrace.trace(OddVLM())
-    msg = str(err.value)
-    assert "OddVLM" in msg and "pixel_encoder" in msg
-    assert "stagetrace.trace(model, vision=['pixel_encoder']" in msg
-    assert "top-level modules: ['pixel_encoder', 'embed', 'brain', 'readout']" in msg
-
-
-def test_the_override_path_traces_an_unknown_layout():
-    torch.manual_seed(0)
-    model = OddVLM().eval()
-    ids, pixels = torch.randint(0, 64, (1, 5)), torch.randn(1, 3, 12)
-    with stagetrace.trace(model, vision="pixel_encoder", language_model="brain", lm_head="readout",
-                          layer_detail="all") as tracer:
-        model.generate(ids, pixels, max_new_tokens=4)
-    rec = tracer.records[0]
-    assert_partition(rec)
-    assert rec.vision_ms > 0 and len(rec.decode_step_ms) == 3
-    assert rec.layout == "probe+override"
-    assert len([s for s in rec.spans if s.name.startswith("layer")]) == 3 * 4
-
-
-def test_override_can_cut_a_known_layout_differently():
-    case = tiny.build("llava")
-    with stagetrace.trace(case.model, vision=["model.vision_tower"]) as tracer:
-        case.model.generate(**gen_kwargs(case, 2))
-    rec = tracer.records[0]
-    assert_partition(rec)
-    assert tracer.layout.describe()["vision"] == ["model.vision_tower"] and rec.layout == "llava-style+override"
-
-
-def test_a_multimodal_model_is_never_taken_for_text_only():
-    case = tiny.build("llava")
-    with pytest.raises(LayoutError, match="does not name a submodule"):
-        stagetrace.trace(case.model, vision=["model.no_such_tower"])
-
-
-# ---------------------------------------------------------------- what is not traced yet is refused
-@pytest.mark.parametrize("family", ["llama", "llava", "qwen2_vl"])
-def test_compiled_decode_is_traced_without_graph_breaks_or_recompiles(family):
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    case = tiny.build(family)
-    kw = gen_kwargs(case, 5, **static_compiled(case))
-    torch._dynamo.reset()
-    counters.clear()
-    plain = tokens(case.model.generate(**kw))  # untraced: compiles the decode step once
-    frames = dict(counters["frames"])
-    assert frames.get("ok", 0) >= 1, "generate() did not compile the decode step"
-    before = hook_state(case.model)
-    with stagetrace.trace(case.model, layer_detail="prefill") as tracer:
-        for _ in range(3):
-            assert torch.equal(tokens(case.model.generate(**kw)), plain)
-    assert dict(counters["frames"]) == frames, "tracing made dynamo compile again"
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    assert hook_state(case.model) == before
-    for rec in tracer.records:
-        assert_partition(rec)
-        assert rec.compiled_decode and rec.output_tokens == 5 and len(rec.decode_step_ms) == 4
-        assert len([s for s in rec.spans if s.name.startswith("layer")]) == 2  # prefill layers only
-        assert (rec.vision_ms is not None) == (family != "llama")
-
-
-def test_a_decode_step_first_compiled_under_tracing_serves_untraced_calls_too():
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    case = tiny.build("llama")
-    kw = gen_kwargs(case, 4, **static_compiled(case))
-    torch._dynamo.reset()
-    counters.clear()
-    with stagetrace.trace(case.model) as tracer:
-        traced = tokens(case.model.generate(**kw))  # compiles here, with the hooks already off
-    frames = dict(counters["frames"])
-    assert torch.equal(tokens(case.model.generate(**kw)), traced)
-    assert dict(counters["frames"]) == frames and not counters["graph_break"]
-    assert tracer.records[0].compiled_decode and len(tracer.records[0].decode_step_ms) == 3
-
-
-def test_compiled_decode_refuses_what_it_cannot_time(monkeypatch):
-    case = tiny.build("llama")
-    kw = gen_kwargs(case, 3, **static_compiled(case))
-    monkeypatch.setattr(stagetrace.tracing.compiled, "COMPILED_DECODE_VALIDATED_ON", ())
-    with stagetrace.trace(case.model) as tracer:
-        with pytest.raises(TracingError, match="not yet validated on cpu.*disable_compile=True"):
-            case.model.generate(**kw)
-        out = case.model.generate(**kw, disable_compile=True)  # the eager static-cache run is traced
-    (rec,) = tracer.records
-    assert_partition(rec)
-    assert not rec.compiled_decode
-    assert out.shape[1] == case.prompt_len + 3 and len(rec.decode_step_ms) == 2
-
-
-def test_a_forward_compiled_by_hand_is_traced_without_recompiles():
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    case = tiny.build("llama")
-    case.model.forward = torch.compile(case.model.forward, backend="eager")
-    kw = gen_kwargs(case, 5)
-    torch._dynamo.reset()
-    counters.clear()
-    plain = tokens(case.model.generate(**kw))
-    case.model.generate(**kw)  # the second call settles dynamo's dynamic shapes
-    frames = dict(counters["frames"])
-    with stagetrace.trace(case.model) as tracer:
-        for _ in range(3):
-            assert torch.equal(tokens(case.model.generate(**kw)), plain)
-    assert dict(counters["frames"]) == frames and not counters["graph_break"]
-    for rec in tracer.records:
-        assert_partition(rec)
-        assert rec.compiled_decode and len(rec.decode_step_ms) == 4
-
-
-@pytest.mark.parametrize("case_name", ["vlm", "prefill_layers", "no_stamps", "unvalidated_device"])
-def test_a_forward_compiled_by_hand_is_refused_where_it_cannot_be_timed(case_name, monkeypatch):
-    from stagetrace.low_level import graph_stamps
-
-    case = tiny.build("llava" if case_name == "vlm" else "llama")
-    case.model.forward = torch.compile(case.model.forward, backend="eager")
-    kw, match = {"vlm": ({}, "only text-only models"),
-                 "prefill_layers": ({"layer_detail": "prefill"}, "run in every forward.*layer_detail='all'"),
-                 "no_stamps": ({"layer_detail": "all"}, "need GPU-side stamps: built without.*layer_detail='off'"),
-                 "unvalidated_device": ({}, "not yet validated on cpu")}[case_name]
-    if case_name == "unvalidated_device":
-        monkeypatch.setattr(stagetrace.tracing.compiled, "COMPILED_DECODE_VALIDATED_ON", ())
-    if case_name == "no_stamps":
-        monkeypatch.setattr(graph_stamps, "stamps_unavailable_reason", lambda device_type: "built without stamps (test)")
-    with pytest.raises(TracingError, match=match):
-        stagetrace.trace(case.model, **kw).start()
-    assert "generate" not in case.model.__dict__ and "forward" in case.model.__dict__
-
-
 def test_a_model_split_over_devices_other_than_gpus_is_refused():
     case = tiny.build("llama")
     case.model.lm_head.to("meta")  # parameters on two devices, as with a device_map that offloads
@@ -553,3 +387,54 @@ def test_the_prompt_is_read_however_generate_is_given_it(how):
             case.model.generate(**{how: ids}, **kw)
     rec = tracer.records[0]
     assert rec.prompt_tokens == ids.shape[1] and rec.output_tokens == 3 and len(rec.decode_step_ms) == 2
+
+
+def test_a_second_threads_call_while_one_is_traced_is_refused_not_mixed():
+    import functools
+    import threading
+
+    case = tiny.build("llava")
+    kw = gen_kwargs(case, 4)
+    inner = case.model.generate
+    entered, release, errors = threading.Event(), threading.Event(), []
+
+    with stagetrace.trace(case.model) as tracer:
+        traced = case.model.generate
+        original_prepare = case.model.prepare_inputs_for_generation
+
+        @functools.wraps(original_prepare)  # generate() reads its signature
+        def slow_prepare(*a, **k):  # holds the first call inside generate()
+            entered.set()
+            release.wait(10)
+            return original_prepare(*a, **k)
+
+        case.model.prepare_inputs_for_generation = slow_prepare
+        first = threading.Thread(target=lambda: traced(**kw))
+        first.start()
+        assert entered.wait(10)
+
+        def second() -> None:
+            try:
+                traced(**kw)
+            except TracingError as exc:
+                errors.append(str(exc))
+
+        t2 = threading.Thread(target=second)
+        t2.start()
+        t2.join(10)
+        release.set()
+        first.join(10)
+        case.model.prepare_inputs_for_generation = original_prepare
+        traced(**kw)  # and the tracer is usable again
+    assert errors and "second thread" in errors[0]
+    assert len(tracer.records) == 2 and all(r.error is None for r in tracer.records)
+    assert [len(r.decode_step_ms) for r in tracer.records] == [3, 3]
+    assert case.model.generate == inner
+
+
+def test_resolve_ms_covers_the_work_after_generate_returns():
+    case = tiny.build("llava")
+    with stagetrace.trace(case.model, layer_detail="all") as tracer:
+        case.model.generate(**gen_kwargs(case, 8))
+    (rec,) = tracer.records
+    assert rec.resolve_ms > 0 and len(rec.host_spans) == len(rec.spans) > 8

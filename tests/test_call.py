@@ -1,0 +1,53 @@
+"""Per-call state: the prefill/decode rule, what generate() was given, what it returned."""
+from __future__ import annotations
+
+import torch
+
+from stagetrace.tracing.call import CallState, new_token_count, next_forward_is_prefill, read_call_inputs
+
+
+def _state(prompt_len: int, cache_len: int = 0) -> CallState:
+    return CallState(prompt_len=prompt_len, fed=cache_len, forward_compiled=False, stamping=False)
+
+
+def test_the_first_forward_is_prefill_and_every_later_one_a_decode_step():
+    call = _state(6)
+    assert [next_forward_is_prefill(call, n) for n in (6, 1, 1, 1)] == [True, False, False, False]
+    assert call.forwards == 4 and call.decoding and not call.in_prefill
+
+
+def test_chunked_prefill_stays_prefill_until_the_prompt_is_fed():
+    call = _state(10)
+    assert [next_forward_is_prefill(call, n) for n in (4, 4, 2, 1)] == [True, True, True, False]
+
+
+def test_assisted_decoding_feeds_several_tokens_per_step_and_is_still_decode():
+    call = _state(6)
+    assert [next_forward_is_prefill(call, n) for n in (6, 4, 3)] == [True, False, False]
+
+
+def test_a_call_continuing_from_a_returned_cache_starts_with_a_prefill_of_its_new_tokens():
+    call = _state(prompt_len=9, cache_len=6)  # 6 tokens already cached, 3 new ones
+    assert [next_forward_is_prefill(call, n) for n in (3, 1)] == [True, False]
+
+
+def test_once_decoding_no_forward_is_prefill_again_even_without_input_lengths():
+    call = _state(6)
+    assert [next_forward_is_prefill(call, n) for n in (None, None, None)] == [True, False, False]
+
+
+def test_inputs_are_read_from_any_way_generate_is_given_them():
+    ids = torch.ones(2, 5, dtype=torch.long)
+    for args, kwargs in (((ids,), {}), ((), {"inputs": ids}), ((), {"input_ids": ids})):
+        got = read_call_inputs(args, kwargs)
+        assert (got.prompt_len, got.batch, got.cache_len, got.has_input_ids) == (5, 2, 0, True)
+    embeds = read_call_inputs((), {"inputs_embeds": torch.zeros(3, 7, 4)})
+    assert (embeds.prompt_len, embeds.batch, embeds.has_input_ids) == (7, 3, False)
+
+
+def test_new_tokens_are_counted_after_the_prompt_or_alone_for_inputs_embeds():
+    ids = read_call_inputs((torch.ones(1, 5, dtype=torch.long),), {})
+    assert new_token_count(torch.ones(1, 9), ids) == 4
+    embeds = read_call_inputs((), {"inputs_embeds": torch.zeros(1, 5, 4)})
+    assert new_token_count(torch.ones(1, 4), embeds) == 4
+    assert new_token_count(object(), ids) == 0

@@ -1,0 +1,112 @@
+"""Compiled code on the CPU (dynamo): generate()'s own compiled decode and a forward compiled
+by hand, traced without graph breaks or recompiles, or refused with the reason."""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+import stagetrace
+from stagetrace.testing import tiny
+from stagetrace.tracing import TracingError
+
+from helpers import assert_partition, gen_kwargs, hook_state, static_compiled, tokens
+
+FAMILIES = list(tiny.FAMILIES)
+
+@pytest.mark.parametrize("family", ["llama", "llava", "qwen2_vl"])
+def test_compiled_decode_is_traced_without_graph_breaks_or_recompiles(family):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    case = tiny.build(family)
+    kw = gen_kwargs(case, 5, **static_compiled(case))
+    torch._dynamo.reset()
+    counters.clear()
+    plain = tokens(case.model.generate(**kw))  # untraced: compiles the decode step once
+    frames = dict(counters["frames"])
+    assert frames.get("ok", 0) >= 1, "generate() did not compile the decode step"
+    before = hook_state(case.model)
+    with stagetrace.trace(case.model, layer_detail="prefill") as tracer:
+        for _ in range(3):
+            assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    assert dict(counters["frames"]) == frames, "tracing made dynamo compile again"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert hook_state(case.model) == before
+    for rec in tracer.records:
+        assert_partition(rec)
+        assert rec.compiled_decode and rec.output_tokens == 5 and len(rec.decode_step_ms) == 4
+        assert len([s for s in rec.spans if s.name.startswith("layer")]) == 2  # prefill layers only
+        assert (rec.vision_ms is not None) == (family != "llama")
+
+
+def test_a_decode_step_first_compiled_under_tracing_serves_untraced_calls_too():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    case = tiny.build("llama")
+    kw = gen_kwargs(case, 4, **static_compiled(case))
+    torch._dynamo.reset()
+    counters.clear()
+    with stagetrace.trace(case.model) as tracer:
+        traced = tokens(case.model.generate(**kw))  # compiles here, with the hooks already off
+    frames = dict(counters["frames"])
+    assert torch.equal(tokens(case.model.generate(**kw)), traced)
+    assert dict(counters["frames"]) == frames and not counters["graph_break"]
+    assert tracer.records[0].compiled_decode and len(tracer.records[0].decode_step_ms) == 3
+
+
+def test_compiled_decode_refuses_what_it_cannot_time(monkeypatch):
+    case = tiny.build("llama")
+    kw = gen_kwargs(case, 3, **static_compiled(case))
+    monkeypatch.setattr(stagetrace.tracing.compiled, "COMPILED_DECODE_VALIDATED_ON", ())
+    with stagetrace.trace(case.model) as tracer:
+        with pytest.raises(TracingError, match="not yet validated on cpu.*disable_compile=True"):
+            case.model.generate(**kw)
+        out = case.model.generate(**kw, disable_compile=True)  # the eager static-cache run is traced
+    (rec,) = tracer.records
+    assert_partition(rec)
+    assert not rec.compiled_decode
+    assert out.shape[1] == case.prompt_len + 3 and len(rec.decode_step_ms) == 2
+
+
+def test_a_forward_compiled_by_hand_is_traced_without_recompiles():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    case = tiny.build("llama")
+    case.model.forward = torch.compile(case.model.forward, backend="eager")
+    kw = gen_kwargs(case, 5)
+    torch._dynamo.reset()
+    counters.clear()
+    plain = tokens(case.model.generate(**kw))
+    case.model.generate(**kw)  # the second call settles dynamo's dynamic shapes
+    frames = dict(counters["frames"])
+    with stagetrace.trace(case.model) as tracer:
+        for _ in range(3):
+            assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    assert dict(counters["frames"]) == frames and not counters["graph_break"]
+    for rec in tracer.records:
+        assert_partition(rec)
+        assert rec.compiled_decode and len(rec.decode_step_ms) == 4
+
+
+@pytest.mark.parametrize("case_name", ["vlm", "prefill_layers", "no_stamps", "unvalidated_device"])
+def test_a_forward_compiled_by_hand_is_refused_where_it_cannot_be_timed(case_name, monkeypatch):
+    from stagetrace.low_level import graph_stamps
+
+    case = tiny.build("llava" if case_name == "vlm" else "llama")
+    case.model.forward = torch.compile(case.model.forward, backend="eager")
+    kw, match = {"vlm": ({}, "only text-only models"),
+                 "prefill_layers": ({"layer_detail": "prefill"}, "run in every forward.*layer_detail='all'"),
+                 "no_stamps": ({"layer_detail": "all"}, "need GPU-side stamps: built without.*layer_detail='off'"),
+                 "unvalidated_device": ({}, "not yet validated on cpu")}[case_name]
+    if case_name == "unvalidated_device":
+        monkeypatch.setattr(stagetrace.tracing.compiled, "COMPILED_DECODE_VALIDATED_ON", ())
+    if case_name == "no_stamps":
+        monkeypatch.setattr(graph_stamps, "stamps_unavailable_reason", lambda device_type: "built without stamps (test)")
+    with pytest.raises(TracingError, match=match):
+        stagetrace.trace(case.model, **kw).start()
+    assert "generate" not in case.model.__dict__ and "forward" in case.model.__dict__
+
+

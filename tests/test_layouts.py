@@ -1,0 +1,81 @@
+"""Finding the stages of a model: known layouts, the override, and the failure message."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import stagetrace
+from stagetrace.testing import tiny
+from stagetrace.layouts import LayoutError
+
+from helpers import assert_partition, gen_kwargs
+
+FAMILIES = list(tiny.FAMILIES)
+
+# ---------------------------------------------------------------- layouts: override and failure
+class OddVLM(nn.Module):
+    """A VLM whose layout no table row knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.pixel_encoder = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 16))
+        self.embed = nn.Embedding(64, 16)
+        self.brain = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+        self.readout = nn.Linear(16, 64)
+
+    def forward(self, input_ids, pixels=None):
+        x = self.embed(input_ids)
+        if pixels is not None:
+            x = x + self.pixel_encoder(pixels).mean(dim=1, keepdim=True)
+        for layer in self.brain:
+            x = torch.tanh(layer(x))
+        return self.readout(x)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixels=None, max_new_tokens=4):
+        seq = input_ids
+        for i in range(max_new_tokens):
+            logits = self(seq, pixels if i == 0 else None)
+            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+        return seq
+
+
+def test_an_unknown_layout_names_what_it_found_and_the_override_to_use():
+    with pytest.raises(LayoutError) as err:
+        stagetrace.trace(OddVLM())
+    msg = str(err.value)
+    assert "OddVLM" in msg and "pixel_encoder" in msg
+    assert "stagetrace.trace(model, vision=['pixel_encoder']" in msg
+    assert "top-level modules: ['pixel_encoder', 'embed', 'brain', 'readout']" in msg
+
+
+def test_the_override_path_traces_an_unknown_layout():
+    torch.manual_seed(0)
+    model = OddVLM().eval()
+    ids, pixels = torch.randint(0, 64, (1, 5)), torch.randn(1, 3, 12)
+    with stagetrace.trace(model, vision="pixel_encoder", language_model="brain", lm_head="readout",
+                          layer_detail="all") as tracer:
+        model.generate(ids, pixels, max_new_tokens=4)
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert rec.vision_ms > 0 and len(rec.decode_step_ms) == 3
+    assert rec.layout == "probe+override"
+    assert len([s for s in rec.spans if s.name.startswith("layer")]) == 3 * 4
+
+
+def test_override_can_cut_a_known_layout_differently():
+    case = tiny.build("llava")
+    with stagetrace.trace(case.model, vision=["model.vision_tower"]) as tracer:
+        case.model.generate(**gen_kwargs(case, 2))
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert tracer.layout.describe()["vision"] == ["model.vision_tower"] and rec.layout == "llava-style+override"
+
+
+def test_a_multimodal_model_is_never_taken_for_text_only():
+    case = tiny.build("llava")
+    with pytest.raises(LayoutError, match="does not name a submodule"):
+        stagetrace.trace(case.model, vision=["model.no_such_tower"])
+
+
