@@ -21,6 +21,13 @@ class CudaTimeline : public TimelineBase {
   int device() const { return device_; }
   // Waits until every stream of this timeline's device is idle (calibration, off the hot path).
   void synchronize_device();
+  // The timeline protocol: one device, one stream; its events are one clock (nothing to calibrate).
+  void bind_streams(const std::vector<int64_t>& streams) {
+    if (streams.size() != 1) throw TimelineError("a one-device timeline binds exactly one stream");
+    bind_stream(streams[0]);
+  }
+  void calibrate() {}
+  std::vector<int64_t> device_streams() const { return {stream_}; }
 
   void mark(int32_t label);
   void mark_on(int32_t label, int64_t stream);

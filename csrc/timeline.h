@@ -74,6 +74,10 @@ class HostTimeline : public TimelineBase {
   void mark(int32_t label);
   void mark_on(int32_t label, int64_t stream);
   Resolved resolve();
+  // The timeline protocol's stream and clock calls: one host clock has neither.
+  void bind_streams(const std::vector<int64_t>&) {}
+  void calibrate() {}
+  std::vector<int64_t> device_streams() const { return {}; }
 
  protected:
   bool grow_device_slots(int64_t) override { return true; }

@@ -148,3 +148,13 @@ def test_a_cpu_only_build_imports_and_says_why_cuda_is_missing(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.startswith("False False (0, 'stagetrace was built without the CUDA backend")
+
+
+@pytest.mark.parametrize("Timeline", HOST_TIMELINES)
+def test_host_timelines_implement_the_whole_protocol_with_no_op_streams_and_clock(Timeline):
+    tl = Timeline(capacity=4)
+    tl.bind_streams([])
+    tl.calibrate()
+    assert tl.device_streams == [] and tl.dropped == 0 and tl.backend == "cpu"
+    tl.mark(1)
+    assert len(tl) == 1

@@ -62,35 +62,6 @@ class Timeline(Protocol):
         """Before a call: put every device on one clock (no-op where there is one clock)."""
 
 
-class _OneClock:
-    """The protocol's calls for timelines with one clock (a host clock, or one GPU)."""
-
-    def calibrate(self) -> None:
-        pass
-
-
-if _C is not None:
-    class HostTimeline(_OneClock, _C.HostTimeline):
-        """The native host-clock timeline: no streams to bind."""
-
-        device_streams: list[int] = []
-
-        def bind_streams(self, streams: Sequence[int]) -> None:
-            pass
-
-    if hasattr(_C, "CudaTimeline"):
-        class CudaTimeline(_OneClock, _C.CudaTimeline):
-            """The native CUDA-event timeline of one GPU."""
-
-            def bind_streams(self, streams: Sequence[int]) -> None:
-                (stream,) = streams  # one device: one stream
-                self.bind_stream(stream)
-
-            @property
-            def device_streams(self) -> list[int]:
-                return [self.bound_stream]
-
-
 @dataclass(frozen=True)
 class BackendInfo:
     """Which timeline backend stagetrace will use, and why."""
@@ -135,11 +106,11 @@ def new_timeline(device_type: str = "cpu", device_index: int = 0, capacity: int 
                 f"{info.reason}. Rebuild stagetrace where the CUDA toolkit is present "
                 "(CUDA_HOME pointing at a toolkit with libcudart_static.a), e.g. "
                 "`pip install --no-build-isolation --no-deps -e .`")
-        return CudaTimeline(device_index, capacity, chunk, max_marks)
+        return _C.CudaTimeline(device_index, capacity, chunk, max_marks)
     if device_type != "cpu":
         raise ValueError(f"stagetrace has no timeline backend for device type {device_type!r} (cpu, cuda)")
     if _C is None:
         warnings.warn(f"stagetrace: native extension unavailable ({NATIVE_IMPORT_ERROR}); "
                       "using the pure-Python host timeline", RuntimeWarning, stacklevel=2)
         return PyHostTimeline(capacity, chunk, max_marks)
-    return HostTimeline(capacity, chunk, max_marks)
+    return _C.HostTimeline(capacity, chunk, max_marks)
