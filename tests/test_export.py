@@ -159,18 +159,6 @@ def test_a_crash_mid_stream_leaves_every_finished_record_readable(tmp_path):
         assert len(load_records(path)) == len(recs) + 1
 
 
-def test_corrupt_lines_are_skipped_or_raised_on_request(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    good = json.dumps(StageRecord(1.0, None, 0.5, 0.3, 0.2, 0.8, [0.3], 1, 4, 2).to_dict())
-    path.write_text(f"{good}\nnot json\n{{\"unknown_field_only\": 1}}\n\n{good}\n")
-    with pytest.warns(RecordLoadWarning) as w:
-        assert len(load_records(path)) == 2
-    assert len(w) == 2 and "bad.jsonl:2" in str(w[0].message)
-    assert len(load_records(path, on_error="ignore")) == 2
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
-        load_records(path, on_error="raise")
-
-
 def _rec(total, vision, prefill, decode, steps):
     return StageRecord(total_ms=total, vision_ms=vision, prefill_ms=prefill, decode_ms=decode,
                        other_ms=total - (vision or 0) - prefill - decode, ttft_ms=total - decode,
