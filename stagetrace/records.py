@@ -16,7 +16,7 @@ from typing import IO, Any, Iterable, Iterator
 
 from .stages import Span, StageTimes
 
-__all__ = ["StageRecord", "JsonlWriter", "load_records", "RecordLoadWarning", "STAGES"]
+__all__ = ["StageRecord", "JsonlWriter", "load_records", "parse_record_line", "RecordLoadWarning", "STAGES"]
 
 # The stage columns every summary and table shows, in order.
 STAGES = ("total_ms", "vision_ms", "prefill_ms", "decode_ms", "other_ms", "ttft_ms", "tpot_ms")
@@ -261,6 +261,19 @@ _KIND_WORDS = {"number?": "a finite number or null", "number": "a finite number"
                "str_map": "an object of strings", "spans": "a list of spans"}
 
 
+def parse_record_line(line: str) -> StageRecord:
+    """One line of a records file as a record; ValueError (a one-line reason) when it is not one."""
+    try:
+        d, _ = _checked(json.loads(line))
+        return StageRecord.from_dict(d)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
 def iter_records(path: str | os.PathLike[str], on_error: str = "warn") -> Iterator[StageRecord]:
     """Yields the records of a JSONL file; bad lines are skipped (never fatal).
 
@@ -281,18 +294,14 @@ def iter_records(path: str | os.PathLike[str], on_error: str = "warn") -> Iterat
                 continue
             lines += 1
             try:
-                d, version = _checked(json.loads(line))
-                rec = StageRecord.from_dict(d)
-            except (ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-                reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
-                if isinstance(exc, json.JSONDecodeError):
-                    reason = f"not JSON ({exc.msg})"
+                rec = parse_record_line(line)
+            except ValueError as exc:
                 if on_error == "raise":
-                    raise ValueError(f"{path}:{lineno}: skipped an unreadable record: {reason}") from None
-                skipped.append((lineno, reason))
+                    raise ValueError(f"{path}:{lineno}: skipped an unreadable record: {exc}") from None
+                skipped.append((lineno, str(exc)))
                 continue
-            if version != SCHEMA_VERSION:
-                other_versions[version] = other_versions.get(version, 0) + 1
+            if rec.schema != SCHEMA_VERSION:
+                other_versions[rec.schema] = other_versions.get(rec.schema, 0) + 1
             yield rec
     if on_error != "warn":
         return
