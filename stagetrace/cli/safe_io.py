@@ -43,7 +43,7 @@ def writable_dir(path: Path, flag: str = "--out") -> Path:
         raise CliError(f"{flag} is empty: give a directory")
     blocker = file_in_the_way(path)
     if blocker is not None:
-        raise CliError(f"{flag} {show(path)} cannot be made: {show(blocker)} is a file, not a directory")
+        raise CliError(f"output directory {show(path)} cannot be written: {show(blocker)} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         # a fresh name made with O_EXCL: never opens (and empties) a file or link already there
