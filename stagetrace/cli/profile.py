@@ -38,6 +38,7 @@ class Plan:
     fp: dict[str, Any]
     todo: list[Sample]
     with_images: bool
+    recorded: int  # samples of the run recorded by earlier processes
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (what, why) for images and batches not run
 
 
@@ -69,7 +70,8 @@ def _plan(args: argparse.Namespace) -> Plan:
     todo = [s for s in samples if s[0] not in done]
     if len(todo) < len(samples):
         print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already in {show(out)}")
-    return Plan(args, out, records, trace, rank, world, device, detail, prompts, fp, todo, images is not None)
+    return Plan(args, out, records, trace, rank, world, device, detail, prompts, fp, todo, images is not None,
+                len(samples) - len(todo))
 
 
 def _image_problem(path: Path) -> str | None:
@@ -210,7 +212,7 @@ def _drop_undecodable(plan: Plan) -> None:
             continue
         plan.skipped.append((f"image {show(s[1])}", f"cannot decode it ({show(why)})"))
         print(f"stagetrace: skipped image {show(s[1])}: cannot decode it ({show(why)})")
-    if plan.todo and not todo:
+    if plan.todo and not todo and not plan.recorded:  # (on a resume the rest of the run is done)
         raise CliError(f"none of the {len(plan.todo)} images to profile decodes (first: "
                        f"{plan.skipped[0][0]}: {plan.skipped[0][1]})")
     plan.todo = todo
@@ -239,7 +241,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(f"stagetrace: interrupted: {len(records)} finished record(s) kept in {show(plan.records)}, "
               f"their trace in {show(plan.trace)}", file=sys.stderr)
         return 130
-    if plan.todo and calls == 0 and plan.skipped:
+    if plan.todo and calls == 0 and plan.skipped and not plan.recorded:
         raise CliError(f"no sample could be profiled: {len(plan.skipped)} input(s) skipped (see above)")
     print(f"wrote {show(plan.records)} and {show(plan.trace)}")
     return 0
