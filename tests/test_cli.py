@@ -576,3 +576,30 @@ def test_each_bad_input_of_issue_12_is_one_line_and_exit_2(case, text_checkpoint
     after = digest(tmp_path)
     assert {k: v for k, v in after.items() if k in inputs} == inputs  # no input changed
     assert not (tmp_path / "o" / "records.jsonl").is_file() and not (tmp_path / "m" / "records.jsonl").exists()
+
+
+def test_merge_replaces_only_what_an_earlier_merge_wrote(text_checkpoint, tmp_path, capsys):
+    assert run(*profile_args(text_checkpoint, tmp_path / "a")) == 0
+    assert run(*profile_args(text_checkpoint, tmp_path / "b", prompt="other")) == 0
+    before = digest(tmp_path / "b")
+    capsys.readouterr()
+    assert run("merge", tmp_path / "a", "-o", tmp_path / "b") == 2  # b holds a profile run's records
+    one_error_line(capsys, "that no earlier merge wrote")
+    assert digest(tmp_path / "b") == before
+    assert run("merge", tmp_path / "a", "-o", tmp_path / "m") == 0
+    assert run("merge", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "m") == 0  # its own earlier output
+    assert len(load_records(tmp_path / "m" / "records.jsonl")) == 2
+    (tmp_path / "m" / "records.jsonl").write_text((tmp_path / "m" / "records.jsonl").read_text()[:50])
+    capsys.readouterr()
+    assert run("merge", tmp_path / "a", "-o", tmp_path / "m") == 2  # changed since: the user's now
+    one_error_line(capsys, "that no earlier merge wrote")
+
+
+def test_report_does_not_write_its_csv_over_records(tmp_path, capsys):
+    run("demo", "--out", tmp_path / "d", "--calls", "1", "--max-new-tokens", "2")
+    other = tmp_path / "other.jsonl"
+    other.write_bytes((tmp_path / "d" / "records.jsonl").read_bytes())
+    capsys.readouterr()
+    assert run("report", tmp_path / "d" / "records.jsonl", "--csv", other) == 2
+    one_error_line(capsys, "named like records")
+    assert other.read_bytes() == (tmp_path / "d" / "records.jsonl").read_bytes()

@@ -3,20 +3,24 @@
 Every input is read and checked before anything is written; the outputs are replaced
 whole (temporary file, then rename) and may not be inputs. In a folder holding per-rank
 files only those are merged (a ``records.jsonl`` beside them is an earlier merge), so
-merging a torchrun folder into itself again gives the same result.
+merging a torchrun folder into itself again gives the same result. An output file that
+an earlier merge did not write (say, a profile run's records) is never replaced.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import re
 import sys
 from pathlib import Path
 
 from .common import CliError, show
-from .safe_io import check_output, replacing, same_file, writable_dir
+from .safe_io import check_output, replacing, same_file, writable_dir, write_bytes_atomically
 
 __all__ = ["cmd_merge"]
 
+MERGE_FILE = "stagetrace-merge.json"  # what merge wrote into -o (name -> sha256), so it replaces only that
 _RECORDS = re.compile(r"records(\.rank\d+)?\.jsonl")
 _TRACE = re.compile(r"trace(\.rank\d+)?\.json(\.gz)?", re.IGNORECASE)
 
@@ -81,6 +85,33 @@ def _record_lines(files: list[Path]) -> list[str]:
     return lines
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _marks(out: Path) -> dict[str, str]:
+    try:
+        marks = json.loads((out / MERGE_FILE).read_bytes()).get("written", {})
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return {}
+    return marks if isinstance(marks, dict) else {}
+
+
+def _check_replaceable(out: Path, targets: list[Path]) -> None:
+    """Merge replaces an output file only where it is missing or is an earlier merge's, unchanged since."""
+    marks = _marks(out)
+    for t in targets:
+        if t.exists() and (marks.get(t.name) is None or marks.get(t.name) != _digest(t)):
+            raise CliError(f"-o {show(out)} already holds a {t.name} that no earlier merge wrote: merge does not "
+                           "replace it; choose another -o")
+
+
+def _mark_written(out: Path, written: list[Path]) -> None:
+    marks = _marks(out)
+    marks.update({p.name: _digest(p) for p in written})
+    write_bytes_atomically(out / MERGE_FILE, (json.dumps({"written": marks}, indent=1) + "\n").encode())
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from stagetrace.export.chrome import TraceFileError, merge_chrome_traces, read_chrome_trace
 
@@ -94,6 +125,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             if same_file(p, target):
                 raise CliError(f"-o {show(out)}: its {target.name} is also an input ({show(p)}); "
                                "merge into another folder")
+    _check_replaceable(out, ([rec_out] if record_files else []) + ([trace_out] if trace_files else []))
     lines = _record_lines(record_files)
     if record_files and not lines:
         raise CliError(f"no readable records in {show(', '.join(map(str, record_files)))}")
@@ -110,6 +142,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if lines:
             with replacing(rec_out) as fh:
                 fh.write("".join(lines).encode("utf-8"))
+        _mark_written(out, [p for p, wrote in ((rec_out, lines), (trace_out, trace_files)) if wrote])
     except OSError as exc:
         raise CliError(f"-o {show(out)} cannot be written: {exc.strerror or exc}") from None
     if lines:

@@ -57,6 +57,9 @@ def _output(path: str, inputs: Sequence[str], flag: str) -> Path:
     for p in inputs:
         if same_file(Path(p), out):
             raise CliError(f"{flag} {show(path)} is also an input: it would be overwritten; choose another name")
+    if out.exists() and out.name.lower().endswith((".jsonl", ".json", ".json.gz")):
+        raise CliError(f"{flag} {show(path)} exists and is named like records or a trace: stagetrace does not "
+                       "replace it; choose another name")
     return out
 
 
