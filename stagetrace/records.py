@@ -8,16 +8,17 @@ exporters (Chrome trace); they are not part of its JSON form unless asked for.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
-from .spans import Span, SpanTable
+from .spans import SPAN_KINDS, Span, SpanTable
 from .stages import StageTimes
 
-__all__ = ["StageRecord", "JsonlWriter", "load_records", "RecordLoadWarning", "STAGES"]
+__all__ = ["StageRecord", "JsonlWriter", "load_records", "parse_record_line", "RecordLoadWarning", "STAGES"]
 
 # The stage columns every summary and table shows, in order.
 STAGES = ("total_ms", "vision_ms", "prefill_ms", "decode_ms", "other_ms", "ttft_ms", "tpot_ms")
@@ -181,29 +182,155 @@ class JsonlWriter:
         self.close()
 
 
+# ---------------------------------------------------------------- loading and validation
+# What each JSON field must hold. A field not listed (added later) is passed through as is.
+_FIELD_KINDS: dict[str, str] = {
+    **dict.fromkeys(("total_ms", "vision_ms", "prefill_ms", "decode_ms", "other_ms", "ttft_ms"), "number?"),
+    **dict.fromkeys(("unix_start", "unix_time", "resolve_ms"), "number"),
+    **dict.fromkeys(("batch_size", "prompt_tokens", "output_tokens", "call_index", "stream", "rank",
+                     "host_start_ns", "n_marks", "schema"), "int"),
+    **dict.fromkeys(("model_class", "model_name", "device", "backend", "layout", "layer_detail", "layer_marks"),
+                    "str"),
+    **dict.fromkeys(("sample_id", "error"), "str?"),
+    "compiled_decode": "bool", "decode_step_ms": "numbers", "devices": "strs", "device_streams": "ints",
+    "versions": "str_map", "spans": "spans", "host_spans": "spans",
+}
+# A span as written: its identity in kind + index (schema 2) or in its name (schema 1).
+_SPAN_FIELDS = {2: {"kind": "str", "index": "int?", "start_ns": "int", "end_ns": "int", "depth": "int",
+                    "device": "str?"},
+                1: {"name": "str", "start_ns": "int", "end_ns": "int", "depth": "int", "device": "str?"}}
+_EMPTY = {"numbers": list, "strs": list, "ints": list, "str_map": dict}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _fits(kind: str, v: Any) -> bool:
+    if kind.endswith("?"):
+        return v is None or _fits(kind[:-1], v)
+    if kind == "number":
+        return _is_number(v)
+    if kind == "int":
+        return _is_int(v)
+    if kind in ("str", "bool"):
+        return isinstance(v, str if kind == "str" else bool)
+    if kind in ("numbers", "strs", "ints"):
+        each = {"numbers": _is_number, "strs": lambda x: isinstance(x, str), "ints": _is_int}[kind]
+        return isinstance(v, list) and all(each(x) for x in v)
+    if kind == "str_map":
+        return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+    if kind == "spans":
+        return isinstance(v, list) and all(isinstance(s, dict) and _fits_span(s) for s in v)
+    raise AssertionError(kind)
+
+
+def _fits_span(s: dict[str, Any]) -> bool:
+    shape = _SPAN_FIELDS[2 if "kind" in s else 1]
+    return (set(s) <= set(shape) and all(k in s for k in shape if k not in ("device", "index"))
+            and all(_fits(shape[k], x) for k, x in s.items())
+            and ("kind" not in s or s["kind"] in SPAN_KINDS))
+
+
+def _shown(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _checked(d: Any) -> tuple[dict[str, Any], int]:
+    """The fields of one parsed line, checked, and its schema version; ValueError says what is wrong.
+
+    A record of another schema version gets None (or an empty list/dict) for the fields it lacks.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"a JSON {type(d).__name__}, not an object")
+    if "schema" not in d:
+        raise ValueError("no 'schema' field: not a stagetrace record")
+    for key, value in d.items():
+        kind = _FIELD_KINDS.get(key)
+        if kind is not None and not _fits(kind, value):
+            raise ValueError(f"{key} is {_shown(value)}, not {_KIND_WORDS[kind]}")
+    version = d["schema"]
+    if version == SCHEMA_VERSION:
+        return d, version
+    filled = dict(d)
+    for f in fields(StageRecord):
+        if f.name not in filled and f.name not in _IN_MEMORY and f.name != "schema":
+            filled[f.name] = _EMPTY.get(_FIELD_KINDS.get(f.name, ""), lambda: None)()
+    return filled, version
+
+
+_KIND_WORDS = {"number?": "a finite number or null", "number": "a finite number", "int": "an integer",
+               "str": "a string", "str?": "a string or null", "bool": "true or false",
+               "numbers": "a list of finite numbers", "strs": "a list of strings", "ints": "a list of integers",
+               "str_map": "an object of strings", "spans": "a list of spans"}
+
+
+def parse_record_line(line: str) -> StageRecord:
+    """One line of a records file as a record; ValueError (a one-line reason) when it is not one."""
+    try:
+        d, _ = _checked(json.loads(line))
+        return StageRecord.from_dict(d)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
 def iter_records(path: str | os.PathLike[str], on_error: str = "warn") -> Iterator[StageRecord]:
-    """Yields the records of a JSONL file; bad lines are reported and skipped (never fatal)."""
+    """Yields the records of a JSONL file; bad lines are skipped (never fatal).
+
+    With ``on_error="warn"`` a file gets at most one :class:`RecordLoadWarning` for all of
+    its skipped lines (however many: a file of random bytes is one warning), and one for
+    records of another schema version (loaded, with the fields they lack as None).
+    ``"raise"`` raises ValueError at the first bad line; ``"ignore"`` says nothing.
+    """
     if on_error not in ("warn", "ignore", "raise"):
         raise ValueError(f"on_error must be 'warn', 'ignore' or 'raise', got {on_error!r}")
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    skipped: list[tuple[int, str]] = []
+    other_versions: dict[Any, int] = {}
+    lines = 0
+    # utf-8-sig: a byte-order mark some editors put first is not part of the first record
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            lines += 1
             try:
-                yield StageRecord.from_dict(json.loads(line))
-            except (json.JSONDecodeError, TypeError, ValueError) as exc:
-                msg = f"{path}:{lineno}: skipped an unreadable record ({type(exc).__name__}: {exc})"
+                rec = parse_record_line(line)
+            except ValueError as exc:
                 if on_error == "raise":
-                    raise ValueError(msg) from exc
-                if on_error == "warn":
-                    warnings.warn(msg, RecordLoadWarning, stacklevel=3)
+                    raise ValueError(f"{path}:{lineno}: skipped an unreadable record: {exc}") from None
+                skipped.append((lineno, str(exc)))
+                continue
+            if rec.schema != SCHEMA_VERSION:
+                other_versions[rec.schema] = other_versions.get(rec.schema, 0) + 1
+            yield rec
+    if on_error != "warn":
+        return
+    if skipped:
+        first, reason = skipped[0]
+        more = f"; {len(skipped) - 1} more" if len(skipped) > 1 else ""
+        warnings.warn(f"{path}: skipped {len(skipped)} unreadable record line(s) of {lines} "
+                      f"(line {first}: {reason}{more})", RecordLoadWarning, stacklevel=3)
+    if other_versions:
+        found = ", ".join(f"{n} of version {v}" for v, n in sorted(other_versions.items()))
+        warnings.warn(f"{path}: records of another schema version ({found}; this stagetrace writes version "
+                      f"{SCHEMA_VERSION}): the fields they lack are None", RecordLoadWarning, stacklevel=3)
 
 
 def load_records(path: str | os.PathLike[str], on_error: str = "warn") -> list[StageRecord]:
     """Reads records written by :class:`JsonlWriter` or ``Tracer.save_jsonl``.
 
-    A corrupt or truncated line (e.g. the last one of a run that was killed) is
-    reported as a :class:`RecordLoadWarning` and skipped.
+    A corrupt or truncated line (e.g. the last one of a run that was killed), a line
+    that is not a record, or a record with a string, NaN or infinity where a number
+    belongs is skipped; see :func:`iter_records` for how that is reported.
     """
     return list(iter_records(path, on_error))
 

@@ -159,18 +159,6 @@ def test_a_crash_mid_stream_leaves_every_finished_record_readable(tmp_path):
         assert len(load_records(path)) == len(recs) + 1
 
 
-def test_corrupt_lines_are_skipped_or_raised_on_request(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    good = json.dumps(StageRecord(1.0, None, 0.5, 0.3, 0.2, 0.8, [0.3], 1, 4, 2).to_dict())
-    path.write_text(f"{good}\nnot json\n{{\"unknown_field_only\": 1}}\n\n{good}\n")
-    with pytest.warns(RecordLoadWarning) as w:
-        assert len(load_records(path)) == 2
-    assert len(w) == 2 and "bad.jsonl:2" in str(w[0].message)
-    assert len(load_records(path, on_error="ignore")) == 2
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
-        load_records(path, on_error="raise")
-
-
 def _rec(total, vision, prefill, decode, steps):
     return StageRecord(total_ms=total, vision_ms=vision, prefill_ms=prefill, decode_ms=decode,
                        other_ms=total - (vision or 0) - prefill - decode, ttft_ms=total - decode,
@@ -225,3 +213,85 @@ def test_the_validator_rejects_what_the_format_forbids():
                 {"traceEvents": [], "displayTimeUnit": "s"}):   # bad unit
         with pytest.raises(AssertionError):
             validate_trace(bad)
+
+
+def test_merging_a_merged_trace_again_changes_nothing(tmp_path):
+    a, b = traced("llama", calls=2), traced("llama", calls=1)
+    for r in b.records:
+        r.rank = 1
+    pa = a.save_chrome_trace(tmp_path / "trace.rank0.json")
+    pb = b.save_chrome_trace(tmp_path / "trace.rank1.json")
+    once = read_chrome_trace(merge_chrome_traces([pa, pb], tmp_path / "m1.json"))
+    twice = read_chrome_trace(merge_chrome_traces([tmp_path / "m1.json"], tmp_path / "m2.json"))
+    assert twice == once and once["otherData"]["calls"] == 3 and once["otherData"]["ranks"] == [0, 1]
+    # a merged trace with a rank it lacks: ranks kept, nothing counted twice
+    c = traced("llama", calls=1)
+    for r in c.records:
+        r.rank = 2
+    more = read_chrome_trace(merge_chrome_traces([tmp_path / "m1.json", c.save_chrome_trace(tmp_path / "t2.json")],
+                                                 tmp_path / "m3.json"))
+    assert more["otherData"]["ranks"] == [0, 1, 2] and more["otherData"]["calls"] == 4
+    assert len([e for e in more["traceEvents"] if e["name"] == "generate"]) == 4
+    validate_trace(more)
+
+
+def test_merge_refuses_to_write_over_an_input_and_leaves_it_whole(tmp_path):
+    p = traced("llama", calls=1).save_chrome_trace(tmp_path / "trace.json")
+    before = p.read_bytes()
+    with pytest.raises(ValueError, match="is also an input"):
+        merge_chrome_traces([p], p)
+    (tmp_path / "link.json").symlink_to(p)
+    with pytest.raises(ValueError, match="is also an input"):
+        merge_chrome_traces([tmp_path / "link.json"], p)
+    assert p.read_bytes() == before
+
+
+def test_inputs_of_one_rank_each_are_numbered_and_named_by_input(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    pa = traced("llama", calls=1).save_chrome_trace(tmp_path / "a" / "trace.json")
+    pb = traced("llama", calls=1).save_chrome_trace(tmp_path / "b" / "trace.json")
+    merged = read_chrome_trace(merge_chrome_traces([pa, pb], tmp_path / "m.json"))
+    names = {e["pid"]: e["args"]["name"] for e in merged["traceEvents"] if e["name"] == "process_name"}
+    assert names == {0: "stagetrace rank 0 (a/trace.json)", 1: "stagetrace rank 0 (b/trace.json)"}
+    validate_trace(merged)
+
+
+@pytest.mark.parametrize("content, name, expect", [
+    (b'{"traceEvents": [{"name": "x", "ph": "X"', "t.json", "truncated or not JSON"),
+    (b"plain text", "t.json.gz", "not gzip (though named .gz)"),
+    (gzip.compress(b'{"traceEvents": []}')[:-6], "t.json.gz", "truncated or corrupt gzip"),
+    (b'{"events": []}', "t.json", "without a traceEvents list"),
+    (b"[1, 2]", "t.json", "without a traceEvents list"),
+    (b'{"traceEvents": [5]}', "t.json", "event 0 is not an event"),
+    (b'{"traceEvents": [{"name": "x", "ph": "X", "pid": 0, "ts": "soon"}]}', "t.json", "event 0"),
+    (b"\xff\xfe\x00", "t.json", "not UTF-8 JSON"),
+    (b"[" * 100_000, "t.json", "nested too deeply"),
+])
+def test_a_file_that_is_not_a_trace_is_one_line_error(tmp_path, content, name, expect):
+    from stagetrace.export.chrome import TraceFileError
+
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(TraceFileError) as info:
+        read_chrome_trace(p)
+    msg = str(info.value)
+    assert expect in msg and "\n" not in msg and msg.startswith(str(p))
+    with pytest.raises(TraceFileError):
+        merge_chrome_traces([p], tmp_path / "out.json")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_trace_names_ending_in_gz_in_any_case_are_gzip_and_links_are_replaced_not_followed(tmp_path):
+    tracer = traced("llama", calls=1)
+    p = tracer.save_chrome_trace(tmp_path / "TRACE.JSON.GZ")
+    assert p.read_bytes()[:2] == b"\x1f\x8b" and read_chrome_trace(p)["otherData"]["calls"] == 1
+    plain = tracer.save_chrome_trace(tmp_path / "plain.json")
+    (tmp_path / "named.json.gz").write_bytes(plain.read_bytes())  # plain JSON under a .gz name still reads
+    assert read_chrome_trace(tmp_path / "named.json.gz") == read_chrome_trace(plain)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "link.json").symlink_to(victim)
+    tracer.save_chrome_trace(tmp_path / "link.json")
+    assert victim.read_text() == "precious" and not (tmp_path / "link.json").is_symlink()
+    assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith(".")) == []  # no temporary file left

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..records import StageRecord
 from ..stages import Span
+from .files import replacing
 
-__all__ = ["chrome_trace", "write_chrome_trace", "merge_chrome_traces", "read_chrome_trace"]
+__all__ = ["chrome_trace", "write_chrome_trace", "merge_chrome_traces", "read_chrome_trace", "TraceFileError"]
 
 HOST_TID = 0
 
@@ -106,57 +109,138 @@ def chrome_trace(records: Iterable[StageRecord], rank: int | None = None,
 
 
 def _dump(trace: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(trace, separators=(",", ":"))
-    if path.suffix == ".gz":
-        with gzip.open(path, "wt", encoding="utf-8") as fh:
+    """Writes the trace whole or not at all (see :mod:`.files`); gzip when the name ends in .gz (any case)."""
+    data = json.dumps(trace, separators=(",", ":")).encode("utf-8")
+    with replacing(path) as fh:
+        if path.suffix.lower() == ".gz":
+            with gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0) as gz:
+                gz.write(data)
+        else:
             fh.write(data)
-    else:
-        path.write_text(data, encoding="utf-8")
     return path
 
 
 def write_chrome_trace(records: Iterable[StageRecord], path: str | os.PathLike[str],
                        rank: int | None = None) -> Path:
-    """Writes ``path`` (``.json``, or gzip-compressed when it ends in ``.gz``)."""
+    """Writes ``path`` (``.json``, or gzip-compressed when it ends in ``.gz``, any case)."""
     return _dump(chrome_trace(records, rank=rank), Path(path))
 
 
+class TraceFileError(ValueError):
+    """A file that is not a readable stagetrace Chrome trace; the message is one line."""
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_trace(trace: Any) -> str | None:
+    """What keeps ``trace`` from being merged, or None."""
+    if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
+        return "JSON without a traceEvents list"
+    for i, ev in enumerate(trace["traceEvents"]):
+        if not (isinstance(ev, dict) and isinstance(ev.get("ph"), str) and isinstance(ev.get("name"), str)
+                and isinstance(ev.get("pid"), int) and not isinstance(ev.get("pid"), bool)
+                and ("ts" not in ev or _is_num(ev["ts"]))):
+            return f"event {i} is not an event with a name, a phase, an integer pid and a numeric ts"
+    other = trace.get("otherData", {})
+    if not isinstance(other, dict) or not _is_num(other.get("origin_unix", 0.0)) or not (
+            isinstance(other.get("calls", 0), int) and not isinstance(other.get("calls", 0), bool)):
+        return "otherData is not what stagetrace writes (origin_unix, calls)"
+    return None
+
+
 def read_chrome_trace(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Reads a trace, gzip-compressed or not (told by its content, not its name).
+
+    Raises :class:`TraceFileError` (one line) for a file that is not a trace; OSError as is.
+    """
     p = Path(path)
-    opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
-        return json.load(fh)
+    raw = p.read_bytes()
+    try:
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        trace = json.loads(raw.decode("utf-8-sig"))
+    except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise TraceFileError(f"{p}: not a readable trace: a truncated or corrupt gzip file ({exc})") from None
+    except UnicodeDecodeError:
+        kind = "not gzip, and not UTF-8 JSON" if p.name.lower().endswith(".gz") else "not UTF-8 JSON"
+        raise TraceFileError(f"{p}: not a readable trace: {kind}") from None
+    except json.JSONDecodeError as exc:
+        kind = "not gzip (though named .gz), and" if p.name.lower().endswith(".gz") else "truncated or"
+        raise TraceFileError(f"{p}: not a readable trace: {kind} not JSON ({exc.msg} at line "
+                             f"{exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise TraceFileError(f"{p}: not a readable trace: JSON nested too deeply") from None
+    problem = _check_trace(trace)
+    if problem:
+        raise TraceFileError(f"{p}: not a readable trace: {problem}")
+    return trace
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _pid_map(traces: list[dict[str, Any]], names: list[str]) -> dict[tuple[int, int], tuple[int, str | None]]:
+    """(input, pid) -> (merged pid, process label or None to keep its own).
+
+    Pids (ranks) are kept when no two inputs share one, so merging a merged trace again,
+    alone or with ranks it lacks, changes nothing; otherwise every process is numbered in
+    the order given and labelled with its rank and input.
+    """
+    pids = [sorted({ev["pid"] for ev in t["traceEvents"]}) for t in traces]
+    flat = [p for ps in pids for p in ps]
+    if len(flat) == len(set(flat)):
+        return {(i, p): (p, None) for i, ps in enumerate(pids) for p in ps}
+    out: dict[tuple[int, int], tuple[int, str | None]] = {}
+    for i, ps in enumerate(pids):
+        for p in ps:
+            out[(i, p)] = (len(out), f"stagetrace rank {p} ({names[i]})")
+    return out
 
 
 def merge_chrome_traces(paths: Iterable[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
-    """Joins per-rank traces side by side: one process per input, on one wall clock.
+    """Joins per-rank traces side by side: one process per rank, on one wall clock.
 
-    Each input keeps its own rank as pid when the ranks differ; otherwise inputs are
-    numbered in the order given.
+    Each process keeps its rank as pid when no two inputs share one (so merging is
+    idempotent); otherwise processes are numbered in the order given. Every input is
+    read before anything is written; ``out`` may not be one of the inputs (ValueError),
+    and is replaced whole (a temporary file, then a rename).
     """
-    traces = [read_chrome_trace(p) for p in paths]
-    if not traces:
+    paths = [Path(p) for p in paths]
+    out = Path(out)
+    if not paths:
         raise ValueError("no traces to merge")
-    ranks = [t.get("otherData", {}).get("ranks", [0])[0] for t in traces]
-    if len(set(ranks)) != len(ranks):
-        ranks = list(range(len(traces)))
-    origins = [t.get("otherData", {}).get("origin_unix", 0.0) for t in traces]
+    for p in paths:
+        if _same_file(p, out):
+            raise ValueError(f"the output {out} is also an input: write the merge somewhere else")
+    traces = [read_chrome_trace(p) for p in paths]
+    labels = [f"{p.parent.name}/{p.name}" if p.parent.name else p.name for p in paths]
+    pid_of = _pid_map(traces, labels)
+    origins = [float(t.get("otherData", {}).get("origin_unix", 0.0)) for t in traces]
     origin = min(origins)
     merged: list[dict] = []
-    for t, rank, o in zip(traces, ranks, origins):
+    for i, (t, o) in enumerate(zip(traces, origins)):
         shift = (o - origin) * 1e6
         for ev in t["traceEvents"]:
-            ev = dict(ev, pid=rank)
-            if ev["ph"] == "M" and ev["name"] == "process_name":
-                ev["args"] = {"name": f"stagetrace rank {rank}"}
+            pid, label = pid_of[(i, ev["pid"])]
+            ev = dict(ev, pid=pid)
+            if ev["ph"] == "M" and ev["name"] == "process_name" and label is not None:
+                ev["args"] = {"name": label}
             elif ev["ph"] == "M" and ev["name"] == "process_sort_index":
-                ev["args"] = {"sort_index": rank}
+                ev["args"] = {"sort_index": pid}
             elif "ts" in ev:
                 ev["ts"] = round(ev["ts"] + shift, 3)
             merged.append(ev)
     from .. import __version__
 
     return _dump({"traceEvents": merged, "displayTimeUnit": "ms",
-                  "otherData": {"producer": f"stagetrace {__version__}", "origin_unix": origin, "ranks": ranks,
-                                "calls": sum(t.get("otherData", {}).get("calls", 0) for t in traces)}}, Path(out))
+                  "otherData": {"producer": f"stagetrace {__version__}", "origin_unix": origin,
+                                "ranks": sorted({p for p, _ in pid_of.values()}),
+                                "calls": sum(t.get("otherData", {}).get("calls", 0) for t in traces)}}, out)

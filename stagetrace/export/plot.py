@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..records import StageRecord
+from .files import replacing
 
 __all__ = ["plot_records"]
 
@@ -17,14 +18,25 @@ STACK = (("vision_ms", "vision", "#4C72B0"), ("prefill_ms", "prefill", "#DD8452"
 
 
 def plot_records(records: Iterable[StageRecord], path: str | os.PathLike[str]) -> Path:
+    """Writes the picture to ``path``; its format is the name's extension (.png, .pdf, .svg, ...).
+
+    ValueError (one line) for an extension matplotlib cannot write or no timed record.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    out = Path(path)
+    fmt = out.suffix.lower().lstrip(".")
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in formats:
+        raise ValueError(f"cannot write a picture named {out.name}: its name must end in one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
     recs = [r for r in records if r.error is None]
     if not recs:
-        raise ValueError("no timed records to plot")
+        raise ValueError("no timed records to plot (every record holds an error)")
     fig, (ax_stack, ax_dist) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2, 1]})
     x = range(len(recs))
     bottom = [0.0] * len(recs)
@@ -52,8 +64,9 @@ def plot_records(records: Iterable[StageRecord], path: str | os.PathLike[str]) -
     ax_dist.set_ylabel("ms")
     ax_dist.set_title(f"distribution over {len(recs)} calls")
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with replacing(out) as fh:
+            fig.savefig(fh, format=fmt, dpi=110)
+    finally:
+        plt.close(fig)
     return out

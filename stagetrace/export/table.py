@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from typing import Iterable
@@ -9,6 +10,7 @@ from typing import Iterable
 import numpy as np
 
 from ..records import STAGES, StageRecord
+from .files import write_bytes_atomically
 
 __all__ = ["summarize", "format_summary", "write_csv", "STAT_NAMES"]
 
@@ -54,8 +56,10 @@ def format_summary(summary: dict[str, dict[str, float]], title: str | None = Non
 
 
 def write_csv(summary: dict[str, dict[str, float]], path: str | os.PathLike[str]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["stage", *STAT_NAMES])
-        for stage, s in summary.items():
-            w.writerow([stage, *(s[k] for k in STAT_NAMES)])
+    """Writes the summary as CSV, whole or not at all (a temporary file, then a rename)."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["stage", *STAT_NAMES])
+    for stage, s in summary.items():
+        w.writerow([stage, *(s[k] for k in STAT_NAMES)])
+    write_bytes_atomically(path, buf.getvalue().encode("utf-8"))
