@@ -60,10 +60,10 @@ def split_model(reps: int, new_tokens: int) -> dict[str, Any]:
 
     import stagetrace
     import models
-    from stagetrace.testing import tiny
+    from stagetrace.testing import checkpoints
 
     case = models.llava_realistic(batch=1, device="cpu")
-    model = tiny.split_over_gpus(case.model.eval())
+    model = checkpoints.split_over_gpus(case.model.eval())
     inputs = {k: v.to("cuda:0") if isinstance(v, torch.Tensor) else v for k, v in case.inputs.items()}
     kw = dict(inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **case.generate_kwargs)
 

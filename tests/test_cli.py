@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from stagetrace.records import SCHEMA_VERSION
-from stagetrace.testing import tiny
+from stagetrace.testing import checkpoints
 from stagetrace.cli import main
 from stagetrace.records import load_records
 
@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny-llava"
-    tiny.save_tiny_checkpoint(str(path), "llava")
+    checkpoints.save_tiny_checkpoint(str(path), "llava")
     return path
 
 
 @pytest.fixture(scope="module")
 def text_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
-    tiny.save_tiny_checkpoint(str(path), "llama")
+    checkpoints.save_tiny_checkpoint(str(path), "llama")
     return path
 
 

@@ -96,10 +96,10 @@ def test_a_split_models_chrome_trace_has_one_gpu_track_per_device():
 
 @pytest.mark.parametrize("family", ["llava", "llama"])
 def test_split_over_gpus_maps_every_weight_once_second_half_to_the_second_device(family):
-    from stagetrace.testing import tiny
+    from stagetrace.testing import checkpoints, tiny
 
     case = tiny.build(family)
-    model = tiny.split_over_gpus(case.model, devices=("cpu", "cpu"))  # the map itself, on CPU
+    model = checkpoints.split_over_gpus(case.model, devices=("cpu", "cpu"))  # the map itself, on CPU
     dm = model.hf_device_map
     lay = stagetrace.trace(model).layout
     second = {lay.layers[-1][0], lay.lm_head[0], f"{lay.language_model[0]}.norm"}
@@ -145,12 +145,12 @@ def test_work_handed_from_one_gpu_to_the_other_is_timed_on_one_clock():
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llava", "llama"])
 def test_a_model_split_over_two_gpus_is_traced_on_each(family):
-    from stagetrace.testing import tiny
+    from stagetrace.testing import checkpoints, tiny
     from stagetrace.testing.reference import spin_cycles_per_us
 
     _two_gpus()
     case = tiny.build(family)
-    case.model = tiny.split_over_gpus(case.model)
+    case.model = checkpoints.split_over_gpus(case.model)
     case.inputs = {k: v.to("cuda:0") if isinstance(v, torch.Tensor) else v for k, v in case.inputs.items()}
     kw = gen_kwargs(case, 4)
     plain = tokens(case.model.generate(**kw))
