@@ -537,6 +537,7 @@ def _bad_inputs(tmp: Path, ckpt: Path) -> dict[str, tuple[list, str]]:
         "warmup -1": lambda: (["profile", ckpt, "--prompt", "hi", "--warmup", "-1", *o], "--warmup must be >= 0"),
         "min above max": lambda: (["profile", ckpt, "--prompt", "hi", "--min-new-tokens", "5", "--max-new-tokens",
                                    "4", *o], "is above --max-new-tokens"),
+        "empty out": lambda: (["profile", ckpt, "--prompt", "hi", "--out", ""], "--out is empty"),
         "batch size 0": lambda: (["profile", ckpt, "--prompt", "hi", "--batch-size", "0", *o], ">= 1"),
         "not an int": lambda: (["profile", ckpt, "--prompt", "hi", "--n", "1.5", *o], "invalid int value"),
         "demo calls 0": lambda: (["demo", "--calls", "0", "--out", tmp / "d"], "--calls must be >= 1"),
