@@ -86,7 +86,7 @@ def test_profile_text_only_checkpoint_with_a_prompt_file_and_layers(text_checkpo
     prompts.write_text("what is this\n\n a b c d\n")
     out = tmp_path / "run"
     assert run("profile", text_checkpoint, "--prompts", prompts, "--max-new-tokens", "2", "--min-new-tokens", "2",
-               "--out", out, "--no-progress", "--layers", "--layer-marks", "shared") == 0
+               "--out", out, "--no-progress", "--layer-detail", "--layer-marks", "shared") == 0
     recs = load_records(out / "records.jsonl")
     assert [r.sample_id for r in recs] == ["prompt-0", "prompt-1"]
     assert all(r.vision_ms is None and r.layer_detail == "all" and r.layer_marks == "shared" for r in recs)
