@@ -241,8 +241,8 @@ def _shown(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _checked(d: Any) -> tuple[dict[str, Any], int]:
-    """The fields of one parsed line, checked, and its schema version; ValueError says what is wrong.
+def _checked(d: Any) -> dict[str, Any]:
+    """The fields of one parsed line, checked; ValueError says what is wrong.
 
     A record of another schema version gets None (or an empty list/dict) for the fields it lacks.
     """
@@ -254,14 +254,13 @@ def _checked(d: Any) -> tuple[dict[str, Any], int]:
         kind = _FIELD_KINDS.get(key)
         if kind is not None and not _fits(kind, value):
             raise ValueError(f"{key} is {_shown(value)}, not {_KIND_WORDS[kind]}")
-    version = d["schema"]
-    if version == SCHEMA_VERSION:
-        return d, version
+    if d["schema"] == SCHEMA_VERSION:
+        return d
     filled = dict(d)
     for f in fields(StageRecord):
-        if f.name not in filled and f.name not in _IN_MEMORY and f.name != "schema":
+        if f.name not in filled and f.name not in _IN_MEMORY:
             filled[f.name] = _EMPTY.get(_FIELD_KINDS.get(f.name, ""), lambda: None)()
-    return filled, version
+    return filled
 
 
 _KIND_WORDS = {"number?": "a finite number or null", "number": "a finite number", "int": "an integer",
@@ -273,8 +272,7 @@ _KIND_WORDS = {"number?": "a finite number or null", "number": "a finite number"
 def parse_record_line(line: str) -> StageRecord:
     """One line of a records file as a record; ValueError (a one-line reason) when it is not one."""
     try:
-        d, _ = _checked(json.loads(line))
-        return StageRecord.from_dict(d)
+        return StageRecord.from_dict(_checked(json.loads(line)))
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON ({exc.msg})") from None
     except RecursionError:

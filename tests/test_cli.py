@@ -87,7 +87,7 @@ def test_profile_text_only_checkpoint_with_a_prompt_file_and_layers(text_checkpo
     prompts.write_text("what is this\n\n a b c d\n")
     out = tmp_path / "run"
     assert run("profile", text_checkpoint, "--prompts", prompts, "--max-new-tokens", "2", "--min-new-tokens", "2",
-               "--out", out, "--no-progress", "--layers", "--layer-marks", "shared") == 0
+               "--out", out, "--no-progress", "--layer-detail", "--layer-marks", "shared") == 0
     recs = load_records(out / "records.jsonl")
     assert [r.sample_id for r in recs] == ["prompt-0", "prompt-1"]
     assert all(r.vision_ms is None and r.layer_detail == "all" and r.layer_marks == "shared" for r in recs)
@@ -538,6 +538,7 @@ def _bad_inputs(tmp: Path, ckpt: Path) -> dict[str, tuple[list, str]]:
         "warmup -1": lambda: (["profile", ckpt, "--prompt", "hi", "--warmup", "-1", *o], "--warmup must be >= 0"),
         "min above max": lambda: (["profile", ckpt, "--prompt", "hi", "--min-new-tokens", "5", "--max-new-tokens",
                                    "4", *o], "is above --max-new-tokens"),
+        "empty out": lambda: (["profile", ckpt, "--prompt", "hi", "--out", ""], "--out is empty"),
         "batch size 0": lambda: (["profile", ckpt, "--prompt", "hi", "--batch-size", "0", *o], ">= 1"),
         "not an int": lambda: (["profile", ckpt, "--prompt", "hi", "--n", "1.5", *o], "invalid int value"),
         "demo calls 0": lambda: (["demo", "--calls", "0", "--out", tmp / "d"], "--calls must be >= 1"),

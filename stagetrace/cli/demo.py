@@ -41,7 +41,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from stagetrace.testing import tiny
     check_at_least(args, calls=1, max_new_tokens=1)
     device = parse_device(args.device)
-    out = writable_dir(Path(args.out))
+    out = writable_dir(args.out)
     records_path, trace_path = check_output(out / "records.jsonl"), check_output(out / "trace.json")
     check_output(out / RUN_FILE)
     _check_folder(out)

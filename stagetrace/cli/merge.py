@@ -118,7 +118,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     record_files, trace_files = _inputs(args.inputs)
     if not record_files and not trace_files:
         raise CliError(f"nothing to merge in {show(', '.join(args.inputs))}")
-    out = writable_dir(Path(args.output), "-o")
+    out = writable_dir(args.output, "-o")
     rec_out, trace_out = check_output(out / "records.jsonl"), check_output(out / "trace.json")
     for p in record_files + trace_files:
         for target in (rec_out, trace_out):

@@ -53,7 +53,7 @@ def _plan(args: argparse.Namespace) -> Plan:
     root, images = collect_images(args.images) if args.images else (None, None)
     rank, world = rank_world()
     config = read_config(Path(args.model_path), args)
-    out = writable_dir(Path(args.out))
+    out = writable_dir(args.out)
     sfx = rank_suffix(rank, world)
     records, trace = out / f"records{sfx}.jsonl", out / f"trace{sfx}.json"
     for p in (records, trace, out / RUN_FILE):

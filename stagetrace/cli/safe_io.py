@@ -37,10 +37,11 @@ def file_in_the_way(path: Path) -> Path | None:
     return None
 
 
-def writable_dir(path: Path, flag: str = "--out") -> Path:
-    """``path`` as a directory the command can write to (made if missing), or a one-line error."""
-    if not str(path).strip():
+def writable_dir(name: str | Path, flag: str = "--out") -> Path:
+    """``name`` as a directory the command can write to (made if missing), or a one-line error."""
+    if not str(name).strip():  # (Path("") would be the current directory)
         raise CliError(f"{flag} is empty: give a directory")
+    path = Path(name)
     blocker = file_in_the_way(path)
     if blocker is not None:
         raise CliError(f"output directory {show(path)} cannot be written: {show(blocker)} is a file, not a directory")
