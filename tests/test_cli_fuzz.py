@@ -49,12 +49,12 @@ def _random_bytes(rng: random.Random, n: int) -> bytes:
 def _make_inputs(inp: Path) -> None:
     from PIL import Image
 
-    from stagetrace import tiny
+    from stagetrace.testing import checkpoints
     from test_cli import png_header
 
     rng = random.Random(1234)
-    tiny.save_tiny_checkpoint(str(inp / "llama"), "llama")
-    tiny.save_tiny_checkpoint(str(inp / "llava"), "llava")
+    checkpoints.save_tiny_checkpoint(str(inp / "llama"), "llama")
+    checkpoints.save_tiny_checkpoint(str(inp / "llava"), "llava")
     (inp / "listcfg").mkdir()
     (inp / "listcfg" / "config.json").write_text("[1, 2]")
     (inp / "noweights").mkdir()
