@@ -1,0 +1,228 @@
+"""Structure of a zoo model, found by running one ``generate()`` with temporary hooks everywhere.
+
+``survey(case)`` records, on a logical clock, when every submodule's forward, every vision entry
+(``get_image_features`` / ``get_video_features`` / ``get_image_tokens`` on the top model and its
+inner ``.model``) and every ``generate`` ran; what ran where is then read off the intervals.
+All hooks and wrappers are removed afterwards (checked). ``python -m stagetrace.testing.survey``
+prints one row per model type of the installed mapping.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+
+ENTRIES = ("get_image_features", "get_video_features", "get_image_tokens")
+Interval = tuple[int, int]
+
+
+class _Recorder:
+    """Intervals ``(start, end)`` on one logical clock, per module path and per wrapped method."""
+
+    def __init__(self) -> None:
+        self.tick = 0
+        self.calls: dict[str, list[Interval]] = defaultdict(list)
+        self._open: dict[str, list[int]] = defaultdict(list)
+
+    def start(self, key: str) -> None:
+        self.tick += 1
+        self._open[key].append(self.tick)
+
+    def end(self, key: str) -> None:
+        self.tick += 1
+        self.calls[key].append((self._open[key].pop(), self.tick))
+
+    def wrap(self, key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)  # generate() reads the signature of get_image_features
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.start(key)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.end(key)
+
+        return wrapper
+
+
+def _inside(a: Interval, b: Interval) -> bool:
+    return b[0] < a[0] and a[1] < b[1]
+
+
+def path_of(model: torch.nn.Module, module: Any) -> str | None:
+    if module is None:
+        return None
+    if module is model:
+        return ""
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    return f"<not a submodule: {type(module).__name__}>"
+
+
+def _topmost(paths: set[str]) -> list[str]:
+    """Paths none of whose ancestors is in the set (the outermost modules that ran)."""
+    return sorted(p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p) and p != "")
+
+
+def entries_defined(model: torch.nn.Module) -> dict[str, list[str]]:
+    inner = getattr(model, "model", None)
+    out = {"top": [e for e in ENTRIES if callable(getattr(model, e, None))]}
+    out["model"] = [e for e in ENTRIES if isinstance(inner, torch.nn.Module) and callable(getattr(inner, e, None))]
+    return out
+
+
+def accessors(model: torch.nn.Module) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, call in (("get_encoder", lambda: model.get_encoder()),
+                       ("get_encoder_image", lambda: model.get_encoder(modality="image")),
+                       ("get_decoder", lambda: model.get_decoder()),
+                       ("get_output_embeddings", lambda: model.get_output_embeddings())):
+        try:
+            out[name] = path_of(model, call())
+        except Exception as e:  # noqa: BLE001 - record what the accessor does, whatever it is
+            out[name] = f"<error: {type(e).__name__}: {str(e)[:80]}>"
+    return out
+
+
+def _hook_state(model: torch.nn.Module) -> dict[str, tuple[Any, ...]]:
+    """Hooks and shadowing instance attributes per module, to check that the survey leaves none behind."""
+    return {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+                tuple(a for a in ("generate", *ENTRIES) if a in m.__dict__)) for n, m in model.named_modules()}
+
+
+def _install(model: torch.nn.Module, rec: _Recorder) -> Callable[[], None]:
+    handles = []
+    shadowed: list[tuple[Any, str]] = []
+    before = _hook_state(model)
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(lambda mod, args, n=name: rec.start(n)))
+        handles.append(m.register_forward_hook(lambda mod, args, out, n=name: rec.end(n)))
+        if callable(getattr(m, "generate", None)):
+            shadowed.append((m, "generate"))
+            m.generate = rec.wrap(f"{name}.generate" if name else "generate", m.generate)
+    inner = getattr(model, "model", None)
+    for owner, prefix in ((model, "top"), (inner, "model")):
+        if isinstance(owner, torch.nn.Module):
+            for e in ENTRIES:
+                if callable(getattr(owner, e, None)):
+                    shadowed.append((owner, e))
+                    setattr(owner, e, rec.wrap(f"{prefix}.{e}", getattr(owner, e)))
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+        for owner, attr in shadowed:
+            owner.__dict__.pop(attr, None)
+        after = _hook_state(model)
+        left = [n for n in before if before[n] != after.get(n)]
+        if left:
+            raise RuntimeError(f"survey left hooks or wrappers on {left}")
+
+    return remove
+
+
+def run_recorded(case: Any) -> tuple[_Recorder, Any]:
+    rec = _Recorder()
+    remove = _install(case.model, rec)
+    try:
+        out = case.generate()
+    finally:
+        remove()
+    return rec, out
+
+
+def _ran_within(rec: _Recorder, spans: list[Interval], paths: list[str]) -> set[str]:
+    return {p for p in paths if any(_inside(c, s) for c in rec.calls.get(p, ()) for s in spans)}
+
+
+def _steps(rec: _Recorder) -> tuple[str, str | None, list[Interval]]:
+    """The module whose forwards are the generation steps: the top model, or the one generate() delegates to."""
+    gen = rec.calls["generate"][0]
+    inner = sorted(k[: -len(".generate")] for k in rec.calls if k.endswith(".generate"))
+    top = [c for c in rec.calls.get("", ()) if _inside(c, gen)]
+    if top:
+        return "", inner[0] if inner else None, top
+    if not inner:
+        return "", None, []
+    spans = rec.calls[f"{inner[0]}.generate"]
+    return inner[0], inner[0], [c for c in rec.calls.get(inner[0], ()) if any(_inside(c, s) for s in spans)]
+
+
+def _vision_entry(case: Any, rec: _Recorder, paths: list[str], steps: list[Interval]) -> tuple[str | None, list[str]]:
+    gen = rec.calls["generate"][0]
+    for key in [f"{p}.{e}" for p in ("model", "top") for e in ENTRIES]:
+        ran = _ran_within(rec, rec.calls.get(key, []), paths)
+        if ran:
+            return key, sorted(ran)
+    first = steps[0][0] if steps else gen[1]
+    before = _ran_within(rec, [(gen[0], first)], paths)
+    if before:
+        return "before-first-step", sorted(before)
+    if len(steps) > 1:  # run by the first (prefill) step only
+        prefill = _ran_within(rec, steps[:1], paths) - _ran_within(rec, steps[1:], paths)
+        if prefill:
+            return "prefill-step-only", sorted(prefill)
+    return None, []
+
+
+def _layer_lists(model: torch.nn.Module, rec: _Recorder, last: Interval) -> list[str]:
+    lists = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) and all(
+                any(_inside(c, last) for c in rec.calls.get(f"{name}.{i}", ())) for i in range(len(m))):
+            lists.append(name)
+    return [n for n in lists if not any(n.startswith(o + ".") for o in lists)]
+
+
+def _runs_any(rec: _Recorder, owner: str | None, modules: list[str]) -> bool:
+    if not owner or owner.startswith("<"):
+        return False
+    spans = rec.calls.get(owner, [])
+    return bool(owner not in modules and _ran_within(rec, spans, [m for m in modules if m != owner]))
+
+
+def generated_tokens(case: Any, out: Any) -> int:
+    """New tokens in generate()'s output: decoder output minus its start for encoder-decoder models."""
+    seq = out if isinstance(out, torch.Tensor) else out.sequences
+    ids = case.inputs["input_ids"]
+    if case.shape == "encoder-decoder":
+        start = case.inputs.get("decoder_input_ids")
+        return int(seq.shape[-1] - (1 if start is None else start.shape[-1]))
+    if seq.shape[-1] >= ids.shape[-1] and torch.equal(seq[:, : ids.shape[-1]], ids):
+        return int(seq.shape[-1] - ids.shape[-1])
+    return int(seq.shape[-1])
+
+
+def survey(case: Any) -> dict[str, Any]:
+    """What runs where in one ``generate()`` of ``case`` (a zoo case), as a JSON-able dict."""
+    model = case.model
+    rec, out = run_recorded(case)
+    paths = [n for n, _ in model.named_modules()]
+    step_module, delegate, steps = _steps(rec)
+    entry, vision = _vision_entry(case, rec, paths, steps)
+    gen = rec.calls["generate"][0]
+    first = steps[0][0] if steps else gen[1]
+    layers = _layer_lists(model, rec, steps[-1]) if steps else []
+    acc = accessors(model)
+    return {
+        "model_type": case.model_type, "class": type(model).__name__, "shape": case.shape,
+        "is_encoder_decoder": bool(getattr(model.config, "is_encoder_decoder", False)),
+        "entries_defined": entries_defined(model),
+        "entries_called": sorted(k for k in rec.calls if k.split(".")[-1] in ENTRIES),
+        **acc,
+        "top_forward_calls": len([c for c in rec.calls.get("", ()) if _inside(c, gen)]),
+        "generate_delegates_to": delegate, "step_module": step_module, "steps": len(steps),
+        "vision_entry": entry, "vision_modules": _topmost(set(vision)), "vision_modules_all": len(vision),
+        "before_first_step": _topmost(_ran_within(rec, [(gen[0], first)], paths)),
+        "prefill_step_only": _topmost(_ran_within(rec, steps[:1], paths) - _ran_within(rec, steps[1:], paths)),
+        "decoder_layers": layers,
+        "decoder_runs_vision": _runs_any(rec, acc["get_decoder"], vision),
+        "layers_owner_runs_vision": any(_runs_any(rec, lst.rsplit(".", 1)[0] if "." in lst else "", vision)
+                                        for lst in layers),
+        "prompt_len": case.prompt_len, "generated_tokens": generated_tokens(case, out),
+    }

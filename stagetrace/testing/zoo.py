@@ -1,0 +1,246 @@
+"""A zoo of tiny random-weight models: one per model type of transformers' image-text-to-text mapping.
+
+``build(model_type)`` takes the family's own config class with its defaults, shrinks every
+text and vision sub-config generically (layers, widths, heads, experts, vocabulary), applies the
+few per-family overrides of :mod:`.zoo_specs`, builds the model in float32 on the CPU and makes
+inputs that reach its vision path (:mod:`.zoo_inputs`). A type that cannot be built or generated
+offline raises :class:`Unbuildable` with the reason.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .zoo_inputs import STYLES, count_features, prompt_ids
+from .zoo_specs import SPECS, Spec
+
+__all__ = ["ZooCase", "Unbuildable", "build", "model_types", "SHAPES", "NEW_TOKENS"]
+
+SHAPES = ("decoder-only", "encoder-decoder", "delegating", "vision-as-tokens")
+NEW_TOKENS = 4
+VOCAB = 512
+SPECIAL_BASE = VOCAB - 64  # special token ids above the text vocabulary are remapped into [448, 512)
+MAX_PARAMS = 12_000_000  # a shrink that leaves a big model is a bug, not a slow test
+
+
+class Unbuildable(Exception):
+    """This model type cannot be built or generated here; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class ZooCase:
+    model_type: str
+    model: Any
+    inputs: dict[str, Any]
+    generate_kwargs: dict[str, Any]
+    shape: str
+    prompt_len: int
+    image_token_ids: list[int] = field(default_factory=list)
+    new_tokens: int = NEW_TOKENS
+
+    def generate(self, **over: Any) -> Any:
+        with torch.no_grad():
+            return self.model.generate(**self.inputs, **{**self.generate_kwargs, **over})
+
+
+def model_types() -> list[str]:
+    """Every model type of the installed transformers' image-text-to-text mapping."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return list(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic shrinking of a config dict (sub-configs are nested dicts).
+
+_SIZES: dict[int, str] = {
+    2: "num_hidden_layers num_layers depth encoder_layers decoder_layers num_decoder_layers layers n_layers "
+       "conf_num_hidden_layers num_global_layers",
+    32: "hidden_size d_model embed_dim out_hidden_size text_hidden_size projector_hidden_size vision_hidden_size "
+        "projection_dim word_embed_proj_dim encoder_hidden_size output_dim moe_intermediate_size "
+        "shared_expert_intermediate_size shared_intermediate_size shared_experts_intermediate_size moe_hidden_size "
+        "share_expert_dim",
+    64: "intermediate_size d_ff ffn_dim encoder_ffn_dim decoder_ffn_dim mlp_dim intermediate_size_mlp "
+        "dense_intermediate_size projection_intermediate_size",
+    4: "num_attention_heads num_heads attention_heads encoder_attention_heads decoder_attention_heads "
+       "n_routed_experts num_experts num_local_experts moe_num_experts",
+    8: "head_dim d_kv",
+}
+SIZES = {key: size for size, keys in _SIZES.items() for key in keys.split()}
+SIZES["num_experts_per_tok"] = 2
+_TOKEN_KEY = re.compile(r"(token_id|token_index|token_ids|_id)$")
+
+
+def _is_config(key: str, value: Any) -> bool:
+    return isinstance(value, dict) and ("model_type" in value or key.endswith("config"))
+
+
+def shrink(d: dict[str, Any]) -> dict[str, Any]:
+    """A copy of config dict ``d`` with every size that costs time made tiny, sub-configs included."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if _is_config(key, value):
+            out[key] = shrink(value)
+        elif key in SIZES and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out[key] = min(value, SIZES[key])
+        else:
+            out[key] = copy.deepcopy(value)
+    if isinstance(d.get("num_key_value_heads"), int) and "num_attention_heads" in out:
+        same = d["num_key_value_heads"] == d.get("num_attention_heads")
+        out["num_key_value_heads"] = out["num_attention_heads"] if same else 2
+    if isinstance(out.get("vocab_size"), int) and out["vocab_size"] > VOCAB:
+        out["vocab_size"] = VOCAB
+    _fit_mrope(out)
+    n = out.get("num_hidden_layers")
+    if isinstance(n, int):
+        for key, value in list(out.items()):
+            if isinstance(value, list) and len(value) == d["num_hidden_layers"] and len(value) > n:
+                out[key] = value[-n:]  # per-layer lists: layer_types, mlp_layer_types, per-layer sizes ...
+            elif key == "per_layer_config" and isinstance(value, dict):
+                out[key] = {k: v for k, v in value.items() if int(k) < n}
+    return out
+
+
+def _fit_mrope(d: dict[str, Any]) -> None:
+    """M-RoPE sections (temporal, height, width) must add up to half the rotary dimension."""
+    rope = d.get("rope_parameters")
+    if not isinstance(rope, dict) or not isinstance(d.get("hidden_size"), int):
+        return
+    head_dim = d.get("head_dim") or d["hidden_size"] // d.get("num_attention_heads", 1)
+    for params in [rope, *[v for v in rope.values() if isinstance(v, dict)]]:
+        if isinstance(params.get("mrope_section"), list):
+            factor = params.get("partial_rotary_factor", d.get("partial_rotary_factor")) or 1.0
+            half = int(head_dim * factor) // 2
+            params["mrope_section"] = [half - 2, 1, 1]
+
+
+def _token_items(d: dict[str, Any], path: str = ""):
+    for key, value in d.items():
+        if _is_config(key, value):
+            yield from _token_items(value, f"{path}{key}.")
+        elif _TOKEN_KEY.search(key) and not isinstance(value, bool) and (
+                isinstance(value, int) or (isinstance(value, list) and all(isinstance(v, int) for v in value))):
+            yield d, key, value
+
+
+def remap_tokens(d: dict[str, Any], limit: int = VOCAB) -> None:
+    """Special token ids past the tiny vocabulary move into its top 64 ids, the same id everywhere."""
+    new: dict[int, int] = {}
+
+    def one(v: int) -> int:
+        if v < limit:
+            return v
+        if v not in new:
+            new[v] = SPECIAL_BASE + len(new)
+        return new[v]
+
+    for holder, key, value in list(_token_items(d)):
+        holder[key] = [one(v) for v in value] if isinstance(value, list) else one(value)
+
+
+def special_ids(config: Any) -> list[int]:
+    """Every token id named in the config (image, video, frame, bos ... tokens), sub-configs included."""
+    ids: set[int] = set()
+    for _, _, value in _token_items(config.to_dict()):
+        ids.update(v for v in (value if isinstance(value, list) else [value]) if v >= 0)
+    return sorted(ids)
+
+
+def set_path(d: dict[str, Any], path: str, value: Any) -> None:
+    *heads, last = path.split(".")
+    for h in heads:
+        d = d.setdefault(h, {})
+    d[last] = value
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _classes(model_type: str) -> tuple[Any, Any]:
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as names
+
+    if model_type not in names:
+        raise Unbuildable(f"not in transformers {transformers.__version__}")
+    try:
+        return CONFIG_MAPPING[model_type], getattr(transformers, names[model_type])
+    except (ImportError, AttributeError, KeyError) as e:  # a family whose import needs a missing package
+        raise Unbuildable(f"cannot import {names[model_type]}: {e}".split("\n")[0]) from e
+
+
+def make_config(model_type: str, spec: Spec) -> Any:
+    config_cls, _ = _classes(model_type)
+    d = shrink(config_cls().to_dict())
+    remap_tokens(d)
+    vision = d.get(spec.vision_config or "vision_config")
+    if spec.image and isinstance(vision, dict):  # pixel styles: a 32x32 image of 8x8 patches unless told
+        for key, value in zip(("image_size", "patch_size"), spec.image):
+            if key in vision:
+                vision[key] = value
+    for path, value in spec.over.items():
+        set_path(d, path, value)
+    if spec.fix is not None:
+        spec.fix(d)
+    d.pop("transformers_version", None)
+    return config_cls(**d)
+
+
+def _check_size(model_cls: Any, config: Any, model_type: str) -> None:
+    with torch.device("meta"):
+        n = sum(p.numel() for p in model_cls(config).parameters())
+    if n > MAX_PARAMS:
+        raise RuntimeError(f"{model_type}: the shrunk model still has {n / 1e6:.1f}M parameters")
+
+
+def build(model_type: str, batch: int = 1, seed: int = 0, new_tokens: int = NEW_TOKENS) -> ZooCase:
+    """A tiny random-weight ``model_type`` model and inputs for ``generate()`` that reach its vision path."""
+    spec = SPECS.get(model_type, Spec())
+    _, model_cls = _classes(model_type)
+    if spec.unbuildable:
+        raise Unbuildable(spec.unbuildable)
+    config = make_config(model_type, spec)
+    _check_size(model_cls, config, model_type)
+    torch.manual_seed(seed)
+    model = model_cls(config).float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    vision = STYLES[spec.style](model, batch, gen, spec)
+    n_tokens = spec.image_tokens(model, vision) if spec.image_tokens else count_features(model, vision, batch)
+    ids, token_id = prompt_ids(model, batch, n_tokens, gen, spec, vision.modality)
+    inputs = {**ids, **vision.inputs}
+    if spec.finish is not None:
+        spec.finish(model, inputs)
+    return ZooCase(model_type, model, inputs, _generate_kwargs(model, new_tokens), _shape(model, spec),
+                   int(inputs["input_ids"].shape[-1]), [token_id], new_tokens)
+
+
+def _generate_kwargs(model: Any, new_tokens: int) -> dict[str, Any]:
+    cfg = model.config
+    text = cfg.get_text_config(decoder=True)
+    pad = getattr(text, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(cfg, "pad_token_id", None)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    kw: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=0 if pad is None else pad)
+    if eos is None:
+        kw["eos_token_id"] = 2
+    # Random weights can emit an image, video or frame token: none of them may ever be generated.
+    kw["suppress_tokens"] = [i for i in special_ids(cfg) if i not in (kw.get("eos_token_id"), eos)]
+    return kw
+
+
+def _shape(model: Any, spec: Spec) -> str:
+    if spec.shape:
+        return spec.shape
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    return "decoder-only"

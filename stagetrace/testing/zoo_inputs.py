@@ -1,0 +1,177 @@
+"""Inputs for the zoo's tiny models: vision tensors by input style, and prompts with as many image
+tokens as the model's own ``get_image_features`` makes of those tensors."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from .zoo_specs import Spec
+
+BOS = 1
+TEXT_LEN = 6
+
+
+@dataclass
+class Vision:
+    inputs: dict[str, Any]
+    modality: str = "image"  # which get_<modality>_features consumes them
+
+
+def vcfg(model: Any, spec: Spec | None = None) -> Any:
+    cfg = model.config
+    name = spec.vision_config if spec is not None and spec.vision_config else "vision_config"
+    for part in name.split("."):
+        cfg = getattr(cfg, part, None) if cfg is not None else None
+    return cfg if cfg is not None else model.config
+
+
+def first(cfg: Any, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _size(v: Any) -> int:
+    return int(v[0] if isinstance(v, (list, tuple)) else v)
+
+
+def channels(cfg: Any) -> int:
+    return int(first(cfg, "num_channels", "in_channels", "in_chans", default=3))
+
+
+def pixels(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """One image per row: ``pixel_values (B, C, H, W)`` at the vision config's image size."""
+    cfg = vcfg(model, spec)
+    size = spec.image_hw or (_size(first(cfg, "image_size", default=32)),) * 2
+    pv = torch.randn(batch, channels(cfg), *size, generator=gen)
+    inputs: dict[str, Any] = {spec.pixel_key: pv}
+    if spec.with_image_sizes:
+        inputs["image_sizes"] = torch.tensor([list(size)] * batch)
+    return Vision(inputs)
+
+
+def tiles(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """LLaVA-NeXT style any-resolution: a base tile plus the tiles of a 2x1 grid, ``image_sizes``."""
+    cfg = vcfg(model, spec)
+    size = _size(first(cfg, "image_size"))
+    h, w = 2 * size, size
+    n = 1 + (h // size) * (w // size)
+    pv = torch.randn(batch, n, channels(cfg), size, size, generator=gen)
+    return Vision({"pixel_values": pv, "image_sizes": torch.tensor([[h, w]] * batch)})
+
+
+def grid(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """Qwen2-VL style flattened patches ``(B*t*h*w, C*tp*p*p)`` and ``image_grid_thw``."""
+    cfg = vcfg(model, spec)
+    p = _size(first(cfg, "patch_size", "spatial_patch_size"))
+    tp = int(first(cfg, "temporal_patch_size", default=1)) if spec.temporal_patch else 1
+    gh, gw = spec.grid
+    dim = channels(cfg) * tp * p * p
+    pv = torch.randn(batch * gh * gw, dim, generator=gen)
+    return Vision({"pixel_values": pv, "image_grid_thw": torch.tensor([[1, gh, gw]] * batch)})
+
+
+def crops(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """Idefics2/3 style 5-D ``pixel_values (B, crops, C, H, W)`` and ``pixel_attention_mask``."""
+    cfg = vcfg(model, spec)
+    size = _size(first(cfg, "image_size"))
+    n = spec.crops
+    pv = torch.randn(batch, n, channels(cfg), size, size, generator=gen)
+    return Vision({"pixel_values": pv, "pixel_attention_mask": torch.ones(batch, n, size, size, dtype=torch.bool)})
+
+
+STYLES: dict[str, Callable[..., Vision]] = {"pixels": pixels, "tiles": tiles, "grid": grid, "crops": crops}
+
+
+def register(fn: Callable[..., Vision]) -> Callable[..., Vision]:
+    STYLES[fn.__name__] = fn
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def feature_fn(model: Any, modality: str = "image") -> Callable[..., Any] | None:
+    """The ``get_<modality>_features`` that ``generate()`` itself calls (on the base model)."""
+    return getattr(model.base_model, f"get_{modality}_features", None) or getattr(model, f"get_{modality}_features", None)
+
+
+def feature_rows(out: Any) -> int:
+    """Rows of features an image-features output holds (pooler output, else last hidden state)."""
+    if not isinstance(out, (torch.Tensor, list, tuple)):
+        feats = getattr(out, "pooler_output", None)
+        out = feats if feats is not None else out.last_hidden_state
+    if isinstance(out, torch.Tensor):
+        return int(out.reshape(-1, out.shape[-1]).shape[0])
+    return sum(feature_rows(o) for o in out)
+
+
+def count_features(model: Any, vision: Vision, batch: int) -> int:
+    """Image tokens one prompt row needs: the model's own features of these inputs, divided by rows."""
+    fn = feature_fn(model, vision.modality)
+    if fn is None:
+        raise TypeError(f"{type(model).__name__} has no get_{vision.modality}_features")
+    params = inspect.signature(fn).parameters
+    kw = {k: v for k, v in vision.inputs.items() if k in params}
+    if "pixel_values" not in kw and "pixel_values" in params:  # e.g. pixel_values_images / _videos
+        kw["pixel_values"] = next(v for k, v in vision.inputs.items() if k.startswith("pixel_values"))
+    with torch.no_grad():
+        rows = feature_rows(fn(**kw))
+    if rows % batch:
+        raise ValueError(f"{rows} feature rows for a batch of {batch}")
+    return rows // batch
+
+
+def image_token_id(model: Any, spec: Spec, modality: str = "image") -> int:
+    if spec.image_token is not None:
+        return int(getattr(model.config, spec.image_token)) if isinstance(spec.image_token, str) else spec.image_token
+    for cfg in (model.config, model.config.get_text_config()):
+        for name in (f"{modality}_token_id", f"{modality}_token_index", f"{modality}_token", f"{modality}_pad_id"):
+            v = getattr(cfg, name, None)
+            if isinstance(v, int):
+                return v
+    raise ValueError(f"no {modality} token id in {type(model.config).__name__}")
+
+
+def _frame(model: Any, spec: Spec) -> tuple[list[int], list[int]]:
+    if spec.frame is not None:
+        return ([getattr(model.config, spec.frame[0])] if spec.frame[0] else [],
+                [getattr(model.config, spec.frame[1])] if spec.frame[1] else [])
+    cfg = model.config
+    for a, b in (("vision_start_token_id", "vision_end_token_id"), ("boi_token_index", "eoi_token_index"),
+                 ("boi_token_id", "eoi_token_id"), ("image_start_token_id", "image_end_token_id")):
+        s, e = getattr(cfg, a, None), getattr(cfg, b, None)
+        if isinstance(s, int) and isinstance(e, int):
+            return [s], [e]
+    return [], []
+
+
+def prompt_ids(model: Any, batch: int, n_tokens: int, gen: torch.Generator, spec: Spec,
+               modality: str = "image") -> tuple[dict[str, torch.Tensor], int]:
+    """``[BOS] + frame_start + n image tokens + frame_end + text`` per row, its mask and token types."""
+    from .zoo import special_ids
+
+    img = image_token_id(model, spec, modality)
+    start, end = _frame(model, spec)
+    reserved = set(special_ids(model.config)) | {0, 1, 2}
+    pool = torch.tensor([i for i in range(3, 400) if i not in reserved])
+    rows = []
+    for _ in range(batch):
+        text = pool[torch.randint(len(pool), (TEXT_LEN,), generator=gen)].tolist()
+        image = start + [img] * n_tokens + end
+        body = (image + [BOS] + text) if spec.image_first else ([BOS] + image + text)
+        rows.append(body)
+    ids = torch.tensor(rows)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    params = inspect.signature(model.forward).parameters
+    if "token_type_ids" in params and spec.token_types:
+        out["token_type_ids"] = (ids == img).long()
+    if "mm_token_type_ids" in params:
+        out["mm_token_type_ids"] = (ids == img).long() * (2 if modality == "video" else 1)
+    return out, img

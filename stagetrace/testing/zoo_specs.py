@@ -1,0 +1,42 @@
+"""Per-family facts the zoo cannot derive: input style, config overrides, honest refusals."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class Spec:
+    style: str = "pixels"  # a key of zoo_inputs.STYLES
+    over: dict[str, Any] = field(default_factory=dict)  # dotted config paths set after shrinking
+    fix: Callable[[dict[str, Any]], None] | None = None  # edits the shrunk config dict (constraints)
+    unbuildable: str | None = None
+    shape: str | None = None  # when not "decoder-only" / "encoder-decoder" from the config
+    image: tuple[int, int] | None = (32, 8)  # vision image_size, patch_size (pixel styles)
+    image_hw: tuple[int, int] | None = None
+    pixel_key: str = "pixel_values"
+    with_image_sizes: bool = False
+    grid: tuple[int, int] = (4, 4)  # patches per side (grid style)
+    temporal_patch: bool = True
+    crops: int = 2
+    vision_config: str | None = None  # the sub-config holding the image size, when not vision_config
+    image_token: str | int | None = None  # config attribute (or id) of the image placeholder
+    frame: tuple[str | None, str | None] | None = None  # config attributes of the tokens around the image
+    image_first: bool = False
+    token_types: bool = True
+    image_tokens: Callable[[Any, Any], int] | None = None  # image tokens per row, when not counted
+    finish: Callable[[Any, dict[str, Any]], None] | None = None  # last edits of the inputs
+
+
+GRID = Spec(style="grid", image=None)
+
+SPECS: dict[str, Spec] = {}
+for _t in ("qwen2_vl qwen2_5_vl qwen3_vl qwen3_vl_moe qwen3_5 qwen3_5_moe qwen2_5_omni_thinker qwen3_omni_moe_thinker "
+           "glm4v glm4v_moe glm46v glmga glm_ocr glm5_next cosmos3_edge cosmos3_omni cohere_compass exaone4_5 "
+           "ernie4_5_vl_moe hunyuan_vl hy_v4_vl hyperclovax_vision_v2 kimi_k25 lfm3_vl muse_glimmer muse_spark "
+           "paddleocr_vl video_llama_3 minimax_m3_vl inkling2 inkling2_loop dots3_note qwen4_exp").split():
+    SPECS[_t] = GRID
+for _t in "llava_next llava_next_video llava_onevision granite4_vision".split():
+    SPECS[_t] = Spec(style="tiles", over={"image_grid_pinpoints": [[32, 32], [32, 64], [64, 32], [64, 64]]})
+for _t in "idefics2 idefics3 smolvlm granite_docling".split():
+    SPECS[_t] = Spec(style="crops")
