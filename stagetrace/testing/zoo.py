@@ -67,15 +67,17 @@ _SIZES: dict[int, str] = {
     32: "hidden_size d_model embed_dim out_hidden_size text_hidden_size projector_hidden_size vision_hidden_size "
         "projection_dim word_embed_proj_dim encoder_hidden_size output_dim moe_intermediate_size "
         "shared_expert_intermediate_size shared_intermediate_size shared_experts_intermediate_size moe_hidden_size "
-        "share_expert_dim",
+        "share_expert_dim projection_hidden_size adapter_in_dim adapter_out_dim adapter_input_size",
     64: "intermediate_size d_ff ffn_dim encoder_ffn_dim decoder_ffn_dim mlp_dim intermediate_size_mlp "
         "dense_intermediate_size projection_intermediate_size",
     4: "num_attention_heads num_heads attention_heads encoder_attention_heads decoder_attention_heads "
-       "n_routed_experts num_experts num_local_experts moe_num_experts",
+       "n_routed_experts num_experts num_local_experts moe_num_experts num_sliding_attention_heads",
     8: "head_dim d_kv",
 }
 SIZES = {key: size for size, keys in _SIZES.items() for key in keys.split()}
-SIZES["num_experts_per_tok"] = 2
+SIZES.update(num_experts_per_tok=2, moe_k=2, moe_topk=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4,
+             qk_nope_head_dim=4, v_head_dim=8, qk_head_dim=8, index_head_dim=8, index_n_heads=4)
+LIST_SIZES = {"hidden_sizes": 32, "depths": 1}
 _TOKEN_KEY = re.compile(r"(token_id|token_index|token_ids|_id)$")
 
 
@@ -91,35 +93,57 @@ def shrink(d: dict[str, Any]) -> dict[str, Any]:
             out[key] = shrink(value)
         elif key in SIZES and isinstance(value, int) and not isinstance(value, bool) and value > 0:
             out[key] = min(value, SIZES[key])
+        elif key in LIST_SIZES and isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+            out[key] = [min(v, LIST_SIZES[key]) for v in value]  # per-stage widths and depths
         else:
             out[key] = copy.deepcopy(value)
-    if isinstance(d.get("num_key_value_heads"), int) and "num_attention_heads" in out:
-        same = d["num_key_value_heads"] == d.get("num_attention_heads")
-        out["num_key_value_heads"] = out["num_attention_heads"] if same else 2
-    if isinstance(out.get("vocab_size"), int) and out["vocab_size"] > VOCAB:
-        out["vocab_size"] = VOCAB
-    _fit_mrope(out)
+    heads = next((k for k in ("num_attention_heads", "num_heads") if isinstance(d.get(k), int)), None)
+    if heads and isinstance(d.get("num_key_value_heads"), int):
+        out["num_key_value_heads"] = out[heads] if d["num_key_value_heads"] == d[heads] else 2
+    if heads and "head_dim" in d and d["head_dim"] is None:
+        out["head_dim"] = SIZES["head_dim"]
+    for key in ("vocab_size", "unpadded_vocab_size"):
+        if isinstance(out.get(key), int) and out[key] > VOCAB:
+            out[key] = VOCAB
+    if out.get("sliding_window", 0) is None and "sliding_attention" in (out.get("layer_types") or ()):
+        out["sliding_window"] = 16
     n = out.get("num_hidden_layers")
     if isinstance(n, int):
         for key, value in list(out.items()):
-            if isinstance(value, list) and len(value) == d["num_hidden_layers"] and len(value) > n:
-                out[key] = value[-n:]  # per-layer lists: layer_types, mlp_layer_types, per-layer sizes ...
+            if isinstance(value, (list, tuple)) and len(value) == d["num_hidden_layers"] and len(value) > n:
+                out[key] = _layers_subset(list(value), n)  # layer_types, mlp_layer_types, kv sources ...
             elif key == "per_layer_config" and isinstance(value, dict):
                 out[key] = {k: v for k, v in value.items() if int(k) < n}
     return out
 
 
-def _fit_mrope(d: dict[str, Any]) -> None:
-    """M-RoPE sections (temporal, height, width) must add up to half the rotary dimension."""
+def fit_mrope(d: dict[str, Any], add: bool) -> None:
+    """M-RoPE sections (temporal, height, width) must add up to half the rotary dimension; ``add``
+    sets them where the config leaves them to the modeling code's full-size default."""
+    for key, value in d.items():
+        if _is_config(key, value):
+            fit_mrope(value, add and key == "text_config")
     rope = d.get("rope_parameters")
     if not isinstance(rope, dict) or not isinstance(d.get("hidden_size"), int):
         return
     head_dim = d.get("head_dim") or d["hidden_size"] // d.get("num_attention_heads", 1)
-    for params in [rope, *[v for v in rope.values() if isinstance(v, dict)]]:
-        if isinstance(params.get("mrope_section"), list):
+    nested = [v for v in rope.values() if isinstance(v, dict)]
+    for params in nested or [rope]:
+        if isinstance(params.get("mrope_section"), list) or add:
             factor = params.get("partial_rotary_factor", d.get("partial_rotary_factor")) or 1.0
             half = int(head_dim * factor) // 2
-            params["mrope_section"] = [half - 2, 1, 1]
+            if sum(params.get("mrope_section") or []) != half:
+                params["mrope_section"] = [half - 2, 1, 1]
+
+
+def _layers_subset(values: list[Any], n: int) -> list[Any]:
+    """``n`` entries of a per-layer list: the first ``n`` for indices, else keeping every kind of layer
+    (the first of each kind, in order), so that a hybrid model stays hybrid."""
+    if all(isinstance(v, int) for v in values):
+        return values[:n]
+    firsts = sorted({v: i for i, v in reversed(list(enumerate(values)))}.values())[:n]
+    rest = [i for i in range(len(values)) if i not in firsts]
+    return [values[i] for i in sorted(firsts + rest[: n - len(firsts)])]
 
 
 def _token_items(d: dict[str, Any], path: str = ""):
@@ -186,10 +210,14 @@ def make_config(model_type: str, spec: Spec) -> Any:
         for key, value in zip(("image_size", "patch_size"), spec.image):
             if key in vision:
                 vision[key] = value
+    for i, key in enumerate(("image_token_id", "video_token_id")):  # placeholders the config leaves unset
+        if key in d and d[key] is None:
+            d[key] = SPECIAL_BASE - 8 + i
     for path, value in spec.over.items():
         set_path(d, path, value)
     if spec.fix is not None:
         spec.fix(d)
+    fit_mrope(d, spec.mrope)
     d.pop("transformers_version", None)
     return config_cls(**d)
 

@@ -3,6 +3,7 @@ tokens as the model's own ``get_image_features`` makes of those tensors."""
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -67,13 +68,14 @@ def tiles(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
 
 
 def grid(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
-    """Qwen2-VL style flattened patches ``(B*t*h*w, C*tp*p*p)`` and ``image_grid_thw``."""
+    """Qwen2-VL style patches ``(B*t*h*w, C*tp*p*p)`` (or unflattened, ``(.., C, p, p)``), ``image_grid_thw``."""
     cfg = vcfg(model, spec)
     p = _size(first(cfg, "patch_size", "spatial_patch_size"))
-    tp = int(first(cfg, "temporal_patch_size", default=1)) if spec.temporal_patch else 1
+    tp = int(first(cfg, "temporal_patch_size", "patch_temporal", default=1)) if spec.temporal_patch else 1
     gh, gw = spec.grid
-    dim = channels(cfg) * tp * p * p
-    pv = torch.randn(batch * gh * gw, dim, generator=gen)
+    patch = (channels(cfg), *((tp,) if tp > 1 else ()), p, p)
+    shape = patch if spec.patch_layout == "chw" else (math.prod(patch),)
+    pv = torch.randn(batch * gh * gw, *shape, generator=gen)
     return Vision({"pixel_values": pv, "image_grid_thw": torch.tensor([[1, gh, gw]] * batch)})
 
 
@@ -175,3 +177,59 @@ def prompt_ids(model: Any, batch: int, n_tokens: int, gen: torch.Generator, spec
     if "mm_token_type_ids" in params:
         out["mm_token_type_ids"] = (ids == img).long() * (2 if modality == "video" else 1)
     return out, img
+
+
+# ---------------------------------------------------------------------------------------------
+# Family-specific vision inputs.
+
+
+def _patches(model: Any, spec: Spec) -> tuple[Any, int, int, int]:
+    cfg = vcfg(model, spec)
+    return cfg, channels(cfg), _size(first(cfg, "patch_size")), _size(first(cfg, "image_size", default=32))
+
+
+@register
+def navit(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """MiniCPM-V: every image's patches packed side by side, ``(1, C, p, B*h*w*p)``, ``target_sizes``."""
+    _, c, p, size = _patches(model, spec)
+    side = size // p
+    pv = torch.randn(1, c, p, batch * side * side * p, generator=gen)
+    return Vision({"pixel_values": pv, "target_sizes": torch.tensor([[side, side]] * batch, dtype=torch.int32)})
+
+
+@register
+def siglip2(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """NaFlex (SigLIP2) patches ``(B, h*w, C*p*p)``, ``spatial_shapes`` and ``pixel_attention_mask``."""
+    _, c, p, size = _patches(model, spec)
+    side = size // p
+    pv = torch.randn(batch, side * side, c * p * p, generator=gen)
+    return Vision({"pixel_values": pv, "spatial_shapes": torch.tensor([[side, side]] * batch),
+                   "pixel_attention_mask": torch.ones(batch, side * side, dtype=torch.long)})
+
+
+@register
+def grid_hw(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """Flattened patches ``(B*h*w, C*p*p)`` and ``image_grid_hw``."""
+    _, c, p, _ = _patches(model, spec)
+    gh, gw = spec.grid
+    return Vision({"pixel_values": torch.randn(batch * gh * gw, c * p * p, generator=gen),
+                   "image_grid_hw": torch.tensor([[gh, gw]] * batch)})
+
+
+@register
+def merged_blocks(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """Inkling2: one ``(m*p, m*p, C)`` block per merged token, ``image_grid_thw`` in merged units."""
+    cfg, c, p, _ = _patches(model, spec)
+    m = int(first(cfg, "spatial_merge_size", "merge_size", default=2))
+    gh, gw = spec.grid[0] // m, spec.grid[1] // m
+    pv = torch.randn(batch * gh * gw, m * p, m * p, c, generator=gen)
+    return Vision({"pixel_values": pv, "image_grid_thw": torch.tensor([[1, gh, gw]] * batch)})
+
+
+@register
+def grid_merge_sizes(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """VideoLLaMA3: grid patches plus the spatial merge size of every image."""
+    vision = grid(model, batch, gen, spec)
+    merge = int(first(vcfg(model, spec), "spatial_merge_size", "merge_size", default=2))
+    vision.inputs["image_merge_sizes"] = torch.tensor([merge] * batch)
+    return vision

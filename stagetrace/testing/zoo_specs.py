@@ -18,6 +18,8 @@ class Spec:
     with_image_sizes: bool = False
     grid: tuple[int, int] = (4, 4)  # patches per side (grid style)
     temporal_patch: bool = True
+    patch_layout: str = "flat"  # grid style: "flat" C*tp*p*p rows, or "chw" (C, p, p) patches
+    mrope: bool = False  # the text model uses M-RoPE sections (set them even where the config has none)
     crops: int = 2
     vision_config: str | None = None  # the sub-config holding the image size, when not vision_config
     image_token: str | int | None = None  # config attribute (or id) of the image placeholder
@@ -28,7 +30,7 @@ class Spec:
     finish: Callable[[Any, dict[str, Any]], None] | None = None  # last edits of the inputs
 
 
-GRID = Spec(style="grid", image=None)
+GRID = Spec(style="grid", image=None, mrope=True)
 
 SPECS: dict[str, Spec] = {}
 for _t in ("qwen2_vl qwen2_5_vl qwen3_vl qwen3_vl_moe qwen3_5 qwen3_5_moe qwen2_5_omni_thinker qwen3_omni_moe_thinker "
@@ -36,6 +38,33 @@ for _t in ("qwen2_vl qwen2_5_vl qwen3_vl qwen3_vl_moe qwen3_5 qwen3_5_moe qwen2_
            "ernie4_5_vl_moe hunyuan_vl hy_v4_vl hyperclovax_vision_v2 kimi_k25 lfm3_vl muse_glimmer muse_spark "
            "paddleocr_vl video_llama_3 minimax_m3_vl inkling2 inkling2_loop dots3_note qwen4_exp").split():
     SPECS[_t] = GRID
+SPECS.update({
+    "muse_glimmer": Spec(style="grid", image=None, mrope=True, over={"out_hidden_size": 128}),
+    "muse_spark": Spec(style="grid", image=None, mrope=True, over={"out_hidden_size": 128}),
+    "step3p7": Spec(over={"text_config.sliding_window": 16}),
+    "minicpm_ocr": Spec(style="navit"), "minicpmv4_6": Spec(style="navit"), "minicpmv4_7": Spec(style="navit"),
+    "lfm2_vl": Spec(style="siglip2", image=(32, 8)),
+    "nemotron_h_omni": Spec(style="grid_hw", image=None),
+    "inkling2": Spec(style="merged_blocks", image=None), "inkling2_loop": Spec(style="merged_blocks", image=None),
+    "video_llama_3": Spec(style="grid_merge_sizes", image=None, mrope=True),
+    "gemma3": Spec(over={"mm_tokens_per_image": 4}), "shieldgemma2": Spec(over={"mm_tokens_per_image": 4}),
+    "lighton_ocr": Spec(with_image_sizes=True), "mistral3": Spec(with_image_sizes=True),
+    "mistral_large4": Spec(with_image_sizes=True),
+    "vipllava": Spec(over={"vision_feature_layers": [-2, -1]}),
+    # The thinker's rope index reads vision start/end ids its own config class leaves out (the full
+    # Omni checkpoints carry them).
+    "qwen2_5_omni_thinker": Spec(style="grid", image=None, mrope=True,
+                                 over={"vision_start_token_id": 460, "vision_end_token_id": 461}),
+    "qwen3_omni_moe_thinker": Spec(style="grid", image=None, mrope=True,
+                                   over={"vision_start_token_id": 460, "vision_end_token_id": 461}),
+    "hy_v4_vl": Spec(style="grid", image=None, mrope=True, over={"text_config.qk_rope_head_dim": 8}),
+    "kimi_k25": Spec(style="grid", image=None, patch_layout="chw", over={"text_config.head_dim": 4}),
+    "paddleocr_vl": Spec(style="grid", image=None, mrope=True, patch_layout="chw"),
+    "cohere_compass": Spec(style="grid", image=None, over={"text_config.rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}}),
+    "ernie4_5_vl_moe": Spec(style="grid", image=None, over={"text_config.rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}}),
+})
 for _t in "llava_next llava_next_video llava_onevision granite4_vision".split():
     SPECS[_t] = Spec(style="tiles", over={"image_grid_pinpoints": [[32, 32], [32, 64], [64, 32], [64, 64]]})
 for _t in "idefics2 idefics3 smolvlm granite_docling".split():
