@@ -67,7 +67,9 @@ _SIZES: dict[int, str] = {
     32: "hidden_size d_model embed_dim out_hidden_size text_hidden_size projector_hidden_size vision_hidden_size "
         "projection_dim word_embed_proj_dim encoder_hidden_size output_dim moe_intermediate_size "
         "shared_expert_intermediate_size shared_intermediate_size shared_experts_intermediate_size moe_hidden_size "
-        "share_expert_dim projection_hidden_size adapter_in_dim adapter_out_dim adapter_input_size",
+        "share_expert_dim projection_hidden_size adapter_in_dim adapter_out_dim adapter_input_size "
+        "vision_output_dim projector_input_dim projector_output_dim image_token_embed_dim base_channels "
+        "latent_channels mm_embed_dim output_proj_dims",
     64: "intermediate_size d_ff ffn_dim encoder_ffn_dim decoder_ffn_dim mlp_dim intermediate_size_mlp "
         "dense_intermediate_size projection_intermediate_size",
     4: "num_attention_heads num_heads attention_heads encoder_attention_heads decoder_attention_heads "
@@ -76,7 +78,10 @@ _SIZES: dict[int, str] = {
 }
 SIZES = {key: size for size, keys in _SIZES.items() for key in keys.split()}
 SIZES.update(num_experts_per_tok=2, moe_k=2, moe_topk=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4,
-             qk_nope_head_dim=4, v_head_dim=8, qk_head_dim=8, index_head_dim=8, index_n_heads=4)
+             qk_nope_head_dim=4, v_head_dim=8, qk_head_dim=8, index_head_dim=8, index_n_heads=4,
+             linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+             hc_lowrank=8, linear_head_dim=8, linear_num_heads=4,
+             hidden_size_per_layer_input=8)
 LIST_SIZES = {"hidden_sizes": 32, "depths": 1}
 _TOKEN_KEY = re.compile(r"(token_id|token_index|token_ids|_id)$")
 
@@ -102,7 +107,7 @@ def shrink(d: dict[str, Any]) -> dict[str, Any]:
         out["num_key_value_heads"] = out[heads] if d["num_key_value_heads"] == d[heads] else 2
     if heads and "head_dim" in d and d["head_dim"] is None:
         out["head_dim"] = SIZES["head_dim"]
-    for key in ("vocab_size", "unpadded_vocab_size"):
+    for key in ("vocab_size", "unpadded_vocab_size", "vocab_size_per_layer_input"):
         if isinstance(out.get(key), int) and out[key] > VOCAB:
             out[key] = VOCAB
     if out.get("sliding_window", 0) is None and "sliding_attention" in (out.get("layer_types") or ()):
@@ -203,7 +208,11 @@ def _classes(model_type: str) -> tuple[Any, Any]:
 
 def make_config(model_type: str, spec: Spec) -> Any:
     config_cls, _ = _classes(model_type)
-    d = shrink(config_cls().to_dict())
+    d = config_cls().to_dict()
+    for key, sub in getattr(config_cls, "sub_configs", {}).items():  # a vision tower the defaults leave out
+        if key == "vision_config" and d.get(key) is None and sub.__name__ != "AutoConfig":
+            d[key] = sub().to_dict()
+    d = shrink(d)
     remap_tokens(d)
     vision = d.get(spec.vision_config or "vision_config")
     if spec.image and isinstance(vision, dict):  # pixel styles: a 32x32 image of 8x8 patches unless told
@@ -233,8 +242,9 @@ def build(model_type: str, batch: int = 1, seed: int = 0, new_tokens: int = NEW_
     """A tiny random-weight ``model_type`` model and inputs for ``generate()`` that reach its vision path."""
     spec = SPECS.get(model_type, Spec())
     _, model_cls = _classes(model_type)
-    if spec.unbuildable:
-        raise Unbuildable(spec.unbuildable)
+    reason = spec.unbuildable or (spec.broken() if spec.broken else None)
+    if reason:
+        raise Unbuildable(reason)
     config = make_config(model_type, spec)
     _check_size(model_cls, config, model_type)
     torch.manual_seed(seed)

@@ -233,3 +233,24 @@ def grid_merge_sizes(model: Any, batch: int, gen: torch.Generator, spec: Spec) -
     merge = int(first(vcfg(model, spec), "spatial_merge_size", "merge_size", default=2))
     vision.inputs["image_merge_sizes"] = torch.tensor([merge] * batch)
     return vision
+
+
+@register
+def patches_xy(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """Gemma 4: patches ``(B, n, C*p*p)`` of a grid ``pooling_kernel_size`` x 2 a side, (x, y) positions."""
+    cfg, c, p, _ = _patches(model, spec)
+    side = 2 * int(first(cfg, "pooling_kernel_size", default=1))
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    pos = torch.stack([xs.flatten(), ys.flatten()], -1)
+    return Vision({"pixel_values": torch.rand(batch, side * side, c * p * p, generator=gen),
+                   "image_position_ids": pos.expand(batch, -1, -1).clone()})
+
+
+@register
+def merged_patches_xy(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """Gemma 4 unified (encoder-free): one raw ``(p*k)^2 * C`` patch per image token, 2 x 2 of them."""
+    cfg, c, p, _ = _patches(model, spec)
+    side = p * int(first(cfg, "pooling_kernel_size", default=1))
+    pos = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]])
+    return Vision({"pixel_values": torch.rand(batch, 4, c * side * side, generator=gen),
+                   "image_position_ids": pos.expand(batch, -1, -1).clone()})

@@ -11,6 +11,7 @@ class Spec:
     over: dict[str, Any] = field(default_factory=dict)  # dotted config paths set after shrinking
     fix: Callable[[dict[str, Any]], None] | None = None  # edits the shrunk config dict (constraints)
     unbuildable: str | None = None
+    broken: Callable[[], str | None] | None = None  # a probe of the installed source for a known bug
     shape: str | None = None  # when not "decoder-only" / "encoder-decoder" from the config
     image: tuple[int, int] | None = (32, 8)  # vision image_size, patch_size (pixel styles)
     image_hw: tuple[int, int] | None = None
@@ -28,6 +29,17 @@ class Spec:
     token_types: bool = True
     image_tokens: Callable[[Any, Any], int] | None = None  # image tokens per row, when not counted
     finish: Callable[[Any, dict[str, Any]], None] | None = None  # last edits of the inputs
+
+
+def _llama4_bug() -> str | None:
+    import inspect
+
+    from transformers import Llama4ForConditionalGeneration
+
+    if "outputs.image_outputs" in inspect.getsource(Llama4ForConditionalGeneration.forward):
+        return ("transformers bug: Llama4ForConditionalGeneration.forward reads `outputs.image_outputs` from its "
+                "language model's MoeCausalLMOutputWithPast (AttributeError), so no forward or generate() can run")
+    return None
 
 
 GRID = Spec(style="grid", image=None, mrope=True)
@@ -58,6 +70,12 @@ SPECS.update({
     "qwen3_omni_moe_thinker": Spec(style="grid", image=None, mrope=True,
                                    over={"vision_start_token_id": 460, "vision_end_token_id": 461}),
     "hy_v4_vl": Spec(style="grid", image=None, mrope=True, over={"text_config.qk_rope_head_dim": 8}),
+    "qwen4_exp": Spec(style="grid", image=None, mrope=True, over={"text_config.indexer_n_heads": 2,
+        "text_config.indexer_kv_heads": 1, "text_config.indexer_head_dim": 8, "text_config.indexer_budget": 8,
+        "text_config.indexer_compress_ratio": 2}),
+    "llama4": Spec(over={"vision_config.intermediate_size": 128}, broken=_llama4_bug),
+    "gemma4": Spec(style="patches_xy", image=None, over={"vision_config.patch_size": 4}),
+    "gemma4_unified": Spec(style="merged_patches_xy", image=None, over={"vision_config.patch_size": 4}),
     "kimi_k25": Spec(style="grid", image=None, patch_layout="chw", over={"text_config.head_dim": 4}),
     "paddleocr_vl": Spec(style="grid", image=None, mrope=True, patch_layout="chw"),
     "cohere_compass": Spec(style="grid", image=None, over={"text_config.rope_parameters": {
