@@ -160,7 +160,7 @@ def _vision_entry(case: Any, rec: _Recorder, paths: list[str], steps: list[Inter
         if ran:
             return key, sorted(ran)
     first = steps[0][0] if steps else gen[1]
-    before = _ran_within(rec, [(gen[0], first)], paths)
+    before = _ran_within(rec, [(gen[0], first)], paths) - _ran_within(rec, steps, paths)  # not embeddings
     if before:
         return "before-first-step", sorted(before)
     if len(steps) > 1:  # run by the first (prefill) step only
@@ -184,18 +184,6 @@ def _runs_any(rec: _Recorder, owner: str | None, modules: list[str]) -> bool:
         return False
     spans = rec.calls.get(owner, [])
     return bool(owner not in modules and _ran_within(rec, spans, [m for m in modules if m != owner]))
-
-
-def generated_tokens(case: Any, out: Any) -> int:
-    """New tokens in generate()'s output: decoder output minus its start for encoder-decoder models."""
-    seq = out if isinstance(out, torch.Tensor) else out.sequences
-    ids = case.inputs["input_ids"]
-    if case.shape == "encoder-decoder":
-        start = case.inputs.get("decoder_input_ids")
-        return int(seq.shape[-1] - (1 if start is None else start.shape[-1]))
-    if seq.shape[-1] >= ids.shape[-1] and torch.equal(seq[:, : ids.shape[-1]], ids):
-        return int(seq.shape[-1] - ids.shape[-1])
-    return int(seq.shape[-1])
 
 
 def survey(case: Any) -> dict[str, Any]:
@@ -224,5 +212,5 @@ def survey(case: Any) -> dict[str, Any]:
         "decoder_runs_vision": _runs_any(rec, acc["get_decoder"], vision),
         "layers_owner_runs_vision": any(_runs_any(rec, lst.rsplit(".", 1)[0] if "." in lst else "", vision)
                                         for lst in layers),
-        "prompt_len": case.prompt_len, "generated_tokens": generated_tokens(case, out),
+        "prompt_len": case.prompt_len, "generated_tokens": case.generated(out),
     }

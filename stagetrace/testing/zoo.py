@@ -45,6 +45,12 @@ class ZooCase:
     prompt_len: int
     image_token_ids: list[int] = field(default_factory=list)
     new_tokens: int = NEW_TOKENS
+    output_prompt_len: int = 0  # leading tokens of generate()'s output that are not new (decoder start, prompt)
+
+    def generated(self, out: Any) -> int:
+        """New tokens in an output of ``generate()`` (counted on the decoder output for encoder-decoder)."""
+        seq = out if isinstance(out, torch.Tensor) else out.sequences
+        return int(seq.shape[-1]) - self.output_prompt_len
 
     def generate(self, **over: Any) -> Any:
         with torch.no_grad():
@@ -77,7 +83,7 @@ _SIZES: dict[int, str] = {
     8: "head_dim d_kv",
 }
 SIZES = {key: size for size, keys in _SIZES.items() for key in keys.split()}
-SIZES.update(num_experts_per_tok=2, moe_k=2, moe_topk=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4,
+SIZES.update(num_query_tokens=4, num_experts_per_tok=2, moe_k=2, moe_topk=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4,
              qk_nope_head_dim=4, v_head_dim=8, qk_head_dim=8, index_head_dim=8, index_n_heads=4,
              linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
              hc_lowrank=8, linear_head_dim=8, linear_num_heads=4,
@@ -219,9 +225,9 @@ def make_config(model_type: str, spec: Spec) -> Any:
         for key, value in zip(("image_size", "patch_size"), spec.image):
             if key in vision:
                 vision[key] = value
-    for i, key in enumerate(("image_token_id", "video_token_id")):  # placeholders the config leaves unset
-        if key in d and d[key] is None:
-            d[key] = SPECIAL_BASE - 8 + i
+    for i, key in enumerate(("image_token_id", "video_token_id", "image_token_index", "video_token_index")):
+        if key in d and d[key] is None:  # placeholders the config leaves unset
+            d[key] = SPECIAL_BASE - 8 + i % 2
     for path, value in spec.over.items():
         set_path(d, path, value)
     if spec.fix is not None:
@@ -256,8 +262,15 @@ def build(model_type: str, batch: int = 1, seed: int = 0, new_tokens: int = NEW_
     inputs = {**ids, **vision.inputs}
     if spec.finish is not None:
         spec.finish(model, inputs)
-    return ZooCase(model_type, model, inputs, _generate_kwargs(model, new_tokens), _shape(model, spec),
-                   int(inputs["input_ids"].shape[-1]), [token_id], new_tokens)
+    shape = _shape(model, spec)
+    prompt_len = int(inputs["input_ids"].shape[-1])
+    start = inputs.get("decoder_input_ids")
+    out_prompt = (1 if start is None else int(start.shape[-1])) if shape == "encoder-decoder" else prompt_len
+    gen_kw = _generate_kwargs(model, new_tokens)
+    if not spec.token_ids:
+        gen_kw = {k: v for k, v in gen_kw.items() if k not in ("pad_token_id", "eos_token_id")}
+    return ZooCase(model_type, model, inputs, gen_kw, shape, prompt_len,
+                   [token_id] if n_tokens else [], new_tokens, out_prompt + spec.prompt_offset)
 
 
 def _generate_kwargs(model: Any, new_tokens: int) -> dict[str, Any]:

@@ -159,8 +159,8 @@ def prompt_ids(model: Any, batch: int, n_tokens: int, gen: torch.Generator, spec
     """``[BOS] + frame_start + n image tokens + frame_end + text`` per row, its mask and token types."""
     from .zoo import special_ids
 
-    img = image_token_id(model, spec, modality)
-    start, end = _frame(model, spec)
+    img = image_token_id(model, spec, modality) if n_tokens else -1
+    start, end = _frame(model, spec) if n_tokens else ([], [])
     reserved = set(special_ids(model.config)) | {0, 1, 2}
     pool = torch.tensor([i for i in range(3, 400) if i not in reserved])
     rows = []
@@ -254,3 +254,51 @@ def merged_patches_xy(model: Any, batch: int, gen: torch.Generator, spec: Spec) 
     pos = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]])
     return Vision({"pixel_values": torch.rand(batch, 4, c * side * side, generator=gen),
                    "image_position_ids": pos.expand(batch, -1, -1).clone()})
+
+
+def _qformer_text(model: Any, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 100, (batch, 4), generator=gen)
+    return {"qformer_input_ids": ids, "qformer_attention_mask": torch.ones_like(ids)}
+
+
+@register
+def pixels_qformer(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """InstructBLIP: the image and the instruction the Q-Former reads."""
+    vision = pixels(model, batch, gen, spec)
+    vision.inputs.update(_qformer_text(model, batch, gen))
+    return vision
+
+
+@register
+def frames_qformer(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """InstructBLIP-Video: 4 frames ``(B, 4, C, H, W)`` (its generate() assumes 4) and the instruction."""
+    cfg = vcfg(model, spec)
+    size = _size(first(cfg, "image_size"))
+    inputs = {"pixel_values": torch.randn(batch, 4, channels(cfg), size, size, generator=gen)}
+    inputs.update(_qformer_text(model, batch, gen))
+    return Vision(inputs, modality="video")
+
+
+@register
+def flat_patches(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """Fuyu: the image as a row of raw patches ``(B, 16, C*p*p)``, straight into a linear embedding."""
+    _, c, p, _ = _patches(model, spec)
+    return Vision({"pixel_values": torch.randn(batch, 16, c * p * p, generator=gen)})
+
+
+@register
+def tiles_cross(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """Mllama: one image of ``max_num_tiles`` tiles ``(B, 1, T, C, H, W)``, its aspect ratio id and mask."""
+    cfg = vcfg(model, spec)
+    size, tiles = _size(first(cfg, "image_size")), int(first(cfg, "max_num_tiles", default=1))
+    pv = torch.randn(batch, 1, tiles, channels(cfg), size, size, generator=gen)
+    return Vision({"pixel_values": pv, "aspect_ratio_ids": torch.ones(batch, 1, dtype=torch.long),
+                   "aspect_ratio_mask": torch.ones(batch, 1, tiles, dtype=torch.long)})
+
+
+@register
+def images_5d(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """IDEFICS (1): one image per row, ``(B, 1, C, H, W)``; the text's image attention mask comes later."""
+    cfg = vcfg(model, spec)
+    size = _size(first(cfg, "image_size"))
+    return Vision({"pixel_values": torch.randn(batch, 1, channels(cfg), size, size, generator=gen)})

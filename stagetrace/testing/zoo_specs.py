@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 
 @dataclass
 class Spec:
@@ -26,6 +28,8 @@ class Spec:
     image_token: str | int | None = None  # config attribute (or id) of the image placeholder
     frame: tuple[str | None, str | None] | None = None  # config attributes of the tokens around the image
     image_first: bool = False
+    token_ids: bool = True  # pass pad / eos ids to generate() (BLIP's generate sets its own)
+    prompt_offset: int = 0  # generate() returns the prompt this much longer (or shorter) than given
     token_types: bool = True
     image_tokens: Callable[[Any, Any], int] | None = None  # image tokens per row, when not counted
     finish: Callable[[Any, dict[str, Any]], None] | None = None  # last edits of the inputs
@@ -40,6 +44,34 @@ def _llama4_bug() -> str | None:
         return ("transformers bug: Llama4ForConditionalGeneration.forward reads `outputs.image_outputs` from its "
                 "language model's MoeCausalLMOutputWithPast (AttributeError), so no forward or generate() can run")
     return None
+
+
+def _queries(frames: int = 1) -> Callable[[Any, Any], int]:
+    """BLIP-2 style: the Q-Former's learned queries are the image tokens, per frame."""
+    return lambda model, vision: model.config.num_query_tokens * frames
+
+
+def _none(model: Any, vision: Any) -> int:
+    """No image placeholders in the text: the image enters by cross-attention or is prepended."""
+    return 0
+
+
+def _cross_mask(model: Any, inputs: dict[str, Any]) -> None:
+    """Mllama: every text token attends to every tile of the one image."""
+    ids, tiles = inputs["input_ids"], inputs["aspect_ratio_mask"].shape[-1]
+    inputs["cross_attention_mask"] = torch.ones(*ids.shape, 1, tiles, dtype=torch.long)
+
+
+def _image_attention(model: Any, inputs: dict[str, Any]) -> None:
+    """IDEFICS: every text token attends to the one image."""
+    inputs["image_attention_mask"] = torch.ones(*inputs["input_ids"].shape, 1, dtype=torch.long)
+
+
+def _kosmos_positions(model: Any, inputs: dict[str, Any]) -> None:
+    inputs["image_embeds_position_mask"] = (inputs["input_ids"] == KOSMOS_IMAGE).long()
+
+
+KOSMOS_IMAGE = 4  # kosmos-2 has no image token: any id marks the latent-query positions
 
 
 GRID = Spec(style="grid", image=None, mrope=True)
@@ -76,6 +108,19 @@ SPECS.update({
     "llama4": Spec(over={"vision_config.intermediate_size": 128}, broken=_llama4_bug),
     "gemma4": Spec(style="patches_xy", image=None, over={"vision_config.patch_size": 4}),
     "gemma4_unified": Spec(style="merged_patches_xy", image=None, over={"vision_config.patch_size": 4}),
+    "blip-2": Spec(shape="delegating", image_tokens=_queries()),
+    "instructblip": Spec(style="pixels_qformer", shape="delegating", image_tokens=_queries()),
+    "instructblipvideo": Spec(style="frames_qformer", shape="delegating", image_tokens=_queries(4)),
+    # BLIP drops the prompt's last token (the processor's [SEP]) and sets the first to BOS.
+    "blip": Spec(shape="delegating", image_tokens=_none, prompt_offset=-1, token_ids=False),
+    "git": Spec(image_tokens=_none),
+    "idefics": Spec(style="images_5d", image_tokens=_none, finish=_image_attention),
+    "kosmos-2": Spec(shape="delegating", image_token=KOSMOS_IMAGE, finish=_kosmos_positions,
+                     over={"latent_query_num": 4}, image_tokens=lambda m, v: m.config.latent_query_num),
+    "mllama": Spec(style="tiles_cross", image_tokens=lambda m, v: 1, finish=_cross_mask,
+                   over={"vision_config.max_num_tiles": 4, "vision_config.intermediate_layers_indices": [0, 1],
+                         "vision_config.vision_output_dim": 96, "text_config.cross_attention_layers": [1]}),
+    "fuyu": Spec(style="flat_patches", over={"patch_size": 8}),
     "kimi_k25": Spec(style="grid", image=None, patch_layout="chw", over={"text_config.head_dim": 4}),
     "paddleocr_vl": Spec(style="grid", image=None, mrope=True, patch_layout="chw"),
     "cohere_compass": Spec(style="grid", image=None, over={"text_config.rope_parameters": {
