@@ -75,7 +75,7 @@ _SIZES: dict[int, str] = {
         "shared_expert_intermediate_size shared_intermediate_size shared_experts_intermediate_size moe_hidden_size "
         "share_expert_dim projection_hidden_size adapter_in_dim adapter_out_dim adapter_input_size "
         "vision_output_dim projector_input_dim projector_output_dim image_token_embed_dim base_channels "
-        "latent_channels mm_embed_dim output_proj_dims",
+        "latent_channels mm_embed_dim output_proj_dims pooler_output_size",
     64: "intermediate_size d_ff ffn_dim encoder_ffn_dim decoder_ffn_dim mlp_dim intermediate_size_mlp "
         "dense_intermediate_size projection_intermediate_size",
     4: "num_attention_heads num_heads attention_heads encoder_attention_heads decoder_attention_heads "
@@ -220,7 +220,9 @@ def make_config(model_type: str, spec: Spec) -> Any:
             d[key] = sub().to_dict()
     d = shrink(d)
     remap_tokens(d)
-    vision = d.get(spec.vision_config or "vision_config")
+    vision: Any = d
+    for part in filter(None, (spec.vision_config if spec.vision_config is not None else "vision_config").split(".")):
+        vision = vision.get(part) if isinstance(vision, dict) else None
     if spec.image and isinstance(vision, dict):  # pixel styles: a 32x32 image of 8x8 patches unless told
         for key, value in zip(("image_size", "patch_size"), spec.image):
             if key in vision:
@@ -257,13 +259,16 @@ def build(model_type: str, batch: int = 1, seed: int = 0, new_tokens: int = NEW_
     model = model_cls(config).float().eval()
     gen = torch.Generator().manual_seed(seed)
     vision = STYLES[spec.style](model, batch, gen, spec)
-    n_tokens = spec.image_tokens(model, vision) if spec.image_tokens else count_features(model, vision, batch)
-    ids, token_id = prompt_ids(model, batch, n_tokens, gen, spec, vision.modality)
+    if spec.text:
+        n_tokens = spec.image_tokens(model, vision) if spec.image_tokens else count_features(model, vision, batch)
+        ids, token_id = prompt_ids(model, batch, n_tokens, gen, spec, vision.modality)
+    else:
+        n_tokens, ids = 0, {}
     inputs = {**ids, **vision.inputs}
     if spec.finish is not None:
         spec.finish(model, inputs)
     shape = _shape(model, spec)
-    prompt_len = int(inputs["input_ids"].shape[-1])
+    prompt_len = int(inputs["input_ids"].shape[-1]) if "input_ids" in inputs else 0
     start = inputs.get("decoder_input_ids")
     out_prompt = (1 if start is None else int(start.shape[-1])) if shape == "encoder-decoder" else prompt_len
     gen_kw = _generate_kwargs(model, new_tokens)

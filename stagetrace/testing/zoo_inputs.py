@@ -24,8 +24,8 @@ class Vision:
 
 def vcfg(model: Any, spec: Spec | None = None) -> Any:
     cfg = model.config
-    name = spec.vision_config if spec is not None and spec.vision_config else "vision_config"
-    for part in name.split("."):
+    name = spec.vision_config if spec is not None and spec.vision_config is not None else "vision_config"
+    for part in filter(None, name.split(".")):
         cfg = getattr(cfg, part, None) if cfg is not None else None
     return cfg if cfg is not None else model.config
 
@@ -302,3 +302,13 @@ def images_5d(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Visio
     cfg = vcfg(model, spec)
     size = _size(first(cfg, "image_size"))
     return Vision({"pixel_values": torch.randn(batch, 1, channels(cfg), size, size, generator=gen)})
+
+
+@register
+def flattened_patches(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """Pix2Struct / Kosmos-2.5: 4 x 4 patches ``(B, 16, 2 + C*p*p)``, 1-based row and column first."""
+    cfg = vcfg(model, spec)
+    rows, cols = torch.meshgrid(torch.arange(1, 5), torch.arange(1, 5), indexing="ij")
+    ids = torch.stack([rows.flatten(), cols.flatten()], -1).float().expand(batch, -1, -1)
+    pixels = torch.randn(batch, 16, int(cfg.patch_embed_hidden_size), generator=gen)
+    return Vision({"flattened_patches": torch.cat([ids, pixels], -1)})

@@ -28,6 +28,7 @@ class Spec:
     image_token: str | int | None = None  # config attribute (or id) of the image placeholder
     frame: tuple[str | None, str | None] | None = None  # config attributes of the tokens around the image
     image_first: bool = False
+    text: bool = True  # a text prompt (input_ids) goes in
     token_ids: bool = True  # pass pad / eos ids to generate() (BLIP's generate sets its own)
     prompt_offset: int = 0  # generate() returns the prompt this much longer (or shorter) than given
     token_types: bool = True
@@ -69,6 +70,16 @@ def _image_attention(model: Any, inputs: dict[str, Any]) -> None:
 
 def _kosmos_positions(model: Any, inputs: dict[str, Any]) -> None:
     inputs["image_embeds_position_mask"] = (inputs["input_ids"] == KOSMOS_IMAGE).long()
+
+
+def _patch_mask(model: Any, inputs: dict[str, Any]) -> None:
+    inputs["attention_mask"] = torch.ones(inputs["flattened_patches"].shape[:2], dtype=torch.long)
+
+
+def _boxes(model: Any, inputs: dict[str, Any]) -> None:
+    """UDOP: a layout box (x0, y0, x1, y1 in [0, 1]) for every text token."""
+    ids = inputs["input_ids"]
+    inputs["bbox"] = torch.tensor([0.1, 0.1, 0.3, 0.2]).expand(*ids.shape, 4).clone()
 
 
 KOSMOS_IMAGE = 4  # kosmos-2 has no image token: any id marks the latent-query positions
@@ -121,6 +132,20 @@ SPECS.update({
                    over={"vision_config.max_num_tiles": 4, "vision_config.intermediate_layers_indices": [0, 1],
                          "vision_config.vision_output_dim": 96, "text_config.cross_attention_layers": [1]}),
     "fuyu": Spec(style="flat_patches", over={"patch_size": 8}),
+    "florence2": Spec(image=None, image_hw=(64, 64), over={
+        "vision_config.embed_dim": [8, 16, 32, 64], "vision_config.num_heads": [1, 2, 4, 8],
+        "vision_config.num_groups": [1, 2, 4, 8], "vision_config.projection_dim": 32}),
+    "t5gemma2": Spec(vision_config="encoder.vision_config", over={"encoder.mm_tokens_per_image": 4}),
+    "kosmos-2.5": Spec(style="flattened_patches", image=None, image_token=KOSMOS_IMAGE, finish=_kosmos_positions,
+                       over={"latent_query_num": 4}, image_tokens=lambda m, v: m.config.latent_query_num),
+    # Pix2Struct has no text input: the prompt is rendered into the image; the mask covers patches.
+    "pix2struct": Spec(style="flattened_patches", image=None, text=False, finish=_patch_mask),
+    "udop": Spec(vision_config="", image_tokens=_none, finish=_boxes, over={"decoder_start_token_id": 0}),
+    "vision-encoder-decoder": Spec(vision_config="encoder", text=False, over={"decoder_start_token_id": 1}),
+    "pp_formulanet": Spec(text=False, over={
+        "vision_config.output_channels": 32, "vision_config.post_conv_in_channels": 32,
+        "vision_config.post_conv_mid_channels": 32, "vision_config.post_conv_out_channels": 32,
+        "vision_config.decoder_hidden_size": 32}),
     "kimi_k25": Spec(style="grid", image=None, patch_layout="chw", over={"text_config.head_dim": 4}),
     "paddleocr_vl": Spec(style="grid", image=None, mrope=True, patch_layout="chw"),
     "cohere_compass": Spec(style="grid", image=None, over={"text_config.rope_parameters": {
