@@ -254,9 +254,13 @@ def build(model_type: str, batch: int = 1, seed: int = 0, new_tokens: int = NEW_
     if reason:
         raise Unbuildable(reason)
     config = make_config(model_type, spec)
-    _check_size(model_cls, config, model_type)
-    torch.manual_seed(seed)
-    model = model_cls(config).float().eval()
+    try:
+        _check_size(model_cls, config, model_type)
+        torch.manual_seed(seed)
+        model = model_cls(config).float().eval()
+    except ImportError as e:  # a backbone from a package not installed here (timm ...)
+        raise Unbuildable(f"needs {_missing(e)} (not installed here): "
+                          f"{str(e).strip().split(' but ')[0]}") from e
     gen = torch.Generator().manual_seed(seed)
     vision = STYLES[spec.style](model, batch, gen, spec)
     if spec.text:
@@ -276,6 +280,11 @@ def build(model_type: str, batch: int = 1, seed: int = 0, new_tokens: int = NEW_
         gen_kw = {k: v for k, v in gen_kw.items() if k not in ("pad_token_id", "eos_token_id")}
     return ZooCase(model_type, model, inputs, gen_kw, shape, prompt_len,
                    [token_id] if n_tokens else [], new_tokens, out_prompt + spec.prompt_offset)
+
+
+def _missing(e: ImportError) -> str:
+    found = re.search(r"requires the (\S+) library", str(e))
+    return found.group(1) if found else (getattr(e, "name", None) or "a missing package")
 
 
 def _generate_kwargs(model: Any, new_tokens: int) -> dict[str, Any]:

@@ -162,7 +162,7 @@ def prompt_ids(model: Any, batch: int, n_tokens: int, gen: torch.Generator, spec
     img = image_token_id(model, spec, modality) if n_tokens else -1
     start, end = _frame(model, spec) if n_tokens else ([], [])
     reserved = set(special_ids(model.config)) | {0, 1, 2}
-    pool = torch.tensor([i for i in range(3, 400) if i not in reserved])
+    pool = torch.tensor([i for i in range(3, 256) if i not in reserved])  # 256.. : VQ codes, special ids
     rows = []
     for _ in range(batch):
         text = pool[torch.randint(len(pool), (TEXT_LEN,), generator=gen)].tolist()
@@ -312,3 +312,11 @@ def flattened_patches(model: Any, batch: int, gen: torch.Generator, spec: Spec) 
     ids = torch.stack([rows.flatten(), cols.flatten()], -1).float().expand(batch, -1, -1)
     pixels = torch.randn(batch, 16, int(cfg.patch_embed_hidden_size), generator=gen)
     return Vision({"flattened_patches": torch.cat([ids, pixels], -1)})
+
+
+@register
+def patch_cubes(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """Inkling: 4 patches per image, each a ``(tp, p, p, C)`` cube folded to one token by an MLP stack."""
+    cfg, c, p, _ = _patches(model, spec)
+    tp = int(first(cfg, "temporal_patch_size", default=1))
+    return Vision({"pixel_values": torch.randn(batch * 4, tp, p, p, c, generator=gen)})

@@ -82,12 +82,43 @@ def _boxes(model: Any, inputs: dict[str, Any]) -> None:
     inputs["bbox"] = torch.tensor([0.1, 0.1, 0.3, 0.2]).expand(*ids.shape, 4).clone()
 
 
+CODES, CODE_BASE = 64, 384  # VQ codebook entries, and the text-vocabulary ids they map to (384..447)
+
+
+def _chameleon_vocab(d: dict[str, Any]) -> None:
+    """A VQ codebook of 64 codes mapped onto ids 384..447 (names "IMGIMG<code in letters A-J>Z")."""
+    def name(i: int) -> str:
+        return "IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(i)) + "Z"
+
+    d["vq_config"]["num_embeddings"] = CODES
+    d["vocabulary_map"] = {"<image>": CODE_BASE - 1, **{name(i): CODE_BASE + i for i in range(CODES)}}
+    d["image_token_id"] = CODE_BASE - 1
+
+
+def _emu3_vocab(d: dict[str, Any]) -> None:
+    """Emu3: codes "<|visual token 000042|>" onto ids 384..447, an end-of-line token after each row."""
+    d["vq_config"].update(codebook_size=CODES, channel_multiplier=[1, 1, 1, 1])  # attention width = base
+    d["image_token_id"] = CODE_BASE - 1
+    d["vocabulary_map"] = {"<image>": CODE_BASE - 1, "<|extra_200|>": CODE_BASE - 2,
+                           **{f"<|visual token {i:06d}|>": CODE_BASE + i for i in range(CODES)}}
+
+
 KOSMOS_IMAGE = 4  # kosmos-2 has no image token: any id marks the latent-query positions
 
 
 GRID = Spec(style="grid", image=None, mrope=True)
 
-SPECS: dict[str, Spec] = {}
+SPECS: dict[str, Spec] = {
+    "evolla": Spec(unbuildable="not a vision-language model: EvollaForProteinText2Text generates text conditioned "
+                               "on protein sequences (a SaProt protein encoder), it takes no image"),
+    "pi0": Spec(unbuildable="not a text generator: PI0ForConditionalGeneration is a vision-language-action policy "
+                            "that samples robot actions by flow matching (sample_actions), it has no token generate()"),
+    "diffusion_gemma": Spec(unbuildable="not an autoregressive generator: DiffusionGemmaForBlockDiffusion denoises "
+                                        "whole blocks of tokens by block diffusion, there is no prefill / one-token "
+                                        "decode-step structure to trace"),
+    "mistral4": Spec(unbuildable="no vision path: Mistral4ForCausalLM (mapped here) is the text-only MoE language "
+                                 "model, with no vision tower and no image input"),
+}
 for _t in ("qwen2_vl qwen2_5_vl qwen3_vl qwen3_vl_moe qwen3_5 qwen3_5_moe qwen2_5_omni_thinker qwen3_omni_moe_thinker "
            "glm4v glm4v_moe glm46v glmga glm_ocr glm5_next cosmos3_edge cosmos3_omni cohere_compass exaone4_5 "
            "ernie4_5_vl_moe hunyuan_vl hy_v4_vl hyperclovax_vision_v2 kimi_k25 lfm3_vl muse_glimmer muse_spark "
@@ -146,6 +177,11 @@ SPECS.update({
         "vision_config.output_channels": 32, "vision_config.post_conv_in_channels": 32,
         "vision_config.post_conv_mid_channels": 32, "vision_config.post_conv_out_channels": 32,
         "vision_config.decoder_hidden_size": 32}),
+    # Its MLP encoder needs a layer per scale of the patch (else it plans scales with scipy).
+    "inkling_mm_model": Spec(style="patch_cubes", image=None, over={"vision_config.patch_size": 4,
+                                                                    "vision_config.n_layers": 4}),
+    "chameleon": Spec(shape="vision-as-tokens", fix=_chameleon_vocab, vision_config="vq_config"),
+    "emu3": Spec(shape="vision-as-tokens", fix=_emu3_vocab, vision_config="vq_config", with_image_sizes=True),
     "kimi_k25": Spec(style="grid", image=None, patch_layout="chw", over={"text_config.head_dim": 4}),
     "paddleocr_vl": Spec(style="grid", image=None, mrope=True, patch_layout="chw"),
     "cohere_compass": Spec(style="grid", image=None, over={"text_config.rope_parameters": {
