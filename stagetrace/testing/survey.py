@@ -192,7 +192,9 @@ def survey(case: Any) -> dict[str, Any]:
     rec, out = run_recorded(case)
     paths = [n for n, _ in model.named_modules()]
     step_module, delegate, steps = _steps(rec)
-    entry, vision = _vision_entry(case, rec, paths, steps)
+    entry, vision_run = _vision_entry(case, rec, paths, steps)
+    shared = set(vision_run) & _ran_within(rec, steps[1:], paths)  # e.g. the text embedding VQ tokens go through
+    vision = sorted(set(vision_run) - shared)
     gen = rec.calls["generate"][0]
     first = steps[0][0] if steps else gen[1]
     layers = _layer_lists(model, rec, steps[-1]) if steps else []
@@ -206,6 +208,7 @@ def survey(case: Any) -> dict[str, Any]:
         "top_forward_calls": len([c for c in rec.calls.get("", ()) if _inside(c, gen)]),
         "generate_delegates_to": delegate, "step_module": step_module, "steps": len(steps),
         "vision_entry": entry, "vision_modules": _topmost(set(vision)), "vision_modules_all": len(vision),
+        "vision_shared_with_decode": _topmost(shared),
         "before_first_step": _topmost(_ran_within(rec, [(gen[0], first)], paths)),
         "prefill_step_only": _topmost(_ran_within(rec, steps[:1], paths) - _ran_within(rec, steps[1:], paths)),
         "decoder_layers": layers,

@@ -85,7 +85,8 @@ def crops(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
     size = _size(first(cfg, "image_size"))
     n = spec.crops
     pv = torch.randn(batch, n, channels(cfg), size, size, generator=gen)
-    return Vision({"pixel_values": pv, "pixel_attention_mask": torch.ones(batch, n, size, size, dtype=torch.bool)})
+    mask = torch.ones(batch, n, *(() if spec.tile_mask else (size, size)), dtype=torch.bool)
+    return Vision({"pixel_values": pv, "pixel_attention_mask": mask})
 
 
 STYLES: dict[str, Callable[..., Vision]] = {"pixels": pixels, "tiles": tiles, "grid": grid, "crops": crops}
@@ -114,8 +115,16 @@ def feature_rows(out: Any) -> int:
     return sum(feature_rows(o) for o in out)
 
 
-def count_features(model: Any, vision: Vision, batch: int) -> int:
+def count_features(model: Any, vision: Vision, batch: int, rows_of: Callable[[Any], Any] = lambda out: out) -> int:
     """Image tokens one prompt row needs: the model's own features of these inputs, divided by rows."""
+    rows = feature_rows(rows_of(call_features(model, vision)))
+    if rows % batch:
+        raise ValueError(f"{rows} feature rows for a batch of {batch}")
+    return rows // batch
+
+
+def call_features(model: Any, vision: Vision) -> Any:
+    """The model's own ``get_<modality>_features`` on these inputs (what generate() calls)."""
     fn = feature_fn(model, vision.modality)
     if fn is None:
         raise TypeError(f"{type(model).__name__} has no get_{vision.modality}_features")
@@ -124,10 +133,7 @@ def count_features(model: Any, vision: Vision, batch: int) -> int:
     if "pixel_values" not in kw and "pixel_values" in params:  # e.g. pixel_values_images / _videos
         kw["pixel_values"] = next(v for k, v in vision.inputs.items() if k.startswith("pixel_values"))
     with torch.no_grad():
-        rows = feature_rows(fn(**kw))
-    if rows % batch:
-        raise ValueError(f"{rows} feature rows for a batch of {batch}")
-    return rows // batch
+        return fn(**kw)
 
 
 def image_token_id(model: Any, spec: Spec, modality: str = "image") -> int:
@@ -320,3 +326,13 @@ def patch_cubes(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vis
     cfg, c, p, _ = _patches(model, spec)
     tp = int(first(cfg, "temporal_patch_size", default=1))
     return Vision({"pixel_values": torch.randn(batch * 4, tp, p, p, c, generator=gen)})
+
+
+@register
+def two_resolutions(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """DeepSeek-VL hybrid: the low-resolution image and the same image at the high-resolution tower's size."""
+    vision = pixels(model, batch, gen, spec)
+    cfg = model.config.high_res_vision_config
+    size = _size(cfg.image_size)
+    vision.inputs["high_res_pixel_values"] = torch.randn(batch, channels(cfg), size, size, generator=gen)
+    return vision

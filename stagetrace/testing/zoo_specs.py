@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 import torch
 
+from .zoo_inputs import count_features
+
 
 @dataclass
 class Spec:
@@ -24,6 +26,7 @@ class Spec:
     patch_layout: str = "flat"  # grid style: "flat" C*tp*p*p rows, or "chw" (C, p, p) patches
     mrope: bool = False  # the text model uses M-RoPE sections (set them even where the config has none)
     crops: int = 2
+    tile_mask: bool = False  # crops style: pixel_attention_mask per tile (B, crops), not per pixel
     vision_config: str | None = None  # the sub-config holding the image size, when not vision_config
     image_token: str | int | None = None  # config attribute (or id) of the image placeholder
     frame: tuple[str | None, str | None] | None = None  # config attributes of the tokens around the image
@@ -182,6 +185,10 @@ SPECS.update({
                                                                     "vision_config.n_layers": 4}),
     "chameleon": Spec(shape="vision-as-tokens", fix=_chameleon_vocab, vision_config="vq_config"),
     "emu3": Spec(shape="vision-as-tokens", fix=_emu3_vocab, vision_config="vq_config", with_image_sizes=True),
+    "aria": Spec(over={"projector_patch_to_query_dict": {16: 4}}),
+    "deepseek_vl_hybrid": Spec(style="two_resolutions", over={
+        "high_res_vision_config.image_size": 64, "high_res_vision_config.patch_size": 8,
+        "high_res_vision_config.global_attn_indexes": [1], "high_res_vision_config.output_channels": 32}),
     "kimi_k25": Spec(style="grid", image=None, patch_layout="chw", over={"text_config.head_dim": 4}),
     "paddleocr_vl": Spec(style="grid", image=None, mrope=True, patch_layout="chw"),
     "cohere_compass": Spec(style="grid", image=None, over={"text_config.rope_parameters": {
@@ -189,7 +196,14 @@ SPECS.update({
     "ernie4_5_vl_moe": Spec(style="grid", image=None, over={"text_config.rope_parameters": {
         "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}}),
 })
-for _t in "llava_next llava_next_video llava_onevision granite4_vision".split():
+for _t in "llava_next llava_next_video llava_onevision".split():
     SPECS[_t] = Spec(style="tiles", over={"image_grid_pinpoints": [[32, 32], [32, 64], [64, 32], [64, 64]]})
-for _t in "idefics2 idefics3 smolvlm granite_docling".split():
+for _t in "idefics2 idefics3 smolvlm".split():
     SPECS[_t] = Spec(style="crops")
+# Its window Q-Former wants a vision width of 64 (heads = width // 64) and windows tiling the patch grid.
+SPECS["granite4_vision"] = Spec(style="tiles", image=(8, 2), over={
+    "image_grid_pinpoints": [[8, 8], [8, 16], [16, 8], [16, 16]], "downsample_rate": "1/2",
+    "deepstack_layer_map": [[1, 0]], "vision_config.hidden_size": 64, "qformer_config.intermediate_size": 64},
+    image_tokens=lambda m, v: count_features(m, v, len(v.inputs["image_sizes"]),
+                                             lambda out: out.deepstack_features[0][1]))
+SPECS["granite_docling"] = Spec(style="crops", tile_mask=True)
