@@ -336,3 +336,13 @@ def two_resolutions(model: Any, batch: int, gen: torch.Generator, spec: Spec) ->
     size = _size(cfg.image_size)
     vision.inputs["high_res_pixel_values"] = torch.randn(batch, channels(cfg), size, size, generator=gen)
     return vision
+
+
+@register
+def pooled_crops(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """Molmo2: one crop of 2 x 2 patches per image ``(B, 1, 4, p*p*C)``, pooled pairwise into 2 tokens."""
+    cfg, c, p, _ = _patches(model, spec)
+    pooling = torch.tensor([[0, 1], [2, 3]])
+    return Vision({"pixel_values": torch.randn(batch, 1, 4, p * p * c, generator=gen),
+                   "image_token_pooling": torch.cat([pooling + 4 * b for b in range(batch)]),
+                   "image_grids": torch.tensor([[1, 2, 0, 0]] * batch), "image_num_crops": torch.ones(batch).long()})

@@ -189,6 +189,22 @@ SPECS.update({
     "deepseek_vl_hybrid": Spec(style="two_resolutions", over={
         "high_res_vision_config.image_size": 64, "high_res_vision_config.patch_size": 8,
         "high_res_vision_config.global_attn_indexes": [1], "high_res_vision_config.output_channels": 32}),
+    "molmo2": Spec(style="pooled_crops", image=None, image_token="image_patch_id", over={
+        "vision_config.image_size": [28, 28], "vision_config.patch_size": 14, "vision_config.num_position_embeddings": 4,
+        "adapter_config.vision_feature_layer": [-1]}),
+    # SAM (patch 2, 8x8 grid) then a Qwen2 encoder over learned queries (144 for small images).
+    "deepseek_ocr2": Spec(image=None, image_hw=(16, 16), over={
+        "text_config.mlp_layer_types": ["dense", "sparse"], "text_config.num_experts_per_tok": 2,
+        "vision_config.sam_config": {"hidden_size": 32, "output_channels": 16, "num_hidden_layers": 2,
+                                     "num_attention_heads": 4, "image_size": 16, "patch_size": 2, "window_size": 4,
+                                     "global_attn_indexes": [1], "downsample_channels": [32, 64]},
+        "vision_config.encoder_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                         "num_attention_heads": 4, "num_key_value_heads": 4,
+                                         "max_position_embeddings": 512}}),
+    "unlimited_ocr": Spec(image=None, image_hw=(32, 32), over={
+        "vision_config.sam_config.output_channels": 16, "vision_config.sam_config.downsample_channels": [32, 32],
+        "vision_config.sam_config.image_size": 32, "vision_config.sam_config.patch_size": 4,
+        "vision_config.sam_config.window_size": 4, "vision_config.sam_config.global_attn_indexes": [1]}),
     "kimi_k25": Spec(style="grid", image=None, patch_layout="chw", over={"text_config.head_dim": 4}),
     "paddleocr_vl": Spec(style="grid", image=None, mrope=True, patch_layout="chw"),
     "cohere_compass": Spec(style="grid", image=None, over={"text_config.rope_parameters": {
