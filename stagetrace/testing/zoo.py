@@ -308,4 +308,6 @@ def _shape(model: Any, spec: Spec) -> str:
         return spec.shape
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder"
+    if any(callable(getattr(m, "get_image_tokens", None)) for m in (model, getattr(model, "model", None))):
+        return "vision-as-tokens"  # a VQ tokenizer turns the image into vocabulary ids
     return "decoder-only"

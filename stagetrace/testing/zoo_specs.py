@@ -183,8 +183,8 @@ SPECS.update({
     # Its MLP encoder needs a layer per scale of the patch (else it plans scales with scipy).
     "inkling_mm_model": Spec(style="patch_cubes", image=None, over={"vision_config.patch_size": 4,
                                                                     "vision_config.n_layers": 4}),
-    "chameleon": Spec(shape="vision-as-tokens", fix=_chameleon_vocab, vision_config="vq_config"),
-    "emu3": Spec(shape="vision-as-tokens", fix=_emu3_vocab, vision_config="vq_config", with_image_sizes=True),
+    "chameleon": Spec(fix=_chameleon_vocab, vision_config="vq_config"),
+    "emu3": Spec(fix=_emu3_vocab, vision_config="vq_config", with_image_sizes=True),
     "aria": Spec(over={"projector_patch_to_query_dict": {16: 4}}),
     "deepseek_vl_hybrid": Spec(style="two_resolutions", over={
         "high_res_vision_config.image_size": 64, "high_res_vision_config.patch_size": 8,
@@ -205,6 +205,11 @@ SPECS.update({
         "vision_config.sam_config.output_channels": 16, "vision_config.sam_config.downsample_channels": [32, 32],
         "vision_config.sam_config.image_size": 32, "vision_config.sam_config.patch_size": 4,
         "vision_config.sam_config.window_size": 4, "vision_config.sam_config.global_attn_indexes": [1]}),
+    # A VQ tokenizer whose codes are offset into the vocabulary: image codes 320..383, then audio codes.
+    "apertus1p5": Spec(with_image_sizes=True, over={
+        "image_token_offset": CODE_BASE - CODES, "vision_config.codebook_size": CODES,
+        "vision_config.num_res_blocks": 1, "audio_token_offset": CODE_BASE, "audio_config.codebook_size": CODES,
+        "audio_config.codebook_dim": 32}),
     "kimi_k25": Spec(style="grid", image=None, patch_layout="chw", over={"text_config.head_dim": 4}),
     "paddleocr_vl": Spec(style="grid", image=None, mrope=True, patch_layout="chw"),
     "cohere_compass": Spec(style="grid", image=None, over={"text_config.rope_parameters": {
