@@ -153,7 +153,12 @@ def _steps(rec: _Recorder) -> tuple[str, str | None, list[Interval]]:
     return inner[0], inner[0], [c for c in rec.calls.get(inner[0], ()) if any(_inside(c, s) for s in spans)]
 
 
-def _vision_entry(case: Any, rec: _Recorder, paths: list[str], steps: list[Interval]) -> tuple[str | None, list[str]]:
+def _vision_entry(rec: _Recorder, paths: list[str], steps: list[Interval],
+                  layers: list[str]) -> tuple[str | None, list[str]]:
+    """The vision entry generate() ran and the modules it ran: a get_*_features / get_image_tokens call,
+    else what ran before the first step (an encoder, or vision before a delegated generate), else what
+    only the first step ran outside the decoder layers (cross-attention keys cached from the image are
+    computed inside the layers and are not vision)."""
     gen = rec.calls["generate"][0]
     for key in [f"{p}.{e}" for p in ("model", "top") for e in ENTRIES]:
         ran = _ran_within(rec, rec.calls.get(key, []), paths)
@@ -165,6 +170,7 @@ def _vision_entry(case: Any, rec: _Recorder, paths: list[str], steps: list[Inter
         return "before-first-step", sorted(before)
     if len(steps) > 1:  # run by the first (prefill) step only
         prefill = _ran_within(rec, steps[:1], paths) - _ran_within(rec, steps[1:], paths)
+        prefill = {p for p in prefill if not any(p.startswith(lst + ".") for lst in layers)}
         if prefill:
             return "prefill-step-only", sorted(prefill)
     return None, []
@@ -177,6 +183,15 @@ def _layer_lists(model: torch.nn.Module, rec: _Recorder, last: Interval) -> list
                 any(_inside(c, last) for c in rec.calls.get(f"{name}.{i}", ())) for i in range(len(m))):
             lists.append(name)
     return [n for n in lists if not any(n.startswith(o + ".") for o in lists)]
+
+
+def _children_run(model: torch.nn.Module, parent: str | None, ran: set[str]) -> list[str]:
+    """The direct children of ``parent`` that ran (e.g. an encoder's vision tower, projector, layers)."""
+    if parent is None or parent.startswith("<"):
+        return []
+    module = model.get_submodule(parent)
+    return [f"{parent}.{n}" if parent else n for n, _ in module.named_children()
+            if (f"{parent}.{n}" if parent else n) in ran]
 
 
 def _runs_any(rec: _Recorder, owner: str | None, modules: list[str]) -> bool:
@@ -192,16 +207,17 @@ def survey(case: Any) -> dict[str, Any]:
     rec, out = run_recorded(case)
     paths = [n for n, _ in model.named_modules()]
     step_module, delegate, steps = _steps(rec)
-    entry, vision_run = _vision_entry(case, rec, paths, steps)
+    layers = _layer_lists(model, rec, steps[-1]) if steps else []
+    entry, vision_run = _vision_entry(rec, paths, steps, layers)
     shared = set(vision_run) & _ran_within(rec, steps[1:], paths)  # e.g. the text embedding VQ tokens go through
     vision = sorted(set(vision_run) - shared)
     gen = rec.calls["generate"][0]
     first = steps[0][0] if steps else gen[1]
-    layers = _layer_lists(model, rec, steps[-1]) if steps else []
+    before = _ran_within(rec, [(gen[0], first)], paths)
     acc = accessors(model)
     return {
         "model_type": case.model_type, "class": type(model).__name__, "shape": case.shape,
-        "is_encoder_decoder": bool(getattr(model.config, "is_encoder_decoder", False)),
+        "is_encoder_decoder": bool(model.config.is_encoder_decoder),
         "entries_defined": entries_defined(model),
         "entries_called": sorted(k for k in rec.calls if k.split(".")[-1] in ENTRIES),
         **acc,
@@ -209,7 +225,11 @@ def survey(case: Any) -> dict[str, Any]:
         "generate_delegates_to": delegate, "step_module": step_module, "steps": len(steps),
         "vision_entry": entry, "vision_modules": _topmost(set(vision)), "vision_modules_all": len(vision),
         "vision_shared_with_decode": _topmost(shared),
-        "before_first_step": _topmost(_ran_within(rec, [(gen[0], first)], paths)),
+        "vision_runs": ("before the first step" if vision and set(vision) <= before else
+                        "inside the first step" if vision and _ran_within(rec, steps[:1], vision) else None),
+        "before_first_step": _topmost(before),
+        "encoder_parts_run": _children_run(model, acc["get_encoder"], before) if model.config.is_encoder_decoder
+        else [],
         "prefill_step_only": _topmost(_ran_within(rec, steps[:1], paths) - _ran_within(rec, steps[1:], paths)),
         "decoder_layers": layers,
         "decoder_runs_vision": _runs_any(rec, acc["get_decoder"], vision),
@@ -217,3 +237,71 @@ def survey(case: Any) -> dict[str, Any]:
                                         for lst in layers),
         "prompt_len": case.prompt_len, "generated_tokens": case.generated(out),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: one row per model type of the installed mapping.
+
+
+def survey_all(types: list[str] | None = None) -> list[dict[str, Any]]:
+    import transformers
+
+    from .zoo import Unbuildable, build, model_types
+
+    rows = []
+    for t in types or model_types():
+        try:
+            row = {"status": "built", **survey(build(t))}
+        except Unbuildable as e:
+            row = {"model_type": t, "status": "unbuildable", "reason": e.reason}
+        row["transformers"] = transformers.__version__
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    return ", ".join(map(str, value)) if isinstance(value, list) else "" if value is None else str(value)
+
+
+COLUMNS = ("model_type", "status", "shape", "vision_entry", "vision_modules", "decoder_layers", "generated_tokens")
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        if row["status"] == "unbuildable":
+            cells = [row["model_type"], f"unbuildable: {row['reason']}"] + [""] * (len(COLUMNS) - 2)
+        else:
+            cells = [_cell(row, c) for c in COLUMNS]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stagetrace.testing.survey", description=__doc__.split("\n")[0])
+    parser.add_argument("types", nargs="*", help="model types (default: every type of the installed mapping)")
+    parser.add_argument("--json", metavar="PATH", help="write the full survey as JSON here")
+    parser.add_argument("--md", metavar="PATH", help="write the table as Markdown here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    rows = survey_all(args.types)
+    for row in rows:
+        if row["status"] == "unbuildable":
+            print(f"{row['model_type']:24s} unbuildable: {row['reason']}")
+        else:
+            print(f"{row['model_type']:24s} built  {row['shape']:16s} {row['vision_entry']:26s} "
+                  f"{_cell(row, 'vision_modules')} | layers {_cell(row, 'decoder_layers')} | "
+                  f"{row['generated_tokens']} tokens")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+            f.write("\n")
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

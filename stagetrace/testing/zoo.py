@@ -53,8 +53,10 @@ class ZooCase:
         return int(seq.shape[-1]) - self.output_prompt_len
 
     def generate(self, **over: Any) -> Any:
+        """``model.generate`` on copies of the inputs (BLIP's generate() writes into ``input_ids``)."""
+        inputs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
         with torch.no_grad():
-            return self.model.generate(**self.inputs, **{**self.generate_kwargs, **over})
+            return self.model.generate(**inputs, **{**self.generate_kwargs, **over})
 
 
 def model_types() -> list[str]:
@@ -67,9 +69,15 @@ def model_types() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Generic shrinking of a config dict (sub-configs are nested dicts).
 
-_SIZES: dict[int, str] = {
+_SIZES: dict[int, str] = {  # the size each config key is capped at, by groups
     2: "num_hidden_layers num_layers depth encoder_layers decoder_layers num_decoder_layers layers n_layers "
-       "conf_num_hidden_layers num_global_layers",
+       "conf_num_hidden_layers num_global_layers num_experts_per_tok moe_k moe_topk linear_num_key_heads",
+    4: "num_attention_heads num_heads attention_heads encoder_attention_heads decoder_attention_heads "
+       "num_sliding_attention_heads index_n_heads linear_num_heads linear_num_value_heads num_query_tokens "
+       "n_routed_experts num_experts num_local_experts moe_num_experts qk_rope_head_dim qk_nope_head_dim",
+    8: "head_dim d_kv v_head_dim qk_head_dim index_head_dim linear_head_dim linear_key_head_dim "
+       "linear_value_head_dim hc_lowrank hidden_size_per_layer_input",
+    16: "kv_lora_rank q_lora_rank",
     32: "hidden_size d_model embed_dim out_hidden_size text_hidden_size projector_hidden_size vision_hidden_size "
         "projection_dim word_embed_proj_dim encoder_hidden_size output_dim moe_intermediate_size "
         "shared_expert_intermediate_size shared_intermediate_size shared_experts_intermediate_size moe_hidden_size "
@@ -78,16 +86,8 @@ _SIZES: dict[int, str] = {
         "latent_channels mm_embed_dim output_proj_dims pooler_output_size",
     64: "intermediate_size d_ff ffn_dim encoder_ffn_dim decoder_ffn_dim mlp_dim intermediate_size_mlp "
         "dense_intermediate_size projection_intermediate_size",
-    4: "num_attention_heads num_heads attention_heads encoder_attention_heads decoder_attention_heads "
-       "n_routed_experts num_experts num_local_experts moe_num_experts num_sliding_attention_heads",
-    8: "head_dim d_kv",
 }
 SIZES = {key: size for size, keys in _SIZES.items() for key in keys.split()}
-SIZES.update(num_query_tokens=4, num_experts_per_tok=2, moe_k=2, moe_topk=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4,
-             qk_nope_head_dim=4, v_head_dim=8, qk_head_dim=8, index_head_dim=8, index_n_heads=4,
-             linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
-             hc_lowrank=8, linear_head_dim=8, linear_num_heads=4,
-             hidden_size_per_layer_input=8)
 LIST_SIZES = {"hidden_sizes": 32, "depths": 1}
 _TOKEN_KEY = re.compile(r"(token_id|token_index|token_ids|_id)$")
 

@@ -102,7 +102,8 @@ def register(fn: Callable[..., Vision]) -> Callable[..., Vision]:
 
 def feature_fn(model: Any, modality: str = "image") -> Callable[..., Any] | None:
     """The ``get_<modality>_features`` that ``generate()`` itself calls (on the base model)."""
-    return getattr(model.base_model, f"get_{modality}_features", None) or getattr(model, f"get_{modality}_features", None)
+    name = f"get_{modality}_features"
+    return getattr(model.base_model, name, None) or getattr(model, name, None)
 
 
 def feature_rows(out: Any) -> int:

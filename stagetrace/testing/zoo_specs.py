@@ -190,7 +190,8 @@ SPECS.update({
         "high_res_vision_config.image_size": 64, "high_res_vision_config.patch_size": 8,
         "high_res_vision_config.global_attn_indexes": [1], "high_res_vision_config.output_channels": 32}),
     "molmo2": Spec(style="pooled_crops", image=None, image_token="image_patch_id", over={
-        "vision_config.image_size": [28, 28], "vision_config.patch_size": 14, "vision_config.num_position_embeddings": 4,
+        "vision_config.image_size": [28, 28], "vision_config.patch_size": 14,
+        "vision_config.num_position_embeddings": 4,
         "adapter_config.vision_feature_layer": [-1]}),
     # SAM (patch 2, 8x8 grid) then a Qwen2 encoder over learned queries (144 for small images).
     "deepseek_ocr2": Spec(image=None, image_hw=(16, 16), over={
