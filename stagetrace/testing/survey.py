@@ -186,12 +186,12 @@ def _layer_lists(model: torch.nn.Module, rec: _Recorder, last: Interval) -> list
 
 
 def _children_run(model: torch.nn.Module, parent: str | None, ran: set[str]) -> list[str]:
-    """The direct children of ``parent`` that ran (e.g. an encoder's vision tower, projector, layers)."""
+    """The direct children of ``parent`` that ran, themselves or below (e.g. an encoder's vision tower,
+    projector, layer list)."""
     if parent is None or parent.startswith("<"):
         return []
-    module = model.get_submodule(parent)
-    return [f"{parent}.{n}" if parent else n for n, _ in module.named_children()
-            if (f"{parent}.{n}" if parent else n) in ran]
+    children = [f"{parent}.{n}" if parent else n for n, _ in model.get_submodule(parent).named_children()]
+    return [c for c in children if any(r == c or r.startswith(c + ".") for r in ran)]
 
 
 def _runs_any(rec: _Recorder, owner: str | None, modules: list[str]) -> bool:
@@ -268,7 +268,10 @@ COLUMNS = ("model_type", "status", "shape", "vision_entry", "vision_modules", "d
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    version = rows[0]["transformers"] if rows else "?"
+    lines = [f"# Image-text-to-text model types of transformers {version}: zoo and survey", "",
+             "Written by `python -m stagetrace.testing.survey --md`; every field per type is in the JSON beside it.",
+             "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         if row["status"] == "unbuildable":
             cells = [row["model_type"], f"unbuildable: {row['reason']}"] + [""] * (len(COLUMNS) - 2)

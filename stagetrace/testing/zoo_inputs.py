@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 BOS = 1
 TEXT_LEN = 6
+GRID = (4, 4)  # patches per side of an image given as patches
+CROPS = 2  # crops per image given as crops
 
 
 @dataclass
@@ -51,7 +53,7 @@ def pixels(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
     cfg = vcfg(model, spec)
     size = spec.image_hw or (_size(first(cfg, "image_size", default=32)),) * 2
     pv = torch.randn(batch, channels(cfg), *size, generator=gen)
-    inputs: dict[str, Any] = {spec.pixel_key: pv}
+    inputs: dict[str, Any] = {"pixel_values": pv}
     if spec.with_image_sizes:
         inputs["image_sizes"] = torch.tensor([list(size)] * batch)
     return Vision(inputs)
@@ -71,8 +73,8 @@ def grid(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
     """Qwen2-VL style patches ``(B*t*h*w, C*tp*p*p)`` (or unflattened, ``(.., C, p, p)``), ``image_grid_thw``."""
     cfg = vcfg(model, spec)
     p = _size(first(cfg, "patch_size", "spatial_patch_size"))
-    tp = int(first(cfg, "temporal_patch_size", "patch_temporal", default=1)) if spec.temporal_patch else 1
-    gh, gw = spec.grid
+    tp = int(first(cfg, "temporal_patch_size", "patch_temporal", default=1))
+    gh, gw = GRID
     patch = (channels(cfg), *((tp,) if tp > 1 else ()), p, p)
     shape = patch if spec.patch_layout == "chw" else (math.prod(patch),)
     pv = torch.randn(batch * gh * gw, *shape, generator=gen)
@@ -83,7 +85,7 @@ def crops(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
     """Idefics2/3 style 5-D ``pixel_values (B, crops, C, H, W)`` and ``pixel_attention_mask``."""
     cfg = vcfg(model, spec)
     size = _size(first(cfg, "image_size"))
-    n = spec.crops
+    n = CROPS
     pv = torch.randn(batch, n, channels(cfg), size, size, generator=gen)
     mask = torch.ones(batch, n, *(() if spec.tile_mask else (size, size)), dtype=torch.bool)
     return Vision({"pixel_values": pv, "pixel_attention_mask": mask})
@@ -148,10 +150,8 @@ def image_token_id(model: Any, spec: Spec, modality: str = "image") -> int:
     raise ValueError(f"no {modality} token id in {type(model.config).__name__}")
 
 
-def _frame(model: Any, spec: Spec) -> tuple[list[int], list[int]]:
-    if spec.frame is not None:
-        return ([getattr(model.config, spec.frame[0])] if spec.frame[0] else [],
-                [getattr(model.config, spec.frame[1])] if spec.frame[1] else [])
+def _frame(model: Any) -> tuple[list[int], list[int]]:
+    """The tokens the config names around an image (vision start/end, begin/end of image)."""
     cfg = model.config
     for a, b in (("vision_start_token_id", "vision_end_token_id"), ("boi_token_index", "eoi_token_index"),
                  ("boi_token_id", "eoi_token_id"), ("image_start_token_id", "image_end_token_id")):
@@ -167,19 +167,17 @@ def prompt_ids(model: Any, batch: int, n_tokens: int, gen: torch.Generator, spec
     from .zoo import special_ids
 
     img = image_token_id(model, spec, modality) if n_tokens else -1
-    start, end = _frame(model, spec) if n_tokens else ([], [])
+    start, end = _frame(model) if n_tokens else ([], [])
     reserved = set(special_ids(model.config)) | {0, 1, 2}
     pool = torch.tensor([i for i in range(3, 256) if i not in reserved])  # 256.. : VQ codes, special ids
     rows = []
     for _ in range(batch):
         text = pool[torch.randint(len(pool), (TEXT_LEN,), generator=gen)].tolist()
-        image = start + [img] * n_tokens + end
-        body = (image + [BOS] + text) if spec.image_first else ([BOS] + image + text)
-        rows.append(body)
+        rows.append([BOS] + start + [img] * n_tokens + end + text)
     ids = torch.tensor(rows)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     params = inspect.signature(model.forward).parameters
-    if "token_type_ids" in params and spec.token_types:
+    if "token_type_ids" in params:
         out["token_type_ids"] = (ids == img).long()
     if "mm_token_type_ids" in params:
         out["mm_token_type_ids"] = (ids == img).long() * (2 if modality == "video" else 1)
@@ -218,7 +216,7 @@ def siglip2(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
 def grid_hw(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
     """Flattened patches ``(B*h*w, C*p*p)`` and ``image_grid_hw``."""
     _, c, p, _ = _patches(model, spec)
-    gh, gw = spec.grid
+    gh, gw = GRID
     return Vision({"pixel_values": torch.randn(batch * gh * gw, c * p * p, generator=gen),
                    "image_grid_hw": torch.tensor([[gh, gw]] * batch)})
 
@@ -228,7 +226,7 @@ def merged_blocks(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> V
     """Inkling2: one ``(m*p, m*p, C)`` block per merged token, ``image_grid_thw`` in merged units."""
     cfg, c, p, _ = _patches(model, spec)
     m = int(first(cfg, "spatial_merge_size", "merge_size", default=2))
-    gh, gw = spec.grid[0] // m, spec.grid[1] // m
+    gh, gw = GRID[0] // m, GRID[1] // m
     pv = torch.randn(batch * gh * gw, m * p, m * p, c, generator=gen)
     return Vision({"pixel_values": pv, "image_grid_thw": torch.tensor([[1, gh, gw]] * batch)})
 

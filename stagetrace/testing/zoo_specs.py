@@ -19,22 +19,15 @@ class Spec:
     shape: str | None = None  # when not "decoder-only" / "encoder-decoder" from the config
     image: tuple[int, int] | None = (32, 8)  # vision image_size, patch_size (pixel styles)
     image_hw: tuple[int, int] | None = None
-    pixel_key: str = "pixel_values"
     with_image_sizes: bool = False
-    grid: tuple[int, int] = (4, 4)  # patches per side (grid style)
-    temporal_patch: bool = True
     patch_layout: str = "flat"  # grid style: "flat" C*tp*p*p rows, or "chw" (C, p, p) patches
     mrope: bool = False  # the text model uses M-RoPE sections (set them even where the config has none)
-    crops: int = 2
     tile_mask: bool = False  # crops style: pixel_attention_mask per tile (B, crops), not per pixel
     vision_config: str | None = None  # the sub-config holding the image size, when not vision_config
     image_token: str | int | None = None  # config attribute (or id) of the image placeholder
-    frame: tuple[str | None, str | None] | None = None  # config attributes of the tokens around the image
-    image_first: bool = False
     text: bool = True  # a text prompt (input_ids) goes in
     token_ids: bool = True  # pass pad / eos ids to generate() (BLIP's generate sets its own)
     prompt_offset: int = 0  # generate() returns the prompt this much longer (or shorter) than given
-    token_types: bool = True
     image_tokens: Callable[[Any, Any], int] | None = None  # image tokens per row, when not counted
     finish: Callable[[Any, dict[str, Any]], None] | None = None  # last edits of the inputs
 
