@@ -202,7 +202,26 @@ def _runs_any(rec: _Recorder, owner: str | None, modules: list[str]) -> bool:
 
 
 def survey(case: Any) -> dict[str, Any]:
-    """What runs where in one ``generate()`` of ``case`` (a zoo case), as a JSON-able dict."""
+    """What runs where in one ``generate()`` of ``case`` (a zoo case), as a JSON-able dict.
+
+    Paths are module paths from the top model ("" is the top model itself). "Steps" are the forwards
+    of the step module: the top model, or the language model its generate() delegates to.
+
+    - entries_defined / entries_called: get_image_features, get_video_features, get_image_tokens on
+      the top model ("top") and its inner ``.model`` ("model"); which of them generate() called.
+    - get_encoder, get_encoder_image (``modality="image"``), get_decoder, get_output_embeddings: paths.
+    - top_forward_calls, generate_delegates_to, step_module, steps.
+    - vision_entry: the called entry that ran modules; else "before-first-step" (modules run before the
+      first step and in no step: an encoder, vision before a delegated generate); else
+      "prefill-step-only" (modules only the first step ran, outside the decoder layer lists).
+      vision_modules: the outermost modules it ran; vision_shared_with_decode: modules it ran that
+      the decode steps run too (the text embedding of VQ tokens); vision_runs: before / inside step 1.
+    - before_first_step, prefill_step_only: outermost modules run there; encoder_parts_run: the
+      encoder's children run before the first step (encoder-decoder models).
+    - decoder_layers: ModuleLists all of whose children ran in the last step (outermost only).
+    - decoder_runs_vision / layers_owner_runs_vision: whether get_decoder()'s module, or the module
+      holding a decoder layer list, runs a vision module inside its own forward (IDEFICS, GIT).
+    """
     model = case.model
     rec, out = run_recorded(case)
     paths = [n for n, _ in model.named_modules()]
