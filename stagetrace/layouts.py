@@ -1,10 +1,12 @@
-"""Where the stages live in a model: a small table of layouts, plus the user's override.
+"""Where the stages live in a model: its own structure first, a small table, the user's override.
 
-Adding a model family is adding a row to :data:`LAYOUTS`, not a branch in the tracer.
-A layout names dotted module paths relative to the model ``generate()`` is called on:
+The vision stage comes from the model's own vision entries where it has them
+(``get_image_features`` and kin: encoder and projector in one call; see ``structure.py``);
+the table holds only what structure cannot tell. A layout names dotted paths relative to
+the model ``generate()`` is called on:
 
-* ``vision``: modules whose span (first start to last end) is the vision stage
-  (encoder and projector together); empty for text-only models;
+* ``vision``: modules whose span (first start to last end) is the vision stage, hooked
+  where the model has no vision entry (or its entries are not what generate() runs);
 * ``language_model``: the module whose forward start is the start of prefill (a
   ModuleList of blocks means its first block);
 * ``lm_head``: the module whose forward end is the end of prefill;
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from torch import nn
+
+from . import structure
 
 __all__ = ["Layout", "ResolvedLayout", "LayoutError", "LAYOUTS", "resolve_layout", "get_module"]
 
@@ -32,6 +36,9 @@ class Layout:
     language_model: str
     lm_head: str
     layers: str | None = None
+    # hook these vision modules even where the model defines vision entries: its generate()
+    # runs the vision part without calling them
+    vision_outside_entries: bool = False
 
 
 LAYOUTS: list[Layout] = [
@@ -40,9 +47,15 @@ LAYOUTS: list[Layout] = [
            "lm_head", "model.language_model.layers"),
     # Qwen2-VL, Qwen2.5-VL, Qwen3-VL (the merger lives inside model.visual)
     Layout("qwen-vl", ("model.visual",), "model.language_model", "lm_head", "model.language_model.layers"),
+    # Mllama: vision and projector run inside the first forward, with no vision entry
+    Layout("mllama", ("model.vision_model", "model.multi_modal_projector"), "model.language_model", "lm_head",
+           "model.language_model.layers"),
     # Idefics3, SmolVLM
     Layout("idefics3", ("model.vision_model", "model.connector"), "model.text_model", "lm_head",
            "model.text_model.layers"),
+    # BLIP-2: generate() runs vision, Q-Former and projection inline, then the language model's generate()
+    Layout("blip-2", ("vision_model", "qformer", "language_projection"), "language_model", "language_model.lm_head",
+           vision_outside_entries=True),
     # Molmo / MolmoE remote code: vision runs inside the first forward
     Layout("molmo", ("model.vision_backbone",), "model.transformer.blocks", "model.transformer.ff_out",
            "model.transformer.blocks"),
@@ -58,15 +71,27 @@ _VISION_WORDS = re.compile(r"(vision|visual|image|img|vit|pixel)", re.I)
 @dataclass
 class ResolvedLayout:
     name: str
-    vision: list[tuple[str, nn.Module]]
+    vision: list[tuple[str, nn.Module]]          # modules hooked for the vision stage
     language_model: tuple[str, nn.Module]
     lm_head: tuple[str, nn.Module]
     layers: list[tuple[str, nn.Module]] = field(default_factory=list)
+    # (path, owner, method name) of the model's own vision entries, wrapped for the vision stage
+    vision_calls: list[tuple[str, nn.Module, str]] = field(default_factory=list)
+    # an encoder–decoder's encoder that does not take the image: its start is the start of prefill
+    prefill_encoder: tuple[str, nn.Module] | None = None
+    # submodules with a generate() of their own: a delegating generate() runs their forwards
+    inner_generators: list[tuple[str, nn.Module]] = field(default_factory=list)
+    vision_home: nn.Module | None = None         # where vision's weights live (device placement)
+
+    @property
+    def has_vision(self) -> bool:
+        return bool(self.vision or self.vision_calls)
 
     def describe(self) -> dict[str, Any]:
-        return {"layout": self.name, "vision": [p for p, _ in self.vision],
+        return {"layout": self.name, "vision": [p for p, _ in self.vision] + [p for p, _, _ in self.vision_calls],
                 "language_model": self.language_model[0], "lm_head": self.lm_head[0],
-                "layers": len(self.layers)}
+                "layers": len(self.layers), "prefill_encoder": self.prefill_encoder[0] if self.prefill_encoder else None,
+                "inner_generators": [p for p, _ in self.inner_generators]}
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module | None:
@@ -94,30 +119,6 @@ def _forward_entry(path: str, mod: nn.Module) -> tuple[str, nn.Module]:
     return path, mod
 
 
-def _path_of(root: nn.Module, target: nn.Module | None) -> str | None:
-    if target is None:
-        return None
-    for name, mod in root.named_modules():
-        if mod is target:
-            return name
-    return None
-
-
-def _probe(model: nn.Module) -> dict[str, Any]:
-    """What transformers' own accessors say (None where they are absent or fail)."""
-    found: dict[str, Any] = {"vision": None, "language_model": None, "lm_head": None}
-    for key, call in (("vision", lambda: model.get_encoder(modality="image")),
-                      ("language_model", lambda: model.get_decoder()),
-                      ("lm_head", lambda: model.get_output_embeddings())):
-        try:
-            found[key] = _path_of(model, call())
-        except Exception:  # noqa: BLE001 - accessors differ across models; absence is the answer
-            found[key] = None
-    if found["vision"] in ("", found["language_model"]):
-        found["vision"] = None
-    return found
-
-
 def _looks_multimodal(model: nn.Module) -> list[str]:
     """Top-most modules whose names suggest a vision part."""
     cfg = getattr(model, "config", None)
@@ -127,18 +128,8 @@ def _looks_multimodal(model: nn.Module) -> list[str]:
         if name and _VISION_WORDS.search(last) and not any(name.startswith(h + ".") for h in hits):
             hits.append(name)
     if not hits and getattr(cfg, "vision_config", None) is not None:
-        hits.append("<config.vision_config is set>")
+        hits.append("")  # the config names a vision part whose module has no telling name
     return hits
-
-
-def _layers_of(model: nn.Module, lm_path: str) -> str | None:
-    lm = get_module(model, lm_path)
-    if isinstance(lm, nn.ModuleList):
-        return lm_path
-    for attr in ("layers", "blocks", "h"):
-        if lm is not None and isinstance(getattr(lm, attr, None), nn.ModuleList):
-            return f"{lm_path}.{attr}" if lm_path else attr
-    return None
 
 
 def _as_paths(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -153,73 +144,94 @@ def resolve_layout(model: nn.Module, vision: str | Sequence[str] | None = None,
     ``vision=[]`` says "this model has no vision stage" explicitly.
     """
     multimodal = _looks_multimodal(model)
+    entries = structure.vision_entries(model)
+    inner = structure.inner_generators(model)
     # A vision-less row must not swallow a multimodal model whose vision part it cannot see.
     row = next((r for r in LAYOUTS
                 if (r.vision or not multimodal)
                 and all(get_module(model, p) is not None for p in (*r.vision, r.language_model, r.lm_head))),
                None)
-    probe = _probe(model)
+    probe = structure.probe_accessors(model)
+    if inner and not probe["lm_head"]:  # a delegating model: its inner generator knows its head
+        inner_probe = structure.probe_accessors(inner[0][1])
+        probe["lm_head"] = f"{inner[0][0]}.{inner_probe['lm_head']}" if inner_probe["lm_head"] else None
     name = row.name if row else "probe"
-    v_paths: tuple[str, ...] | None = row.vision if row else (_as_paths(probe["vision"]) if probe["vision"] else None)
     lm_path = row.language_model if row else probe["language_model"]
     head_path = row.lm_head if row else probe["lm_head"]
     layers_path = row.layers if row else None
-
-    overridden = any(x is not None for x in (vision, language_model, lm_head, layers))
+    encoder = structure.encoder_of(model)
+    prefill_encoder = None
+    if encoder is not None and not structure.encoder_takes_images(encoder[1]):
+        prefill_encoder = encoder  # a text encoder (the image came through a vision entry before it)
     if vision is not None:
-        v_paths = _as_paths(vision)
+        v_paths: tuple[str, ...] | None = _as_paths(vision)
+        entries = []
+    elif row and row.vision and (row.vision_outside_entries or not entries):
+        v_paths = row.vision
+    elif encoder is not None and prefill_encoder is None:
+        v_paths = (encoder[0],)  # the encoder takes the image: its run is vision
+    elif entries:
+        v_paths = ()
+    elif probe["vision"]:
+        v_paths = _as_paths(probe["vision"])
+    elif multimodal and any(multimodal):
+        v_paths = tuple(h for h in multimodal if h)  # the last resort: modules named like vision
+        name = "named"
+    else:
+        v_paths = () if not multimodal else None
     if language_model is not None:
         lm_path = language_model
     if lm_head is not None:
         head_path = lm_head
     if layers is not None:
         layers_path = layers
-    if overridden:
+    if any(x is not None for x in (vision, language_model, lm_head, layers)):
         name = f"{name}+override"
+    elif entries and not (row and row.vision):
+        name = f"{name}+entries"
 
-    if v_paths is None:
-        v_paths = () if not multimodal else None
-
-    missing = []
-    for what, paths in (("vision", v_paths or ()), ("language_model", (lm_path,) if lm_path else ()),
-                        ("lm_head", (head_path,) if head_path else ())):
-        for p in paths:
-            if get_module(model, p) is None:
-                missing.append(f"{what} path {p!r} does not name a submodule")
+    missing = [f"{what} path {p!r} does not name a submodule"
+               for what, paths in (("vision", v_paths or ()), ("language_model", (lm_path,) if lm_path else ()),
+                                   ("lm_head", (head_path,) if head_path else ()))
+               for p in paths if get_module(model, p) is None]
     if v_paths is None or lm_path is None or head_path is None or missing:
         raise LayoutError(_failure_message(model, multimodal, probe, v_paths, lm_path, head_path, missing))
 
     if layers_path is None or get_module(model, layers_path) is None:
-        layers_path = _layers_of(model, lm_path)
+        layers_path = structure.find_layers(model, lm_path)
     layer_list = get_module(model, layers_path) if layers_path else None
-    layer_mods = ([(f"{layers_path}.{i}", m) for i, m in enumerate(layer_list)]
-                  if isinstance(layer_list, nn.ModuleList) else [])
+    vision_mods = [(p, get_module(model, p)) for p in v_paths]
+    home = vision_mods[0][1] if vision_mods else (get_module(model, probe["vision"]) if probe["vision"] else None)
     return ResolvedLayout(
         name=name,
-        vision=[(p, get_module(model, p)) for p in v_paths],  # type: ignore[misc]
+        vision=vision_mods,  # type: ignore[arg-type]
         language_model=_forward_entry(lm_path, get_module(model, lm_path)),  # type: ignore[arg-type]
         lm_head=(head_path, get_module(model, head_path)),  # type: ignore[arg-type]
-        layers=layer_mods,
+        layers=([(f"{layers_path}.{i}", m) for i, m in enumerate(layer_list)]
+                if isinstance(layer_list, nn.ModuleList) else []),
+        vision_calls=entries, prefill_encoder=prefill_encoder, inner_generators=inner, vision_home=home,
     )
 
 
 def _failure_message(model: nn.Module, multimodal: list[str], probe: dict[str, Any],
                      v_paths: tuple[str, ...] | None, lm_path: str | None, head_path: str | None,
                      missing: list[str]) -> str:
+    """What was found, and the override to pass: only real module paths are ever suggested."""
     cls = type(model).__name__
     top = [n for n, _ in model.named_children()]
     inner = [f"{n}.{c}" for n, m in model.named_children() for c, _ in m.named_children()][:12]
-    lm_guess = lm_path or probe["language_model"] or "<decoder path, e.g. model.language_model>"
-    head_guess = head_path or probe["lm_head"] or "<head path, e.g. lm_head>"
-    vis_guess = list(v_paths) if v_paths else (multimodal or ["<vision path>"])
-    lines = [f"stagetrace could not find the stages of {cls}: no known layout matches "
-             f"(tried {', '.join(r.name for r in LAYOUTS)})."]
-    if missing:
-        lines += [f"  - {m}" for m in missing]
-    lines += [f"  found: vision-like modules {multimodal or 'none'}; language model "
-              f"{probe['language_model']!r}; lm_head {probe['lm_head']!r}",
+    named = [h for h in multimodal if h]
+    guesses = {"vision": list(v_paths) if v_paths else named or None,
+               "language_model": lm_path or probe["language_model"], "lm_head": head_path or probe["lm_head"]}
+    known = ", ".join(f"{k}={v!r}" for k, v in guesses.items() if v)
+    unknown = [k for k, v in guesses.items() if not v]
+    lines = [f"stagetrace could not find the stages of {cls}: its structure and the known layouts "
+             f"({', '.join(r.name for r in LAYOUTS)}) do not say where they are."]
+    lines += [f"  - {m}" for m in missing]
+    lines += [f"  found: vision-like modules {named or ('none, though config.vision_config is set' if multimodal else 'none')}; "
+              f"language model {probe['language_model']!r}; lm_head {probe['lm_head']!r}",
               f"  top-level modules: {top}; below them: {inner}",
-              f"  pass the paths yourself: stagetrace.trace(model, vision={vis_guess!r}, "
-              f"language_model={lm_guess!r}, lm_head={head_guess!r})"
-              + ("  (vision=[] if it has no vision stage)" if multimodal else "")]
+              f"  pass the paths yourself: stagetrace.trace(model, {known or '...'})"
+              + (f", adding {' and '.join(unknown)} (dotted module paths among those above)" if unknown else "")
+              + ("; vision=[] if it has no vision stage" if multimodal else "")]
     return "\n".join(lines)

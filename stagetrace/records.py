@@ -74,6 +74,8 @@ class StageRecord:
     n_marks: int = 0
     resolve_ms: float = 0.0  # host time of the call's one sync + resolve, after generate() returned
     error: str | None = None  # set when the call's marks could not be turned into stages
+    # what the numbers cannot tell, said out loud (e.g. images given but no vision stage marked)
+    warnings: list[str] = field(default_factory=list)
     schema: int = SCHEMA_VERSION
     # in-memory only: the spans and raw marks behind the numbers
     spans: SpanTable = field(default_factory=SpanTable.empty, repr=False, compare=False)
@@ -105,6 +107,7 @@ class StageRecord:
         d["devices"] = list(self.devices)
         d["device_streams"] = list(self.device_streams)
         d["decode_step_ms"] = list(self.decode_step_ms)
+        d["warnings"] = list(self.warnings)
         d["tpot_ms"] = self.tpot_ms
         if spans:
             d["spans"] = _as_table(self.spans).to_dicts()
@@ -193,6 +196,7 @@ _FIELD_KINDS: dict[str, str] = {
                     "str"),
     **dict.fromkeys(("sample_id", "error"), "str?"),
     "compiled_decode": "bool", "decode_step_ms": "numbers", "devices": "strs", "device_streams": "ints",
+    "warnings": "strs",
     "versions": "str_map", "spans": "spans", "host_spans": "spans",
 }
 # A span as written: its identity in kind + index (schema 2) or in its name (schema 1).

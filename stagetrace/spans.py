@@ -113,6 +113,9 @@ class SpanTable:
     def __repr__(self) -> str:
         return f"SpanTable({len(self)} spans)"
 
+    def has_kind(self, kind: str) -> bool:
+        return bool(np.any(self.kind == KIND_CODE[kind]))
+
     def of_kind(self, kind: str) -> list[Span]:
         return [self[i] for i in np.flatnonzero(self.kind == KIND_CODE[kind])]
 

@@ -9,6 +9,8 @@ No torch, no model. This is where exactness lives, so what must stay true is:
 * ``decode_step_ns`` partitions ``decode_ns`` exactly;
 * only marks issued before the first decode forward shape vision and prefill (vision
   that re-runs inside decode steps, e.g. without a cache, belongs to those steps);
+* prefill never starts before vision ends: a language model that runs the vision part
+  inside its own forward has that part counted as vision, once;
 * the work is vectorized (numpy over all marks at once): it runs after every
   ``generate()``, on up to hundreds of thousands of marks, and its cost per mark is
   budgeted (``benchmarks/mark_cost.py``).
@@ -109,8 +111,11 @@ def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray) -> StageTimes:
         raise StageOrderError("no prefill forward was marked: generate() ran no forward of the traced model")
     lm_begin, head_end = pos(Kind.LM_BEGIN), pos(Kind.LM_HEAD_END)
     p_start = int(t[lm_begin[0]]) if len(lm_begin) else int(t[prefill_fwd[0]])
-    if not len(lm_begin) and vision is not None:
-        p_start = max(p_start, vision[1])  # without an LM mark, prefill starts after vision
+    if vision is not None:
+        # Prefill starts after vision: without an LM mark, and where the module whose start
+        # marks prefill runs the vision part inside itself (IDEFICS, GIT, a text encoder fed
+        # image features): its run before vision ended is vision's, not prefill's.
+        p_start = max(p_start, vision[1])
     p_end = int(t[head_end[-1]]) if len(head_end) else int(t[first_decode])
     prefill = (p_start, p_end)
 

@@ -40,9 +40,22 @@ def test_inputs_are_read_from_any_way_generate_is_given_them():
     ids = torch.ones(2, 5, dtype=torch.long)
     for args, kwargs in (((ids,), {}), ((), {"inputs": ids}), ((), {"input_ids": ids})):
         got = read_call_inputs(args, kwargs)
-        assert (got.prompt_len, got.batch, got.cache_len, got.has_input_ids) == (5, 2, 0, True)
+        assert (got.prompt_len, got.batch, got.cache_len, got.output_prompt_len, got.has_pixels) == (5, 2, 0, 5, False)
     embeds = read_call_inputs((), {"inputs_embeds": torch.zeros(3, 7, 4)})
-    assert (embeds.prompt_len, embeds.batch, embeds.has_input_ids) == (7, 3, False)
+    assert (embeds.prompt_len, embeds.batch, embeds.output_prompt_len) == (7, 3, 0)
+    pixels = read_call_inputs((ids,), {"pixel_values": torch.zeros(2, 3, 8, 8)})
+    assert pixels.has_pixels
+
+
+def test_an_encoder_decoders_prompt_is_its_decoders():
+    ids = torch.ones(1, 12, dtype=torch.long)
+    start = read_call_inputs((ids,), {}, encoder_decoder=True)
+    assert (start.prompt_len, start.output_prompt_len) == (1, 1)  # the decoder start token
+    given = read_call_inputs((ids,), {"decoder_input_ids": torch.ones(1, 3, dtype=torch.long)}, encoder_decoder=True)
+    assert (given.prompt_len, given.output_prompt_len) == (3, 3)
+    assert new_token_count(torch.ones(1, 7), given) == 4
+    only_pixels = read_call_inputs((), {"flattened_patches": torch.zeros(2, 16, 8)}, encoder_decoder=True)
+    assert only_pixels.batch == 2 and only_pixels.has_pixels
 
 
 def test_new_tokens_are_counted_after_the_prompt_or_alone_for_inputs_embeds():

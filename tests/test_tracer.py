@@ -347,9 +347,9 @@ def test_molmo2_is_found_and_traced(images, device):
         pytest.skip(str(exc))
     except (TypeError, ValueError) as exc:  # another transformers' Molmo2Config
         pytest.skip(f"this transformers' Molmo2 differs: {exc}")
-    assert stagetrace.trace(case.model).layout.describe() == {
-        "layout": "llava-style", "vision": ["model.vision_tower", "model.multi_modal_projector"],
-        "language_model": "model.language_model", "lm_head": "lm_head", "layers": 2}
+    found = stagetrace.trace(case.model).layout.describe()
+    assert "model.get_image_features" in found["vision"]  # its own vision entry: encoder + projector
+    assert (found["language_model"], found["lm_head"], found["layers"]) == ("model.language_model", "lm_head", 2)
     rec = trace_once(case, gen_kwargs(case, 4))
     assert (rec.vision_ms is not None) == images and len(rec.decode_step_ms) == 3
 

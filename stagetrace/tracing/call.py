@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CallSlot", "CallState", "CallInputs", "next_forward_is_prefill", "forward_input_len", "read_call_inputs",
+__all__ = ["CallSlot", "CallState", "CallInputs", "PIXEL_ARGS", "next_forward_is_prefill", "forward_input_len", "read_call_inputs",
            "new_token_count"]
 
 
@@ -27,6 +27,8 @@ class CallState:
     forwards: int = 0
     in_prefill: bool = False
     decoding: bool = False
+    outer_depth: int = 0  # top-level forwards in flight (a delegating generate() runs inner ones outside them)
+    inner_output_prompt_len: int | None = None  # a delegating generate() returns its inner generate()'s output
 
     @property
     def compiled(self) -> bool:
@@ -76,14 +78,20 @@ def forward_input_len(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | No
     return int(x.shape[-1]) if isinstance(x, torch.Tensor) else None
 
 
+# generate() arguments that carry pixels: a call given one of these should have a vision stage
+PIXEL_ARGS = ("pixel_values", "pixel_values_images", "pixel_values_videos", "image_patches", "flattened_patches",
+              "images", "pixel_values_video")
+
+
 @dataclass(frozen=True)
 class CallInputs:
     """What generate() was given, read once at its entry (off the hot path)."""
 
-    prompt_len: int
+    prompt_len: int       # the prompt the prefill/decode rule counts (the decoder's, for encoder–decoders)
     batch: int
     cache_len: int        # tokens already in a cache passed in
-    has_input_ids: bool   # False: inputs_embeds only (generate then returns new tokens only)
+    output_prompt_len: int  # leading tokens of generate()'s output that are not new
+    has_pixels: bool      # pixel inputs reached generate()
 
 
 def _cache_len(cache: Any) -> int:
@@ -96,23 +104,38 @@ def _cache_len(cache: Any) -> int:
     return 0
 
 
-def read_call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallInputs:
+def _len(x: Any) -> int:
+    return int(x.shape[-1]) if isinstance(x, torch.Tensor) and x.dim() >= 1 else 0
+
+
+def read_call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], encoder_decoder: bool = False) -> CallInputs:
+    """An encoder–decoder's prompt is its decoder's (``decoder_input_ids``, else the one start
+    token generate() begins the decoder with); its output holds the decoder's tokens only."""
     input_ids = kwargs.get("input_ids", kwargs.get("inputs"))  # `inputs` is generate()'s own name
     if input_ids is None and args and isinstance(args[0], torch.Tensor):
         input_ids = args[0]
     prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     is_2d = isinstance(prompt, torch.Tensor) and prompt.dim() >= 2
-    return CallInputs(prompt_len=int(prompt.shape[1]) if is_2d else 0,
-                      batch=int(prompt.shape[0]) if isinstance(prompt, torch.Tensor) and prompt.dim() >= 1 else 1,
+    prompt_len = int(prompt.shape[1]) if is_2d else 0
+    if encoder_decoder:
+        prompt_len = _len(kwargs.get("decoder_input_ids")) or 1
+        output_prompt_len = prompt_len
+    else:  # inputs_embeds only: generate() returns the new tokens only
+        output_prompt_len = prompt_len if input_ids is not None else 0
+    batch = prompt if isinstance(prompt, torch.Tensor) else next(
+        (v for k, v in kwargs.items() if k in PIXEL_ARGS and isinstance(v, torch.Tensor)), None)
+    return CallInputs(prompt_len=prompt_len,
+                      batch=int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.dim() >= 1 else 1,
                       cache_len=_cache_len(kwargs.get("past_key_values", kwargs.get("cache"))),
-                      has_input_ids=input_ids is not None)
+                      output_prompt_len=output_prompt_len,
+                      has_pixels=any(isinstance(kwargs.get(k), torch.Tensor) for k in PIXEL_ARGS))
 
 
-def new_token_count(out: Any, inputs: CallInputs) -> int:
-    """Tokens generate() produced per sequence, from what it returned."""
+def new_token_count(out: Any, inputs: CallInputs, call: CallState | None = None) -> int:
+    """Tokens generate() produced per sequence, from what it returned (for a delegating
+    generate(), counted after the prompt its inner generate() was given)."""
     seq = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
     if not isinstance(seq, torch.Tensor):
         return 0
-    if inputs.has_input_ids:
-        return int(seq.shape[-1]) - inputs.prompt_len
-    return int(seq.shape[-1])  # inputs_embeds only: generate returns the new tokens only
+    inner = call.inner_output_prompt_len if call is not None else None
+    return int(seq.shape[-1]) - (inputs.output_prompt_len if inner is None else inner)

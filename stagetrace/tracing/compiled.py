@@ -64,7 +64,7 @@ def hand_compiled_refusal(layout: ResolvedLayout, devices: Sequence[torch.device
     """
     why = (_unvalidated(devices)
            or ("a vision stage may run inside the compiled forward; only text-only models are supported"
-               if layout.vision else None)
+               if layout.has_vision else None)
            or ("layer stamps inside a compiled forward run in every forward, prefill and decode alike; "
                "use layer_detail='all' (or 'off')" if layer_detail == "prefill" else None))
     if not why and layer_detail == "all":

@@ -72,7 +72,7 @@ class SpanPlacement:
             return names.index(str(next(module.parameters(), torch.empty(0, device=devices[0])).device))
 
         return cls(tuple(names), np.asarray([device_of(m) for _, m in layout.layers], dtype=np.int16),
-                   device_of(layout.vision[0][1]) if layout.vision else 0)
+                   device_of(layout.vision_home) if layout.vision_home is not None else 0)
 
     def place(self, spans: SpanTable) -> SpanTable:
         code = np.zeros(len(spans), dtype=np.int16)

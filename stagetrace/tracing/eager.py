@@ -12,13 +12,14 @@ What must stay true:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 from torch import nn
 
 from ..labels import Kind, label, layer_labels
 from ..layouts import ResolvedLayout
-from .call import CallSlot, forward_input_len, next_forward_is_prefill
+from .call import CallSlot, forward_input_len, next_forward_is_prefill, read_call_inputs
 from .patch import Shadows
 
 __all__ = ["EagerHooks", "layer_forward"]
@@ -51,8 +52,15 @@ class EagerHooks:
         if self.installed:
             return
         self.installed = True
-        self._handles.append(self.model.register_forward_pre_hook(self._on_forward(), with_kwargs=True))
         slot, mark = self.slot, self._mark
+        self._handles.append(self.model.register_forward_pre_hook(self._on_forward(), with_kwargs=True))
+        if self.layout.inner_generators:
+            self._install_inner_forwards()
+        for _, owner, name in self.layout.vision_calls:
+            self._wrappers.set(owner, name, _marking_call(getattr(owner, name), slot, mark))
+        if self.layout.prefill_encoder is not None:  # its start is the start of prefill
+            self._handles.append(self.layout.prefill_encoder[1].register_forward_pre_hook(
+                lambda m, a: mark(_LM_BEGIN) if slot.call is not None and slot.call.forwards == 0 else None))
         for _, mod in self.layout.vision:
             self._handles.append(mod.register_forward_pre_hook(
                 lambda m, a: None if slot.call is None else mark(_VISION_BEGIN)))
@@ -72,6 +80,36 @@ class EagerHooks:
             for (_, layer), (begin, end) in zip(self.layout.layers, labels):
                 self._wrappers.set(layer, "forward", layer_forward(layer.forward, slot, mark, begin, end, every_step))
 
+    def _install_inner_forwards(self) -> None:
+        """A generate() that delegates to an inner model's generate() never calls the top forward:
+        the inner model's forwards are then the call's forwards — but only those not run from
+        inside a top-level forward (where the top-level hook already counted)."""
+        slot, forward_mark = self.slot, self._forward_mark
+
+        def enter(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if slot.call is not None:
+                slot.call.outer_depth += 1
+
+        def leave(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            if slot.call is not None:
+                slot.call.outer_depth -= 1
+
+        def on_inner_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            call = slot.call
+            if call is None or call.outer_depth:
+                return
+            first = call.forwards == 0
+            prefill = next_forward_is_prefill(call, forward_input_len(args, kwargs))
+            if first:
+                call.prompt_len = call.fed  # the inner generate()'s own prompt is what its first forward fed
+            forward_mark(_PREFILL if prefill else _DECODE)
+
+        self._handles.append(self.model.register_forward_pre_hook(enter))
+        self._handles.append(self.model.register_forward_hook(leave, always_call=True))
+        for _, inner in self.layout.inner_generators:
+            self._handles.append(inner.register_forward_pre_hook(on_inner_forward, with_kwargs=True))
+            self._wrappers.set(inner, "generate", _inner_generate(inner.generate, slot))
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -89,6 +127,33 @@ class EagerHooks:
             forward_mark(_PREFILL if next_forward_is_prefill(call, forward_input_len(args, kwargs)) else _DECODE)
 
         return on_forward
+
+
+def _marking_call(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[int], None]) -> Callable[..., Any]:
+    """A vision entry (``get_image_features`` …) whose run is marked as vision. Its signature is
+    kept (``functools.wraps``): generate() inspects it to decide what to pass."""
+    @functools.wraps(inner)
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        if slot.call is None:
+            return inner(*args, **kwargs)
+        mark(_VISION_BEGIN)
+        out = inner(*args, **kwargs)
+        mark(_VISION_END)
+        return out
+
+    return entry
+
+
+def _inner_generate(inner: Callable[..., Any], slot: CallSlot) -> Callable[..., Any]:
+    """An inner model's generate(): what it is given says where its output's new tokens start."""
+    @functools.wraps(inner)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        call = slot.call
+        if call is not None and call.outer_depth == 0 and call.inner_output_prompt_len is None:
+            call.inner_output_prompt_len = read_call_inputs(args, kwargs).output_prompt_len
+        return inner(*args, **kwargs)
+
+    return generate
 
 
 def layer_forward(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[int], None], begin: int,

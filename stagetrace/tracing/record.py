@@ -38,9 +38,11 @@ def _host_spans(marks: Marks) -> SpanTable:
 
 
 def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | None, error: str | None,
-                 keep_marks: bool) -> StageRecord:
+                 keep_marks: bool, expect: dict[str, str] | None = None) -> StageRecord:
     """The record of one call: its stages, or why the call was not timed (``error``, or marks
-    that were dropped or out of order), with a RuntimeWarning then."""
+    that were dropped or out of order), with a RuntimeWarning then. ``expect`` maps a span kind
+    the call must have to what to say when it has none: said in the record's ``warnings`` and
+    as a RuntimeWarning, never silently."""
     if error is None and marks.dropped:
         error = (f"{marks.dropped} marks were dropped (the event pool could not grow); "
                  "this call's stages are unknown")
@@ -54,8 +56,12 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
     if rec is None:
         rec = StageRecord.failed(error or "", **meta)
         warnings.warn(f"stagetrace: call {rec.call_index} was not timed: {rec.error}", RuntimeWarning, stacklevel=4)
-    elif placement is not None:
-        rec.spans = placement.place(rec.spans)
+    else:
+        if placement is not None:
+            rec.spans = placement.place(rec.spans)
+        rec.warnings = [why for kind, why in (expect or {}).items() if not rec.spans.has_kind(kind)]
+        for why in rec.warnings:
+            warnings.warn(f"stagetrace: call {rec.call_index}: {why}", RuntimeWarning, stacklevel=4)
     if keep_marks:
         rec.marks = marks
     return rec

@@ -122,6 +122,7 @@ class Tracer:
             raise TracingError(f"{type(self.model).__name__} is already being traced by another stagetrace "
                                "tracer: stop it before starting a new one (nested tracing is not supported)")
         self._devices = model_devices(self.model)
+        self._encoder_decoder = bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
         self._placement = SpanPlacement.of(self.layout, self._devices)
         if self._timeline is None:
             self._timeline = new_model_timeline(self._devices, self._capacity)
@@ -261,7 +262,7 @@ class Tracer:
     def _traced_call(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         tl = self._timeline
         assert tl is not None
-        inputs = read_call_inputs(args, kwargs)
+        inputs = read_call_inputs(args, kwargs, self._encoder_decoder)
         tl.reset()
         stream = bind_call_streams(tl, self._devices)
         stamping = self._forward_compiled and self.layer_detail == "all"
@@ -289,7 +290,7 @@ class Tracer:
             anchors = (_PREFILL, _DECODE) if call.forward_compiled else (_DECODE,)
             marks, error = self._stamps.merge(marks, stream, anchors)
         rec = build_record(marks, self._meta(call, inputs, out, marks, unix_start), self._placement, error,
-                           self.keep_marks)
+                           self.keep_marks, expect=self._expectations(inputs))
         rec.resolve_ms = (time.perf_counter_ns() - t_returned) / 1e6
         self.records.append(rec)
         if self._writer is not None:
@@ -300,7 +301,7 @@ class Tracer:
         cfg = getattr(self.model, "config", None)
         split = len(self._devices) > 1
         return dict(batch_size=inputs.batch, prompt_tokens=inputs.prompt_len,
-                    output_tokens=new_token_count(out, inputs), call_index=len(self.records),
+                    output_tokens=new_token_count(out, inputs, call), call_index=len(self.records),
                     sample_id=self.sample_id, model_class=type(self.model).__name__,
                     model_name=str(getattr(cfg, "_name_or_path", "") or ""), device=str(self._devices[0]),
                     backend=marks.backend, layout=self.layout.name, layer_detail=self.layer_detail,
@@ -309,6 +310,18 @@ class Tracer:
                     versions=versions(), n_marks=len(marks), compiled_decode=call.compiled,
                     devices=[str(d) for d in self._devices] if split else [],
                     device_streams=list(self._timeline.device_streams) if split else [])  # type: ignore[union-attr]
+
+    def _expectations(self, inputs: CallInputs) -> dict[str, str]:
+        """What this call's record must show, and what to say where it does not."""
+        expect = {}
+        if inputs.has_pixels:
+            expect["vision"] = ("pixel inputs reached generate() but no vision stage was marked: the model ran its "
+                                "vision part where stagetrace did not look, so that time is inside prefill or other; "
+                                "pass vision=[...] (the vision modules' paths) to trace()")
+        if self.layer_detail != "off":
+            expect["layer"] = (f"layer_detail={self.layer_detail!r} but no decoder layer ran under a mark"
+                               + ("" if self.layout.layers else " (no layer list was found: pass layers='...')"))
+        return expect
 
     # ------------------------------------------------------------------ outputs
     def save_jsonl(self, path: str | Path, spans: bool = False) -> Path:

@@ -1,0 +1,126 @@
+"""What a model's own structure says about its stages (transformers 5.x), before any table.
+
+* **Vision entries**: ``get_image_features`` / ``get_video_features`` (encoder and
+  projector together) and ``get_image_tokens`` (a VQ tokenizer: images become tokens),
+  defined on the top model or on its ``base_model``. ``generate()`` calls them itself
+  before the first forward (``_prepare_multimodal_encoder_kwargs_for_generation``); a
+  forward called directly calls them from inside. Their run is the vision stage.
+* **The encoder** of an encoder–decoder model (``config.is_encoder_decoder``), which
+  ``generate()`` runs once before the first decoder forward: the vision stage when it
+  takes the image, else the start of prefill.
+* **Inner generators**: submodules with a ``generate()`` of their own. A ``generate()``
+  that delegates to one (BLIP-2, InstructBLIP, Kosmos-2 …) never calls the top forward:
+  the inner model's forwards are then the call's prefill and decode steps.
+* **Decoder layers**: the block list inside the language model, found by shape.
+
+Every probe here only reads the model; none runs it.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+from torch import nn
+
+__all__ = ["VISION_ENTRIES", "vision_entries", "encoder_of", "encoder_takes_images", "inner_generators",
+           "find_layers", "path_of", "probe_accessors"]
+
+VISION_ENTRIES = ("get_image_features", "get_video_features", "get_image_tokens")
+# Forward arguments that carry pixels (fuyu's image_patches, pix2struct's flattened_patches, ...).
+_PIXEL_ARGS = ("pixel_values", "pixel_values_images", "pixel_values_videos", "image_patches", "flattened_patches",
+               "images", "image")
+_VISION_WORDS = re.compile(r"(vision|visual|image|img|vit|pixel|patch)", re.I)
+_LAYER_NAMES = ("layers", "layer", "blocks", "block", "h")
+
+
+def path_of(root: nn.Module, target: Any) -> str | None:
+    if not isinstance(target, nn.Module):
+        return None
+    for name, mod in root.named_modules():
+        if mod is target:
+            return name
+    return None
+
+
+def vision_entries(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(dotted path of the method, its owner, its name) for each vision entry the model defines."""
+    owners: list[tuple[str, nn.Module]] = [("", model)]
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:
+        owners.append((path_of(model, base) or "", base))
+    found = []
+    for prefix, owner in owners:
+        for name in VISION_ENTRIES:
+            if callable(getattr(type(owner), name, None)):
+                found.append((f"{prefix}.{name}" if prefix else name, owner, name))
+    return found
+
+
+def encoder_of(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The encoder generate() runs first, for an encoder–decoder model (else None)."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    try:
+        enc = model.get_encoder()
+    except Exception:  # noqa: BLE001 - an accessor that fails is an absent one
+        return None
+    path = path_of(model, enc)
+    return (path, enc) if path else None
+
+
+def encoder_takes_images(encoder: nn.Module) -> bool:
+    try:
+        params = inspect.signature(encoder.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(p in params for p in _PIXEL_ARGS)
+
+
+def inner_generators(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Submodules with a generate() of their own (outermost only)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, sub in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p, _ in found):
+            continue
+        can = getattr(sub, "can_generate", None)
+        if callable(getattr(sub, "generate", None)) and callable(can) and can():
+            found.append((name, sub))
+    return found
+
+
+def find_layers(model: nn.Module, lm_path: str) -> str | None:
+    """The decoder layer list inside the language model: a ModuleList of blocks, preferring
+    (in order) one outside any vision part, outside an encoder (BERT-style decoders keep
+    theirs under ``bert.encoder``, so that only lowers the rank), the shallowest, of one
+    block type (mllama interleaves two), named like a layer list, under a decoder."""
+    lm = model.get_submodule(lm_path) if lm_path else model
+    candidates = []
+    for name, sub in lm.named_modules():
+        if not isinstance(sub, nn.ModuleList) or not len(sub):
+            continue
+        parts = name.split(".") if name else []
+        candidates.append((any(_VISION_WORDS.search(p) for p in parts), "encoder" in parts, len(parts),
+                           len({type(k) for k in sub.children()}) > 1, bool(parts) and parts[-1] not in _LAYER_NAMES,
+                           "decoder" not in name, name))
+    if not candidates:
+        return None
+    best = min(candidates)
+    if best[0]:
+        return None  # only vision lists: no decoder layers here
+    return ".".join(p for p in (lm_path, best[-1]) if p)
+
+
+def probe_accessors(model: nn.Module) -> dict[str, str | None]:
+    """Paths of what transformers' own accessors return (None where absent or failing)."""
+    found: dict[str, str | None] = {}
+    for key, call in (("vision", lambda: model.get_encoder(modality="image")),
+                      ("language_model", lambda: model.get_decoder()),
+                      ("lm_head", lambda: model.get_output_embeddings())):
+        try:
+            found[key] = path_of(model, call())
+        except Exception:  # noqa: BLE001 - accessors differ across models; absence is the answer
+            found[key] = None
+    if found["vision"] in ("", found["language_model"]):
+        found["vision"] = None
+    return found
