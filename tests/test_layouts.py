@@ -79,3 +79,33 @@ def test_a_multimodal_model_is_never_taken_for_text_only():
         stagetrace.trace(case.model, vision=["model.no_such_tower"])
 
 
+
+
+def test_a_layout_error_suggests_only_real_module_paths():
+    """pix2struct-like: the config names a vision part, no module is named like one."""
+    model = OddVLM()
+    model.encoder_x = model._modules.pop("pixel_encoder")  # nothing named like vision any more
+    model.config = type("Cfg", (), {"vision_config": object(), "is_encoder_decoder": False})()
+    with pytest.raises(LayoutError) as err:
+        stagetrace.trace(model)
+    msg = str(err.value)
+    assert "<" not in msg.split("pass the paths yourself")[1], msg  # no placeholder offered as a path
+    assert "config.vision_config is set" in msg
+
+
+def test_images_that_reach_generate_without_a_vision_stage_are_said_out_loud():
+    case = tiny.build("llava")
+    with pytest.warns(RuntimeWarning, match="no vision stage was marked"):
+        with stagetrace.trace(case.model, vision=[]) as tracer:  # told, wrongly, that it has no vision
+            case.model.generate(**gen_kwargs(case, 3))
+    (rec,) = tracer.records
+    assert rec.vision_ms is None and any("no vision stage" in w for w in rec.warnings)
+    assert_partition(rec)  # the numbers stand; the record says what they miss
+
+
+def test_layer_detail_without_a_layer_list_is_said_out_loud():
+    case = tiny.build("llava")
+    with pytest.warns(RuntimeWarning, match="no decoder layer ran"):
+        with stagetrace.trace(case.model, layer_detail="all", layers="lm_head") as tracer:  # not a layer list
+            case.model.generate(**gen_kwargs(case, 3))
+    assert any("no decoder layer ran" in w for w in tracer.records[0].warnings)
