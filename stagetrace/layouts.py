@@ -56,6 +56,9 @@ LAYOUTS: list[Layout] = [
     # BLIP-2: generate() runs vision, Q-Former and projection inline, then the language model's generate()
     Layout("blip-2", ("vision_model", "qformer", "language_projection"), "language_model", "language_model.lm_head",
            vision_outside_entries=True),
+    # Kosmos-2 / 2.5: on transformers 5.17 the image-to-text projection runs outside get_image_features
+    Layout("kosmos-2", ("vision_model", "image_to_text_projection"), "text_model", "text_model.lm_head",
+           vision_outside_entries=True),
     # Molmo / MolmoE remote code: vision runs inside the first forward
     Layout("molmo", ("model.vision_backbone",), "model.transformer.blocks", "model.transformer.ff_out",
            "model.transformer.blocks"),

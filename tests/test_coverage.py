@@ -18,7 +18,7 @@ import torch
 import stagetrace
 from stagetrace.layouts import get_module
 from stagetrace.testing.survey import survey
-from stagetrace.testing.zoo import Unbuildable, build, model_types
+from stagetrace.testing.zoo import WRITTEN_FOR, Unbuildable, build, model_types
 
 from helpers import DEVICES, assert_partition, tokens
 
@@ -33,14 +33,34 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def _other_release() -> bool:
+    import transformers
+
+    return transformers.__version__ != WRITTEN_FOR
+
+
 def _build(model_type: str, device: str):
     try:
         case = build(model_type)
     except Unbuildable as e:
         pytest.skip(f"{model_type}: cannot be built here ({e.reason})")
+    except Exception as e:  # noqa: BLE001 - only on a transformers release the zoo was not written for
+        if not _other_release():
+            raise
+        pytest.skip(f"{model_type}: the zoo's config does not build on this transformers ({type(e).__name__}: {e})")
     case.model.to(device)
     case.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.inputs.items()}
     return case
+
+
+def _untraced(case):
+    try:
+        return tokens(case.generate())
+    except Exception as e:  # noqa: BLE001 - only on a transformers release the zoo was not written for
+        if not _other_release():
+            raise
+        pytest.skip(f"{case.model_type}: the zoo's tiny model does not run untraced on this transformers "
+                    f"({type(e).__name__}: {str(e)[:120]})")
 
 
 def _time_modules(model: torch.nn.Module, paths: list[str]) -> tuple[dict[str, list[list[int]]], list]:
@@ -60,7 +80,7 @@ def _time_modules(model: torch.nn.Module, paths: list[str]) -> tuple[dict[str, l
 def test_every_type_is_traced_truthfully(model_type, device):
     case = _build(model_type, device)
     vision_modules = survey(case)["vision_modules"]
-    plain = tokens(case.generate())
+    plain = _untraced(case)
     with stagetrace.trace(case.model, layer_detail="all") as tracer:
         runs, handles = _time_modules(case.model, vision_modules)
         try:

@@ -20,6 +20,11 @@ from .zoo_specs import SPECS, Spec
 
 __all__ = ["ZooCase", "Unbuildable", "build", "model_types", "SHAPES", "NEW_TOKENS"]
 
+# The transformers release whose configs the specs below were written and checked against
+# (the CPU machine's and CI's). Elsewhere a tiny model may not build or run; callers then
+# say so instead of blaming the tracer.
+WRITTEN_FOR = "5.24.0"
+
 SHAPES = ("decoder-only", "encoder-decoder", "delegating", "vision-as-tokens")
 NEW_TOKENS = 4
 VOCAB = 512
