@@ -79,8 +79,8 @@ def _time_modules(model: torch.nn.Module, paths: list[str]) -> tuple[dict[str, l
 @pytest.mark.parametrize("model_type", TYPES)
 def test_every_type_is_traced_truthfully(model_type, device):
     case = _build(model_type, device)
-    vision_modules = survey(case)["vision_modules"]
     plain = _untraced(case)
+    vision_modules = survey(case)["vision_modules"]
     with stagetrace.trace(case.model, layer_detail="all") as tracer:
         runs, handles = _time_modules(case.model, vision_modules)
         try:
