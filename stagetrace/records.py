@@ -52,6 +52,11 @@ class StageRecord:
     batch_size: int
     prompt_tokens: int
     output_tokens: int
+    # what it was given, for latency models (None where the inputs do not tell)
+    images: int | None = None            # images (or videos) in the call
+    image_sizes: list[list[int]] = field(default_factory=list)  # (height, width) in pixels of each
+    image_tokens: int | None = None      # image/video placeholder tokens fed to the language model
+    text_tokens: int | None = None       # attended prompt tokens that are not image tokens
     # where and how it was measured
     call_index: int = 0
     sample_id: str | None = None
@@ -108,6 +113,7 @@ class StageRecord:
         d["device_streams"] = list(self.device_streams)
         d["decode_step_ms"] = list(self.decode_step_ms)
         d["warnings"] = list(self.warnings)
+        d["image_sizes"] = [list(x) for x in self.image_sizes]
         d["tpot_ms"] = self.tpot_ms
         if spans:
             d["spans"] = _as_table(self.spans).to_dicts()
@@ -196,14 +202,14 @@ _FIELD_KINDS: dict[str, str] = {
                     "str"),
     **dict.fromkeys(("sample_id", "error"), "str?"),
     "compiled_decode": "bool", "decode_step_ms": "numbers", "devices": "strs", "device_streams": "ints",
-    "warnings": "strs",
+    "warnings": "strs", "images": "int?", "image_tokens": "int?", "text_tokens": "int?", "image_sizes": "int_lists",
     "versions": "str_map", "spans": "spans", "host_spans": "spans",
 }
 # A span as written: its identity in kind + index (schema 2) or in its name (schema 1).
 _SPAN_FIELDS = {2: {"kind": "str", "index": "int?", "start_ns": "int", "end_ns": "int", "depth": "int",
                     "device": "str?"},
                 1: {"name": "str", "start_ns": "int", "end_ns": "int", "depth": "int", "device": "str?"}}
-_EMPTY = {"numbers": list, "strs": list, "ints": list, "str_map": dict}
+_EMPTY = {"numbers": list, "strs": list, "ints": list, "str_map": dict, "int_lists": list}
 
 
 def _is_number(v: Any) -> bool:
@@ -226,6 +232,8 @@ def _fits(kind: str, v: Any) -> bool:
     if kind in ("numbers", "strs", "ints"):
         each = {"numbers": _is_number, "strs": lambda x: isinstance(x, str), "ints": _is_int}[kind]
         return isinstance(v, list) and all(each(x) for x in v)
+    if kind == "int_lists":
+        return isinstance(v, list) and all(isinstance(x, list) and all(_is_int(i) for i in x) for x in v)
     if kind == "str_map":
         return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
     if kind == "spans":

@@ -18,6 +18,7 @@ import torch
 import stagetrace
 from stagetrace.layouts import get_module
 from stagetrace.testing.survey import survey
+from stagetrace.tracing.features import _placeholder_ids
 from stagetrace.testing.zoo import WRITTEN_FOR, Unbuildable, build, model_types
 
 from helpers import DEVICES, assert_partition, tokens
@@ -95,6 +96,11 @@ def test_every_type_is_traced_truthfully(model_type, device):
     assert rec.output_tokens == case.generated(out) == case.new_tokens
     assert len(rec.decode_step_ms) == rec.output_tokens - 1
     assert rec.vision_ms is not None and rec.vision_ms > 0, "no vision stage"
+    ids = case.inputs.get("input_ids")
+    if case.image_token_ids and ids is not None and case.shape == "decoder-only":  # features for latency models
+        named = _placeholder_ids(case.model.config)  # None is honest only where the config names no such token
+        want = sum(int((ids == t).sum()) for t in case.image_token_ids)
+        assert rec.image_tokens == (want if named else None)
     (vision,) = rec.spans.of_kind("vision")
     assert rec.spans.of_kind("layer"), "layer detail gave no layer spans"
     if device != "cpu":

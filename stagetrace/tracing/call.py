@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CallSlot", "CallState", "CallInputs", "PIXEL_ARGS", "next_forward_is_prefill", "forward_input_len", "read_call_inputs",
+__all__ = ["CallSlot", "CallState", "CallInputs", "PIXEL_ARGS", "next_forward_is_prefill", "forward_input_len", "read_call_inputs", "prompt_ids",
            "new_token_count"]
 
 
@@ -108,12 +108,18 @@ def _len(x: Any) -> int:
     return int(x.shape[-1]) if isinstance(x, torch.Tensor) and x.dim() >= 1 else 0
 
 
-def read_call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], encoder_decoder: bool = False) -> CallInputs:
-    """An encoder–decoder's prompt is its decoder's (``decoder_input_ids``, else the one start
-    token generate() begins the decoder with); its output holds the decoder's tokens only."""
+def prompt_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The input_ids generate() was given, however it was given them (None: none)."""
     input_ids = kwargs.get("input_ids", kwargs.get("inputs"))  # `inputs` is generate()'s own name
     if input_ids is None and args and isinstance(args[0], torch.Tensor):
         input_ids = args[0]
+    return input_ids
+
+
+def read_call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], encoder_decoder: bool = False) -> CallInputs:
+    """An encoder–decoder's prompt is its decoder's (``decoder_input_ids``, else the one start
+    token generate() begins the decoder with); its output holds the decoder's tokens only."""
+    input_ids = prompt_ids(args, kwargs)
     prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     is_2d = isinstance(prompt, torch.Tensor) and prompt.dim() >= 2
     prompt_len = int(prompt.shape[1]) if is_2d else 0

@@ -36,11 +36,12 @@ from ..labels import Kind, label
 from ..layouts import ResolvedLayout, resolve_layout
 from ..low_level import Marks, Timeline
 from ..records import JsonlWriter, StageRecord, write_jsonl
-from .call import CallInputs, CallSlot, CallState, new_token_count, read_call_inputs
+from .call import CallInputs, CallSlot, CallState, new_token_count, prompt_ids, read_call_inputs
 from .compiled import compiled_decode_refusal, hand_compiled_forwards, hand_compiled_refusal
 from .compiled_decode import CompiledDecodeMarks
 from .devices import SpanPlacement, bind_call_streams, model_devices, new_model_timeline
 from .eager import EagerHooks
+from .features import queue_features
 from .errors import TracingError
 from .patch import Shadows
 from .record import build_record, versions
@@ -271,6 +272,7 @@ class Tracer:
             self._stamps.prepare(stream)
         call = CallState(prompt_len=inputs.prompt_len, fed=inputs.cache_len,
                          forward_compiled=self._forward_compiled, stamping=stamping)
+        pending = queue_features(kwargs, prompt_ids(args, kwargs), getattr(self.model, "config", None))
         self._slot.call = call
         unix_start = time.time()
         tl.mark(_CALL_BEGIN)
@@ -289,8 +291,8 @@ class Tracer:
         if call.stamping:
             anchors = (_PREFILL, _DECODE) if call.forward_compiled else (_DECODE,)
             marks, error = self._stamps.merge(marks, stream, anchors)
-        rec = build_record(marks, self._meta(call, inputs, out, marks, unix_start), self._placement, error,
-                           self.keep_marks, expect=self._expectations(inputs))
+        meta = {**self._meta(call, inputs, out, marks, unix_start), **pending.resolve()}
+        rec = build_record(marks, meta, self._placement, error, self.keep_marks, expect=self._expectations(inputs))
         rec.resolve_ms = (time.perf_counter_ns() - t_returned) / 1e6
         self.records.append(rec)
         if self._writer is not None:

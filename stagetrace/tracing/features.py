@@ -1,0 +1,73 @@
+"""What a call was given, as features for latency models: images, their sizes in pixels, the
+image tokens fed to the language model, the text tokens.
+
+Read without disturbing the run: counts over GPU tensors are queued before the call's first
+mark (no sync) and read after the call's one sync; shapes are metadata. A feature the inputs
+do not tell is ``None``, never a guess.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["PendingFeatures", "queue_features"]
+
+# Config attributes naming the placeholder tokens a processor puts where an image's (or a
+# video's) features go.
+_TOKEN_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+def _placeholder_ids(config: Any) -> list[int]:
+    ids = []
+    for cfg in (config, getattr(config, "text_config", None)):
+        for attr in _TOKEN_ATTRS:
+            v = getattr(cfg, attr, None) if cfg is not None else None
+            if isinstance(v, int) and v >= 0 and v not in ids:
+                ids.append(v)
+    return ids
+
+
+def _images(kwargs: dict[str, Any]) -> tuple[int | None, Any]:
+    """(number of images, their (height, width) in pixels — a tensor to read later, or a list)."""
+    for key in ("image_grid_thw", "image_sizes"):
+        v = kwargs.get(key)
+        if isinstance(v, torch.Tensor) and v.dim() == 2:
+            return int(v.shape[0]), (v if key == "image_sizes" else None)
+    pv = kwargs.get("pixel_values")
+    if isinstance(pv, torch.Tensor) and pv.dim() >= 4:
+        return int(pv.shape[0]), [[int(pv.shape[-2]), int(pv.shape[-1])]] * int(pv.shape[0])
+    return None, None
+
+
+@dataclass
+class PendingFeatures:
+    images: int | None
+    image_sizes: Any           # tensor (read after the call), list, or None
+    image_tokens: Any          # 0-d tensor or None
+    attended_tokens: Any       # 0-d tensor (attention mask sum) or None
+
+    def resolve(self) -> dict[str, Any]:
+        """After the call's sync: plain numbers."""
+        sizes = self.image_sizes.tolist() if isinstance(self.image_sizes, torch.Tensor) else self.image_sizes
+        image_tokens = int(self.image_tokens) if self.image_tokens is not None else None
+        attended = int(self.attended_tokens) if self.attended_tokens is not None else None
+        text = attended - image_tokens if attended is not None and image_tokens is not None else attended
+        return {"images": self.images, "image_sizes": [list(map(int, s)) for s in sizes] if sizes else [],
+                "image_tokens": image_tokens, "text_tokens": text}
+
+
+def queue_features(kwargs: dict[str, Any], input_ids: Any, config: Any) -> PendingFeatures:
+    """Called before the call's first mark: GPU counts are queued there, read after the call."""
+    images, sizes = _images(kwargs)
+    image_tokens = attended = None
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+        ids = _placeholder_ids(config)
+        if ids:
+            image_tokens = sum((input_ids == i).sum() for i in ids)  # queued, not read
+        mask = kwargs.get("attention_mask")
+        attended = mask.sum() if isinstance(mask, torch.Tensor) and mask.shape == input_ids.shape else None
+        if attended is None:
+            attended = torch.tensor(input_ids.numel())
+    return PendingFeatures(images, sizes, image_tokens, attended)
