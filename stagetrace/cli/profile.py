@@ -253,7 +253,7 @@ def _make_tracer(plan: Plan, model: Any) -> Any:
 
     a = plan.args
     try:
-        return stagetrace.trace(model, layer_detail=plan.layer_detail, layer_marks=a.layer_marks,
+        return stagetrace.trace(model, layer_detail=plan.layer_detail, layer_marks=a.layer_marks, keep_marks=False,
                                 vision=a.vision, language_model=a.language_model, lm_head=a.lm_head)
     except LayoutError as exc:
         raise CliError(" ".join(line.strip() for line in str(exc).splitlines())) from None
