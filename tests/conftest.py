@@ -45,3 +45,14 @@ def no_tracing_state_leaks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for model in traced:
         left = stagetrace_leftovers(model)
         assert not left, f"tracing left hooks, wrappers or attributes on {type(model).__name__}: {left}"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread than on two contended ones; restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

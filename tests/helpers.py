@@ -24,6 +24,16 @@ def cuda_skip_reason() -> str | None:
     return None
 
 
+def other_transformers_release() -> bool:
+    """True where the installed transformers is not the one the zoo's configs were written for:
+    a tiny model that then fails to build or run untraced is skipped with its error."""
+    import transformers
+
+    from stagetrace.testing.zoo import WRITTEN_FOR
+
+    return transformers.__version__ != WRITTEN_FOR
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

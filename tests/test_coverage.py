@@ -19,25 +19,14 @@ import stagetrace
 from stagetrace.layouts import get_module
 from stagetrace.testing.survey import survey
 from stagetrace.tracing.features import _placeholder_ids
-from stagetrace.testing.zoo import WRITTEN_FOR, Unbuildable, build, model_types
+from stagetrace.testing.zoo import Unbuildable, build, model_types
 
-from helpers import DEVICES, assert_partition, tokens
+from helpers import DEVICES, assert_partition, other_transformers_release, tokens
 
 TYPES = model_types()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _other_release() -> bool:
-    import transformers
-
-    return transformers.__version__ != WRITTEN_FOR
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _build(model_type: str, device: str):
@@ -46,7 +35,7 @@ def _build(model_type: str, device: str):
     except Unbuildable as e:
         pytest.skip(f"{model_type}: cannot be built here ({e.reason})")
     except Exception as e:  # noqa: BLE001 - only on a transformers release the zoo was not written for
-        if not _other_release():
+        if not other_transformers_release():
             raise
         pytest.skip(f"{model_type}: the zoo's config does not build on this transformers ({type(e).__name__}: {e})")
     case.model.to(device)
@@ -58,7 +47,7 @@ def _untraced(case):
     try:
         return tokens(case.generate())
     except Exception as e:  # noqa: BLE001 - only on a transformers release the zoo was not written for
-        if not _other_release():
+        if not other_transformers_release():
             raise
         pytest.skip(f"{case.model_type}: the zoo's tiny model does not run untraced on this transformers "
                     f"({type(e).__name__}: {str(e)[:120]})")

@@ -6,24 +6,14 @@ import pytest
 import torch
 
 from stagetrace.testing.survey import ENTRIES, survey
-from stagetrace.testing.zoo import SHAPES, WRITTEN_FOR, Unbuildable, build, model_types
+from stagetrace.testing.zoo import SHAPES, Unbuildable, build, model_types
+
+from helpers import other_transformers_release
 
 TYPES = model_types()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread than on two contended ones; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _other_release() -> bool:
-    import transformers
-
-    return transformers.__version__ != WRITTEN_FOR
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _build(model_type: str, **kw):
@@ -32,10 +22,10 @@ def _build(model_type: str, **kw):
     except Unbuildable as e:
         pytest.skip(f"{model_type}: cannot be built here ({e.reason})")
     except Exception as e:  # noqa: BLE001 - only on a transformers release the zoo was not written for
-        if not _other_release():
+        if not other_transformers_release():
             raise
         pytest.skip(f"{model_type}: the zoo's config does not build on this transformers ({type(e).__name__}: {e})")
-    if _other_release():
+    if other_transformers_release():
         try:
             case.generate()
         except Exception as e:  # noqa: BLE001
