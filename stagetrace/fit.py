@@ -119,9 +119,12 @@ def fit(records: Iterable[StageRecord], features: Mapping[str, Sequence[str]] | 
         if stage not in DEFAULT_FEATURES:
             raise ValueError(f"no model for {stage!r}: choose from {', '.join(DEFAULT_FEATURES)}")
         wanted[stage] = tuple(names)
-    if len(recs) < MIN_RECORDS or not 2 <= folds <= MIN_RECORDS or not 0 < coverage < 1:
-        raise ValueError(f"fit needs at least {MIN_RECORDS} timed records (got {len(recs)} of "
-                         f"{len(all_records)}), 2 <= folds <= {MIN_RECORDS} and 0 < coverage < 1")
+    if len(recs) < MIN_RECORDS:
+        raise ValueError(f"fit needs at least {MIN_RECORDS} timed records, got {len(recs)}"
+                         + (f" ({len(all_records) - len(recs)} more with an error)" if len(all_records) > len(recs)
+                            else ""))
+    if not 2 <= folds <= MIN_RECORDS or not 0 < coverage < 1:
+        raise ValueError(f"folds must be in 2..{MIN_RECORDS} and coverage in (0, 1), got {folds} and {coverage}")
     q = record_quantities(recs, raw_names(n for names in wanted.values() for n in names))
     record_fold = np.random.default_rng(seed).permutation(len(recs)) % folds
     fits, held, skipped = {}, {}, {}

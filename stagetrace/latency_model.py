@@ -227,7 +227,8 @@ class LatencyModel:
         if bad:
             raise ValueError(f"a latency model whose {bad[0]} is malformed (coefficients, features or interval)")
         worst, trained = d.get("worst", {}), d.get("trained", {})
-        return cls(fits, quality, worst if isinstance(worst, dict) else {}, trained if isinstance(trained, dict) else {})
+        return cls(fits, quality, worst if isinstance(worst, dict) else {},
+                   trained if isinstance(trained, dict) else {})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "LatencyModel":

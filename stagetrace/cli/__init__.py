@@ -1,8 +1,10 @@
-"""The ``stagetrace`` command: demo, profile, report, plot, merge, compare, fit. Thin: parse, check, call the library.
+"""The ``stagetrace`` command: demo, profile, report, plot, merge, compare, fit. Thin: parse,
+check, call the library.
 
-Exit status: 0 done; 1 only ``compare --fail-if-slower`` finding a stage slower; 2 a bad input (one line on stderr, ``stagetrace: error: ...``, and
-nothing of the user's changed); 130 interrupted (Ctrl-C; ``profile`` keeps every finished
-record and writes their trace); anything else is a bug in stagetrace.
+Exit status: 0 done; 1 only ``compare --fail-if-slower`` finding a stage slower; 2 a bad
+input (one line on stderr, ``stagetrace: error: ...``, and nothing of the user's changed);
+130 interrupted (Ctrl-C; ``profile`` keeps every finished record and writes their trace);
+anything else is a bug in stagetrace.
 """
 from __future__ import annotations
 
