@@ -6,8 +6,8 @@ once records carry them (``features={"vision_ms": ("image_tokens",)}`` reads the
 field ``image_tokens``). Rows are weighted by 1 / measured, so errors count relative, as
 MAPE scores them. Features constant in the data, or a combination of earlier ones, are
 dropped (and named). Quality is measured held out, by k-fold over records (seeded): each
-record predicted by a fit on the others, its steps kept together; the saved model is the
-fit on every record.
+record predicted by a fit on the others, its steps and the other records of its sample id
+kept with it; the saved model is the fit on every record.
 """
 from __future__ import annotations
 
@@ -97,6 +97,15 @@ def _fit_one(x: np.ndarray, names: Sequence[str], y: np.ndarray, row_fold: np.nd
     return fitted, _held_out_ms(xk, y, row_fold, folds)
 
 
+def _folds_by_sample(records: list[StageRecord], folds: int, seed: int) -> np.ndarray:
+    """Each record's fold, seeded; records of one sample id share a fold, so none is held out
+    from a fit that saw the same sample measured again."""
+    keys = [r.sample_id if r.sample_id else f"record {i}" for i, r in enumerate(records)]
+    group = {k: g for g, k in enumerate(dict.fromkeys(keys))}
+    group_fold = np.random.default_rng(seed).permutation(len(group)) % folds
+    return group_fold[[group[k] for k in keys]]
+
+
 def _target(records: list[StageRecord], target: str) -> np.ndarray:
     if target == "decode_step_ms":
         return np.array([s for r in records for s in r.decode_step_ms], dtype=np.float64)
@@ -126,7 +135,7 @@ def fit(records: Iterable[StageRecord], features: Mapping[str, Sequence[str]] | 
     if not 2 <= folds <= MIN_RECORDS or not 0 < coverage < 1:
         raise ValueError(f"folds must be in 2..{MIN_RECORDS} and coverage in (0, 1), got {folds} and {coverage}")
     q = record_quantities(recs, raw_names(n for names in wanted.values() for n in names))
-    record_fold = np.random.default_rng(seed).permutation(len(recs)) % folds
+    record_fold = _folds_by_sample(recs, folds, seed)
     fits, held, skipped = {}, {}, {}
     for target, names in wanted.items():
         rows, owner = step_quantities(q) if target == "decode_step_ms" else (q, np.arange(len(recs)))

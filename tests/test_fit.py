@@ -136,6 +136,16 @@ def test_the_worst_held_out_records_are_named(records):
     assert m.worst["total_ms"][0]["sample_id"] == "odd-one" and m.worst["total_ms"][0]["error_pct"] < -50
 
 
+def test_records_of_one_sample_are_held_out_together():
+    from stagetrace.fit import _folds_by_sample
+
+    recs = latency_records(30, seed=6) * 2 + latency_records(10, seed=7, id_prefix="")  # repeats; no ids
+    for r in recs[60:]:
+        r.sample_id = None
+    fold = _folds_by_sample(recs, 5, seed=0)
+    assert list(fold[:30]) == list(fold[30:60]) and len(set(fold)) == 5
+
+
 def test_seeded_folds(records):
     assert fit(records, seed=5).to_dict() == fit(records, seed=5).to_dict()
     assert fit(records, seed=5).quality["total_ms"] != fit(records, seed=6).quality["total_ms"]
