@@ -21,6 +21,10 @@ def __getattr__(name: str):  # exporters import lazily: `import stagetrace` stay
         from .export import table
 
         return getattr(table, name)
+    if name == "LatencyModel":
+        from .latency_model import LatencyModel
+
+        return LatencyModel
     if name == "write_chrome_trace":
         from .export.chrome import write_chrome_trace
 
@@ -32,5 +36,5 @@ __all__ = [
     "__version__", "trace", "attach", "Tracer", "TracingError", "StageRecord", "load_records", "JsonlWriter",
     "RecordLoadWarning", "summarize", "format_summary", "write_chrome_trace", "backend_info", "BackendInfo",
     "new_timeline", "Marks", "stages_from_marks", "StageTimes", "StageOrderError", "Layout", "LayoutError",
-    "LAYOUTS", "Span", "SpanTable",
+    "LAYOUTS", "Span", "SpanTable", "LatencyModel",
 ]

@@ -1,7 +1,8 @@
 """The `stagetrace` command fuzzed: random and boundary values for every flag, random paths,
 files of random bytes, truncated and wrong-typed records and traces.
 
-Every run, whatever its command line, must: exit 0 or 2; print no traceback; change no
+Every run, whatever its command line, must: exit 0 or 2 (or 1: ``compare --fail-if-slower``
+finding a stage slower); print no traceback; change no
 input (sha256 before and after); write nothing outside the outputs it was given; and lose
 no records (a records file that existed is only appended to, or moved aside by --fresh, or
 is an earlier merge's output that merge replaces). Seeded and in-process (plus a few real
@@ -75,6 +76,7 @@ def _make_inputs(inp: Path) -> None:
     (inp / "long.txt").write_text("word " * 800 + "\n")
     (inp / "victim.txt").write_text("precious")
     _make_records_and_traces(inp, rng)
+    _make_models(inp)
 
 
 def _make_records_and_traces(inp: Path, rng: random.Random) -> None:
@@ -112,6 +114,23 @@ def _make_records_and_traces(inp: Path, rng: random.Random) -> None:
         for ev in t["traceEvents"]:
             ev["pid"] = r
         (ranks / f"trace.rank{r}.json").write_text(json.dumps(t))
+
+
+def _make_models(inp: Path) -> None:
+    """Records of made-up calls (enough to fit and compare), a latency model and models that are not."""
+    from stagetrace.fit import fit
+    from stagetrace.records import write_jsonl
+    from stagetrace.testing.synthetic import latency_records, scaled
+
+    many = latency_records(40, seed=0)
+    write_jsonl(many, inp / "many.jsonl")
+    write_jsonl(scaled(many, 1.2, noise=0.02), inp / "many_slower.jsonl")
+    write_jsonl(scaled(many, 0.9, ids=False), inp / "many_faster_no_ids.jsonl")
+    fit(many).save(inp / "model.json")
+    text = (inp / "model.json").read_text()
+    (inp / "truncated_model.json").write_text(text[: len(text) // 2])
+    (inp / "newer_model.json").write_text(text.replace('"version": 1', '"version": 2', 1))
+    (inp / "nan_model.json").write_text(text.replace('"intercept_ms": ', '"intercept_ms": "x", "was": ', 1))
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +252,8 @@ def _outputs(argv: list[str], sb: Sandbox) -> list[Path]:
     """Where this command line may write: its --out / -o / --csv (or their defaults, in the cwd)."""
     defaults = {"profile": "stagetrace-out", "demo": "stagetrace-demo", "merge": "stagetrace-merged",
                 "plot": "stagetrace.png"}
-    given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--out", "-o", "--output", "--csv")]
+    given = [argv[i + 1] for i, a in enumerate(argv[:-1])
+             if a in ("--out", "-o", "--output", "--csv", "--json", "--markdown")]
     if argv and argv[0] in defaults and not any(a in ("--out", "-o", "--output") for a in argv):
         given.append(defaults[argv[0]])
     return [Path(os.path.abspath(sb.cwd / g)) for g in given]
@@ -268,7 +288,8 @@ def _merge_outputs(folder: Path) -> set[str]:
 def _check_run(argv: list[str], rc: object, err: str, sb: Sandbox, before: dict[str, str],
                records_before: dict[str, bytes]) -> None:
     shown = [os.fsencode(a) for a in argv]
-    assert rc in (0, 2), (shown, rc, err[-2000:])
+    fail_if_slower = argv[:1] == ["compare"] and "--fail-if-slower" in argv
+    assert rc in ((0, 1, 2) if fail_if_slower else (0, 2)), (shown, rc, err[-2000:])
     assert "Traceback" not in err, (shown, err[-3000:])
     after = _state(sb.root)
     allowed = _outputs(argv, sb)
@@ -327,3 +348,85 @@ def test_fuzzed_command_lines_as_real_processes(sandbox, seed):
     rng = random.Random(10_000 + seed)
     argv = _argv(rng, sandbox)
     _one_run(argv, sandbox, subprocess_run=True)
+
+
+# ---------------------------------------------------------------- compare, fit, plot --fit
+N_MODEL_COMMANDS = 100
+_RUNS = (["many.jsonl", "many_slower.jsonl", "many_faster_no_ids.jsonl"],  # plausible
+         ["good.jsonl", "run", "ranks", "failed.jsonl", "truncated.jsonl", "noise.jsonl", "empty.jsonl",
+          f"{WEIRD}.jsonl", "missing.jsonl", "images", "model.json"])
+_MODELS = (["model.json"], ["truncated_model.json", "newer_model.json", "nan_model.json", "trace.json", "missing.json",
+                            "prompts.txt", "images", "many.jsonl"])
+
+
+class _Picker:
+    """Half the command lines plausible (good values only, so they get as far as the work), half
+    drawn from every value, bad ones included."""
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.ok = rng, rng.random() < 0.5
+
+    def __call__(self, good: list, bad: list):
+        return self.rng.choice(good if self.ok else good + bad)
+
+    def flag(self, argv: list[str], flag: str, p: float, good: list[str], bad: list[str]) -> None:
+        if _maybe(self.rng, p):
+            argv += [flag, self(good, bad)]
+
+    def runs(self, sb: Sandbox, n: int) -> list[str]:
+        return [str(sb.inp / self(*_RUNS)) for _ in range(n)]
+
+
+def _compare_argv(rng: random.Random, sb: Sandbox) -> list[str]:
+    from stagetrace.compare import STAGES
+
+    pick, out = _Picker(rng), sb.out
+    if pick.ok:  # B against the run it was made from: slower, faster or the same
+        argv = ["compare", str(sb.inp / "many.jsonl"), str(sb.inp / rng.choice(_RUNS[0]))]
+    else:
+        argv = ["compare", *pick.runs(sb, 2 if rng.random() < 0.7 else rng.choice([1, 3]))]
+    pick.flag(argv, "--csv", 0.3, [str(out / "c.csv"), str(out / WEIRD)],
+              [str(sb.inp / "many.jsonl"), "", "-", str(out / "A"), str(sb.inp / "prompts.txt" / "c.csv")])
+    pick.flag(argv, "--json", 0.3, [str(out / "c.json"), "-"],
+              [str(sb.inp / "trace.json"), str(out / "c.csv"), str(sb.inp / "many.jsonl"),
+               str(out / "linked" / "records.jsonl")])
+    pick.flag(argv, "--markdown", 0.2, [str(out / "c.md"), "-"], [str(out / "c.json"), ""])
+    if _maybe(rng, 0.3):
+        argv += ["--stage", *rng.sample([*STAGES] + ([] if pick.ok else ["bogus"]), rng.randint(1, 3))]
+    pick.flag(argv, "--fail-if-slower", 0.6, ["0", "5", "50"], ["-1", "nan", "inf", "abc", "1e308"])
+    pick.flag(argv, "--seed", 0.3, ["0", "7", "99999999999999999999"], ["-1", "abc"])
+    pick.flag(argv, "--reps", 0.6, ["100", "200"], ["5", "0", "-3", "abc", "100000"])
+    return argv + (["--unpaired"] if _maybe(rng, 0.2) else [])
+
+
+def _model_argv(rng: random.Random, sb: Sandbox) -> list[str]:
+    pick, inp, out = _Picker(rng), sb.inp, sb.out
+    records = pick.runs(sb, rng.randint(1, 2))
+    if rng.random() < 0.6:
+        argv = ["fit", *records]
+        pick.flag(argv, "-o", 0.95 if pick.ok else 0.8, [str(out / "m.json"), str(out / WEIRD)],
+                  [str(inp / "many.jsonl"), str(inp / "trace.json"), str(out / "A"), "",
+                   str(inp / "prompts.txt" / "m.json"), str(out / "linked" / "records.jsonl")])
+        pick.flag(argv, "--seed", 0.3, ["0", "3"], ["-1", "x"])
+        pick.flag(argv, "--folds", 0.3, ["2", "5", "10"], ["1", "11", "0", "abc"])
+        return argv
+    argv = ["plot", "--fit", str(inp / pick(*_MODELS)), *records]
+    pick.flag(argv, "-o", 0.9, [str(out / "f.png"), str(out / "f.svg")],
+              [str(out / "f.banana"), "", str(inp / "model.json"), str(inp / "prompts.txt" / "f.png")])
+    return argv
+
+
+def test_fuzzed_compare_fit_and_plot_fit_exit_0_1_or_2_and_keep_every_input(sandbox, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(sandbox.cwd)
+    outcomes: dict[object, int] = {}
+    for seed in range(N_MODEL_COMMANDS):
+        rng = random.Random(50_000 + seed)
+        argv = _compare_argv(rng, sandbox) if rng.random() < 0.55 else _model_argv(rng, sandbox)
+        if _maybe(rng, 0.03):
+            argv.insert(rng.randrange(1, len(argv) + 1), "--no-such-flag")
+        rc = _one_run(argv, sandbox)
+        outcomes[(argv[0], rc)] = outcomes.get((argv[0], rc), 0) + 1
+    # every command reaches both sides, and --fail-if-slower trips
+    assert all(outcomes.get((c, rc), 0) >= 3 for c in ("compare", "fit", "plot") for rc in (0, 2)), outcomes
+    assert outcomes.get(("compare", 1), 0) >= 1, outcomes

@@ -1,8 +1,10 @@
-"""The ``stagetrace`` command: demo, profile, report, plot, merge. Thin: parse, check, call the library.
+"""The ``stagetrace`` command: demo, profile, report, plot, merge, compare, fit. Thin: parse,
+check, call the library.
 
-Exit status: 0 done; 2 a bad input (one line on stderr, ``stagetrace: error: ...``, and
-nothing of the user's changed); 130 interrupted (Ctrl-C; ``profile`` keeps every finished
-record and writes their trace); anything else is a bug in stagetrace.
+Exit status: 0 done; 1 only ``compare --fail-if-slower`` finding a stage slower; 2 a bad
+input (one line on stderr, ``stagetrace: error: ...``, and nothing of the user's changed);
+130 interrupted (Ctrl-C; ``profile`` keeps every finished record and writes their trace);
+anything else is a bug in stagetrace.
 """
 from __future__ import annotations
 
@@ -57,12 +59,15 @@ def _profile_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compare import add_compare_parser
     from .demo import cmd_demo
+    from .fit import add_fit_parser
     from .merge import cmd_merge
     from .report import cmd_plot, cmd_report
 
     ap = OneLineParser(prog="stagetrace", description="Where the time of model.generate() goes.",
-                       epilog="exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted")
+                       epilog="exit status: 0 done, 1 compare --fail-if-slower tripped, 2 bad input (one line on "
+                              "stderr), 130 interrupted")
     sub = ap.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="trace a tiny random-weight VLM (no download) and write a trace")
@@ -83,12 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="picture of where the time goes (needs matplotlib)")
     pl.add_argument("records", nargs="+")
     pl.add_argument("-o", "--output", default="stagetrace.png", help="its extension picks the format")
+    pl.add_argument("--fit", default=None, metavar="MODEL",
+                    help="a latency model (stagetrace fit): draw measured against predicted, stage by stage")
     pl.set_defaults(fn=cmd_plot)
 
     m = sub.add_parser("merge", help="join per-rank records and traces")
     m.add_argument("inputs", nargs="+", metavar="DIR|FILE")
     m.add_argument("-o", "--output", default="stagetrace-merged")
     m.set_defaults(fn=cmd_merge)
+
+    add_compare_parser(sub)
+    add_fit_parser(sub)
     return ap
 
 

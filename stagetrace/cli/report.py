@@ -1,22 +1,46 @@
-"""``stagetrace report`` and ``stagetrace plot``: records in, a table, a CSV or a picture out."""
+"""``stagetrace report`` and ``stagetrace plot``: records in, a table, a CSV or a picture out
+(``plot --fit``: a latency model's predictions against the records)."""
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from .common import CliError, show
-from .safe_io import check_output, file_in_the_way, same_file
+from .safe_io import output_file
 
-__all__ = ["cmd_report", "cmd_plot", "print_summary", "load_many"]
+__all__ = ["cmd_report", "cmd_plot", "print_summary", "load_many", "record_paths"]
+
+_RECORDS = re.compile(r"records(\.rank\d+)?\.jsonl")
 
 
 def print_summary(records: list[Any], title: str) -> None:
     from stagetrace.export.table import format_summary, summarize
 
     print(format_summary(summarize(records), title=title))
+
+
+def record_paths(items: Sequence[str]) -> list[str]:
+    """Records files, a run folder standing for its own: its per-rank ``records.rankN.jsonl``
+    where it has any (a ``records.jsonl`` beside them is their merge), else ``records.jsonl``."""
+    paths: list[str] = []
+    for item in items:
+        folder = Path(item)
+        if not folder.is_dir():
+            paths.append(item)
+            continue
+        try:
+            files = sorted(p for p in folder.iterdir() if _RECORDS.fullmatch(p.name) and p.is_file())
+        except OSError as exc:
+            raise CliError(f"run folder {show(item)} cannot be read: {exc.strerror or exc}") from None
+        ranked = [p for p in files if ".rank" in p.name]
+        if not files:
+            raise CliError(f"run folder {show(item)} holds no records.jsonl")
+        paths += [str(p) for p in (ranked or files)]
+    return paths
 
 
 def load_many(paths: Sequence[str]) -> list[Any]:
@@ -46,27 +70,10 @@ def load_many(paths: Sequence[str]) -> list[Any]:
     return recs
 
 
-def _output(path: str, inputs: Sequence[str], flag: str) -> Path:
-    """An output file named on the command line: not empty, not a link or folder, not an input."""
-    if not path.strip():
-        raise CliError(f"{flag} is empty: give a file name")
-    out = check_output(Path(path))
-    blocker = file_in_the_way(out.parent)
-    if blocker is not None:
-        raise CliError(f"{flag} {show(path)} cannot be written: {show(blocker)} is a file, not a directory")
-    for p in inputs:
-        if same_file(Path(p), out):
-            raise CliError(f"{flag} {show(path)} is also an input: it would be overwritten; choose another name")
-    if out.exists() and out.name.lower().endswith((".jsonl", ".json", ".json.gz")):
-        raise CliError(f"{flag} {show(path)} exists and is named like records or a trace: stagetrace does not "
-                       "replace it; choose another name")
-    return out
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from stagetrace.export.table import format_summary, summarize, write_csv
 
-    csv_path = _output(args.csv, args.records, "--csv") if args.csv is not None else None
+    csv_path = output_file(args.csv, args.records, "--csv") if args.csv is not None else None
     recs = load_many(args.records)
     summary = summarize(recs)
     if args.json:
@@ -83,19 +90,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
-    out = _output(args.output, args.records, "-o")
+def _load_model(path: str) -> Any:
+    from stagetrace.latency_model import LatencyModel
+
     try:
-        from stagetrace.export.plot import plot_records
+        return LatencyModel.load(path)
+    except OSError as exc:
+        raise CliError(f"--fit {show(path)} cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise CliError(f"--fit {show(exc)}") from None
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    records = record_paths(args.records) if args.fit is not None else args.records
+    out = output_file(args.output, records + ([args.fit] if args.fit is not None else []), "-o")
+    try:
+        from stagetrace.export.plot import plot_fit, plot_records
 
         import matplotlib  # noqa: F401
     except ImportError:
         raise CliError("plotting needs matplotlib: pip install 'stagetrace[plot]'") from None
-    recs = load_many(args.records)
+    model = _load_model(args.fit) if args.fit is not None else None
+    recs = load_many(records)
     try:
-        path = plot_records(recs, out)
+        path = plot_records(recs, out) if model is None else plot_fit(recs, model, out)
     except ValueError as exc:
-        raise CliError(f"-o {show(out)}: {exc}" if "picture named" in str(exc) else str(exc)) from None
+        raise CliError(f"-o {show(out)}: {exc}" if "picture named" in str(exc) else show(exc)) from None
     except OSError as exc:
         raise CliError(f"-o {show(out)} cannot be written: {exc.strerror or exc}") from None
     print(f"wrote {show(path)}")

@@ -3,6 +3,7 @@ over one of its own inputs, and each file whole or not at all."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import time
@@ -12,8 +13,8 @@ from typing import Iterable, Iterator
 from ..export.files import replacing, write_bytes_atomically
 from .common import CliError, show
 
-__all__ = ["file_in_the_way", "writable_dir", "check_output", "same_file", "move_aside", "replacing", "replacing_path",
-           "write_bytes_atomically"]
+__all__ = ["file_in_the_way", "writable_dir", "check_output", "output_file", "same_file", "move_aside", "replacing",
+           "replacing_path", "write_bytes_atomically"]
 
 
 @contextlib.contextmanager
@@ -64,6 +65,39 @@ def check_output(path: Path) -> Path:
     if path.is_dir():
         raise CliError(f"{show(path)} is a directory where stagetrace writes a file: move it or choose another output")
     return path
+
+
+def _written_by_us(path: Path, kind: str | None) -> bool:
+    """``path`` holds a JSON object of ``kind`` (a file stagetrace wrote: a model, a comparison)."""
+    if kind is None:
+        return False
+    try:
+        if path.stat().st_size > 64 << 20:
+            return False
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == kind
+
+
+def output_file(name: str, inputs: Iterable[str | Path], flag: str, kind: str | None = None) -> Path:
+    """An output file named on the command line: not empty, not a link or folder, not an input,
+    not under a file. An existing file named like records or a trace is not replaced, unless it
+    is a JSON file of ``kind`` (what this command wrote before)."""
+    if not name.strip():
+        raise CliError(f"{flag} is empty: give a file name")
+    out = check_output(Path(name))
+    blocker = file_in_the_way(out.parent)
+    if blocker is not None:
+        raise CliError(f"{flag} {show(name)} cannot be written: {show(blocker)} is a file, not a directory")
+    for p in inputs:
+        if same_file(Path(p), out):
+            raise CliError(f"{flag} {show(name)} is also an input: it would be overwritten; choose another name")
+    if (out.exists() and out.name.lower().endswith((".jsonl", ".json", ".json.gz"))
+            and not _written_by_us(out, kind)):
+        raise CliError(f"{flag} {show(name)} exists and is named like records or a trace: stagetrace does not "
+                       "replace it; choose another name")
+    return out
 
 
 def same_file(a: Path, b: Path) -> bool:
