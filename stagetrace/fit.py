@@ -23,7 +23,7 @@ __all__ = ["fit", "DEFAULT_FEATURES", "MIN_RECORDS", "LatencyModel"]
 
 _PROMPT = ("prompt_tokens", "prompt_tokens_sq", "batch_size", "batch_prompt_tokens", "batch_prompt_tokens_sq")
 DEFAULT_FEATURES: dict[str, tuple[str, ...]] = {
-    # records do not carry image tokens or pixels yet: prompt tokens (which hold the image's) stand in
+    # where records do not all carry image tokens, prompt tokens (which hold the image's) stand in
     "vision_ms": ("prompt_tokens", "batch_size", "batch_prompt_tokens"),
     "prefill_ms": _PROMPT,
     "decode_step_ms": ("context_tokens", "batch_size", "batch_context_tokens"),
@@ -31,6 +31,7 @@ DEFAULT_FEATURES: dict[str, tuple[str, ...]] = {
     "ttft_ms": _PROMPT,
     "total_ms": _PROMPT + ("decode_steps", "batch_decode_steps", "decode_context_sum", "batch_decode_context_sum"),
 }
+VISION_FROM_IMAGE_TOKENS = ("image_tokens", "batch_size")  # the default where every record carries image tokens
 MIN_RECORDS = 10  # a stage measured in fewer records is not modelled
 _WORST = 5
 
@@ -128,6 +129,8 @@ def fit(records: Iterable[StageRecord], features: Mapping[str, Sequence[str]] | 
         if stage not in DEFAULT_FEATURES:
             raise ValueError(f"no model for {stage!r}: choose from {', '.join(DEFAULT_FEATURES)}")
         wanted[stage] = tuple(names)
+    if "vision_ms" not in (features or {}) and recs and all(r.image_tokens is not None for r in recs):
+        wanted["vision_ms"] = VISION_FROM_IMAGE_TOKENS  # what the vision encoder really sees
     if len(recs) < MIN_RECORDS:
         raise ValueError(f"fit needs at least {MIN_RECORDS} timed records, got {len(recs)}"
                          + (f" ({len(all_records) - len(recs)} more with an error)" if len(all_records) > len(recs)

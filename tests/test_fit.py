@@ -198,3 +198,17 @@ def test_fit_and_plot_fit_bad_inputs_are_one_line_and_exit_2(records, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("stagetrace: error: ") and err.count("\n") == 1 and expect in err, err
     assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_vision_is_fitted_on_image_tokens_where_every_record_carries_them():
+    from stagetrace.fit import VISION_FROM_IMAGE_TOKENS, fit
+    from stagetrace.testing.synthetic import latency_records
+
+    recs = latency_records(40, seed=3)
+    for i, r in enumerate(recs):
+        r.image_tokens = 100 + 10 * (i % 7)
+        r.vision_ms = 0.02 * r.image_tokens + 1.0
+    model = fit(recs)
+    assert set(model.fits["vision_ms"].features + model.fits["vision_ms"].dropped) == set(VISION_FROM_IMAGE_TOKENS)
+    assert "image_tokens" in model.fits["vision_ms"].features
+    assert model.quality["vision_ms"].r2 > 0.99
