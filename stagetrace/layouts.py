@@ -167,21 +167,9 @@ def resolve_layout(model: nn.Module, vision: str | Sequence[str] | None = None,
     if encoder is not None and not structure.encoder_takes_images(encoder[1]):
         prefill_encoder = encoder  # a text encoder (the image came through a vision entry before it)
     if vision is not None:
-        v_paths: tuple[str, ...] | None = _as_paths(vision)
-        entries = []
-    elif row and row.vision and (row.vision_outside_entries or not entries):
-        v_paths = row.vision
-    elif encoder is not None and prefill_encoder is None:
-        v_paths = (encoder[0],)  # the encoder takes the image: its run is vision
-    elif entries:
-        v_paths = ()
-    elif probe["vision"]:
-        v_paths = _as_paths(probe["vision"])
-    elif multimodal and any(multimodal):
-        v_paths = tuple(h for h in multimodal if h)  # the last resort: modules named like vision
-        name = "named"
-    else:
-        v_paths = () if not multimodal else None
+        entries = []  # the user's vision paths replace the model's own entries
+    v_paths, how = _vision_paths(vision, row, entries, encoder, prefill_encoder, probe, multimodal)
+    name = how or name
     if language_model is not None:
         lm_path = language_model
     if lm_head is not None:
@@ -214,6 +202,28 @@ def resolve_layout(model: nn.Module, vision: str | Sequence[str] | None = None,
                 if isinstance(layer_list, nn.ModuleList) else []),
         vision_calls=entries, prefill_encoder=prefill_encoder, inner_generators=inner, vision_home=home,
     )
+
+
+def _vision_paths(vision: str | Sequence[str] | None, row: Layout | None, entries: list[Any],
+                  encoder: tuple[str, nn.Module] | None, prefill_encoder: tuple[str, nn.Module] | None,
+                  probe: dict[str, Any], multimodal: list[str]) -> tuple[tuple[str, ...] | None, str | None]:
+    """The vision modules to hook (None: unknown), in order of trust: the user's paths, a row
+    that knows better than the entries, an encoder that takes the image, none where the
+    model's own entries mark vision, the accessor, modules named like vision (the last resort,
+    so the layout is then called "named")."""
+    if vision is not None:
+        return _as_paths(vision), None
+    if row and row.vision and (row.vision_outside_entries or not entries):
+        return row.vision, None
+    if encoder is not None and prefill_encoder is None:
+        return (encoder[0],), None  # the encoder takes the image: its run is vision
+    if entries:
+        return (), None
+    if probe["vision"]:
+        return _as_paths(probe["vision"]), None
+    if any(multimodal):
+        return tuple(h for h in multimodal if h), "named"
+    return (() if not multimodal else None), None
 
 
 def _failure_message(model: nn.Module, multimodal: list[str], probe: dict[str, Any],

@@ -74,14 +74,10 @@ def _layer_spans(kinds: np.ndarray, idx: np.ndarray, region: np.ndarray) -> tupl
     return pos[j][keep], end[keep]
 
 
-def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray) -> StageTimes:
-    """Stages of one ``generate()`` call from its marks (in issue order)."""
-    labels = np.asarray(labels)
-    t = np.asarray(device_ns, dtype=np.int64)
+def _check_marks(labels: np.ndarray, t: np.ndarray, kinds: np.ndarray) -> None:
+    """One call, framed by its entry and return marks, in device order — or StageOrderError."""
     if labels.shape != t.shape:
         raise ValueError(f"labels and times differ in shape: {labels.shape} vs {t.shape}")
-    kinds = kind_of(labels)
-    idx = index_of(labels)
     n = len(kinds)
     if n < 2 or kinds[0] != Kind.CALL_BEGIN or kinds[-1] != Kind.CALL_END:
         raise StageOrderError("a call's marks must start with CALL_BEGIN and end with CALL_END "
@@ -92,6 +88,16 @@ def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray) -> StageTimes:
         raise StageOrderError(f"mark {bad + 1} ({Kind(int(kinds[bad + 1])).name}) is earlier on the device "
                               f"timeline than mark {bad} ({Kind(int(kinds[bad])).name}): marks of one call must "
                               "be recorded in the order the device runs them (one stream)")
+
+
+def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray) -> StageTimes:
+    """Stages of one ``generate()`` call from its marks (in issue order)."""
+    labels = np.asarray(labels)
+    t = np.asarray(device_ns, dtype=np.int64)
+    kinds = kind_of(labels)
+    idx = index_of(labels)
+    n = len(kinds)
+    _check_marks(labels, t, kinds)
 
     begin, end = int(t[0]), int(t[-1])
     decode_pos = np.flatnonzero(kinds == Kind.DECODE_FORWARD)
