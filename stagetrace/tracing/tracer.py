@@ -264,6 +264,8 @@ class Tracer:
         tl = self._timeline
         assert tl is not None
         inputs = read_call_inputs(args, kwargs, self._encoder_decoder)
+        # queued before the calibration, so the call's first mark still runs as it is issued
+        pending = queue_features(kwargs, prompt_ids(args, kwargs), getattr(self.model, "config", None))
         tl.reset()
         stream = bind_call_streams(tl, self._devices)
         stamping = self._forward_compiled and self.layer_detail == "all"
@@ -272,7 +274,6 @@ class Tracer:
             self._stamps.prepare(stream)
         call = CallState(prompt_len=inputs.prompt_len, fed=inputs.cache_len,
                          forward_compiled=self._forward_compiled, stamping=stamping)
-        pending = queue_features(kwargs, prompt_ids(args, kwargs), getattr(self.model, "config", None))
         self._slot.call = call
         unix_start = time.time()
         tl.mark(_CALL_BEGIN)
