@@ -1,9 +1,11 @@
 """What a call was given, as features for latency models: images, their sizes in pixels, the
 image tokens fed to the language model, the text tokens.
 
-Read without disturbing the run: counts over GPU tensors are queued before the call's first
-mark (no sync) and read after the call's one sync; shapes are metadata. A feature the inputs
-do not tell is ``None``, never a guess.
+Read without disturbing the run: nothing is computed on the device before or during the call
+(a kernel queued ahead of the call's first mark delayed it and, under generate()'s compiled
+decode, made its first CUDA-graph step re-record); the tensors are held and counted after the
+call's one sync. Shapes are metadata. A feature the inputs do not tell is ``None``, never a
+guess. (A model whose generate() rewrites ``input_ids`` in place is counted as rewritten.)
 """
 from __future__ import annotations
 
@@ -45,29 +47,26 @@ def _images(kwargs: dict[str, Any]) -> tuple[int | None, Any]:
 class PendingFeatures:
     images: int | None
     image_sizes: Any           # tensor (read after the call), list, or None
-    image_tokens: Any          # 0-d tensor or None
-    attended_tokens: Any       # 0-d tensor (attention mask sum) or None
+    input_ids: Any             # the prompt's ids, counted after the call
+    placeholder_ids: list[int]
+    attention_mask: Any
 
     def resolve(self) -> dict[str, Any]:
         """After the call's sync: plain numbers."""
         sizes = self.image_sizes.tolist() if isinstance(self.image_sizes, torch.Tensor) else self.image_sizes
-        image_tokens = int(self.image_tokens) if self.image_tokens is not None else None
-        attended = int(self.attended_tokens) if self.attended_tokens is not None else None
+        ids = self.input_ids
+        image_tokens = attended = None
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            if self.placeholder_ids:
+                image_tokens = int(sum(int((ids == i).sum()) for i in self.placeholder_ids))
+            mask = self.attention_mask
+            attended = int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.shape == ids.shape else ids.numel()
         text = attended - image_tokens if attended is not None and image_tokens is not None else attended
         return {"images": self.images, "image_sizes": [list(map(int, s)) for s in sizes] if sizes else [],
                 "image_tokens": image_tokens, "text_tokens": text}
 
 
 def queue_features(kwargs: dict[str, Any], input_ids: Any, config: Any) -> PendingFeatures:
-    """Called before the call's first mark: GPU counts are queued there, read after the call."""
+    """Called at the call's entry: holds what to count, touches no device."""
     images, sizes = _images(kwargs)
-    image_tokens = attended = None
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
-        ids = _placeholder_ids(config)
-        if ids:
-            image_tokens = sum((input_ids == i).sum() for i in ids)  # queued, not read
-        mask = kwargs.get("attention_mask")
-        attended = mask.sum() if isinstance(mask, torch.Tensor) and mask.shape == input_ids.shape else None
-        if attended is None:
-            attended = torch.tensor(input_ids.numel())
-    return PendingFeatures(images, sizes, image_tokens, attended)
+    return PendingFeatures(images, sizes, input_ids, _placeholder_ids(config), kwargs.get("attention_mask"))

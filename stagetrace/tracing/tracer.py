@@ -264,7 +264,6 @@ class Tracer:
         tl = self._timeline
         assert tl is not None
         inputs = read_call_inputs(args, kwargs, self._encoder_decoder)
-        # queued before the calibration, so the call's first mark still runs as it is issued
         pending = queue_features(kwargs, prompt_ids(args, kwargs), getattr(self.model, "config", None))
         tl.reset()
         stream = bind_call_streams(tl, self._devices)
