@@ -34,6 +34,21 @@ def other_transformers_release() -> bool:
     return transformers.__version__ != WRITTEN_FOR
 
 
+def zoo_case(model_type: str, **kw: Any) -> Any:
+    """A zoo model, or the test skipped with the reason it cannot be built here (and, on a
+    transformers release the zoo was not written for, with the error it fails with)."""
+    from stagetrace.testing.zoo import Unbuildable, build
+
+    try:
+        return build(model_type, **kw)
+    except Unbuildable as e:
+        pytest.skip(f"{model_type}: cannot be built here ({e.reason})")
+    except Exception as e:  # noqa: BLE001 - only on a transformers release the zoo was not written for
+        if not other_transformers_release():
+            raise
+        pytest.skip(f"{model_type}: the zoo's config does not build on this transformers ({type(e).__name__}: {e})")
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -19,9 +19,9 @@ import stagetrace
 from stagetrace.layouts import get_module
 from stagetrace.testing.survey import survey
 from stagetrace.tracing.features import _placeholder_ids
-from stagetrace.testing.zoo import Unbuildable, build, model_types
+from stagetrace.testing.zoo import model_types
 
-from helpers import DEVICES, assert_partition, other_transformers_release, tokens
+from helpers import DEVICES, assert_partition, other_transformers_release, tokens, zoo_case
 
 TYPES = model_types()
 
@@ -30,14 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _build(model_type: str, device: str):
-    try:
-        case = build(model_type)
-    except Unbuildable as e:
-        pytest.skip(f"{model_type}: cannot be built here ({e.reason})")
-    except Exception as e:  # noqa: BLE001 - only on a transformers release the zoo was not written for
-        if not other_transformers_release():
-            raise
-        pytest.skip(f"{model_type}: the zoo's config does not build on this transformers ({type(e).__name__}: {e})")
+    case = zoo_case(model_type)
     case.model.to(device)
     case.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.inputs.items()}
     return case

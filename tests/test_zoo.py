@@ -8,7 +8,7 @@ import torch
 from stagetrace.testing.survey import ENTRIES, survey
 from stagetrace.testing.zoo import SHAPES, Unbuildable, build, model_types
 
-from helpers import other_transformers_release
+from helpers import other_transformers_release, zoo_case
 
 TYPES = model_types()
 
@@ -17,14 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _build(model_type: str, **kw):
-    try:
-        case = build(model_type, **kw)
-    except Unbuildable as e:
-        pytest.skip(f"{model_type}: cannot be built here ({e.reason})")
-    except Exception as e:  # noqa: BLE001 - only on a transformers release the zoo was not written for
-        if not other_transformers_release():
-            raise
-        pytest.skip(f"{model_type}: the zoo's config does not build on this transformers ({type(e).__name__}: {e})")
+    case = zoo_case(model_type, **kw)
     if other_transformers_release():
         try:
             case.generate()
