@@ -81,6 +81,11 @@ class StageRecord:
     error: str | None = None  # set when the call's marks could not be turned into stages
     # what the numbers cannot tell, said out loud (e.g. images given but no vision stage marked)
     warnings: list[str] = field(default_factory=list)
+    # how far the GPU ran behind the host (lead.py): per stage min/median/max µs, marks, verdict;
+    # per decode step the median lead (None: no mark inside) and the verdict
+    lead: dict[str, dict[str, Any]] = field(default_factory=dict)
+    decode_step_lead_us: list[float | None] = field(default_factory=list)
+    decode_step_verdict: list[str] = field(default_factory=list)
     schema: int = SCHEMA_VERSION
     # in-memory only: the spans and raw marks behind the numbers
     spans: SpanTable = field(default_factory=SpanTable.empty, repr=False, compare=False)
@@ -113,6 +118,9 @@ class StageRecord:
         d["device_streams"] = list(self.device_streams)
         d["decode_step_ms"] = list(self.decode_step_ms)
         d["warnings"] = list(self.warnings)
+        d["lead"] = {k: dict(v) for k, v in self.lead.items()}
+        d["decode_step_lead_us"] = list(self.decode_step_lead_us)
+        d["decode_step_verdict"] = list(self.decode_step_verdict)
         d["image_sizes"] = [list(x) for x in self.image_sizes]
         d["tpot_ms"] = self.tpot_ms
         if spans:
@@ -202,14 +210,15 @@ _FIELD_KINDS: dict[str, str] = {
                     "str"),
     **dict.fromkeys(("sample_id", "error"), "str?"),
     "compiled_decode": "bool", "decode_step_ms": "numbers", "devices": "strs", "device_streams": "ints",
-    "warnings": "strs", "images": "int?", "image_tokens": "int?", "text_tokens": "int?", "image_sizes": "int_lists",
+    "warnings": "strs", "lead": "lead_map", "decode_step_lead_us": "numbers?s", "decode_step_verdict": "strs", "images": "int?", "image_tokens": "int?", "text_tokens": "int?", "image_sizes": "int_lists",
     "versions": "str_map", "spans": "spans", "host_spans": "spans",
 }
 # A span as written: its identity in kind + index (schema 2) or in its name (schema 1).
 _SPAN_FIELDS = {2: {"kind": "str", "index": "int?", "start_ns": "int", "end_ns": "int", "depth": "int",
                     "device": "str?"},
                 1: {"name": "str", "start_ns": "int", "end_ns": "int", "depth": "int", "device": "str?"}}
-_EMPTY = {"numbers": list, "strs": list, "ints": list, "str_map": dict, "int_lists": list}
+_EMPTY = {"numbers": list, "strs": list, "ints": list, "str_map": dict, "int_lists": list, "lead_map": dict,
+          "numbers?s": list}
 
 
 def _is_number(v: Any) -> bool:
@@ -232,6 +241,12 @@ def _fits(kind: str, v: Any) -> bool:
     if kind in ("numbers", "strs", "ints"):
         each = {"numbers": _is_number, "strs": lambda x: isinstance(x, str), "ints": _is_int}[kind]
         return isinstance(v, list) and all(each(x) for x in v)
+    if kind == "numbers?s":
+        return isinstance(v, list) and all(x is None or _is_number(x) for x in v)
+    if kind == "lead_map":
+        return isinstance(v, dict) and all(
+            isinstance(st, dict) and all(x is None or isinstance(x, str) or _is_number(x) for x in st.values())
+            for st in v.values())
     if kind == "int_lists":
         return isinstance(v, list) and all(isinstance(x, list) and all(_is_int(i) for i in x) for x in v)
     if kind == "str_map":

@@ -18,9 +18,13 @@ _RECORDS = re.compile(r"records(\.rank\d+)?\.jsonl")
 
 
 def print_summary(records: list[Any], title: str) -> None:
+    from stagetrace.export.lead_table import format_lead, summarize_lead
     from stagetrace.export.table import format_summary, summarize
 
     print(format_summary(summarize(records), title=title))
+    lead = format_lead(summarize_lead(records))
+    if lead:
+        print("\n" + lead)
 
 
 def record_paths(items: Sequence[str]) -> list[str]:
@@ -71,7 +75,7 @@ def load_many(paths: Sequence[str]) -> list[Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from stagetrace.export.table import format_summary, summarize, write_csv
+    from stagetrace.export.table import summarize, write_csv
 
     csv_path = output_file(args.csv, args.records, "--csv") if args.csv is not None else None
     recs = load_many(args.records)
@@ -80,7 +84,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         failed = sum(r.error is not None for r in recs)
-        print(format_summary(summary, title=f"{len(recs)} records" + (f" ({failed} not timed)" if failed else "")))
+        print_summary(recs, f"{len(recs)} records" + (f" ({failed} not timed)" if failed else ""))
     if csv_path is not None:
         try:
             write_csv(summary, csv_path)

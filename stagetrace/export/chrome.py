@@ -73,6 +73,27 @@ def _span_events(spans: Iterable[Span], rec: StageRecord, base_us: float, pid: i
     return events
 
 
+def _lead_events(rec: StageRecord, base_us: float, pid: int, tid_of: Callable[[Span], int],
+                 flow_base: int) -> list[dict]:
+    """How far the GPU ran behind the host (``lead.py``): a counter of each decode step's median
+    lead, and a flow arrow from each stage's start on the host track (when it was issued) to
+    the same start on its GPU track (when it ran)."""
+    events: list[dict] = []
+    steps = [s for s in rec.spans if s.kind == "step"]
+    for s, lead in zip(steps, rec.decode_step_lead_us):
+        if lead is not None:
+            events.append({"name": "GPU lead (µs, step median)", "ph": "C", "pid": pid,
+                           "ts": round(base_us + _us(s.start_ns), 3), "args": {"lead_us": round(lead, 3)}})
+    host = {s.kind: s for s in rec.host_spans if s.kind in ("vision", "prefill", "decode")}
+    for k, s in enumerate(x for x in rec.spans if x.kind in host):
+        fid = f"{pid}-{flow_base}-{k}"  # unique within the trace and across merged ranks
+        events.append({"name": f"{s.kind} issued → ran", "cat": "lead", "ph": "s", "id": fid, "pid": pid,
+                       "tid": HOST_TID, "ts": round(base_us + _us(host[s.kind].start_ns), 3)})
+        events.append({"name": f"{s.kind} issued → ran", "cat": "lead", "ph": "f", "bp": "e", "id": fid, "pid": pid,
+                       "tid": tid_of(s), "ts": round(base_us + _us(s.start_ns), 3)})
+    return events
+
+
 def chrome_trace(records: Iterable[StageRecord], rank: int | None = None,
                  origin_unix: float | None = None) -> dict[str, Any]:
     """The trace as a dict (``traceEvents``, ``displayTimeUnit``, ``otherData``)."""
@@ -92,6 +113,7 @@ def chrome_trace(records: Iterable[StageRecord], rank: int | None = None,
         base_us = (rec.unix_start - origin) * 1e6
         events += _span_events(rec.spans, rec, base_us, pid, tid_of, host=False)
         events += _span_events(rec.host_spans, rec, base_us, pid, HOST_TID, host=True)
+        events += _lead_events(rec, base_us, pid, tid_of, flow_base=len(events))
     meta: list[dict] = [
         {"name": "process_name", "ph": "M", "pid": pid, "tid": HOST_TID, "args": {"name": f"stagetrace rank {pid}"}},
         {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": HOST_TID, "args": {"sort_index": pid}},
@@ -237,6 +259,8 @@ def merge_chrome_traces(paths: Iterable[str | os.PathLike[str]], out: str | os.P
                 ev["args"] = {"sort_index": pid}
             elif "ts" in ev:
                 ev["ts"] = round(ev["ts"] + shift, 3)
+            if ev["ph"] in ("s", "f"):  # flow ids are unique per process: qualify them by the output's
+                ev["id"] = f"{pid}:{str(ev['id']).split(':', 1)[-1]}"
             merged.append(ev)
     from .. import __version__
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..lead import call_leads
 from ..low_level import Marks
 from ..records import StageRecord
 from ..spans import SpanTable
@@ -57,6 +58,8 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
         rec = StageRecord.failed(error or "", **meta)
         warnings.warn(f"stagetrace: call {rec.call_index} was not timed: {rec.error}", RuntimeWarning, stacklevel=4)
     else:
+        rec.lead, rec.decode_step_lead_us, rec.decode_step_verdict = call_leads(
+            marks.labels, marks.device_ns, marks.host_ns, rec.spans, marks.backend, rec.compiled_decode)
         if placement is not None:
             rec.spans = placement.place(rec.spans)
         rec.warnings = [why for kind, why in (expect or {}).items() if not rec.spans.has_kind(kind)]
