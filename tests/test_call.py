@@ -51,6 +51,7 @@ def test_an_encoder_decoders_prompt_is_its_decoders():
     ids = torch.ones(1, 12, dtype=torch.long)
     start = read_call_inputs((ids,), {}, encoder_decoder=True)
     assert (start.prompt_len, start.output_prompt_len) == (1, 1)  # the decoder start token
+    assert start.input_len == 12  # what the record reports as prompt_tokens: the encoder's input
     given = read_call_inputs((ids,), {"decoder_input_ids": torch.ones(1, 3, dtype=torch.long)}, encoder_decoder=True)
     assert (given.prompt_len, given.output_prompt_len) == (3, 3)
     assert new_token_count(torch.ones(1, 7), given) == 4

@@ -88,6 +88,7 @@ class CallInputs:
     """What generate() was given, read once at its entry (off the hot path)."""
 
     prompt_len: int       # the prompt the prefill/decode rule counts (the decoder's, for encoder–decoders)
+    input_len: int        # the prompt generate() was given (the encoder's, for encoder–decoders)
     batch: int
     cache_len: int        # tokens already in a cache passed in
     output_prompt_len: int  # leading tokens of generate()'s output that are not new
@@ -122,7 +123,7 @@ def read_call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], encoder_deco
     input_ids = prompt_ids(args, kwargs)
     prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     is_2d = isinstance(prompt, torch.Tensor) and prompt.dim() >= 2
-    prompt_len = int(prompt.shape[1]) if is_2d else 0
+    prompt_len = input_len = int(prompt.shape[1]) if is_2d else 0
     if encoder_decoder:
         prompt_len = _len(kwargs.get("decoder_input_ids")) or 1
         output_prompt_len = prompt_len
@@ -130,7 +131,7 @@ def read_call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], encoder_deco
         output_prompt_len = prompt_len if input_ids is not None else 0
     batch = prompt if isinstance(prompt, torch.Tensor) else next(
         (v for k, v in kwargs.items() if k in PIXEL_ARGS and isinstance(v, torch.Tensor)), None)
-    return CallInputs(prompt_len=prompt_len,
+    return CallInputs(prompt_len=prompt_len, input_len=input_len,
                       batch=int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.dim() >= 1 else 1,
                       cache_len=_cache_len(kwargs.get("past_key_values", kwargs.get("cache"))),
                       output_prompt_len=output_prompt_len,

@@ -302,7 +302,7 @@ class Tracer:
     def _meta(self, call: CallState, inputs: CallInputs, out: Any, marks: Marks, unix_start: float) -> dict[str, Any]:
         cfg = getattr(self.model, "config", None)
         split = len(self._devices) > 1
-        return dict(batch_size=inputs.batch, prompt_tokens=inputs.prompt_len,
+        return dict(batch_size=inputs.batch, prompt_tokens=inputs.input_len,
                     output_tokens=new_token_count(out, inputs, call), call_index=len(self.records),
                     sample_id=self.sample_id, model_class=type(self.model).__name__,
                     model_name=str(getattr(cfg, "_name_or_path", "") or ""), device=str(self._devices[0]),
