@@ -14,7 +14,6 @@ the model ``generate()`` is called on:
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -68,7 +67,6 @@ LAYOUTS: list[Layout] = [
     Layout("gpt2-style", (), "transformer", "lm_head", "transformer.h"),
 ]
 
-_VISION_WORDS = re.compile(r"(vision|visual|image|img|vit|pixel)", re.I)
 
 
 @dataclass
@@ -128,7 +126,7 @@ def _looks_multimodal(model: nn.Module) -> list[str]:
     hits = []
     for name, _ in model.named_modules():
         last = name.rsplit(".", 1)[-1]
-        if name and _VISION_WORDS.search(last) and not any(name.startswith(h + ".") for h in hits):
+        if name and structure.VISION_WORDS.search(last) and not any(name.startswith(h + ".") for h in hits):
             hits.append(name)
     if not hits and getattr(cfg, "vision_config", None) is not None:
         hits.append("")  # the config names a vision part whose module has no telling name

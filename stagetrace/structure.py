@@ -23,14 +23,16 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["VISION_ENTRIES", "vision_entries", "encoder_of", "encoder_takes_images", "inner_generators",
+__all__ = ["VISION_ENTRIES", "PIXEL_ARGS", "VISION_WORDS", "vision_entries", "encoder_of", "encoder_takes_images", "inner_generators",
            "find_layers", "path_of", "probe_accessors"]
 
 VISION_ENTRIES = ("get_image_features", "get_video_features", "get_image_tokens")
-# Forward arguments that carry pixels (fuyu's image_patches, pix2struct's flattened_patches, ...).
-_PIXEL_ARGS = ("pixel_values", "pixel_values_images", "pixel_values_videos", "image_patches", "flattened_patches",
-               "images", "image")
-_VISION_WORDS = re.compile(r"(vision|visual|image|img|vit|pixel|patch)", re.I)
+# Arguments that carry pixels (fuyu's image_patches, pix2struct's flattened_patches, ...), to a
+# forward or to generate(): a call given one of these should have a vision stage.
+PIXEL_ARGS = ("pixel_values", "pixel_values_images", "pixel_values_videos", "pixel_values_video", "image_patches",
+              "flattened_patches", "images", "image")
+# Module names that say "vision part".
+VISION_WORDS = re.compile(r"(vision|visual|image|img|vit|pixel|patch)", re.I)
 _LAYER_NAMES = ("layers", "layer", "blocks", "block", "h")
 
 
@@ -74,7 +76,7 @@ def encoder_takes_images(encoder: nn.Module) -> bool:
         params = inspect.signature(encoder.forward).parameters
     except (TypeError, ValueError):
         return False
-    return any(p in params for p in _PIXEL_ARGS)
+    return any(p in params for p in PIXEL_ARGS)
 
 
 def inner_generators(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -100,7 +102,7 @@ def find_layers(model: nn.Module, lm_path: str) -> str | None:
         if not isinstance(sub, nn.ModuleList) or not len(sub):
             continue
         parts = name.split(".") if name else []
-        candidates.append((any(_VISION_WORDS.search(p) for p in parts), "encoder" in parts, len(parts),
+        candidates.append((any(VISION_WORDS.search(p) for p in parts), "encoder" in parts, len(parts),
                            len({type(k) for k in sub.children()}) > 1, bool(parts) and parts[-1] not in _LAYER_NAMES,
                            "decoder" not in name, name))
     if not candidates:

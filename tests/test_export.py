@@ -78,12 +78,16 @@ def test_a_stage_level_trace_of_a_16_token_call_stays_in_kilobytes(tmp_path):
     assert size < 16 * 1024, size  # a 16-token call: about 6 KiB
 
 
-def test_two_ranks_merge_side_by_side_on_one_clock(tmp_path):
-    a, b = traced("llama", calls=2), traced("llava", calls=1)
+def _two_rank_traces(tmp_path, second_family: str):
+    """A trace of rank 0 (two Llama calls) and one of rank 1 (one call of ``second_family``)."""
+    a, b = traced("llama", calls=2), traced(second_family, calls=1)
     for r in b.records:
         r.rank = 1
-    pa = a.save_chrome_trace(tmp_path / "trace.rank0.json")
-    pb = b.save_chrome_trace(tmp_path / "trace.rank1.json")
+    return a.save_chrome_trace(tmp_path / "trace.rank0.json"), b.save_chrome_trace(tmp_path / "trace.rank1.json")
+
+
+def test_two_ranks_merge_side_by_side_on_one_clock(tmp_path):
+    pa, pb = _two_rank_traces(tmp_path, "llava")
     merged = read_chrome_trace(merge_chrome_traces([pa, pb], tmp_path / "merged.json"))
     tracks = validate_trace(merged)
     assert {pid for pid, _ in tracks} == {0, 1}
@@ -216,11 +220,7 @@ def test_the_validator_rejects_what_the_format_forbids():
 
 
 def test_merging_a_merged_trace_again_changes_nothing(tmp_path):
-    a, b = traced("llama", calls=2), traced("llama", calls=1)
-    for r in b.records:
-        r.rank = 1
-    pa = a.save_chrome_trace(tmp_path / "trace.rank0.json")
-    pb = b.save_chrome_trace(tmp_path / "trace.rank1.json")
+    pa, pb = _two_rank_traces(tmp_path, "llama")
     once = read_chrome_trace(merge_chrome_traces([pa, pb], tmp_path / "m1.json"))
     twice = read_chrome_trace(merge_chrome_traces([tmp_path / "m1.json"], tmp_path / "m2.json"))
     assert twice == once and once["otherData"]["calls"] == 3 and once["otherData"]["ranks"] == [0, 1]

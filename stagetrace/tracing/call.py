@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["CallSlot", "CallState", "CallInputs", "PIXEL_ARGS", "next_forward_is_prefill", "forward_input_len", "read_call_inputs", "prompt_ids",
-           "new_token_count"]
+from ..structure import PIXEL_ARGS
+
+__all__ = ["CallSlot", "CallState", "CallInputs", "next_forward_is_prefill", "forward_input_len", "read_call_inputs",
+           "prompt_ids", "new_token_count"]
 
 
 @dataclass
@@ -77,10 +79,6 @@ def forward_input_len(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | No
         return int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
     return int(x.shape[-1]) if isinstance(x, torch.Tensor) else None
 
-
-# generate() arguments that carry pixels: a call given one of these should have a vision stage
-PIXEL_ARGS = ("pixel_values", "pixel_values_images", "pixel_values_videos", "image_patches", "flattened_patches",
-              "images", "pixel_values_video")
 
 
 @dataclass(frozen=True)
