@@ -25,6 +25,7 @@ class Kind(enum.IntEnum):
     LM_HEAD_END = 8       # lm_head ends (in a prefill forward)
     LAYER_BEGIN = 9       # decoder layer <index> starts (layer detail)
     LAYER_END = 10        # decoder layer <index> ends (layer detail)
+    FORWARD_RETURN = 11   # a top-level forward returned to generate(): its work is issued, maybe not run
 
 
 def label(kind: Kind, index: int = 0) -> int:

@@ -9,13 +9,17 @@ that never comes back down means the queue never drained (GPU-bound).
 
 What must stay true:
 
-* a verdict is drawn only from marks strictly inside a span and never from forward
-  boundaries: ``generate()`` reads a GPU value every step, so the queue is empty at every
-  step start whatever the step's own work was; a span with fewer than
-  :data:`MIN_MARKS` such marks is ``"unknown"`` (stage level has too few: use layer detail);
+* a verdict is drawn only from the marks inside a span and the mark that closes it where
+  that mark is issued right after the span's work (``VISION_END``, ``LM_HEAD_END``),
+  never from forward boundaries: ``generate()`` reads a GPU value every step, so the queue
+  is empty at every step start whatever the step's own work was. Inside a decode step
+  that leaves the layer marks (layer detail: one lead per layer boundary) and the
+  forward's return to generate() (``forward_return.py``: one per step in every mode, so
+  stage-level tracing and generate()'s compiled decode get a verdict too); a span with no
+  such mark is ``"unknown"``;
 * on the CPU backend there is one clock, so every lead is 0 by construction: ``"n/a"``;
-* where marks are GPU-side stamps placed after the call (compiled decode), their issue time
-  is their step's, so steps there are ``"unknown"``.
+* GPU-side stamps placed after the call (layer detail in compiled code) carry their
+  forward's issue time, not their own (``Marks.from_stamp``): they never enter a lead.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from .spans import KIND_CODE, SpanTable
 __all__ = ["CAUGHT_UP_US", "MIN_MARKS", "lead_ns", "verdict", "call_leads"]
 
 CAUGHT_UP_US = 20.0  # the GPU reached a mark within this of its issue: its queue had drained
-MIN_MARKS = 2        # interior marks a verdict needs
+MIN_MARKS = 1        # marks a verdict needs (one: the forward's return, at stage level)
 _BOUNDARY_KINDS = (Kind.CALL_BEGIN, Kind.CALL_END, Kind.PREFILL_FORWARD, Kind.DECODE_FORWARD)
 
 
@@ -56,8 +60,9 @@ def _stats(leads_us: np.ndarray, why_not: str | None) -> dict[str, Any]:
 
 def _per_span(t: np.ndarray, lead_us: np.ndarray, start: np.ndarray, end: np.ndarray) -> dict[str, np.ndarray]:
     """Vectorized over spans that do not overlap (the decode steps): the leads of the marks
-    strictly inside each span — count, min, median, max and the share that caught up."""
-    lo, hi = np.searchsorted(t, start, "right"), np.searchsorted(t, end, "left")
+    after each span's start up to and including its end — count, min, median, max and the
+    share that caught up."""
+    lo, hi = np.searchsorted(t, start, "right"), np.searchsorted(t, end, "right")
     n = np.maximum(hi - lo, 0)
     idx = np.arange(len(t))
     seg = np.searchsorted(lo, idx, "right") - 1
@@ -80,10 +85,14 @@ def _verdicts(n: np.ndarray, caught: np.ndarray) -> list[str]:
 
 
 def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, spans: SpanTable, backend: str,
-               compiled: bool) -> tuple[dict[str, dict[str, Any]], list[float | None], list[str]]:
-    """(per stage: min/median/max lead in µs, interior marks, verdict; per decode step: median
-    lead in µs and verdict), from one call's marks (device times relative to its first mark)."""
+               issued_by_host: np.ndarray | None = None
+               ) -> tuple[dict[str, dict[str, Any]], list[float | None], list[str]]:
+    """(per stage: min/median/max lead in µs, marks read, verdict; per decode step: median
+    lead in µs and verdict), from one call's marks (device times relative to its first mark).
+    ``issued_by_host``: False for stamps, whose host times are borrowed (``Marks.issued_by_host``)."""
     usable = ~np.isin(kind_of(labels), _BOUNDARY_KINDS)
+    if issued_by_host is not None:
+        usable &= np.asarray(issued_by_host, dtype=bool)
     t = np.asarray(device_ns, dtype=np.int64)[usable]
     lead_us = lead_ns(device_ns, host_ns)[usable] / 1e3
     cpu = "n/a" if backend == "cpu" else None
@@ -91,13 +100,12 @@ def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, s
     for kind in ("vision", "prefill", "decode"):
         rows = np.flatnonzero(spans.kind == KIND_CODE[kind])
         if len(rows):
-            lo, hi = np.searchsorted(t, spans.start_ns[rows[0]], "right"), np.searchsorted(t, spans.end_ns[rows[0]], "left")
-            stages[kind] = _stats(lead_us[lo:hi], cpu or ("unknown" if compiled and kind == "decode" else None))
+            lo, hi = np.searchsorted(t, spans.start_ns[rows[0]], "right"), np.searchsorted(t, spans.end_ns[rows[0]], "right")
+            stages[kind] = _stats(lead_us[lo:hi], cpu)
     steps = np.flatnonzero(spans.kind == KIND_CODE["step"])
     if not len(steps):
         return stages, [], []
     per = _per_span(t, lead_us, spans.start_ns[steps], spans.end_ns[steps])
     medians = [None if k == 0 else float(m) for k, m in zip(per["n"], per["median"])]
-    verdicts = [cpu] * len(steps) if cpu else (["unknown"] * len(steps) if compiled
-                                               else _verdicts(per["n"], per["caught"]))
+    verdicts = [cpu] * len(steps) if cpu else _verdicts(per["n"], per["caught"])
     return stages, medians, verdicts

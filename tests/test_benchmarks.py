@@ -18,6 +18,7 @@ SCRIPTS = {
                  "--configs", "llava_b1,llama_b2"],
     "subtraction": ["--cpu-tiny", "--samples", "3"],
     "in_context": ["--cpu-tiny", "--reps", "2", "--new-tokens", "2", "--pin-cpu", "3"],
+    "lead": ["--cpu-tiny", "--reps", "1", "--warmup", "1", "--new-tokens", "4"],
     "compiled": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--stamps", "100",
                  "--configs", "llama_b1"],
 }
@@ -46,5 +47,8 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
     if script == "in_context":
         assert {"plain", "noop", "event_mark", "plain_again"} <= set(payload["results"])
         assert payload["marks_per_call"] == 2 * 2 * 2  # 2 layers, prefill + 1 step, begin + end
+    if script == "lead":
+        assert payload["all_pass"] and {r["case"] for r in payload["results"]} == {
+            "b1_eager", "b32_eager", "b1_spin", "b1_compiled"}
     if script == "subtraction":
         assert payload["results"]["stagetrace"]["inconsistency_worst_ms"] <= 0

@@ -37,6 +37,7 @@ def test_compiled_decode_is_traced_without_graph_breaks_or_recompiles(family):
         assert_partition(rec)
         assert rec.compiled_decode and rec.output_tokens == 5 and len(rec.decode_step_ms) == 4
         assert len([s for s in rec.spans if s.name.startswith("layer")]) == 2  # prefill layers only
+        assert None not in rec.decode_step_lead_us  # the forward's return is marked outside the graph
         assert (rec.vision_ms is not None) == (family != "llama")
 
 

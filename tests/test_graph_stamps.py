@@ -100,6 +100,10 @@ def test_layer_detail_in_compiled_decode_stamps_every_layer_of_every_step(family
         steps = [s for s in rec.spans if s.name.startswith("step ")]
         layers = [s for s in rec.spans if s.name.startswith("layer")]
         assert len(layers) == 2 * 5  # two layers in the prefill and in each of 4 steps
+        # the stamps' host times are borrowed from their step's event: flagged, and kept out of the lead
+        stamped = rec.marks.from_stamp
+        assert stamped is not None and int(stamped.sum()) == 4 * 4  # begin and end of 2 layers in 4 steps
+        assert None not in rec.decode_step_lead_us and "unknown" not in rec.decode_step_verdict
         for step in steps:
             inside = [s for s in layers if step.start_ns <= s.start_ns and s.end_ns <= step.end_ns]
             assert [s.name for s in inside] == ["layer 0", "layer 1"], (step, inside)

@@ -4,18 +4,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stagetrace.labels import Kind, label, layer_labels
+from stagetrace.labels import Kind, kind_of, label, layer_labels
 from stagetrace.lead import CAUGHT_UP_US, _per_span, call_leads, lead_ns
 from stagetrace.stages import stages_from_marks
 
 LAYERS = [lab for pair in layer_labels(4, "pair") for lab in pair]
 
 
-def _call(steps: int, layers: bool = True) -> np.ndarray:
+def _call(steps: int, layers: bool = True, returns: bool = True) -> np.ndarray:
+    """A call's labels as the tracer marks them; ``returns``: each forward's return to generate()."""
     inner = LAYERS if layers else []
-    seq = [label(Kind.CALL_BEGIN), label(Kind.PREFILL_FORWARD), label(Kind.LM_BEGIN), *inner, label(Kind.LM_HEAD_END)]
+    back = [label(Kind.FORWARD_RETURN)] if returns else []
+    seq = [label(Kind.CALL_BEGIN), label(Kind.PREFILL_FORWARD), label(Kind.LM_BEGIN), *inner, label(Kind.LM_HEAD_END),
+           *back]
     for _ in range(steps):
-        seq += [label(Kind.DECODE_FORWARD), *inner]
+        seq += [label(Kind.DECODE_FORWARD), *inner, *back]
     return np.array(seq + [label(Kind.CALL_END)], dtype=np.int32)
 
 
@@ -31,9 +34,9 @@ def _clocks(labels: np.ndarray, work_before_us, host_wait_us=lambda i: 0) -> tup
     return device, host
 
 
-def _leads(labels, device, host, backend="cuda", compiled=False):
+def _leads(labels, device, host, backend="cuda", issued_by_host=None):
     spans = stages_from_marks(labels, device).spans
-    return call_leads(labels, device, host, spans, backend, compiled)
+    return call_leads(labels, device, host, spans, backend, issued_by_host)
 
 
 def test_the_lead_of_a_mark_is_gpu_time_minus_issue_time_on_the_aligned_clock():
@@ -64,16 +67,42 @@ def test_a_spin_inside_one_step_turns_that_step_gpu_bound_by_its_length():
     assert 2_000 - 10 * inside <= medians[2] <= 2_000, medians
 
 
-def test_stage_level_marks_are_too_few_for_a_verdict_and_the_cpu_backend_has_one_clock():
+def test_at_stage_level_the_forward_return_decides_and_without_it_the_verdict_is_unknown():
     labels = _call(steps=3, layers=False)
-    stages, _, verdicts = _leads(labels, *_clocks(labels, lambda i: 300))
-    assert verdicts == ["unknown"] * 3 and stages["decode"]["verdict"] == "unknown"
+    stages, medians, verdicts = _leads(labels, *_clocks(labels, lambda i: 300))  # the GPU never catches up
+    assert verdicts == ["gpu-bound"] * 3 and stages["decode"]["verdict"] == "gpu-bound"
+    assert stages["decode"]["marks"] == 3 and all(m > CAUGHT_UP_US for m in medians)
+    # prefill reads its closing mark (lm_head's end, issued right after its work) and the return
+    assert stages["prefill"]["marks"] == 1 and stages["prefill"]["verdict"] == "gpu-bound"
+    stages, _, verdicts = _leads(labels, *_clocks(labels, lambda i: 3))
+    assert verdicts == ["host-bound"] * 3 and stages["decode"]["verdict"] == "host-bound"
+    labels = _call(steps=3, layers=False, returns=False)  # a generate() that never hands back: no mark inside a step
+    stages, medians, verdicts = _leads(labels, *_clocks(labels, lambda i: 300))
+    assert verdicts == ["unknown"] * 3 and medians == [None] * 3 and stages["decode"]["verdict"] == "unknown"
+
+
+def test_the_cpu_backend_has_one_clock():
     labels = _call(steps=2)
     host = 10**12 + np.arange(len(labels), dtype=np.int64) * 10_000
     stages, medians, verdicts = _leads(labels, host - host[0], host, backend="cpu")  # one clock
     assert verdicts == ["n/a", "n/a"] and stages["prefill"]["verdict"] == "n/a" and medians == [0.0, 0.0]
-    _, _, verdicts = _leads(labels, *_clocks(labels, lambda i: 300), compiled=True)
-    assert verdicts == ["unknown", "unknown"]  # stamps carry their step's issue time
+
+
+def test_stamps_never_enter_a_lead_and_compiled_steps_are_classified_by_their_return():
+    """Compiled decode: each step is an event, GPU-side stamps (host time borrowed from the
+    step's event), then the forward's return. A graph launch issues the step at once, so the
+    GPU is still running it at the return: gpu-bound, read off the return mark alone."""
+    step = [label(Kind.DECODE_FORWARD), *LAYERS, label(Kind.FORWARD_RETURN)]
+    labels = np.array([label(Kind.CALL_BEGIN), label(Kind.PREFILL_FORWARD), label(Kind.LM_BEGIN),
+                       label(Kind.LM_HEAD_END), label(Kind.FORWARD_RETURN), *step * 2, label(Kind.CALL_END)],
+                      dtype=np.int32)
+    stamp = np.isin(kind_of(labels), [Kind.LAYER_BEGIN, Kind.LAYER_END])
+    device, host = _clocks(labels, lambda i: 300)
+    host = np.where(stamp, host[np.maximum.accumulate(np.where(~stamp, np.arange(len(labels)), 0))], host)
+    _, medians, verdicts = _leads(labels, device, host, issued_by_host=~stamp)
+    assert verdicts == ["gpu-bound", "gpu-bound"]
+    returns = np.flatnonzero(labels == label(Kind.FORWARD_RETURN))[1:]
+    assert medians == pytest.approx(list(lead_ns(device, host)[returns] / 1e3))  # the return's lead only
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -85,7 +114,7 @@ def test_vectorized_per_step_statistics_equal_a_loop(seed):
     start, end = bounds[:-1], bounds[1:]
     per = _per_span(t, lead_us, start, end)
     for k, (a, b) in enumerate(zip(start, end)):
-        inside = lead_us[(t > a) & (t < b)]
+        inside = lead_us[(t > a) & (t <= b)]  # after the start, up to the end
         assert per["n"][k] == len(inside)
         if len(inside):
             assert per["min"][k] == inside.min() and per["max"][k] == inside.max()
@@ -136,3 +165,45 @@ def test_the_lead_summary_hints_at_what_would_help():
     text = format_lead(summarize_lead([rec("unknown", ["unknown"] * 3)]))
     assert "layer_detail='all'" in text and "host-bound at" not in text
     assert format_lead(summarize_lead([])) == ""
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_spin_in_one_eager_step_turns_that_step_gpu_bound_by_its_length():
+    """Stage level and every layer: tiny Llama's eager steps are host-bound (its kernels are
+    tiny); 2 ms of GPU work queued at step 1's first layer makes that step GPU-bound, its
+    lead about the spin's length, and with layer detail one lead per layer boundary."""
+    import stagetrace
+    import torch
+    from stagetrace.testing.reference import spin_cycles_per_us
+
+    from helpers import build_on, cuda_skip_reason, gen_kwargs
+
+    if cuda_skip_reason():
+        pytest.skip(cuda_skip_reason())
+    case = build_on("llama", "cuda")
+    cycles, calls = int(spin_cycles_per_us() * 2000), []
+
+    def spin_at_step_2(module, args):
+        calls.append(1)
+        if len(calls) == 3:  # forwards: the prefill, step 0, then step 1
+            torch.cuda._sleep(cycles)
+
+    first_layer = case.model.model.layers[0]
+    kw = gen_kwargs(case, 6)
+    case.model.generate(**kw)  # warm
+    for detail in ("off", "all"):
+        handle = first_layer.register_forward_pre_hook(spin_at_step_2)
+        calls.clear()
+        try:
+            with stagetrace.trace(case.model, layer_detail=detail) as tracer:
+                case.model.generate(**kw)
+        finally:
+            handle.remove()
+        (rec,) = tracer.records
+        v, lead = rec.decode_step_verdict, rec.decode_step_lead_us
+        assert v[1] == "gpu-bound" and 1000 <= lead[1] <= 2500, (detail, v, lead)
+        others = [x for i, x in enumerate(v) if i != 1]
+        assert others.count("host-bound") >= len(others) - 1, (detail, v, lead)
+        assert rec.decode_step_ms[1] - np.median(rec.decode_step_ms) >= 1.8, rec.decode_step_ms
+        if detail == "all":  # a lead per layer boundary and the return, in every step
+            assert rec.lead["decode"]["marks"] == len(rec.decode_step_ms) * (2 * len(case.model.model.layers) + 1)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import stagetrace
+from stagetrace.labels import Kind, kind_of
 from stagetrace.testing import tiny
 from stagetrace.tracing import TracingError
 
@@ -37,6 +39,12 @@ def _check_family(family: str, device: str, new_tokens: int = 5, **build_kw) -> 
     if has_images:
         assert rec.vision_ms > 0
     assert rec.backend == ("cuda" if device == "cuda" else "cpu") and rec.device.startswith(device)
+    if family != "molmo_like":  # its own generate loop never hands a forward back through generate()
+        # every forward's return to generate() is marked, so every step has a lead at stage level
+        returns = int(np.sum(kind_of(rec.marks.labels) == Kind.FORWARD_RETURN))
+        assert returns == 1 + len(rec.decode_step_ms)
+        assert None not in rec.decode_step_lead_us
+        assert set(rec.decode_step_verdict) <= ({"n/a"} if device == "cpu" else {"host-bound", "gpu-bound", "mixed"})
     return rec
 
 

@@ -77,7 +77,8 @@ def merge_stamps(marks: Marks, labels: np.ndarray, t_ns: np.ndarray, anchor_labe
     total_dropped = marks.dropped + dropped
     stamp_pos = np.flatnonzero(~np.isin(labels, anchors))
     if not len(stamp_pos):  # nothing but calibration: the marks stand as they are
-        return Marks(marks.labels, marks.device_ns, marks.host_ns, marks.streams, marks.backend, total_dropped)
+        return Marks(marks.labels, marks.device_ns, marks.host_ns, marks.streams, marks.backend, total_dropped,
+                     marks.from_stamp)
     step = np.searchsorted(anchor_idx, stamp_pos, side="right") - 1  # the forward each stamp belongs to
     ev = event_idx[step]
     t = marks.device_ns[ev] + (t_ns[stamp_pos] - t_ns[anchor_idx[step]])
@@ -90,4 +91,5 @@ def merge_stamps(marks: Marks, labels: np.ndarray, t_ns: np.ndarray, anchor_labe
     order = np.lexsort((key_minor, key_major))
     cat = lambda a, b: np.concatenate([a, b.astype(a.dtype)])[order]  # noqa: E731
     return Marks(cat(marks.labels, labels[stamp_pos]), cat(marks.device_ns, t), cat(marks.host_ns, marks.host_ns[ev]),
-                 cat(marks.streams, marks.streams[ev]), backend=marks.backend, dropped=total_dropped)
+                 cat(marks.streams, marks.streams[ev]), backend=marks.backend, dropped=total_dropped,
+                 from_stamp=cat(~marks.issued_by_host, np.ones(len(stamp_pos), dtype=bool)))

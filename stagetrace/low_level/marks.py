@@ -16,6 +16,9 @@ class Marks:
     ``device_ns`` is the time of each mark on the timeline that executed it (GPU
     events, or the host clock on the CPU backend), relative to the first mark;
     ``host_ns`` is when the host issued it (absolute ``time.monotonic_ns`` clock).
+    ``from_stamp`` (None: no mark is) flags GPU-side stamps placed on the timeline after
+    the call (``clocks.merge_stamps``): their ``host_ns`` is their forward's event's, not
+    their own issue time, so nothing may read a host-side fact off them.
     """
 
     labels: np.ndarray
@@ -24,12 +27,18 @@ class Marks:
     streams: np.ndarray
     backend: str = "cpu"
     dropped: int = 0
+    from_stamp: np.ndarray | None = None
 
     @classmethod
     def from_timeline(cls, timeline: Any) -> "Marks":
         dropped = int(timeline.dropped)
         labels, device_ns, host_ns, streams = timeline.resolve()
         return cls(labels, device_ns, host_ns, streams, timeline.backend, dropped)
+
+    @property
+    def issued_by_host(self) -> np.ndarray:
+        """True where ``host_ns`` is the mark's own issue time (not a stamp's borrowed one)."""
+        return np.ones(len(self), dtype=bool) if self.from_stamp is None else ~self.from_stamp
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -59,7 +59,7 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
         warnings.warn(f"stagetrace: call {rec.call_index} was not timed: {rec.error}", RuntimeWarning, stacklevel=4)
     else:
         rec.lead, rec.decode_step_lead_us, rec.decode_step_verdict = call_leads(
-            marks.labels, marks.device_ns, marks.host_ns, rec.spans, marks.backend, rec.compiled_decode)
+            marks.labels, marks.device_ns, marks.host_ns, rec.spans, marks.backend, marks.issued_by_host)
         if placement is not None:
             rec.spans = placement.place(rec.spans)
         rec.warnings = [why for kind, why in (expect or {}).items() if not rec.spans.has_kind(kind)]

@@ -42,6 +42,7 @@ from .compiled_decode import CompiledDecodeMarks
 from .devices import SpanPlacement, bind_call_streams, model_devices, new_model_timeline
 from .eager import EagerHooks
 from .features import queue_features
+from .forward_return import ForwardReturnMarks
 from .errors import TracingError
 from .patch import Shadows
 from .record import build_record, versions
@@ -204,9 +205,11 @@ class Tracer:
             model, self._slot, mark, stamps_layers=self.layer_detail == "all",
             refusal=lambda gen_config: compiled_decode_refusal(self._devices, self.layer_detail, gen_config),
             before_step=self._before_compiled_step, calibrate=self._stamps.calibrate)
-        self._parts = [self._hooks, self._stamps, decode]
+        returns = ForwardReturnMarks(model, self.layout, self._slot, mark)
+        self._parts = [self._hooks, self._stamps, decode, returns]
         self._shadows.set(model, "generate", self._wrap_generate(model.generate))
         decode.install()
+        returns.install()
         self._hooks.install()
         if stamps_in_forward:
             self._stamps.install()  # dynamo recompiles the forward once with them
