@@ -7,9 +7,12 @@ Cases, each traced at stage level and with every layer marked (``layer_detail="a
 
   b1_eager        batch 1, 608-token prompt, eager: decode is launch-bound -> steps host-bound
   b32_eager       batch 32 of the same prompt: the prefill (19k tokens) is GPU-bound
-  b1_spin         b1_eager with a known spin (--spin-us of GPU work) queued at one decode step's
-                  first layer: that step turns GPU-bound, its lead about the spin, its time + the spin;
-                  the other steps stay host-bound
+  b1_spin         b1_eager with a known spin (--spin-us of GPU work) queued after one decode step's
+                  last layer: that step's GPU-bound time grows by the spin, its lead and its time too;
+                  the other steps stay host-bound. (Queued at the step's first layer, a spin shorter
+                  than the step's remaining launch time is absorbed: the GPU catches up while the
+                  host still launches — which the lead shows, and which is why it is queued last.)
+  b1_long_spin    the same with a spin 20x as long: the spin now dominates the step -> gpu-bound
   b1_compiled     generate()'s own compiled decode (static cache, CUDA graphs): the host launches a
                   step at once, so at the forward's return the GPU still runs it -> steps GPU-bound
 
@@ -30,30 +33,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment, save, table  # noqa: E402
 
 
-def _first_layer(model: Any) -> tuple[Any, int]:
-    """(the first decoder layer, how many there are), as the tracer finds them."""
+CASES = ("b1_eager", "b32_eager", "b1_spin", "b1_long_spin", "b1_compiled")
+
+
+def _last_layer(model: Any) -> tuple[Any, int]:
+    """(the last decoder layer, how many there are), as the tracer finds them."""
     from stagetrace.layouts import resolve_layout
 
     layers = resolve_layout(model).layers
     if not layers:
         raise SystemExit(f"no decoder layer list found in {type(model).__name__}")
-    return layers[0][1], len(layers)
+    return layers[-1][1], len(layers)
 
 
 def trace_case(case: Any, kw: dict[str, Any], detail: str, reps: int, warmup: int,
                spin: Callable[[], None] | None = None, spin_step: int | None = None) -> list[Any]:
-    """``reps`` traced calls after ``warmup`` untraced ones; ``spin`` runs (queues GPU work) at the
-    first layer of decode step ``spin_step`` of every traced call."""
+    """``reps`` traced calls after ``warmup`` untraced ones; ``spin`` runs (queues GPU work) after
+    the last layer of decode step ``spin_step`` of every traced call."""
     import torch
 
     import stagetrace
 
     for _ in range(warmup):
         case.model.generate(**kw)
-    first, _ = _first_layer(case.model)
+    last, _ = _last_layer(case.model)
     forwards = [0]
 
-    def spin_hook(module: Any, args: Any) -> None:
+    def spin_hook(module: Any, args: Any, out: Any) -> None:
         forwards[0] += 1
         if forwards[0] == spin_step + 2:  # forward 1 is the prefill, forward 2 decode step 0
             spin()
@@ -61,7 +67,7 @@ def trace_case(case: Any, kw: dict[str, Any], detail: str, reps: int, warmup: in
     records = []
     with torch.no_grad():
         for _ in range(reps):
-            handle = first.register_forward_pre_hook(spin_hook) if spin is not None else None
+            handle = last.register_forward_hook(spin_hook) if spin is not None else None
             forwards[0] = 0
             try:
                 with stagetrace.trace(case.model, layer_detail=detail) as tracer:
@@ -83,19 +89,21 @@ def summarize(records: list[Any], spin_step: int | None) -> dict[str, Any]:
                 "max_lead_us": _med([r.lead[stage]["max_us"] for r in ok if stage in r.lead]),
                 "marks_per_call": _med([r.lead[stage]["marks"] for r in ok if stage in r.lead])}
         for stage in ("vision", "prefill", "decode") if any(stage in r.lead for r in ok)}
-    steps = [(i, v, lead, ms) for r in ok for i, (v, lead, ms) in
-             enumerate(zip(r.decode_step_verdict, r.decode_step_lead_us, r.decode_step_ms))]
+    steps = [(i, v, lead, ms, gb) for r in ok for i, (v, lead, ms, gb) in
+             enumerate(zip(r.decode_step_verdict, r.decode_step_lead_us, r.decode_step_ms, r.decode_step_gpu_bound_ms))]
     rest = [s for s in steps if s[0] != spin_step]
-    out["steps"] = {"verdicts": dict(Counter(v for _, v, _, _ in rest)),
-                    "median_lead_us": _med([lead for _, _, lead, _ in rest]),
-                    "median_step_ms": _med([ms for *_, ms in rest]), "n": len(rest)}
+    out["steps"] = {"verdicts": dict(Counter(s[1] for s in rest)), "median_lead_us": _med([s[2] for s in rest]),
+                    "median_step_ms": _med([s[3] for s in rest]), "median_gpu_bound_ms": _med([s[4] for s in rest]),
+                    "n": len(rest)}
     if spin_step is not None:
         hit = [s for s in steps if s[0] == spin_step]
-        out["spin_step"] = {"index": spin_step, "verdicts": dict(Counter(v for _, v, _, _ in hit)),
-                            "median_lead_us": _med([lead for _, _, lead, _ in hit]),
+        out["spin_step"] = {"index": spin_step, "verdicts": dict(Counter(s[1] for s in hit)),
+                            "median_lead_us": _med([s[2] for s in hit]),
                             "max_lead_us": _med([max(_step_leads(r, spin_step)) for r in ok]),
-                            "median_step_ms": _med([ms for *_, ms in hit]),
-                            "extra_ms": _med([ms for *_, ms in hit]) - out["steps"]["median_step_ms"]}
+                            "median_step_ms": _med([s[3] for s in hit]),
+                            "median_gpu_bound_ms": _med([s[4] for s in hit]),
+                            "extra_ms": _med([s[3] for s in hit]) - out["steps"]["median_step_ms"],
+                            "extra_gpu_bound_ms": _med([s[4] for s in hit]) - out["steps"]["median_gpu_bound_ms"]}
     out["lead_values_per_step"] = _med([_marks_per_step(r) for r in ok])
     out["compiled_decode"] = all(r.compiled_decode for r in ok)
     return out
@@ -147,18 +155,21 @@ def checks(name: str, detail: str, s: dict[str, Any], cuda: bool, n_layers: int,
         return rows
     steps = s["steps"]["verdicts"]
     share = lambda v: steps.get(v, 0) / max(1, s["steps"]["n"])  # noqa: E731
-    if name in ("b1_eager", "b1_spin"):
+    if name in ("b1_eager", "b1_spin", "b1_long_spin"):
         check("decode steps host-bound (>= 90%)", f"{share('host-bound'):.0%} {steps}", share("host-bound") >= 0.9)
     if name == "b32_eager":
         pv = s["stages"]["prefill"]["verdicts"]
         check("prefill gpu-bound", pv, set(pv) == {"gpu-bound"})
-    if name == "b1_spin":
+    if name in ("b1_spin", "b1_long_spin"):
         sp = s["spin_step"]
-        check("spin step gpu-bound", sp["verdicts"], set(sp["verdicts"]) == {"gpu-bound"})
-        check(f"spin step's max lead ~ spin ({spin_us:.0f} us, -30%/+10%)", f"{sp['max_lead_us']:.0f} us",
-              0.7 * spin_us <= sp["max_lead_us"] <= 1.1 * spin_us)
-        check(f"spin step longer by ~ spin ({spin_us / 1e3:.2f} ms, +-15%)", f"{sp['extra_ms']:.3f} ms",
+        check(f"spin step's GPU-bound time grows by the spin ({spin_us / 1e3:.1f} ms, +-15%)",
+              f"{sp['extra_gpu_bound_ms']:.3f} ms", abs(sp["extra_gpu_bound_ms"] * 1e3 - spin_us) <= 0.15 * spin_us)
+        check(f"spin step's max lead ~ spin ({spin_us:.0f} us, +-15%)", f"{sp['max_lead_us']:.0f} us",
+              abs(sp["max_lead_us"] - spin_us) <= 0.15 * spin_us)
+        check(f"spin step longer by ~ spin ({spin_us / 1e3:.1f} ms, +-15%)", f"{sp['extra_ms']:.3f} ms",
               abs(sp["extra_ms"] * 1e3 - spin_us) <= 0.15 * spin_us)
+        if name == "b1_long_spin":
+            check("spin step gpu-bound", sp["verdicts"], set(sp["verdicts"]) == {"gpu-bound"})
     if name == "b1_compiled":
         check("compiled decode on", s["compiled_decode"], s["compiled_decode"])
         check("compiled steps gpu-bound (>= 90%)", f"{share('gpu-bound'):.0%} {steps}", share("gpu-bound") >= 0.9)
@@ -176,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--spin-us", type=float, default=3000.0)
     ap.add_argument("--spin-step", type=int, default=10)
-    ap.add_argument("--cases", default="b1_eager,b32_eager,b1_spin,b1_compiled")
+    ap.add_argument("--cases", default="b1_eager,b32_eager,b1_spin,b1_long_spin,b1_compiled")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -188,18 +199,20 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available() and not args.cpu_tiny
     env = environment()
     spin_step = min(args.spin_step, args.new_tokens - 2)
-    cycles = None
+    cycles_per_us = 0.0
     if cuda:
         from stagetrace.testing.reference import spin_cycles_per_us
 
-        cycles = int(spin_cycles_per_us() * args.spin_us)
+        cycles_per_us = spin_cycles_per_us()
     results: list[dict] = []
     rows: list[list[Any]] = []
     for name in args.cases.split(","):
         batch = 32 if name == "b32_eager" else 1
+        if name not in CASES:
+            raise SystemExit(f"unknown case {name!r}: pick from {', '.join(CASES)}")
         case = models.llama_realistic(batch=batch) if cuda else tiny.build("llama", batch=min(batch, 2))
         case.model.eval()
-        _, n_layers = _first_layer(case.model)
+        _, n_layers = _last_layer(case.model)
         kw = dict(case.inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                   **case.generate_kwargs)
         if name == "b1_compiled":
@@ -210,15 +223,16 @@ def main(argv: list[str] | None = None) -> dict:
                 cfg._compile_all_devices = True
                 kw["compile_config"] = cfg
             case.model.generation_config.cache_implementation = "static"
-        spin = None
-        if name == "b1_spin":
+        spin, spin_us = None, args.spin_us * (20 if name == "b1_long_spin" else 1)
+        if name in ("b1_spin", "b1_long_spin"):
+            cycles = int(cycles_per_us * spin_us)
             spin = (lambda: torch.cuda._sleep(cycles)) if cuda else (lambda: None)
         for detail in ("off", "all"):
             recs = trace_case(case, kw, detail, args.reps, args.warmup, spin, spin_step if spin else None)
             s = summarize(recs, spin_step if spin else None)
-            s.update(case=name, layer_detail=detail, batch=batch, layers=n_layers)
+            s.update(case=name, layer_detail=detail, batch=batch, layers=n_layers, spin_us=spin_us if spin else None)
             results.append(s)
-            rows += checks(name, detail, s, cuda, n_layers, args.spin_us)
+            rows += checks(name, detail, s, cuda, n_layers, spin_us)
         del case
         if cuda:
             torch.cuda.empty_cache()
@@ -232,10 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
     path = save("lead" if cuda else "lead-cpu-tiny", payload, args.out)
     view = [[s["case"], s["layer_detail"], str(s["stages"].get("prefill", {}).get("verdicts", "")),
              s["stages"].get("prefill", {}).get("median_lead_us") or 0.0, str(s["steps"]["verdicts"]),
-             s["steps"]["median_lead_us"] or 0.0, s["steps"]["median_step_ms"] or 0.0, s["lead_values_per_step"] or 0]
-            for s in results]
+             s["steps"]["median_lead_us"] or 0.0, s["steps"]["median_step_ms"] or 0.0,
+             s["steps"]["median_gpu_bound_ms"] or 0.0, s["lead_values_per_step"] or 0] for s in results]
     print(table(view, ["case", "layers", "prefill verdicts", "prefill lead µs", "step verdicts", "step lead µs",
-                       "step ms", "leads/step"]))
+                       "step ms", "step GPU-bound ms", "leads/step"]))
     print(table([[str(c) for c in r] for r in rows], ["case", "layers", "check", "measured", "result"]))
     print(f"{'all checks pass' if payload['all_pass'] else 'SOME CHECKS FAIL'}; wrote {path}")
     return payload

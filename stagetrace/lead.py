@@ -7,6 +7,17 @@ a mark is GPU time minus issue time: how long the queue in front of it was. A le
 zero means the GPU had caught up with the host and was waiting for work (host-bound); a lead
 that never comes back down means the queue never drained (GPU-bound).
 
+**GPU-bound time.** From its issue until the GPU reached it, a mark sat behind queued work:
+over that whole while the GPU had work waiting and the host was not what held it up. So
+over the stretch of GPU time since the previous mark (``Δ``), the GPU was behind for at
+least ``min(lead, Δ)``. The sum over a span is a lower bound of its GPU-bound time, with no
+kernel trace; its share of the covered stretches gives the verdict: **host-bound** below
+1/4, **gpu-bound** from 3/4, **mixed** between. (A lead up to :data:`CAUGHT_UP_US` is launch
+latency and counts as caught up.) Why a time share and not a count of caught-up marks: a
+stage that starts from an empty queue always has a first mark or two caught up, however
+long the queue then grows (a batch-32 prefill); and a long spin between two marks is one
+mark but most of the time.
+
 What must stay true:
 
 * a verdict is drawn only from the marks inside a span and the mark that closes it where
@@ -17,6 +28,7 @@ What must stay true:
   forward's return to generate() (``forward_return.py``: one per step in every mode, so
   stage-level tracing and generate()'s compiled decode get a verdict too); a span with no
   such mark is ``"unknown"``;
+* GPU-bound time never exceeds the span (each mark adds at most its own ``Δ``);
 * on the CPU backend there is one clock, so every lead is 0 by construction: ``"n/a"``;
 * GPU-side stamps placed after the call (layer detail in compiled code) carry their
   forward's issue time, not their own (``Marks.from_stamp``): they never enter a lead.
@@ -30,10 +42,10 @@ import numpy as np
 from .labels import Kind, kind_of
 from .spans import KIND_CODE, SpanTable
 
-__all__ = ["CAUGHT_UP_US", "MIN_MARKS", "lead_ns", "verdict", "call_leads"]
+__all__ = ["CAUGHT_UP_US", "HOST_BOUND_BELOW", "GPU_BOUND_FROM", "lead_ns", "verdict", "call_leads"]
 
 CAUGHT_UP_US = 20.0  # the GPU reached a mark within this of its issue: its queue had drained
-MIN_MARKS = 1        # marks a verdict needs (one: the forward's return, at stage level)
+HOST_BOUND_BELOW, GPU_BOUND_FROM = 0.25, 0.75  # GPU-bound share of a span's covered time
 _BOUNDARY_KINDS = (Kind.CALL_BEGIN, Kind.CALL_END, Kind.PREFILL_FORWARD, Kind.DECODE_FORWARD)
 
 
@@ -43,69 +55,81 @@ def lead_ns(device_ns: np.ndarray, host_ns: np.ndarray) -> np.ndarray:
     return np.asarray(device_ns, dtype=np.int64) - (host - host[0])
 
 
-def verdict(leads_us: np.ndarray) -> str:
-    """host-bound: the GPU caught up with the host at most marks; gpu-bound: never; else mixed."""
-    if len(leads_us) < MIN_MARKS:
+def verdict(gpu_bound_share: float | None) -> str:
+    """host-bound / mixed / gpu-bound from the share of time the GPU was behind (None: unknown)."""
+    if gpu_bound_share is None or not np.isfinite(gpu_bound_share):
         return "unknown"
-    caught = float(np.mean(leads_us <= CAUGHT_UP_US))
-    return "host-bound" if caught >= 0.5 else ("gpu-bound" if caught == 0 else "mixed")
+    if gpu_bound_share < HOST_BOUND_BELOW:
+        return "host-bound"
+    return "gpu-bound" if gpu_bound_share >= GPU_BOUND_FROM else "mixed"
 
 
-def _stats(leads_us: np.ndarray, why_not: str | None) -> dict[str, Any]:
+def _gpu_bound_ns(t: np.ndarray, lead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per mark (all kinds, in device order): (Δ since the previous mark, time the GPU was
+    certainly behind within that Δ: ``min(lead, Δ)``, 0 where the lead is launch latency)."""
+    delta = np.diff(t, prepend=t[:1])
+    behind = np.where(lead > CAUGHT_UP_US * 1e3, np.minimum(lead, delta), 0)
+    return delta, behind
+
+
+def _stats(leads_us: np.ndarray, delta_ns: np.ndarray, behind_ns: np.ndarray, why_not: str | None) -> dict[str, Any]:
     if not len(leads_us):
-        return {"min_us": None, "median_us": None, "max_us": None, "marks": 0, "verdict": why_not or "unknown"}
+        return {"min_us": None, "median_us": None, "max_us": None, "marks": 0, "gpu_bound_ms": None,
+                "covered_ms": 0.0, "gpu_bound_share": None, "verdict": why_not or "unknown"}
+    covered, behind = float(delta_ns.sum()), float(behind_ns.sum())
+    share = behind / covered if covered > 0 else None
     return {"min_us": float(leads_us.min()), "median_us": float(np.median(leads_us)), "max_us": float(leads_us.max()),
-            "marks": int(len(leads_us)), "verdict": why_not or verdict(leads_us)}
+            "marks": int(len(leads_us)), "gpu_bound_ms": behind / 1e6, "covered_ms": covered / 1e6,
+            "gpu_bound_share": share, "verdict": why_not or verdict(share)}
 
 
-def _per_span(t: np.ndarray, lead_us: np.ndarray, start: np.ndarray, end: np.ndarray) -> dict[str, np.ndarray]:
-    """Vectorized over spans that do not overlap (the decode steps): the leads of the marks
-    after each span's start up to and including its end — count, min, median, max and the
-    share that caught up."""
-    lo, hi = np.searchsorted(t, start, "right"), np.searchsorted(t, end, "right")
-    n = np.maximum(hi - lo, 0)
-    idx = np.arange(len(t))
-    seg = np.searchsorted(lo, idx, "right") - 1
-    seg = np.where((seg >= 0) & (idx < hi[np.maximum(seg, 0)]), seg, -1)
-    ordered = lead_us[np.lexsort((lead_us, seg))]  # marks outside every span first, then span by span
-    first = int(np.sum(seg < 0)) + np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
-    caught = np.concatenate([[0], np.cumsum(ordered <= CAUGHT_UP_US)])
+def _per_step(step: np.ndarray, lead_us: np.ndarray, n_steps: int) -> dict[str, np.ndarray]:
+    """Vectorized over the decode steps: per step (``step``: each mark's, -1 for none) the
+    count, min, median and max of its marks' leads."""
+    n = np.bincount(step[step >= 0], minlength=n_steps)[:n_steps]
+    ordered = lead_us[np.lexsort((lead_us, step))]  # marks of no step first, then step by step
+    first = int(np.sum(step < 0)) + np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
     at = lambda i: ordered[np.clip(i, 0, max(len(ordered) - 1, 0))] if len(ordered) else np.zeros(len(n))  # noqa: E731
     empty = n == 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {"n": n, "min": np.where(empty, np.nan, at(first)), "max": np.where(empty, np.nan, at(first + n - 1)),
-                "median": np.where(empty, np.nan, (at(first + (n - 1) // 2) + at(first + n // 2)) / 2),
-                "caught": np.where(empty, np.nan, (caught[first + n] - caught[first]) / np.maximum(n, 1))}
-
-
-def _verdicts(n: np.ndarray, caught: np.ndarray) -> list[str]:
-    out = np.where(n < MIN_MARKS, "unknown",
-                   np.where(caught >= 0.5, "host-bound", np.where(caught == 0, "gpu-bound", "mixed")))
-    return out.tolist()
+    return {"n": n, "min": np.where(empty, np.nan, at(first)), "max": np.where(empty, np.nan, at(first + n - 1)),
+            "median": np.where(empty, np.nan, (at(first + (n - 1) // 2) + at(first + n // 2)) / 2)}
 
 
 def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, spans: SpanTable, backend: str,
-               issued_by_host: np.ndarray | None = None
-               ) -> tuple[dict[str, dict[str, Any]], list[float | None], list[str]]:
-    """(per stage: min/median/max lead in µs, marks read, verdict; per decode step: median
-    lead in µs and verdict), from one call's marks (device times relative to its first mark).
+               issued_by_host: np.ndarray | None = None) -> dict[str, Any]:
+    """One call's leads, from its marks (device times relative to its first mark):
+    ``stages``: per stage min/median/max lead (µs), marks read, GPU-bound time (ms, a lower
+    bound), its share of the covered time and the verdict; per decode step ``step_lead_us``
+    (median lead, None: no mark inside), ``step_gpu_bound_ms`` and ``step_verdict``.
     ``issued_by_host``: False for stamps, whose host times are borrowed (``Marks.issued_by_host``)."""
-    usable = ~np.isin(kind_of(labels), _BOUNDARY_KINDS)
+    t_all = np.asarray(device_ns, dtype=np.int64)
+    lead_all = lead_ns(t_all, host_ns)
+    delta_all, behind_all = _gpu_bound_ns(t_all, lead_all)
+    kinds = kind_of(labels)
+    usable = ~np.isin(kinds, _BOUNDARY_KINDS)
     if issued_by_host is not None:
         usable &= np.asarray(issued_by_host, dtype=bool)
-    t = np.asarray(device_ns, dtype=np.int64)[usable]
-    lead_us = lead_ns(device_ns, host_ns)[usable] / 1e3
+    t, lead_us, delta, behind = t_all[usable], lead_all[usable] / 1e3, delta_all[usable], behind_all[usable]
     cpu = "n/a" if backend == "cpu" else None
     stages = {}
     for kind in ("vision", "prefill", "decode"):
         rows = np.flatnonzero(spans.kind == KIND_CODE[kind])
         if len(rows):
-            lo, hi = np.searchsorted(t, spans.start_ns[rows[0]], "right"), np.searchsorted(t, spans.end_ns[rows[0]], "right")
-            stages[kind] = _stats(lead_us[lo:hi], cpu)
-    steps = np.flatnonzero(spans.kind == KIND_CODE["step"])
-    if not len(steps):
-        return stages, [], []
-    per = _per_span(t, lead_us, spans.start_ns[steps], spans.end_ns[steps])
-    medians = [None if k == 0 else float(m) for k, m in zip(per["n"], per["median"])]
-    verdicts = [cpu] * len(steps) if cpu else _verdicts(per["n"], per["caught"])
-    return stages, medians, verdicts
+            lo = np.searchsorted(t, spans.start_ns[rows[0]], "right")
+            hi = np.searchsorted(t, spans.end_ns[rows[0]], "right")
+            stages[kind] = _stats(lead_us[lo:hi], delta[lo:hi], behind[lo:hi], cpu)
+    out: dict[str, Any] = {"stages": stages, "step_lead_us": [], "step_gpu_bound_ms": [], "step_verdict": []}
+    n_steps = int(np.sum(spans.kind == KIND_CODE["step"]))
+    if not n_steps:
+        return out
+    # a mark belongs to the step whose start mark it follows in issue order (times can tie)
+    step = (np.searchsorted(np.flatnonzero(kinds == Kind.DECODE_FORWARD), np.arange(len(kinds)), "right") - 1)[usable]
+    per = _per_step(step, lead_us, n_steps)
+    mine = step >= 0
+    covered = np.bincount(step[mine], weights=delta[mine], minlength=n_steps)[:n_steps]
+    gpu_bound = np.bincount(step[mine], weights=behind[mine], minlength=n_steps)[:n_steps]
+    out["step_lead_us"] = [None if k == 0 else float(m) for k, m in zip(per["n"], per["median"])]
+    out["step_gpu_bound_ms"] = [None if k == 0 else float(b) / 1e6 for k, b in zip(per["n"], gpu_bound)]
+    out["step_verdict"] = [cpu] * n_steps if cpu else [
+        verdict(None if k == 0 or c <= 0 else float(b / c)) for k, b, c in zip(per["n"], gpu_bound, covered)]
+    return out

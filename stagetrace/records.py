@@ -81,10 +81,12 @@ class StageRecord:
     error: str | None = None  # set when the call's marks could not be turned into stages
     # what the numbers cannot tell, said out loud (e.g. images given but no vision stage marked)
     warnings: list[str] = field(default_factory=list)
-    # how far the GPU ran behind the host (lead.py): per stage min/median/max µs, marks, verdict;
-    # per decode step the median lead (None: no mark inside) and the verdict
+    # how far the GPU ran behind the host (lead.py): per stage min/median/max µs, marks,
+    # GPU-bound time (a lower bound, ms), its share and the verdict; per decode step the
+    # median lead and the GPU-bound time (None: no mark inside) and the verdict
     lead: dict[str, dict[str, Any]] = field(default_factory=dict)
     decode_step_lead_us: list[float | None] = field(default_factory=list)
+    decode_step_gpu_bound_ms: list[float | None] = field(default_factory=list)
     decode_step_verdict: list[str] = field(default_factory=list)
     schema: int = SCHEMA_VERSION
     # in-memory only: the spans and raw marks behind the numbers
@@ -120,6 +122,7 @@ class StageRecord:
         d["warnings"] = list(self.warnings)
         d["lead"] = {k: dict(v) for k, v in self.lead.items()}
         d["decode_step_lead_us"] = list(self.decode_step_lead_us)
+        d["decode_step_gpu_bound_ms"] = list(self.decode_step_gpu_bound_ms)
         d["decode_step_verdict"] = list(self.decode_step_verdict)
         d["image_sizes"] = [list(x) for x in self.image_sizes]
         d["tpot_ms"] = self.tpot_ms
@@ -210,7 +213,7 @@ _FIELD_KINDS: dict[str, str] = {
                     "str"),
     **dict.fromkeys(("sample_id", "error"), "str?"),
     "compiled_decode": "bool", "decode_step_ms": "numbers", "devices": "strs", "device_streams": "ints",
-    "warnings": "strs", "lead": "lead_map", "decode_step_lead_us": "numbers?s", "decode_step_verdict": "strs", "images": "int?", "image_tokens": "int?", "text_tokens": "int?", "image_sizes": "int_lists",
+    "warnings": "strs", "lead": "lead_map", "decode_step_lead_us": "numbers?s", "decode_step_gpu_bound_ms": "numbers?s", "decode_step_verdict": "strs", "images": "int?", "image_tokens": "int?", "text_tokens": "int?", "image_sizes": "int_lists",
     "versions": "str_map", "spans": "spans", "host_spans": "spans",
 }
 # A span as written: its identity in kind + index (schema 2) or in its name (schema 1).

@@ -49,6 +49,6 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         assert payload["marks_per_call"] == 2 * 2 * 2  # 2 layers, prefill + 1 step, begin + end
     if script == "lead":
         assert payload["all_pass"] and {r["case"] for r in payload["results"]} == {
-            "b1_eager", "b32_eager", "b1_spin", "b1_compiled"}
+            "b1_eager", "b32_eager", "b1_spin", "b1_long_spin", "b1_compiled"}
     if script == "subtraction":
         assert payload["results"]["stagetrace"]["inconsistency_worst_ms"] <= 0

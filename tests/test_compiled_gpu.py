@@ -94,10 +94,13 @@ def test_compiled_decode_steps_time_known_gpu_work():
     assert rec.compiled_decode and len(rec.decode_step_ms) == 4
     for step_ms in rec.decode_step_ms:
         assert 2.0 <= step_ms <= 2.0 + 3.0, rec.decode_step_ms
-    # the host issued each step (spin + graph) at once: when the forward returned, the GPU
-    # still had the spin to run — every step is GPU-bound, its lead about the spin's length
-    assert rec.decode_step_verdict == ["gpu-bound"] * 4, rec.decode_step_verdict
-    assert all(1500 <= lead <= 2000 + 500 for lead in rec.decode_step_lead_us), rec.decode_step_lead_us
+    # the host issued each step (spin + graph) at once: when the forward returned, the GPU still
+    # had most of the spin to run. The GPU-bound time is a lower bound: it counts from the
+    # return's issue, so the host's own time before it (inputs, the graph launch) is not in it
+    why = (rec.decode_step_verdict, rec.decode_step_lead_us, rec.decode_step_gpu_bound_ms)
+    assert "host-bound" not in rec.decode_step_verdict and None not in rec.decode_step_lead_us, why
+    assert all(1000 <= lead <= 2000 + 500 for lead in rec.decode_step_lead_us), why
+    assert all(1.0 <= ms <= 2.5 for ms in rec.decode_step_gpu_bound_ms), why
 
 
 def test_decode_first_compiled_under_tracing_serves_untraced_calls_too():

@@ -25,12 +25,18 @@ def summarize_lead(records: Iterable[StageRecord]) -> dict[str, dict[str, Any]]:
         rows = [r.lead[stage] for r in recs if stage in r.lead]
         if rows:
             medians = [x["median_us"] for x in rows if x.get("median_us") is not None]
+            shares = [x["gpu_bound_share"] for x in rows if x.get("gpu_bound_share") is not None]
             out[stage] = {"median_us": float(np.median(medians)) if medians else None,
+                          "gpu_bound_share": float(np.median(shares)) if shares else None,
                           "verdicts": Counter(str(x.get("verdict")) for x in rows)}
     steps = [v for r in recs for v in r.decode_step_verdict]
     if steps:
         leads = [x for r in recs for x in r.decode_step_lead_us if x is not None]
-        out["decode steps"] = {"median_us": float(np.median(leads)) if leads else None, "verdicts": Counter(steps)}
+        bound = [(b, ms) for r in recs for b, ms in zip(r.decode_step_gpu_bound_ms, r.decode_step_ms) if b is not None]
+        out["decode steps"] = {"median_us": float(np.median(leads)) if leads else None,
+                               "gpu_bound_share": (float(np.median([b / ms for b, ms in bound if ms > 0]))
+                                                   if any(ms > 0 for _, ms in bound) else None),
+                               "verdicts": Counter(steps)}
     return out
 
 
@@ -40,7 +46,8 @@ def _hints(summary: dict[str, dict[str, Any]]) -> list[str]:
     if every and set(every) <= {"n/a"}:
         return ["CPU backend: one clock, so the lead is 0 by construction and says nothing"]
     if every and set(every) <= {"unknown", "n/a"}:
-        return ["too few marks inside the stages for a verdict: trace with layer_detail='all' for a dense lead"]
+        return ["no mark inside the stages for a verdict (a generate() of its own, without the forward's "
+                "return to mark): trace with layer_detail='all' for a lead per layer boundary"]
     steps = summary.get("decode steps", {}).get("verdicts", Counter())
     known = sum(n for v, n in steps.items() if v not in ("unknown", "n/a"))
     if known and steps["host-bound"] >= 0.9 * known:
@@ -55,10 +62,13 @@ def format_lead(summary: dict[str, dict[str, Any]]) -> str:
     """A short table: stage, median lead, verdict counts; then the hints."""
     if not summary:
         return ""
-    lines = ["GPU lead (how far the GPU ran behind the host; median over calls):"]
+    lines = ["GPU lead (how far the GPU ran behind the host; GPU-bound: share of the time it was "
+             "certainly behind; medians over calls):"]
     for stage, row in summary.items():
         lead = "-" if row["median_us"] is None else f"{row['median_us']:.1f} µs"
+        share = row.get("gpu_bound_share")
+        bound = "-" if share is None else f"{share:.0%}"
         counts = ", ".join(f"{v} {row['verdicts'][v]}" for v in VERDICTS if row["verdicts"][v])
-        lines.append(f"  {stage:<13} {lead:>12}   {counts}")
+        lines.append(f"  {stage:<13} {lead:>12}  GPU-bound {bound:>4}   {counts}")
     lines += [f"  hint: {h}" for h in _hints(summary)]
     return "\n".join(lines)

@@ -58,8 +58,10 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
         rec = StageRecord.failed(error or "", **meta)
         warnings.warn(f"stagetrace: call {rec.call_index} was not timed: {rec.error}", RuntimeWarning, stacklevel=4)
     else:
-        rec.lead, rec.decode_step_lead_us, rec.decode_step_verdict = call_leads(
-            marks.labels, marks.device_ns, marks.host_ns, rec.spans, marks.backend, marks.issued_by_host)
+        leads = call_leads(marks.labels, marks.device_ns, marks.host_ns, rec.spans, marks.backend,
+                           marks.issued_by_host)
+        rec.lead, rec.decode_step_lead_us = leads["stages"], leads["step_lead_us"]
+        rec.decode_step_gpu_bound_ms, rec.decode_step_verdict = leads["step_gpu_bound_ms"], leads["step_verdict"]
         if placement is not None:
             rec.spans = placement.place(rec.spans)
         rec.warnings = [why for kind, why in (expect or {}).items() if not rec.spans.has_kind(kind)]
