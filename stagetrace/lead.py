@@ -11,8 +11,8 @@ that never comes back down means the queue never drained (GPU-bound).
 over that whole while the GPU had work waiting and the host was not what held it up. So
 over the stretch of GPU time since the previous mark (``Δ``), the GPU was behind for at
 least ``min(lead, Δ)``. The sum over a span is a lower bound of its GPU-bound time, with no
-kernel trace; its share of the covered stretches gives the verdict: **host-bound** below
-1/4, **gpu-bound** from 3/4, **mixed** between. (A lead up to :data:`CAUGHT_UP_US` is launch
+kernel trace; its share of the span gives the verdict: **host-bound** below 1/4,
+**gpu-bound** from 3/4, **mixed** between. (A lead up to :data:`CAUGHT_UP_US` is launch
 latency and counts as caught up.) Why a time share and not a count of caught-up marks: a
 stage that starts from an empty queue always has a first mark or two caught up, however
 long the queue then grows (a batch-32 prefill); and a long spin between two marks is one
@@ -45,7 +45,7 @@ from .spans import KIND_CODE, SpanTable
 __all__ = ["CAUGHT_UP_US", "HOST_BOUND_BELOW", "GPU_BOUND_FROM", "lead_ns", "verdict", "call_leads"]
 
 CAUGHT_UP_US = 20.0  # the GPU reached a mark within this of its issue: its queue had drained
-HOST_BOUND_BELOW, GPU_BOUND_FROM = 0.25, 0.75  # GPU-bound share of a span's covered time
+HOST_BOUND_BELOW, GPU_BOUND_FROM = 0.25, 0.75  # GPU-bound share of a span
 _BOUNDARY_KINDS = (Kind.CALL_BEGIN, Kind.CALL_END, Kind.PREFILL_FORWARD, Kind.DECODE_FORWARD)
 
 
@@ -72,15 +72,15 @@ def _gpu_bound_ns(t: np.ndarray, lead: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return delta, behind
 
 
-def _stats(leads_us: np.ndarray, delta_ns: np.ndarray, behind_ns: np.ndarray, why_not: str | None) -> dict[str, Any]:
+def _stats(leads_us: np.ndarray, behind_ns: np.ndarray, span_ns: int, why_not: str | None) -> dict[str, Any]:
     if not len(leads_us):
         return {"min_us": None, "median_us": None, "max_us": None, "marks": 0, "gpu_bound_ms": None,
-                "covered_ms": 0.0, "gpu_bound_share": None, "verdict": why_not or "unknown"}
-    covered, behind = float(delta_ns.sum()), float(behind_ns.sum())
-    share = behind / covered if covered > 0 else None
+                "gpu_bound_share": None, "verdict": why_not or "unknown"}
+    behind = float(behind_ns.sum())
+    share = behind / span_ns if span_ns > 0 else None
     return {"min_us": float(leads_us.min()), "median_us": float(np.median(leads_us)), "max_us": float(leads_us.max()),
-            "marks": int(len(leads_us)), "gpu_bound_ms": behind / 1e6, "covered_ms": covered / 1e6,
-            "gpu_bound_share": share, "verdict": why_not or verdict(share)}
+            "marks": int(len(leads_us)), "gpu_bound_ms": behind / 1e6, "gpu_bound_share": share,
+            "verdict": why_not or verdict(share)}
 
 
 def _per_step(step: np.ndarray, lead_us: np.ndarray, n_steps: int) -> dict[str, np.ndarray]:
@@ -99,37 +99,38 @@ def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, s
                issued_by_host: np.ndarray | None = None) -> dict[str, Any]:
     """One call's leads, from its marks (device times relative to its first mark):
     ``stages``: per stage min/median/max lead (µs), marks read, GPU-bound time (ms, a lower
-    bound), its share of the covered time and the verdict; per decode step ``step_lead_us``
+    bound), its share of the span and the verdict; per decode step ``step_lead_us``
     (median lead, None: no mark inside), ``step_gpu_bound_ms`` and ``step_verdict``.
     ``issued_by_host``: False for stamps, whose host times are borrowed (``Marks.issued_by_host``)."""
-    t_all = np.asarray(device_ns, dtype=np.int64)
-    lead_all = lead_ns(t_all, host_ns)
+    host_issued = np.ones(len(labels), dtype=bool) if issued_by_host is None else np.asarray(issued_by_host, bool)
+    # stamps carry no issue time of their own: they neither give a lead nor split a Δ
+    t_all = np.asarray(device_ns, dtype=np.int64)[host_issued]
+    lead_all = lead_ns(t_all, np.asarray(host_ns, dtype=np.int64)[host_issued])
     delta_all, behind_all = _gpu_bound_ns(t_all, lead_all)
-    kinds = kind_of(labels)
+    kinds = kind_of(np.asarray(labels)[host_issued])
     usable = ~np.isin(kinds, _BOUNDARY_KINDS)
-    if issued_by_host is not None:
-        usable &= np.asarray(issued_by_host, dtype=bool)
-    t, lead_us, delta, behind = t_all[usable], lead_all[usable] / 1e3, delta_all[usable], behind_all[usable]
+    t, lead_us, behind = t_all[usable], lead_all[usable] / 1e3, behind_all[usable]
     cpu = "n/a" if backend == "cpu" else None
     stages = {}
     for kind in ("vision", "prefill", "decode"):
         rows = np.flatnonzero(spans.kind == KIND_CODE[kind])
         if len(rows):
-            lo = np.searchsorted(t, spans.start_ns[rows[0]], "right")
-            hi = np.searchsorted(t, spans.end_ns[rows[0]], "right")
-            stages[kind] = _stats(lead_us[lo:hi], delta[lo:hi], behind[lo:hi], cpu)
+            a, b = spans.start_ns[rows[0]], spans.end_ns[rows[0]]
+            lo, hi = np.searchsorted(t, a, "right"), np.searchsorted(t, b, "right")
+            stages[kind] = _stats(lead_us[lo:hi], behind[lo:hi], int(b - a), cpu)
     out: dict[str, Any] = {"stages": stages, "step_lead_us": [], "step_gpu_bound_ms": [], "step_verdict": []}
-    n_steps = int(np.sum(spans.kind == KIND_CODE["step"]))
+    step_rows = np.flatnonzero(spans.kind == KIND_CODE["step"])
+    n_steps = len(step_rows)
     if not n_steps:
         return out
     # a mark belongs to the step whose start mark it follows in issue order (times can tie)
     step = (np.searchsorted(np.flatnonzero(kinds == Kind.DECODE_FORWARD), np.arange(len(kinds)), "right") - 1)[usable]
     per = _per_step(step, lead_us, n_steps)
     mine = step >= 0
-    covered = np.bincount(step[mine], weights=delta[mine], minlength=n_steps)[:n_steps]
     gpu_bound = np.bincount(step[mine], weights=behind[mine], minlength=n_steps)[:n_steps]
+    length = spans.end_ns[step_rows] - spans.start_ns[step_rows]
     out["step_lead_us"] = [None if k == 0 else float(m) for k, m in zip(per["n"], per["median"])]
     out["step_gpu_bound_ms"] = [None if k == 0 else float(b) / 1e6 for k, b in zip(per["n"], gpu_bound)]
     out["step_verdict"] = [cpu] * n_steps if cpu else [
-        verdict(None if k == 0 or c <= 0 else float(b / c)) for k, b, c in zip(per["n"], gpu_bound, covered)]
+        verdict(None if k == 0 or n <= 0 else float(b / n)) for k, b, n in zip(per["n"], gpu_bound, length)]
     return out
