@@ -156,6 +156,23 @@ def held_out(model: Any, test: list) -> dict[str, dict[str, float]]:
     return {t: out[t] for t in STAGES if t in out}
 
 
+def error_correlation(model: Any, test: list) -> dict[str, float]:
+    """Correlation, over held-out records, of the relative errors of two stages: near 1 when
+    whole calls run fast or slow together (host speed, clocks), which no per-stage feature
+    can predict; near 0 when each stage misses on its own."""
+    import numpy as np
+
+    pred = model.predict_records(test)
+    rel = {t: 100 * (y - p) / p for t, (y, p) in pred.items()}
+    n = len([r for r in test if r.error is None])
+    out = {}
+    for a, b in (("vision_ms", "prefill_ms"), ("prefill_ms", "tpot_ms"), ("vision_ms", "tpot_ms")):
+        if a in rel and b in rel and rel[a].size == rel[b].size == n and n >= 3:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[f"{a[:-3]}~{b[:-3]}"] = float(np.corrcoef(rel[a], rel[b])[0, 1])
+    return out
+
+
 def round_trip(fitted: Any, path: Path, test: list) -> tuple[Any, dict[str, Any]]:
     """Saves, loads, and checks the loaded model is the same model: same dict, same predictions."""
     import numpy as np
@@ -211,7 +228,7 @@ def why_missed(stage: str, err: dict, kfold: Any, train: list, test: list, sampl
         for y, p, r in zip(*loaded.predict_records(test)["vision_ms"], [r for r in test if r.vision_ms]):
             s = samples[r.sample_id]
             groups.setdefault((s["tiles"], s["aspect"]), []).append(100 * (p - y) / y)
-        lines += [f"  {t} tiles, {a} aspect: {len(e)} held-out, mean error {np.mean(e):+.2f}%"
+        lines += [f"  {t} tiles, {a} aspect: {len(e)} held-out, mean error {np.mean(e):+.2f}% (+: predicted slower)"
                   for (t, a), e in sorted(groups.items())]
     worst = loaded.worst.get(stage, [])[:3]
     if worst:
@@ -259,7 +276,6 @@ def main(argv: list[str] | None = None) -> dict:
     import models
 
     import stagetrace
-    from stagetrace import LatencyModel
     from stagetrace.compare import compare
     from stagetrace.export.comparison import comparison_markdown, format_comparison
     from stagetrace.fit import fit
@@ -341,8 +357,14 @@ def main(argv: list[str] | None = None) -> dict:
     targets = {t: {"mape_pct": err[t]["mape_pct"], "target_pct": TARGET_PCT,
                    "met": bool(err[t]["mape_pct"] <= TARGET_PCT)} if t in err else {"met": False, "why": "not fitted"}
                for t in TARGET_STAGES}
+    corr = error_correlation(loaded, test)
     why = {t: why_missed(t, err[t], loaded.quality[t], train, test, by_id, loaded)
            for t in TARGET_STAGES if not targets[t]["met"] and t in err and t in loaded.quality}
+    if why and corr:
+        why["calls"] = [("held-out errors of two stages of the same call, correlated: "
+                         + ", ".join(f"{k} {v:+.2f}" for k, v in corr.items())
+                         + " (near +1: whole calls run fast or slow together, e.g. the host's speed, "
+                           "which no feature of the call predicts)")]
     fit_info = {t: {"features": list(f.features), "dropped": list(f.dropped), "intercept_ms": f.intercept_ms,
                     "coef_ms": list(f.coef_ms)} for t, f in loaded.fits.items()}
     kfold = {t: {"rows": q.rows, "r2": q.r2, "mape_pct": q.mape_pct, "interval_pct": list(q.interval_pct)}
@@ -357,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
             t: sum(s["tiles"] == t for s in samples) for t in groups}},
         "checks": checks, "round_trip": trip,
         "results": {"held_out": err, "kfold_on_train": kfold, "fits": fit_info, "targets": targets,
-                    "why_missed": why},
+                    "error_correlation": corr, "why_missed": why},
         "samples": samples,
         "files": {"records_fit": fit_path.name, "model": "model.json", "folder": rec_dir.name},
         "seconds": {"build_inputs": build_s, "warmup": warmup_s, "trace_fit_samples": trace_s},

@@ -13,7 +13,8 @@ import torch
 
 from stagetrace.testing.tiny import BOS_ID, EOS_ID, PAD_ID, TinyCase, count_image_tokens, finish, seeded
 
-__all__ = ["llava_realistic", "llama_realistic", "llava_next_realistic", "llava_next_small", "llava_next_inputs", "REAL_IMAGE_TOKEN_ID"]
+__all__ = ["llava_realistic", "llama_realistic", "llava_next_realistic", "llava_next_small", "llava_next_inputs",
+           "REAL_IMAGE_TOKEN_ID"]
 
 
 CLIP_L_336 = dict(model_type="clip_vision_model", image_size=336, patch_size=14, hidden_size=1024,
