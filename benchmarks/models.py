@@ -13,7 +13,8 @@ import torch
 
 from stagetrace.testing.tiny import BOS_ID, EOS_ID, PAD_ID, TinyCase, count_image_tokens, finish, seeded
 
-__all__ = ["llava_realistic", "llama_realistic", "llava_next_realistic", "llava_next_inputs", "REAL_IMAGE_TOKEN_ID"]
+__all__ = ["llava_realistic", "llama_realistic", "llava_next_realistic", "llava_next_small", "llava_next_inputs",
+           "REAL_IMAGE_TOKEN_ID"]
 
 
 CLIP_L_336 = dict(model_type="clip_vision_model", image_size=336, patch_size=14, hidden_size=1024,
@@ -83,12 +84,29 @@ def llava_next_realistic(device: str = "cuda", dtype: torch.dtype = torch.bfloat
 
     Use :func:`llava_next_inputs` for one sample of a given image size (the tile count follows it).
     """
+    text = dict(LLAMA_1B, **({"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}))
+    return _llava_next(dict(CLIP_L_336), text, NEXT_PINPOINTS, device, dtype, seed)
+
+
+def llava_next_small(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
+    """:func:`llava_next_realistic` scaled down for CPU smoke runs: the same structure and tile
+    geometry (pinpoints, 4x4 instead of 24x24 patches a tile, 56-pixel tiles), tiny widths; the
+    same vocabulary, so :func:`llava_next_inputs` serves both."""
+    scale = 56 / 336
+    vision = dict(CLIP_L_336, image_size=56, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, projection_dim=32)
+    text = dict(LLAMA_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
+    pinpoints = [[round(h * scale), round(w * scale)] for h, w in NEXT_PINPOINTS]
+    return _llava_next(vision, text, pinpoints, device, dtype, seed)
+
+
+def _llava_next(vision: dict, text: dict, pinpoints: list, device: Any, dtype: torch.dtype, seed: int) -> Any:
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
-    text = dict(LLAMA_1B, **({"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}))
-    cfg = LlavaNextConfig(vision_config=dict(CLIP_L_336), text_config=dict(model_type="llama", **text),
-                          image_token_index=REAL_IMAGE_TOKEN_ID, image_grid_pinpoints=NEXT_PINPOINTS,
+    cfg = LlavaNextConfig(vision_config=vision, text_config=dict(model_type="llama", **text),
+                          image_token_index=REAL_IMAGE_TOKEN_ID, image_grid_pinpoints=pinpoints,
                           vision_feature_select_strategy="default")
     with _build_on(device, dtype):
         model = LlavaNextForConditionalGeneration(cfg)

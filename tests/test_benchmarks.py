@@ -21,6 +21,7 @@ SCRIPTS = {
     "lead": ["--cpu-tiny", "--reps", "1", "--warmup", "1", "--new-tokens", "4"],
     "compiled": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--stamps", "100",
                  "--configs", "llama_b1"],
+    "fit_validation": ["--cpu-tiny", "--samples", "30", "--ab-samples", "6", "--warmup", "2"],
 }
 
 
@@ -50,5 +51,46 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
     if script == "lead":
         assert payload["all_pass"] and {r["case"] for r in payload["results"]} == {
             "b1_eager", "b32_eager", "b1_spin", "b1_long_spin", "b1_compiled"}
+    if script == "fit_validation":
+        _check_fit_validation(payload, tmp_path)
     if script == "subtraction":
         assert payload["results"]["stagetrace"]["inconsistency_worst_ms"] <= 0
+
+
+def _check_fit_validation(payload, tmp_path):
+    import math
+
+    from stagetrace import LatencyModel, load_records
+    from stagetrace.fit import fit
+
+    counts = payload["counts"]
+    assert (counts["samples"], counts["train"], counts["test"]) == (30, 24, 6)
+    assert set(counts["tiles"]) == {"3", "4", "5"}  # the tile count (so the image tokens) varies
+    assert payload["checks"]["bad"] == {} and payload["checks"]["max_partition_error_ms"] < 1e-9
+    held = payload["results"]["held_out"]
+    stages = {"vision_ms", "prefill_ms", "decode_ms", "decode_step_ms", "tpot_ms", "ttft_ms", "other_ms", "total_ms"}
+    assert set(held) == stages
+    assert all(math.isfinite(e["mape_pct"]) and e["rows"] > 0 for e in held.values())
+    assert held["total_ms"]["rows"] == 6 and held["decode_step_ms"]["rows"] > 6
+    assert set(payload["results"]["targets"]) == {"vision_ms", "prefill_ms", "total_ms"}
+    assert all(isinstance(t["met"], bool) for t in payload["results"]["targets"].values())
+    assert payload["results"]["fits"]["vision_ms"]["features"] == ["image_tokens"]
+    trip = payload["round_trip"]
+    assert trip["same_dict"] and trip["max_prediction_diff_ms"] == 0 and trip["predict_matches_records"]
+    # the fit can be redone from the saved records: the same model
+    folder = tmp_path / payload["files"]["folder"]
+    records = load_records(folder / payload["files"]["records_fit"])
+    assert [r.sample_id for r in records] == [s["id"] for s in payload["samples"]]
+    train = {s["id"] for s in payload["samples"] if s["split"] == "train"}
+    redone = fit([r for r in records if r.sample_id in train], seed=payload["params"]["seed"])
+    assert redone.to_dict() == LatencyModel.load(folder / "model.json").to_dict()
+    ab = payload["ab"]
+    assert ab["effective"]["B"] == {"model": "eager", "vision": "eager", "text": "eager"}
+    assert ab["effective"]["A3"] == {"model": "sdpa", "vision": "sdpa", "text": "sdpa"}
+    assert all(not c["bad"] and c["records"] == 6 for c in ab["checks"].values())
+    for key in ("ab", "aa"):
+        c = ab["comparisons"][key]
+        assert c["paired"] and {r["stage"] for r in c["rows"]} >= {"vision", "prefill", "decode", "total"}
+        assert (folder / f"{key}.md").read_text().count("|") > 20
+    assert ab["aa_verdicts_p50"]["total"] in ("no change", "slower", "faster")  # said, not asserted: CPU noise
+    assert len(load_records(folder / "ab-A.jsonl")) == 12 and len(load_records(folder / "ab-B.jsonl")) == 6
