@@ -340,16 +340,31 @@ def _run_batches(plan: Plan, state: _Loaded) -> int:
                 gen_kw["min_new_tokens"] = min_new
             # warm-up runs untraced, once per point and model: first-call costs (a new shape, a new
             # dtype) are not the model's
-            if args.warmup and (dtype, point_now) not in warmed:
-                state.tracer.stop()
-                for _ in range(args.warmup):
+            try:
+                if args.warmup and (dtype, point_now) not in warmed:
+                    state.tracer.stop()
+                    for _ in range(args.warmup):
+                        state.model.generate(**enc, **gen_kw)
+                    state.tracer.start()
+                    warmed.add((dtype, point_now))
+                with state.tracer.sample(";".join(it.sample.id for it in kept)):
                     state.model.generate(**enc, **gen_kw)
-                state.tracer.start()
-                warmed.add((dtype, point_now))
-            with state.tracer.sample(";".join(it.sample.id for it in kept)):
-                state.model.generate(**enc, **gen_kw)
+            except Exception as exc:  # noqa: BLE001 - inputs the model refuses (a sweep point's image size it
+                # cannot take): that batch is skipped and said, the run goes on with a fresh tracer
+                _after_failed_call(plan, state, kept, exc)
+                continue
             calls += state.sink.flush()
     return calls
+
+
+def _after_failed_call(plan: Plan, state: _Loaded, kept: list[WorkItem], exc: Exception) -> None:
+    from .loading import _first_line
+
+    plan.skip("batch", f"sample(s) {', '.join(show(it.sample.id) for it in kept)}",
+              f"generate() failed ({_first_line(exc)})")
+    state.tracer.stop()  # whatever the failed call left half-marked is dropped with its hooks
+    state.tracer.start()
+    state.sink.follow(state.tracer)
 
 
 def _finish(plan: Plan, interrupted: bool) -> list[Any]:
