@@ -168,8 +168,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- rows to samples
-def _cell_images(value: Any, base: Path) -> tuple[list[ImageRef], str | None]:
-    """The images of one cell, or why the cell cannot be used."""
+def _cell_images(value: Any, base: Path, where: str) -> tuple[list[ImageRef], str | None]:
+    """The images of one cell, or why the cell cannot be used. Bytes are named by their row (``where``)."""
     if value is None:
         return [], None
     if isinstance(value, str) and value.strip().startswith("["):  # a list in a CSV cell, as JSON
@@ -179,11 +179,11 @@ def _cell_images(value: Any, base: Path) -> tuple[list[ImageRef], str | None]:
             return [], f"image cell {show(value[:60])} is neither a path nor a JSON list of paths"
     items = value if isinstance(value, list) else [value]
     refs: list[ImageRef] = []
-    for item in items:
+    for k, item in enumerate(items):
         if isinstance(item, dict):  # how datasets stores an Image: bytes, or else a path
             item = item.get("bytes") or item.get("path")
         if isinstance(item, (bytes, bytearray)):
-            refs.append(ImageRef(f"image bytes ({len(item)} B)", None, bytes(item)))
+            refs.append(ImageRef(f"{k} of {where} ({len(item)} bytes)", None, bytes(item)))
         elif isinstance(item, str) and item.strip():
             p = Path(item) if os.path.isabs(item) else base / item
             if not p.is_file():
@@ -244,21 +244,22 @@ def _samples(rows: Iterable[dict[str, Any] | str], base: Path, given: dict[str, 
     samples: list[Sample] = []
     skipped: list[tuple[str, str]] = []
     seen: dict[str, int] = {}
-    cols: dict[str, str] | None = None
+    rows = list(rows)
+    if names is None:  # JSON rows need not all have every key: the columns are all the keys met
+        names = list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row))
+    cols = _pick_columns(names, given, path)
     n = 0
     for n, row in enumerate(rows, 1):
         i, where = n - 1, f"row {n - 1}"
         if isinstance(row, str):
             skipped.append((where, row))
             continue
-        if cols is None:
-            cols = _pick_columns(names if names is not None else list(row), given, path)
         prompt = row.get(cols["prompt"])
         if not isinstance(prompt, str) or not prompt.strip():
             skipped.append((where, "no prompt" if prompt is None or isinstance(prompt, str)
                             else f"prompt is a {type(prompt).__name__}, not text"))
             continue
-        images, why = _cell_images(row.get(cols["image"]), base) if "image" in cols else ([], None)
+        images, why = _cell_images(row.get(cols["image"]), base, where) if "image" in cols else ([], None)
         new, why_new = _max_new_tokens(row.get(cols["max_new_tokens"])) if "max_new_tokens" in cols else (None, None)
         sid = _sample_id(row.get(cols["id"])) if "id" in cols else f"row-{i}"
         if why or why_new or sid is None:
@@ -269,8 +270,6 @@ def _samples(rows: Iterable[dict[str, Any] | str], base: Path, given: dict[str, 
                            "must be unique")
         seen[sid] = i
         samples.append(Sample(sid, prompt, tuple(images), new))
-    if cols is None and names is not None:  # no row at all: still say what is missing, if anything
-        _pick_columns(names, given, path)
     return samples, skipped, n
 
 

@@ -47,8 +47,8 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class Skip:
-    kind: str  # "row" (of --dataset), "image" (does not decode), "batch" (processor or positions refused it)
-    what: str
+    kind: str  # "row" (of --dataset), "image" (does not decode), "batch" (processor, positions or model refused it)
+    what: str  # the row, the image's name, the batch's samples
     why: str
 
 
@@ -86,7 +86,7 @@ class Plan:
         if say:
             from tqdm import tqdm
 
-            tqdm.write(f"stagetrace: skipped {what}: {why}")
+            tqdm.write(f"stagetrace: skipped {'image ' if kind == 'image' else ''}{what}: {why}")
 
 
 def _check_sources(args: argparse.Namespace) -> None:
@@ -208,7 +208,7 @@ def _decode(batch: list[WorkItem], plan: Plan) -> tuple[list[WorkItem], list[lis
             kept.append(it)
             pil.append(images)
         except Exception as exc:  # noqa: BLE001 - any image that does not decode is skipped, named, counted
-            plan.skip("image", f"image {ref.name if ref else '?'}", f"cannot decode it ({show(exc)})")
+            plan.skip("image", ref.name if ref else "?", f"cannot decode it ({show(exc)})")
     return kept, pil
 
 
@@ -404,13 +404,13 @@ def _drop_undecodable(plan: Plan) -> None:
             why = _image_problem(ref)
             if why is not None:
                 bad[it.sample.id] = why
-                plan.skip("image", f"image {ref.name}", f"cannot decode it ({show(why)})", say=False)
+                plan.skip("image", ref.name, f"cannot decode it ({show(why)})", say=False)
                 print(f"stagetrace: skipped image {ref.name}: cannot decode it ({show(why)})")
                 break
     todo = [it for it in plan.todo if it.sample.id not in bad]
     if plan.todo and not todo and not plan.recorded:  # (on a resume the rest of the run is done)
         first = next(s for s in plan.skipped if s.kind == "image")
-        raise CliError(f"none of the {images} images to profile decodes (first: {first.what}: "
+        raise CliError(f"none of the {images} images to profile decodes (first: image {first.what}: "
                        f"{first.why})")
     plan.todo = todo
 
