@@ -60,6 +60,9 @@ class StageRecord:
     # where and how it was measured
     call_index: int = 0
     sample_id: str | None = None
+    # the settings of a `profile --sweep` this call ran under ({"max_new_tokens": 8, "dtype": "bfloat16"});
+    # None outside a sweep. A field of its own: sample ids stay the dataset's.
+    sweep_point: dict[str, str | int | float | bool] | None = None
     model_class: str = ""
     model_name: str = ""
     device: str = "cpu"
@@ -125,6 +128,7 @@ class StageRecord:
         d["decode_step_gpu_bound_ms"] = list(self.decode_step_gpu_bound_ms)
         d["decode_step_verdict"] = list(self.decode_step_verdict)
         d["image_sizes"] = [list(x) for x in self.image_sizes]
+        d["sweep_point"] = None if self.sweep_point is None else dict(self.sweep_point)
         d["tpot_ms"] = self.tpot_ms
         if spans:
             d["spans"] = _as_table(self.spans).to_dicts()
@@ -213,8 +217,10 @@ _FIELD_KINDS: dict[str, str] = {
                     "str"),
     **dict.fromkeys(("sample_id", "error"), "str?"),
     "compiled_decode": "bool", "decode_step_ms": "numbers", "devices": "strs", "device_streams": "ints",
-    "warnings": "strs", "lead": "lead_map", "decode_step_lead_us": "numbers?s", "decode_step_gpu_bound_ms": "numbers?s", "decode_step_verdict": "strs", "images": "int?", "image_tokens": "int?", "text_tokens": "int?", "image_sizes": "int_lists",
-    "versions": "str_map", "spans": "spans", "host_spans": "spans",
+    "warnings": "strs", "lead": "lead_map", "decode_step_lead_us": "numbers?s",
+    "decode_step_gpu_bound_ms": "numbers?s", "decode_step_verdict": "strs", "images": "int?", "image_tokens": "int?",
+    "text_tokens": "int?", "image_sizes": "int_lists",
+    "sweep_point": "point?", "versions": "str_map", "spans": "spans", "host_spans": "spans",
 }
 # A span as written: its identity in kind + index (schema 2) or in its name (schema 1).
 _SPAN_FIELDS = {2: {"kind": "str", "index": "int?", "start_ns": "int", "end_ns": "int", "depth": "int",
@@ -252,6 +258,8 @@ def _fits(kind: str, v: Any) -> bool:
             for st in v.values())
     if kind == "int_lists":
         return isinstance(v, list) and all(isinstance(x, list) and all(_is_int(i) for i in x) for x in v)
+    if kind == "point":  # a sweep point: setting name -> a string, a finite number or true/false
+        return isinstance(v, dict) and all(isinstance(x, (str, bool)) or _is_number(x) for x in v.values())
     if kind == "str_map":
         return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
     if kind == "spans":
@@ -283,7 +291,7 @@ def _checked(d: Any) -> dict[str, Any]:
     for key, value in d.items():
         kind = _FIELD_KINDS.get(key)
         if kind is not None and not _fits(kind, value):
-            raise ValueError(f"{key} is {_shown(value)}, not {_KIND_WORDS[kind]}")
+            raise ValueError(f"{key} is {_shown(value)}, not {_kind_words(kind)}")
     if d["schema"] == SCHEMA_VERSION:
         return d
     filled = dict(d)
@@ -296,7 +304,14 @@ def _checked(d: Any) -> dict[str, Any]:
 _KIND_WORDS = {"number?": "a finite number or null", "number": "a finite number", "int": "an integer",
                "str": "a string", "str?": "a string or null", "bool": "true or false",
                "numbers": "a list of finite numbers", "strs": "a list of strings", "ints": "a list of integers",
-               "str_map": "an object of strings", "spans": "a list of spans"}
+               "str_map": "an object of strings", "spans": "a list of spans",
+               "numbers?s": "a list of finite numbers or nulls", "lead_map": "an object of per-stage objects",
+               "int_lists": "a list of lists of integers", "point": "an object of strings, numbers and booleans"}
+
+
+def _kind_words(kind: str) -> str:
+    """What a field of ``kind`` must hold, in words (``X?``: X or null)."""
+    return _KIND_WORDS.get(kind) or f"{_KIND_WORDS[kind.rstrip('?')]} or null"
 
 
 def parse_record_line(line: str) -> StageRecord:

@@ -75,8 +75,24 @@ def _make_inputs(inp: Path) -> None:
     (inp / "noise.txt").write_bytes(_random_bytes(rng, 400))
     (inp / "long.txt").write_text("word " * 800 + "\n")
     (inp / "victim.txt").write_text("precious")
+    _make_datasets(inp, rng)
     _make_records_and_traces(inp, rng)
     _make_models(inp)
+
+
+def _make_datasets(inp: Path, rng: random.Random) -> None:
+    """Dataset files for --dataset: good ones, ones with bad rows, and ones that are no dataset at all."""
+    rows = [{"id": "a", "image": "images/img0.png", "prompt": "what is this", "max_new_tokens": 1},
+            {"id": "b", "image": ["images/img0.png", "images/img1.png"], "prompt": "describe it"},
+            {"id": "c", "image": "images/noise.png", "prompt": "hi"}, {"id": "d", "image": "gone.png", "prompt": "x"},
+            {"id": "e", "prompt": ""}]
+    (inp / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (inp / "text.csv").write_text("id,prompt,max_new_tokens\nt1,hello there,2\nt2,what is this,x\n")
+    (inp / "dup.jsonl").write_text('{"id": 1, "prompt": "a"}\n{"id": "1", "prompt": "b"}\n')
+    (inp / "noprompt.csv").write_text("id,q\n1,hello\n")
+    (inp / "noise.parquet").write_bytes(_random_bytes(rng, 500))
+    (inp / "saved").mkdir()
+    (inp / "saved" / "dataset_info.json").write_text("{}")
 
 
 def _make_records_and_traces(inp: Path, rng: random.Random) -> None:
@@ -177,6 +193,18 @@ def _profile_argv(rng: random.Random, sb: Sandbox) -> list[str]:
     pick = lambda good, bad: rng.choice(good if ok else good + bad)  # noqa: E731
     argv = ["profile", str(inp / pick(["llama", "llava"], ["listcfg", "noweights", "images", "missing",
                                                             "prompts.txt"]))]
+    if _maybe(rng, 0.12):
+        _sweep_argv(rng, argv, pick)
+    if _maybe(rng, 0.25):  # a dataset instead of --images/--prompt(s); now and then mixed with them, refused
+        argv += ["--dataset", str(inp / pick(["data.jsonl", "text.csv"], ["dup.jsonl", "noprompt.csv", "noise.parquet",
+                                                                           "saved", "prompts.txt", "missing.jsonl",
+                                                                           "images"]))]
+        if _maybe(rng, 0.15):
+            argv += ["--dataset-columns", pick(["prompt=prompt", "id=id,prompt=prompt"],
+                                               ["prompt=nope", "bogus=x", "prompt", ""])]
+        if ok or _maybe(rng, 0.7):
+            argv += ["--max-new-tokens", "2", "--no-progress"]
+            return argv + (["--out", str(sb.out / rng.choice("ABCDGH"))] if _maybe(rng, 0.9) else [])
     if _maybe(rng, 0.45):
         argv += ["--images", *[str(inp / pick(["images", "images/img0.png"], ["bad_images", "bomb.png",
                                                                               "missing.png", "prompts.txt"]))
@@ -213,6 +241,19 @@ def _profile_argv(rng: random.Random, sb: Sandbox) -> list[str]:
     return argv
 
 
+def _sweep_argv(rng: random.Random, argv: list[str], pick) -> None:
+    for _ in range(rng.randint(1, 2)):
+        argv += ["--sweep", pick(["max_new_tokens=1,2", "batch_size=1,2", "dtype=float32,bfloat16", "do_resize=true,false"],
+                                 ["banana=1", "batch_size=0", "max_new_tokens=1,1", "dtype=float64", "=1", "x=", "a.b=1",
+                                  "size.nope=3", "min_new_tokens=5"])]
+
+
+def _point_flags(rng: random.Random, argv: list[str]) -> list[str]:
+    if _maybe(rng, 0.15):
+        argv += ["--point", rng.choice(["dtype=float32", "batch_size=1", "bogus", "x=y", ""])]
+    return argv
+
+
 def _argv(rng: random.Random, sb: Sandbox) -> list[str]:
     command = rng.choice(["profile"] * 5 + ["demo", "report", "report", "plot", "merge", "merge", "bogus"])
     inp = sb.inp
@@ -228,6 +269,7 @@ def _argv(rng: random.Random, sb: Sandbox) -> list[str]:
             argv += ["--csv", rng.choice([str(sb.out / "s.csv"), str(inp / "good.jsonl"), str(sb.out / "A"),
                                           str(inp / "prompts.txt" / "s.csv"), "", str(sb.out / WEIRD)])]
         argv += ["--json"] if _maybe(rng, 0.3) else []
+        _point_flags(rng, argv)
     elif command == "plot":
         argv = ["plot", *_records(rng, sb)]
         if _maybe(rng, 0.8):
@@ -396,7 +438,7 @@ def _compare_argv(rng: random.Random, sb: Sandbox) -> list[str]:
     pick.flag(argv, "--fail-if-slower", 0.6, ["0", "5", "50"], ["-1", "nan", "inf", "abc", "1e308"])
     pick.flag(argv, "--seed", 0.3, ["0", "7", "99999999999999999999"], ["-1", "abc"])
     pick.flag(argv, "--reps", 0.6, ["100", "200"], ["5", "0", "-3", "abc", "100000"])
-    return argv + (["--unpaired"] if _maybe(rng, 0.2) else [])
+    return _point_flags(rng, argv + (["--unpaired"] if _maybe(rng, 0.2) else []))
 
 
 def _model_argv(rng: random.Random, sb: Sandbox) -> list[str]:
@@ -409,7 +451,7 @@ def _model_argv(rng: random.Random, sb: Sandbox) -> list[str]:
                    str(inp / "prompts.txt" / "m.json"), str(out / "linked" / "records.jsonl")])
         pick.flag(argv, "--seed", 0.3, ["0", "3"], ["-1", "x"])
         pick.flag(argv, "--folds", 0.3, ["2", "5", "10"], ["1", "11", "0", "abc"])
-        return argv
+        return _point_flags(rng, argv)
     argv = ["plot", "--fit", str(inp / pick(*_MODELS)), *records]
     pick.flag(argv, "-o", 0.9, [str(out / "f.png"), str(out / "f.svg")],
               [str(out / "f.banana"), "", str(inp / "model.json"), str(inp / "prompts.txt" / "f.png")])

@@ -62,6 +62,8 @@ def test_json_that_is_not_a_record_object_is_skipped_with_its_reason(tmp_path, l
     ("decode_step_ms", [1.0, "2"]), ("decode_step_ms", [float("nan")]), ("batch_size", "1"), ("batch_size", 1.5),
     ("batch_size", True), ("output_tokens", None), ("versions", 5), ("sample_id", 7), ("spans", [1, 2]),
     ("spans", [{"name": "x", "start_ns": "0", "end_ns": 1, "depth": 0}]), ("schema", "1"),
+    ("images", "2"), ("image_tokens", 1.5), ("image_sizes", [[1, "2"]]), ("lead", {"prefill": 3}),
+    ("sweep_point", {"dtype": None}), ("sweep_point", {"max_new_tokens": float("nan")}), ("sweep_point", [1]),
 ])
 def test_a_wrong_typed_or_non_finite_number_is_rejected_not_averaged(tmp_path, field, value):
     path = tmp_path / "r.jsonl"
@@ -118,3 +120,12 @@ def test_a_non_utf8_line_is_skipped_and_the_rest_kept(tmp_path):
     path.write_bytes(json.dumps(_good()).encode() + b"\n\xff\xfe\x00garbage\n" + json.dumps(_good()).encode() + b"\n")
     recs, msgs = _load(path)
     assert len(recs) == 2 and len(msgs) == 1 and os.fspath(path) in msgs[0]
+
+
+def test_a_sweep_point_round_trips_with_its_types(tmp_path):
+    point = {"dtype": "bfloat16", "max_new_tokens": 8, "size.longest_edge": 0.5, "do_resize": False}
+    path = tmp_path / "r.jsonl"
+    _write(path, _good(sweep_point=point), _good(sample_id="b"))
+    recs, msgs = _load(path)
+    assert not msgs and recs[0].sweep_point == point and recs[1].sweep_point is None
+    assert type(recs[0].sweep_point["do_resize"]) is bool and recs[0].to_dict()["sweep_point"] == point

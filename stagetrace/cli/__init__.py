@@ -23,15 +23,28 @@ __all__ = ["main", "build_parser", "CliError"]
 def _profile_parser(sub: Any) -> None:
     from .profile import cmd_profile
 
-    p = sub.add_parser("profile", help="profile a local checkpoint on images and prompts")
+    p = sub.add_parser("profile", help="profile a local checkpoint on images and prompts, or a dataset")
     p.add_argument("model_path")
     p.add_argument("--images", nargs="+", metavar="DIR|FILE")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt")
     g.add_argument("--prompts", metavar="FILE", help="one prompt per line (UTF-8)")
+    p.add_argument("--dataset", default=None, metavar="PATH",
+                   help="one sample per row instead of --images/--prompt(s): a .jsonl, .csv or .parquet file, a "
+                        "folder saved by datasets' save_to_disk, or an image folder with a metadata.jsonl/.csv; "
+                        "columns image(s) (paths relative to the file, or bytes), prompt, optional id and "
+                        "max_new_tokens (parquet and save_to_disk need pip install 'stagetrace[dataset]')")
+    p.add_argument("--dataset-columns", default=None, metavar="ROLE=COL,...",
+                   help="which column is which: roles image, prompt, id, max_new_tokens (default names: "
+                        "images/image/image_path/file_name, prompt/text/question, id, max_new_tokens)")
+    p.add_argument("--sweep", action="append", default=None, metavar="KEY=V1,V2,...",
+                   help="profile every sample at every point of the cartesian product of these (repeatable): "
+                        "max_new_tokens, min_new_tokens, batch_size, dtype, or a processor setting (an attribute "
+                        "of the image processor or processor, e.g. do_resize, size.longest_edge, max_image_tiles); "
+                        "each record carries its point (sweep_point)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--min-new-tokens", type=int, default=None)
-    p.add_argument("--n", type=int, default=None, help="profile at most N samples")
+    p.add_argument("--n", type=int, default=None, help="profile at most N samples (at every sweep point)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -49,7 +62,7 @@ def _profile_parser(sub: Any) -> None:
     p.add_argument("--layer-marks", choices=["pair", "shared"], default="pair",
                    help="with --layer-detail: 'shared' puts one mark per boundary between layers (half the cost; "
                         "work run between two layers counts to the earlier one)")
-    p.add_argument("--warmup", type=int, default=1, help="untraced generate() calls before the first traced one")
+    p.add_argument("--warmup", type=int, default=1, help="untraced generate() calls before the first traced one (of each sweep point)")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
     p.add_argument("--vision", nargs="+", default=None, help="override: vision module path(s)")
     p.add_argument("--language-model", default=None, help="override: language model path")
@@ -83,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("records", nargs="+")
     r.add_argument("--csv", default=None)
     r.add_argument("--json", action="store_true")
+    r.add_argument("--point", action="append", default=None, metavar="KEY=VALUE",
+                   help="only records of the sweep points with this setting (repeatable); records of several "
+                        "points are summarized point by point")
     r.set_defaults(fn=cmd_report)
 
     pl = sub.add_parser("plot", help="picture of where the time goes (needs matplotlib)")

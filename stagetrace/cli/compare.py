@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from .common import CliError, show
-from .report import load_many, record_paths
+from .report import load_many, one_point, record_paths
+from .sweep import parse_point_filter
 from .safe_io import output_file, same_file, write_bytes_atomically
 
 __all__ = ["cmd_compare", "add_compare_parser"]
@@ -35,6 +36,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--seed", type=int, default=0, help="of the bootstrap and the noise floor's splits")
     c.add_argument("--reps", type=int, default=2000, help=f"bootstrap resamples (100 to {MAX_REPS})")
     c.add_argument("--unpaired", action="store_true", help="do not pair records by sample id")
+    c.add_argument("--point", action="append", default=None, metavar="KEY=VALUE",
+                   help="compare the records of this sweep point (repeatable); needed when A or B holds several")
     c.set_defaults(fn=cmd_compare)
 
 
@@ -83,10 +86,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from stagetrace.export import comparison as fmt
 
     _check_numbers(args)
+    want = parse_point_filter(args.point)
     a_files, b_files = record_paths([args.a]), record_paths([args.b])
     outs = _outputs(args, a_files + b_files)
     stages = args.stage or STAGES
-    result = compare(load_many(a_files), load_many(b_files), stages=stages, reps=args.reps, seed=args.seed,
+    told = "comparing them pooled would mix settings"
+    a_recs = one_point(load_many(a_files), f"A ({show(args.a)})", want, told)
+    b_recs = one_point(load_many(b_files), f"B ({show(args.b)})", want, told)
+    result = compare(a_recs, b_recs, stages=stages, reps=args.reps, seed=args.seed,
                      paired=False if args.unpaired else None)
     if not result.rows:
         raise CliError("nothing to compare: " + "; ".join(f"{s} {why}" for s, why in result.skipped.items()))

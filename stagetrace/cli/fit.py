@@ -7,6 +7,21 @@ from typing import Any
 
 from .common import CliError, show
 from .report import load_many, record_paths
+from .sweep import parse_point_filter, point_label, points_of, select_point
+
+# Sweep settings whose effect no feature of a fit carries: records of several values are not fitted
+# together. (max_new_tokens, batch_size and processor settings act through output, batch and token counts.)
+UNMODELLED = ("dtype",)
+
+
+def _fittable(records: list[Any], want: dict[str, Any]) -> list[Any]:
+    records = select_point(records, want, "the records")
+    for key in UNMODELLED:
+        values = {str(p[key]) for p in points_of(records) if p and key in p}
+        if len(values) > 1:
+            raise CliError(f"the records hold sweep points of {len(values)} {key}s ({', '.join(sorted(values))}): "
+                           f"no feature of a latency model tells them apart; fit one with --point {key}=VALUE")
+    return records
 from .safe_io import output_file
 
 __all__ = ["cmd_fit", "add_fit_parser", "format_model"]
@@ -18,6 +33,9 @@ def add_fit_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("-o", "--output", required=True, metavar="MODEL.json")
     f.add_argument("--seed", type=int, default=0, help="of the held-out folds")
     f.add_argument("--folds", type=int, default=5, help="held-out folds over the records (2 to 10)")
+    f.add_argument("--point", action="append", default=None, metavar="KEY=VALUE",
+                   help="fit the records of these sweep points only (repeatable); needed when they hold several "
+                        "dtypes, which no feature models")
     f.set_defaults(fn=cmd_fit)
 
 
@@ -59,10 +77,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise CliError(f"--seed must be >= 0, got {args.seed}")
     if not 2 <= args.folds <= MIN_RECORDS:
         raise CliError(f"--folds must be between 2 and {MIN_RECORDS}, got {args.folds}")
+    want = parse_point_filter(args.point)
     files = record_paths(args.records)
     out = output_file(args.output, files, "-o", kind=MODEL_KIND)
+    records = _fittable(load_many(files), want)
+    points = points_of(records)
+    if len(points) > 1 or points[0]:
+        print(f"fitting {len(records)} records of {len(points)} sweep point(s): "
+              + "; ".join(point_label(p) for p in points[:6]) + ("; ..." if len(points) > 6 else ""))
     try:
-        model = fit(load_many(files), folds=args.folds, seed=args.seed)
+        model = fit(records, folds=args.folds, seed=args.seed)
     except ValueError as exc:
         raise CliError(show(exc)) from None
     print(format_model(model))

@@ -9,7 +9,10 @@ from typing import Any
 
 from .common import CliError, show
 
-__all__ = ["read_config", "load_model", "encode", "max_positions", "check_prompt_lengths"]
+__all__ = ["read_config", "load_processor", "load_model", "encode", "max_positions", "check_prompt_lengths", "DTYPES"]
+
+# --dtype (and a sweep's dtype) -> what from_pretrained takes
+DTYPES = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
@@ -38,13 +41,13 @@ def read_config(path: Path, args: argparse.Namespace) -> bytes:
     return raw
 
 
-def load_model(path: Path, args: argparse.Namespace, device: str) -> tuple[Any, Any, str]:
-    """The model, its processor, and the device its inputs go to (the input embeddings')."""
+def load_model(path: Path, args: argparse.Namespace, device: str, dtype_name: str) -> tuple[Any, str]:
+    """The model in ``dtype_name`` (a key of :data:`DTYPES`), and the device its inputs go to (the input
+    embeddings')."""
     import torch
     import transformers
 
-    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}[args.dtype]
+    dtype = "auto" if dtype_name == "auto" else getattr(torch, DTYPES[dtype_name])
     common: dict[str, Any] = dict(local_files_only=True, trust_remote_code=args.trust_remote_code)
     if args.device_map:
         try:
@@ -74,17 +77,19 @@ def load_model(path: Path, args: argparse.Namespace, device: str) -> tuple[Any, 
         raise CliError(f"cannot load a generating model from {show(path)}: {'; '.join(telling)}")
     for w in said:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    processor = _load_processor(path, common)
     if args.device_map:  # placed by the map; inputs go where the embeddings are
         emb = model.get_input_embeddings()
-        return model.eval(), processor, str(next(emb.parameters()).device)
-    return model.to(device).eval(), processor, device
+        return model.eval(), str(next(emb.parameters()).device)
+    return model.to(device).eval(), device
 
 
-def _load_processor(path: Path, common: dict[str, Any]) -> Any:
+def load_processor(path: Path, args: argparse.Namespace) -> Any:
+    """The checkpoint's processor, or its tokenizer where it has no processor. Loaded before the
+    model: a sweep's processor settings are checked on it first."""
     import transformers
 
-    common = {k: v for k, v in common.items() if k != "device_map"}
+    transformers.utils.logging.disable_progress_bar()
+    common = dict(local_files_only=True, trust_remote_code=args.trust_remote_code)
     try:
         return transformers.AutoProcessor.from_pretrained(path, **common)
     except Exception:  # noqa: BLE001 - a checkpoint without a processor: its tokenizer is enough for text
@@ -94,30 +99,36 @@ def _load_processor(path: Path, common: dict[str, Any]) -> Any:
             raise CliError(f"cannot load a processor or tokenizer from {show(path)}: {_first_line(exc)}") from None
 
 
-def _texts(processor: Any, prompts: list[str], with_images: bool) -> list[str]:
+def _texts(processor: Any, prompts: list[str], image_counts: list[int] | None) -> list[str]:
+    """Each prompt as the model reads it, with one image placeholder per image of its sample."""
     tok = getattr(processor, "tokenizer", processor)
-    if not with_images:
+    if image_counts is None:
         if getattr(tok, "chat_template", None):
             return [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                             tokenize=False) for p in prompts]
         return prompts
     if getattr(processor, "chat_template", None):
         return [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-            add_generation_prompt=True, tokenize=False) for p in prompts]
+            [{"role": "user", "content": [{"type": "image"}] * k + [{"type": "text", "text": p}]}],
+            add_generation_prompt=True, tokenize=False) for p, k in zip(prompts, image_counts)]
     token = getattr(processor, "image_token", None) or "<image>"
-    return [f"{token}\n{p}" for p in prompts]
+    return [f"{token * k}\n{p}" for p, k in zip(prompts, image_counts)]
 
 
-def encode(processor: Any, prompts: list[str], images: list[Any] | None, device: str) -> dict[str, Any]:
+def encode(processor: Any, prompts: list[str], images: list[list[Any]] | None, device: str,
+           processor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The batch's inputs: ``images`` holds each prompt's images (None: text only);
+    ``processor_kwargs`` go to the processor's call (a sweep's call-time settings)."""
     tok = getattr(processor, "tokenizer", processor)
     if getattr(tok, "padding_side", "left") != "left":
         tok.padding_side = "left"  # decoder-only batches pad on the left
-    texts = _texts(processor, prompts, images is not None)
+    texts = _texts(processor, prompts, None if images is None else [len(i) for i in images])
     if images is None:
         enc = tok(texts, return_tensors="pt", padding=True)
     else:
-        enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
+        # one image each: the flat list every processor takes; several: one list per prompt
+        given = [i[0] for i in images] if all(len(i) == 1 for i in images) else images
+        enc = processor(text=texts, images=given, return_tensors="pt", padding=True, **(processor_kwargs or {}))
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in enc.items()}
 
 
@@ -138,7 +149,7 @@ def check_prompt_lengths(processor: Any, model: Any, prompts: list[str], max_new
     if limit is None:
         return
     tok = getattr(processor, "tokenizer", processor)
-    for i, text in enumerate(_texts(processor, prompts, with_images)):
+    for i, text in enumerate(_texts(processor, prompts, [1] * len(prompts) if with_images else None)):
         n = len(tok(text)["input_ids"])
         if n + max_new_tokens > limit:
             raise CliError(f"prompt {i + 1} is {n} tokens; with --max-new-tokens {max_new_tokens} that exceeds "

@@ -1,13 +1,17 @@
-"""``stagetrace profile``: a local checkpoint on images and prompts, resumable, one record per call.
+"""``stagetrace profile``: a local checkpoint on images and prompts (or a dataset), over the points
+of a sweep, resumable, one record per call.
 
-Order of work: every argument and path is checked before the model loads; the run's
-fingerprint is checked against what ``--out`` holds; records stream to ``records.jsonl``
-with their spans, so ``trace.json`` is rebuilt from every record of the run at the end,
-also after a resume or Ctrl-C.
+Order of work: every argument and path is checked before the model loads (a sweep's processor
+settings once the processor is loaded, before the model); the run's fingerprint is checked
+against what ``--out`` holds; the work is (sweep point, sample) items, ``dtype`` outermost so
+each dtype's model loads once; records stream to ``records.jsonl`` with their spans and their
+point, so ``trace.json`` is rebuilt from every record of the run at the end, also after a
+resume or Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -16,12 +20,36 @@ from typing import Any
 
 from .args import check_at_least, layer_detail_of, parse_device
 from .common import CliError, rank_suffix, rank_world, show
-from .loading import check_prompt_lengths, encode, load_model, max_positions, read_config
-from .runs import (RUN_FILE, Sample, check_resume, collect_images, collect_prompts, done_ids, files_to_replace,
-                   fingerprint, make_samples, write_fingerprint)
+from .dataset import Dataset, parse_columns, read_dataset
+from .loading import check_prompt_lengths, encode, load_model, load_processor, max_positions, read_config
+from .runs import (RUN_FILE, ImageRef, PointKey, Sample, check_resume, collect_images, collect_prompts, done_keys,
+                   files_to_replace, fingerprint, make_samples, point_key, write_fingerprint)
 from .safe_io import check_output, move_aside, writable_dir
+from .sweep import (GENERATION_KEYS, ProcessorSettings, Value, parse_sweeps, point_label, resolve_processor_settings,
+                    sweep_points)
 
 __all__ = ["cmd_profile"]
+
+# Lists of skipped inputs longer than this are cut short in the summary (each was named as it was met).
+_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One sample at one sweep point (``{}`` outside a sweep): what one record's call covers, batched."""
+    point: dict[str, Value]
+    sample: Sample
+
+    @property
+    def key(self) -> tuple[str, PointKey]:
+        return (self.sample.id, point_key(self.point))
+
+
+@dataclass(frozen=True)
+class Skip:
+    kind: str  # "row" (of --dataset), "image" (does not decode), "batch" (processor, positions or model refused it)
+    what: str  # the row, the image's name, the batch's samples
+    why: str
 
 
 @dataclass
@@ -34,23 +62,67 @@ class Plan:
     world: int
     device: str
     layer_detail: str
-    prompts: list[str]
+    prompts: list[str] | None  # --prompt / --prompts (None with --dataset: rows too long are skipped instead)
     fp: dict[str, Any]
-    todo: list[Sample]
+    sweep: dict[str, list[Value]]
+    todo: list[WorkItem]
     with_images: bool
-    recorded: int  # samples of the run recorded by earlier processes
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (what, why) for images and batches not run
+    recorded: int  # items of the run recorded by earlier processes
+    skipped: list[Skip] = field(default_factory=list)
+
+    def max_new_tokens(self, item: WorkItem) -> int:
+        """A point's max_new_tokens, else the sample's own (from the dataset), else --max-new-tokens."""
+        return int(item.point.get("max_new_tokens") or item.sample.max_new_tokens or self.args.max_new_tokens)
+
+    def min_new_tokens(self, item: WorkItem) -> int | None:
+        value = item.point.get("min_new_tokens", self.args.min_new_tokens)
+        return None if value is None else int(value)
+
+    def batch_size(self, point: dict[str, Value]) -> int:
+        return int(point.get("batch_size", self.args.batch_size))
+
+    def skip(self, kind: str, what: str, why: str, say: bool = True) -> None:
+        self.skipped.append(Skip(kind, what, why))
+        if say:
+            from tqdm import tqdm
+
+            tqdm.write(f"stagetrace: skipped {'image ' if kind == 'image' else ''}{what}: {why}")
+
+
+def _check_sources(args: argparse.Namespace) -> None:
+    if args.dataset is not None:
+        mixed = [flag for flag, v in (("--images", args.images), ("--prompt", args.prompt),
+                                      ("--prompts", args.prompts)) if v is not None]
+        if mixed:
+            raise CliError(f"--dataset gives the images and prompts: drop {' and '.join(mixed)}")
+    elif args.dataset_columns is not None:
+        raise CliError("--dataset-columns names the columns of a --dataset: give --dataset PATH")
+
+
+def _samples(args: argparse.Namespace) -> tuple[list[Sample], list[str] | None, Dataset | None]:
+    """(samples, the --prompt(s) prompts or None, the dataset or None)."""
+    if args.dataset is not None:
+        ds = read_dataset(args.dataset, parse_columns(args.dataset_columns))
+        return ds.samples, None, ds
+    prompts = collect_prompts(args)
+    root, images = collect_images(args.images) if args.images else (None, None)
+    return make_samples(images, root, prompts), prompts, None
 
 
 def _plan(args: argparse.Namespace) -> Plan:
     """Everything checked and decided before the model loads."""
     check_at_least(args, max_new_tokens=1, min_new_tokens=0, n=1, batch_size=1, warmup=0)
-    if args.min_new_tokens is not None and args.min_new_tokens > args.max_new_tokens:
-        raise CliError(f"--min-new-tokens {args.min_new_tokens} is above --max-new-tokens {args.max_new_tokens}")
+    _check_sources(args)
+    sweep = parse_sweeps(args.sweep)
+    points = sweep_points(sweep)
+    for p in points:
+        low, high = p.get("min_new_tokens", args.min_new_tokens), p.get("max_new_tokens", args.max_new_tokens)
+        if low is not None and low > high:
+            raise CliError(f"--min-new-tokens {low} is above --max-new-tokens {high}" if not p else
+                           f"min_new_tokens {low} is above max_new_tokens {high} at the sweep point {point_label(p)}")
     detail = layer_detail_of(args)
     device = parse_device(args.device)
-    prompts = collect_prompts(args)
-    root, images = collect_images(args.images) if args.images else (None, None)
+    samples, prompts, ds = _samples(args)
     rank, world = rank_world()
     config = read_config(Path(args.model_path), args)
     out = writable_dir(args.out)
@@ -58,30 +130,61 @@ def _plan(args: argparse.Namespace) -> Plan:
     records, trace = out / f"records{sfx}.jsonl", out / f"trace{sfx}.json"
     for p in (records, trace, out / RUN_FILE):
         check_output(p)
-    fp = fingerprint(args, config, prompts, device, detail)
+    ident = None if ds is None else {"path": str(ds.path.resolve()), "kind": ds.kind, "sha256": ds.sha256,
+                                     "columns": parse_columns(args.dataset_columns)}
+    fp = fingerprint(args, config, prompts if prompts is not None else [s.prompt for s in samples], device, detail,
+                     dataset=ident, sweep_keys=sorted(sweep) or None)
     if args.fresh:
         aside = move_aside(out, files_to_replace(out, rank, world))
         if aside is not None:
             print(f"--fresh: moved the earlier results to {show(aside)}")
     else:
         check_resume(out, fp)
-    samples = make_samples(images, root, prompts)[: args.n][rank::world]
-    done = set() if args.fresh else done_ids(out)
-    todo = [s for s in samples if s[0] not in done]
-    if len(todo) < len(samples):
-        print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already in {show(out)}")
-    return Plan(args, out, records, trace, rank, world, device, detail, prompts, fp, todo, images is not None,
-                len(samples) - len(todo))
+    # (point, sample) items, points outermost, sharded over the ranks item by item: every rank
+    # meets the dtypes in the same order, so it loads each at most once
+    items = [WorkItem(p, s) for p in points for s in samples[: args.n]][rank::world]
+    done = set() if args.fresh else done_keys(out)
+    todo = [it for it in items if it.key not in done]
+    if len(todo) < len(items):
+        unit = "samples" if not sweep else "(sample, sweep point) items"
+        print(f"resuming: {len(items) - len(todo)} of {len(items)} {unit} already in {show(out)}")
+    plan = Plan(args, out, records, trace, rank, world, device, detail, prompts, fp, sweep, todo,
+                any(s.images for s in samples), len(items) - len(todo))
+    if ds is not None and rank == 0:  # the dataset's rows, said once however many ranks read them
+        for where, why in ds.skipped:
+            plan.skip("row", f"{where} of {show(ds.path)}", why)
+    _drop_min_above_max(plan)
+    return plan
 
 
-def _image_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be profiled (its header does not decode), or None. Cheap: no pixels read."""
+def _drop_min_above_max(plan: Plan) -> None:
+    """A dataset row asking fewer new tokens than --min-new-tokens cannot honour both: skipped, said."""
+    todo, said = [], set()
+    for it in plan.todo:
+        low = plan.min_new_tokens(it)
+        if low is None or low <= plan.max_new_tokens(it):
+            todo.append(it)
+        elif it.sample.id not in said:
+            said.add(it.sample.id)
+            plan.skip("row", f"sample {show(it.sample.id)}",
+                      f"its max_new_tokens {plan.max_new_tokens(it)} is below min_new_tokens {low}")
+    plan.todo = todo
+
+
+def _open_image(ref: ImageRef) -> Any:
+    from PIL import Image
+
+    return Image.open(ref.path if ref.path is not None else io.BytesIO(ref.data or b""))
+
+
+def _image_problem(ref: ImageRef) -> str | None:
+    """Why ``ref`` cannot be profiled (its header does not decode), or None. Cheap: no pixels read."""
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with _open_image(ref) as im:
                 im.size  # noqa: B018
     # PIL raises many types for a bad file (OSError, SyntaxError, DecompressionBombError, ...)
     except Exception as exc:  # noqa: BLE001
@@ -89,45 +192,62 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
-def _decode(batch: list[Sample], plan: Plan) -> tuple[list[Sample], list[Any]]:
+def _decode(batch: list[WorkItem], plan: Plan) -> tuple[list[WorkItem], list[list[Any]]]:
     from PIL import Image
-    from tqdm import tqdm
 
     kept, pil = [], []
-    for sample in batch:
+    for it in batch:
+        ref = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(sample[1]) as im:
-                    pil.append(im.convert("RGB"))
-            kept.append(sample)
+                images = []
+                for ref in it.sample.images:
+                    with _open_image(ref) as im:
+                        images.append(im.convert("RGB"))
+            kept.append(it)
+            pil.append(images)
         except Exception as exc:  # noqa: BLE001 - any image that does not decode is skipped, named, counted
-            plan.skipped.append((f"image {show(sample[1])}", f"cannot decode it ({show(exc)})"))
-            tqdm.write(f"stagetrace: skipped image {show(sample[1])}: cannot decode it ({show(exc)})")
+            plan.skip("image", ref.name if ref else "?", f"cannot decode it ({show(exc)})")
     return kept, pil
 
 
 class _Sink:
-    """Appends the tracer's new records, with their spans, to the run's records file."""
+    """Appends the tracer's new records, with their spans and sweep point, to the run's records file."""
 
-    def __init__(self, tracer: Any, path: Path):
-        from stagetrace.records import JsonlWriter
+    def __init__(self, path: Path):
+        self.path = path
+        self.tracer: Any = None
+        self.written = 0
+        self.point: dict[str, Value] = {}  # the point the calls now made run at
+        self.writer: Any = None  # opened at the first record: a run refused before it leaves no file
 
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def follow(self, tracer: Any) -> None:
+        """Records from now on come from ``tracer`` (a model of another dtype)."""
         self.tracer, self.written = tracer, len(tracer.records)
-        self.writer = JsonlWriter(path, spans=True)
 
     def flush(self) -> int:
+        if self.tracer is None:
+            return 0
         new = self.tracer.records[self.written:]
+        if new and self.writer is None:
+            from stagetrace.records import JsonlWriter
+
+            self.writer = JsonlWriter(self.path, spans=True)
         for rec in new:
+            rec.sweep_point = dict(self.point) or None  # the CLI ran the call at this point: said in its record
             self.writer.write(rec)
         self.written += len(new)
         return len(new)
 
 
-def _generation_kwargs(args: argparse.Namespace, model: Any, processor: Any) -> dict[str, Any]:
-    gen_kw: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
-    if args.min_new_tokens is not None:
-        gen_kw["min_new_tokens"] = args.min_new_tokens
+def _generation_kwargs(model: Any, processor: Any) -> dict[str, Any]:
+    """What every call of this model gets; the new-token counts are the batch's own."""
+    gen_kw: dict[str, Any] = dict(do_sample=False)
     tok = getattr(processor, "tokenizer", processor)
     if getattr(model.generation_config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         gen_kw["pad_token_id"] = tok.pad_token_id
@@ -137,50 +257,114 @@ def _generation_kwargs(args: argparse.Namespace, model: Any, processor: Any) -> 
     return gen_kw
 
 
-def _encode_batch(kept: list[Sample], pil: list[Any] | None, processor: Any, model: Any, plan: Plan) -> Any:
+def _encode_batch(kept: list[WorkItem], pil: list[list[Any]] | None, processor: Any, model: Any, plan: Plan,
+                  processor_kwargs: dict[str, Any], max_new: int) -> Any:
     """The batch's inputs, or None when it cannot run (said and counted)."""
-    from tqdm import tqdm
-
-    ids = ", ".join(show(s[0]) for s in kept)
+    ids = ", ".join(show(it.sample.id) for it in kept)
     try:
-        enc = encode(processor, [s[2] for s in kept], pil, plan.device)
+        enc = encode(processor, [it.sample.prompt for it in kept], pil, plan.device, processor_kwargs)
     except Exception as exc:  # noqa: BLE001 - the processor refused these inputs: skip them, not the run
-        plan.skipped.append((f"sample(s) {ids}", f"the processor refused them ({show(exc)})"))
-        tqdm.write(f"stagetrace: skipped sample(s) {ids}: the processor refused them ({show(exc)})")
+        plan.skip("batch", f"sample(s) {ids}", f"the processor refused them ({show(exc)})")
         return None
     limit, n = max_positions(model), int(enc["input_ids"].shape[-1]) if "input_ids" in enc else 0
-    if limit is not None and n + plan.args.max_new_tokens > limit:
-        why = f"{n} prompt tokens + {plan.args.max_new_tokens} new exceed the model's {limit} positions"
-        plan.skipped.append((f"sample(s) {ids}", why))
-        tqdm.write(f"stagetrace: skipped sample(s) {ids}: {why}")
+    if limit is not None and n + max_new > limit:
+        plan.skip("batch", f"sample(s) {ids}", f"{n} prompt tokens + {max_new} new exceed the model's {limit} positions")
         return None
     return enc
 
 
-def _run_batches(plan: Plan, model: Any, processor: Any, tracer: Any, sink: _Sink) -> int:
-    """Profiles the plan's samples; returns how many generate() calls were recorded."""
+def _batches(plan: Plan) -> list[list[WorkItem]]:
+    """The todo items in batches of their point's batch size; a batch shares its point, its new-token
+    counts and whether it has images (one generate() call takes one of each). Points stay in order."""
+    groups: dict[tuple[Any, ...], list[WorkItem]] = {}
+    for it in plan.todo:
+        groups.setdefault((point_key(it.point), plan.max_new_tokens(it), plan.min_new_tokens(it),
+                           bool(it.sample.images)), []).append(it)
+    return [g[i:i + plan.batch_size(g[0].point)] for g in groups.values()
+            for i in range(0, len(g), plan.batch_size(g[0].point))]
+
+
+@dataclass
+class _Loaded:
+    processor: Any
+    settings: ProcessorSettings
+    sink: _Sink
+    model: Any = None
+    tracer: Any = None
+    dtype: str | None = None
+
+
+def _load_dtype(plan: Plan, state: _Loaded, dtype: str) -> None:
+    """The model in ``dtype``, traced; the one loaded before is let go first (one model in memory)."""
+    import gc
+
+    if state.tracer is not None:
+        state.tracer.stop()
+    state.model = state.tracer = None
+    gc.collect()
+    state.model, plan.device = load_model(Path(plan.args.model_path), plan.args, plan.device, dtype)
+    if plan.prompts is not None and state.dtype is None:
+        longest = max([plan.args.max_new_tokens] + [int(v) for v in plan.sweep.get("max_new_tokens", [])])
+        check_prompt_lengths(state.processor, state.model, plan.prompts, longest, plan.with_images)
+    state.tracer = _make_tracer(plan, state.model).start()
+    state.sink.follow(state.tracer)
+    if state.dtype is None:
+        write_fingerprint(plan.out, plan.fp)  # once a model loaded: the run is about to write records
+    state.dtype = dtype
+
+
+def _run_batches(plan: Plan, state: _Loaded) -> int:
+    """Profiles the plan's items, point by point; returns how many generate() calls were recorded."""
     import torch
     from tqdm import tqdm
 
-    args, gen_kw, warmed, calls = plan.args, _generation_kwargs(plan.args, model, processor), False, 0
-    batches = [plan.todo[i:i + args.batch_size] for i in range(0, len(plan.todo), args.batch_size)]
-    with tracer, torch.no_grad():
-        for batch in tqdm(batches, desc=f"profiling{f' rank {plan.rank}' if plan.world > 1 else ''}",
+    args, calls, point_now, warmed = plan.args, 0, None, set()
+    call_kwargs: dict[str, Any] = {}
+    with torch.no_grad():
+        for batch in tqdm(_batches(plan), desc=f"profiling{f' rank {plan.rank}' if plan.world > 1 else ''}",
                           unit="batch", disable=args.no_progress):
-            kept, pil = _decode(batch, plan) if plan.with_images else (batch, None)
-            enc = _encode_batch(kept, pil, processor, model, plan) if kept else None
+            point = batch[0].point
+            dtype = str(point.get("dtype", args.dtype))
+            if state.dtype != dtype:
+                _load_dtype(plan, state, dtype)
+            if point_key(point) != point_now:
+                point_now, call_kwargs = point_key(point), state.settings.apply(point)
+                state.sink.point = point
+            kept, pil = _decode(batch, plan) if batch[0].sample.images else (batch, None)
+            max_new, min_new = plan.max_new_tokens(batch[0]), plan.min_new_tokens(batch[0])
+            enc = _encode_batch(kept, pil, state.processor, state.model, plan, call_kwargs, max_new) if kept else None
             if enc is None:
                 continue
-            if not warmed and args.warmup:
-                tracer.stop()  # warm-up runs untraced: first-call costs are not the model's
-                for _ in range(args.warmup):
-                    model.generate(**enc, **gen_kw)
-                tracer.start()
-                warmed = True
-            with tracer.sample(";".join(s[0] for s in kept)):
-                model.generate(**enc, **gen_kw)
-            calls += sink.flush()
+            gen_kw = dict(_generation_kwargs(state.model, state.processor), max_new_tokens=max_new)
+            if min_new is not None:
+                gen_kw["min_new_tokens"] = min_new
+            # warm-up runs untraced, once per point and model: first-call costs (a new shape, a new
+            # dtype) are not the model's
+            try:
+                if args.warmup and (dtype, point_now) not in warmed:
+                    state.tracer.stop()
+                    for _ in range(args.warmup):
+                        state.model.generate(**enc, **gen_kw)
+                    state.tracer.start()
+                    warmed.add((dtype, point_now))
+                with state.tracer.sample(";".join(it.sample.id for it in kept)):
+                    state.model.generate(**enc, **gen_kw)
+            except Exception as exc:  # noqa: BLE001 - inputs the model refuses (a sweep point's image size it
+                # cannot take): that batch is skipped and said, the run goes on with a fresh tracer
+                _after_failed_call(plan, state, kept, exc)
+                continue
+            calls += state.sink.flush()
     return calls
+
+
+def _after_failed_call(plan: Plan, state: _Loaded, kept: list[WorkItem], exc: Exception) -> None:
+    from .loading import _first_line
+
+    plan.skip("batch", f"sample(s) {', '.join(show(it.sample.id) for it in kept)}",
+              f"generate() failed ({_first_line(exc)})")
+    state.tracer.stop()  # whatever the failed call left half-marked is dropped with its hooks
+    state.tracer.start()
+    state.sink.follow(state.tracer)
 
 
 def _finish(plan: Plan, interrupted: bool) -> list[Any]:
@@ -188,54 +372,68 @@ def _finish(plan: Plan, interrupted: bool) -> list[Any]:
     from stagetrace.export.chrome import write_chrome_trace
     from stagetrace.records import load_records
 
-    from .report import print_summary
+    from .report import print_summaries
 
     records = load_records(plan.records, on_error="warn") if plan.records.exists() else []
     write_chrome_trace(records, plan.trace, rank=plan.rank)
     if not interrupted:
-        print_summary(records, f"{len(records)} records in {show(plan.records)}")
-    images = [what.removeprefix("image ") for what, _ in plan.skipped if what.startswith("image ")]
-    if images:
-        print(f"{len(images)} image(s) could not be decoded and were skipped: {', '.join(images)}")
-    if len(images) < len(plan.skipped):
-        print(f"{len(plan.skipped) - len(images)} batch(es) skipped: "
-              + "; ".join(f"{what}: {why}" for what, why in plan.skipped if not what.startswith("image ")))
+        print_summaries(records, f"{len(records)} records in {show(plan.records)}")
+    for kind, words in (("row", "dataset row(s) could not be used and were skipped"),
+                        ("image", "image(s) could not be decoded and were skipped"), ("batch", "batch(es) skipped")):
+        these = [s for s in plan.skipped if s.kind == kind]
+        if not these:
+            continue
+        named = [s.what if kind == "image" else f"{s.what}: {s.why}" for s in these[:_SHOWN]]
+        more = f"; and {len(these) - _SHOWN} more" if len(these) > _SHOWN else ""
+        print(f"{len(these)} {words}: {(', ' if kind == 'image' else '; ').join(named)}{more}")
     return records
 
 
 def _drop_undecodable(plan: Plan) -> None:
-    todo = []
-    for s in plan.todo:
-        why = _image_problem(s[1])
-        if why is None:
-            todo.append(s)
+    """Headers only, before the model loads: every sample with an image that does not decode leaves
+    the run (at every point), named once; a run of bad images stops here."""
+    bad: dict[str, str] = {}
+    checked: set[str] = set()
+    images = 0
+    for it in plan.todo:
+        if it.sample.id in checked:
             continue
-        plan.skipped.append((f"image {show(s[1])}", f"cannot decode it ({show(why)})"))
-        print(f"stagetrace: skipped image {show(s[1])}: cannot decode it ({show(why)})")
+        checked.add(it.sample.id)
+        images += len(it.sample.images)
+        for ref in it.sample.images:
+            why = _image_problem(ref)
+            if why is not None:
+                bad[it.sample.id] = why
+                plan.skip("image", ref.name, f"cannot decode it ({show(why)})", say=False)
+                print(f"stagetrace: skipped image {ref.name}: cannot decode it ({show(why)})")
+                break
+    todo = [it for it in plan.todo if it.sample.id not in bad]
     if plan.todo and not todo and not plan.recorded:  # (on a resume the rest of the run is done)
-        raise CliError(f"none of the {len(plan.todo)} images to profile decodes (first: "
-                       f"{plan.skipped[0][0]}: {plan.skipped[0][1]})")
+        first = next(s for s in plan.skipped if s.kind == "image")
+        raise CliError(f"none of the {images} images to profile decodes (first: image {first.what}: "
+                       f"{first.why})")
     plan.todo = todo
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     plan = _plan(args)
-    if plan.with_images:  # headers only, before the model loads: a run of bad images stops here
+    if plan.with_images:
         _drop_undecodable(plan)
     calls, interrupted = 0, False
     if plan.todo:
-        model, processor, plan.device = load_model(Path(args.model_path), args, plan.device)
-        check_prompt_lengths(processor, model, plan.prompts, args.max_new_tokens, plan.with_images)
-        tracer = _make_tracer(plan, model)
-        write_fingerprint(plan.out, plan.fp)
-        sink = _Sink(tracer, plan.records)
+        processor = load_processor(Path(args.model_path), args)
+        # a sweep's processor keys are checked on the processor, before any model loads
+        settings = resolve_processor_settings(processor, [k for k in plan.sweep if k not in GENERATION_KEYS])
+        state = _Loaded(processor, settings, _Sink(plan.records))
         try:
-            calls = _run_batches(plan, model, processor, tracer, sink)
+            calls = _run_batches(plan, state)
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            calls += sink.flush()  # a record made as Ctrl-C came
-            sink.writer.close()
+            calls += state.sink.flush()  # a record made as Ctrl-C came
+            state.sink.close()
+            if state.tracer is not None:
+                state.tracer.stop()
     records = _finish(plan, interrupted)
     if interrupted:
         print(f"stagetrace: interrupted: {len(records)} finished record(s) kept in {show(plan.records)}, "

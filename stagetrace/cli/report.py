@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from .common import CliError, show
 from .safe_io import output_file
 
-__all__ = ["cmd_report", "cmd_plot", "print_summary", "load_many", "record_paths"]
+__all__ = ["cmd_report", "cmd_plot", "print_summary", "print_summaries", "load_many", "record_paths", "one_point"]
 
 _RECORDS = re.compile(r"records(\.rank\d+)?\.jsonl")
 
@@ -25,6 +25,38 @@ def print_summary(records: list[Any], title: str) -> None:
     lead = format_lead(summarize_lead(records))
     if lead:
         print("\n" + lead)
+
+
+def print_summaries(records: list[Any], title: str) -> None:
+    """One summary, or one per sweep point when the records hold several: times of two settings are
+    never pooled into one row."""
+    from .sweep import point_label, points_of
+
+    points = points_of(records)
+    if len(points) <= 1:
+        print_summary(records, title + (f" at {point_label(points[0])}" if points and points[0] else ""))
+        return
+    from .runs import point_key
+
+    print(f"{title}: {len(points)} sweep points, summarized one by one")
+    for p in points:
+        these = [r for r in records if point_key(r.sweep_point) == point_key(p)]
+        print()
+        print_summary(these, f"{len(these)} records at {point_label(p)}")
+
+
+def one_point(records: list[Any], what: str, want: dict[str, Any], told: str) -> list[Any]:
+    """The records of ``what`` at the point ``--point`` picks; one line when they still hold several
+    (``told``: what the command would mix)."""
+    from .sweep import point_label, points_of, select_point
+
+    records = select_point(records, want, what)
+    points = points_of(records)
+    if len(points) > 1:
+        shown = "; ".join(point_label(p) for p in points[:6]) + ("; ..." if len(points) > 6 else "")
+        raise CliError(f"{what} holds records of {len(points)} sweep points ({shown}): {told}; pick one with "
+                       "--point KEY=VALUE (repeatable)")
+    return records
 
 
 def record_paths(items: Sequence[str]) -> list[str]:
@@ -74,20 +106,49 @@ def load_many(paths: Sequence[str]) -> list[Any]:
     return recs
 
 
+def _csv_by_point(recs: list[Any], points: list[Any]) -> bytes:
+    """The summary CSV with a first column naming each row's sweep point."""
+    import csv
+    import io
+
+    from stagetrace.export.table import STAT_NAMES, summarize
+
+    from .runs import point_key
+    from .sweep import point_label
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["sweep_point", "stage", *STAT_NAMES])
+    for p in points:
+        for stage, st in summarize([r for r in recs if point_key(r.sweep_point) == point_key(p)]).items():
+            w.writerow([point_label(p), stage, *(st[k] for k in STAT_NAMES)])
+    return buf.getvalue().encode("utf-8")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from stagetrace.export.table import summarize, write_csv
 
+    from .runs import point_key
+    from .safe_io import write_bytes_atomically
+    from .sweep import parse_point_filter, points_of, select_point
+
+    want = parse_point_filter(args.point)
     csv_path = output_file(args.csv, args.records, "--csv") if args.csv is not None else None
-    recs = load_many(args.records)
-    summary = summarize(recs)
-    if args.json:
-        print(json.dumps(summary, indent=2))
+    recs = select_point(load_many(args.records), want, "the records")
+    points = points_of(recs)
+    if args.json:  # several points: one summary each, with its point
+        print(json.dumps(summarize(recs) if len(points) <= 1 else
+                         [{"sweep_point": p, "summary": summarize([r for r in recs if point_key(r.sweep_point)
+                                                                   == point_key(p)])} for p in points], indent=2))
     else:
         failed = sum(r.error is not None for r in recs)
-        print_summary(recs, f"{len(recs)} records" + (f" ({failed} not timed)" if failed else ""))
+        print_summaries(recs, f"{len(recs)} records" + (f" ({failed} not timed)" if failed else ""))
     if csv_path is not None:
         try:
-            write_csv(summary, csv_path)
+            if len(points) <= 1:
+                write_csv(summarize(recs), csv_path)
+            else:
+                write_bytes_atomically(csv_path, _csv_by_point(recs, points))
         except OSError as exc:
             raise CliError(f"--csv {show(csv_path)} cannot be written: {exc.strerror or exc}") from None
         print(f"wrote {show(csv_path)}")

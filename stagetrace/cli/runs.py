@@ -12,24 +12,51 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Sequence
 
 from .common import CliError, show
 
-__all__ = ["RUN_FILE", "IMAGE_EXTS", "collect_prompts", "collect_images", "sample_id", "make_samples",
-           "fingerprint", "check_resume", "write_fingerprint", "done_ids", "files_to_replace"]
+__all__ = ["RUN_FILE", "IMAGE_EXTS", "ImageRef", "Sample", "collect_prompts", "collect_images", "escape_id",
+           "sample_id", "make_samples", "fingerprint", "check_resume", "write_fingerprint", "done_keys",
+           "files_to_replace", "point_key", "PointKey"]
 
 RUN_FILE = "stagetrace-run.json"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-Sample = tuple[str, "Path | None", str]  # (sample id, image or None, prompt)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a sample: a file, or bytes a dataset holds. ``name`` says which in messages."""
+    name: str
+    path: Path | None
+    data: bytes | None
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    prompt: str
+    images: tuple[ImageRef, ...] = ()
+    max_new_tokens: int | None = None  # the dataset's own for this sample; None: --max-new-tokens
+
+
+# A sweep point as a set member: its (setting, value) pairs, sorted; () outside a sweep.
+PointKey = tuple[tuple[str, Any], ...]
+
+
+def point_key(point: dict[str, Any] | None) -> PointKey:
+    # bool is an int in Python: kept apart from 1/0 by its type
+    return tuple(sorted((k, (type(v).__name__, v)) for k, v in (point or {}).items()))
 
 # What must match for a rerun to continue a run (batch size and --n may change: they do
 # not change what one sample is).
 _KEYS = {"model_path": "model path", "config_sha256": "config.json", "dtype": "--dtype", "device": "device",
          "max_new_tokens": "--max-new-tokens", "min_new_tokens": "--min-new-tokens", "prompts_sha256": "prompts",
          "images": "--images", "layer_detail": "--layer-detail", "layer_marks": "--layer-marks",
-         "layout": "--vision/--language-model/--lm-head"}
+         "layout": "--vision/--language-model/--lm-head", "dataset": "--dataset (its path or its contents)",
+    "sweep_keys": "--sweep settings"}
 
 
 def collect_prompts(args: argparse.Namespace) -> list[str]:
@@ -72,35 +99,40 @@ def collect_images(items: Sequence[str]) -> tuple[Path, list[Path]]:
     return Path(os.path.commonpath(dirs)), found
 
 
-def sample_id(rel: str | PurePath, prompt_index: int) -> str:
-    """``<path relative to the image root>#<prompt index>``, unique for every file name.
-
-    ``%``, ``;`` (it joins the ids of a batch) and characters that are not printable
-    (newlines, bytes that are not UTF-8) are %-escaped, so no two names give one id.
-    """
-    text = PurePath(rel).as_posix()
+def escape_id(text: str) -> str:
+    """``text`` with ``%``, ``;`` (it joins the ids of a batch) and characters that are not
+    printable (newlines, bytes that are not UTF-8) %-escaped, so no two texts give one id."""
     out = []
     for ch in text:
         if ch in "%;" or not ch.isprintable() or "\ud800" <= ch <= "\udfff":
             out.append("".join(f"%{b:02X}" for b in os.fsencode(ch)))
         else:
             out.append(ch)
-    return f"{''.join(out)}#{prompt_index}"
+    return "".join(out)
+
+
+def sample_id(rel: str | PurePath, prompt_index: int) -> str:
+    """``<path relative to the image root>#<prompt index>``, unique for every file name."""
+    return f"{escape_id(PurePath(rel).as_posix())}#{prompt_index}"
 
 
 def make_samples(images: list[Path] | None, root: Path | None, prompts: list[str]) -> list[Sample]:
+    """The samples of ``--images`` and ``--prompt(s)``: each image with a prompt in turn, or each prompt alone."""
     if images is None:
-        return [(f"prompt-{i}", None, p) for i, p in enumerate(prompts)]
+        return [Sample(f"prompt-{i}", p) for i, p in enumerate(prompts)]
     samples: dict[str, Sample] = {}  # the same file named twice is one sample
     for i, img in enumerate(images):
         k = i % len(prompts)
         sid = sample_id(os.path.relpath(os.path.abspath(img), root), k)
-        samples.setdefault(sid, (sid, img, prompts[k]))
+        samples.setdefault(sid, Sample(sid, prompts[k], (ImageRef(show(img), img, None),)))
     return list(samples.values())
 
 
 def fingerprint(args: argparse.Namespace, config: bytes, prompts: list[str], device: str,
-                layer_detail: str) -> dict[str, Any]:
+                layer_detail: str, dataset: dict[str, Any] | None = None,
+                sweep_keys: list[str] | None = None) -> dict[str, Any]:
+    """What must match for a rerun to continue the run in ``--out``. A sweep's keys are in it,
+    not its values: every record carries its point, so a rerun with more values adds points."""
     import torch
 
     fp = {"stagetrace_run": 1, "command": "profile", "model_path": os.path.abspath(args.model_path),
@@ -110,7 +142,8 @@ def fingerprint(args: argparse.Namespace, config: bytes, prompts: list[str], dev
           "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "prompts": len(prompts),
           "images": [os.path.abspath(i) for i in args.images] if args.images else None,
           "layer_detail": layer_detail, "layer_marks": args.layer_marks,
-          "layout": {"vision": args.vision, "language_model": args.language_model, "lm_head": args.lm_head}}
+          "layout": {"vision": args.vision, "language_model": args.language_model, "lm_head": args.lm_head},
+          "dataset": dataset, "sweep_keys": sweep_keys}
     return json.loads(json.dumps(fp))  # as it reads back from the file
 
 
@@ -147,17 +180,19 @@ def write_fingerprint(out: Path, fp: dict[str, Any]) -> None:
     write_bytes_atomically(out / RUN_FILE, (json.dumps(fp, indent=1) + "\n").encode())
 
 
-def done_ids(out: Path) -> set[str]:
-    """The ids of samples recorded without error, in every records file of the folder (all ranks)."""
+def done_keys(out: Path) -> set[tuple[str, PointKey]]:
+    """(sample id, sweep point) of every sample recorded without error, in every records file
+    of the folder (all ranks). A batch's record names its samples joined by ``;`` (each id escaped)."""
     from stagetrace.records import load_records
 
-    done: set[str] = set()
+    done: set[tuple[str, PointKey]] = set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for path in _records_files(out):
             for r in load_records(path, on_error="ignore"):
                 if r.error is None and r.sample_id:
-                    done.update(r.sample_id.split(";"))
+                    point = point_key(r.sweep_point)
+                    done.update((sid, point) for sid in r.sample_id.split(";"))
     return done
 
 
