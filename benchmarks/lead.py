@@ -6,13 +6,14 @@
 Cases, each traced at stage level and with every layer marked (``layer_detail="all"``):
 
   b1_eager        batch 1, 608-token prompt, eager: decode is launch-bound -> steps host-bound
-  b32_eager       batch 32 of the same prompt: the prefill (19k tokens) is GPU-bound
+  b32_eager       batch 32 of the same prompt: the prefill (19k tokens) is GPU-bound (at stage level
+                  its one mark inside gives a lower bound that misses the host's issue time: >= 50%)
   b1_spin         b1_eager with a known spin (--spin-us of GPU work) queued after one decode step's
                   last layer: that step's GPU-bound time grows by the spin, its lead and its time too;
                   the other steps stay host-bound. (Queued at the step's first layer, a spin shorter
                   than the step's remaining launch time is absorbed: the GPU catches up while the
                   host still launches — which the lead shows, and which is why it is queued last.)
-  b1_long_spin    the same with a spin 20x as long: the spin now dominates the step -> gpu-bound
+  b1_long_spin    the same with a spin 100x as long: the spin now dominates the step -> gpu-bound
   b1_compiled     generate()'s own compiled decode (static cache, CUDA graphs): the host launches a
                   step at once, so at the forward's return the GPU still runs it -> steps GPU-bound
 
@@ -87,6 +88,7 @@ def summarize(records: list[Any], spin_step: int | None) -> dict[str, Any]:
         stage: {"verdicts": dict(Counter(r.lead[stage]["verdict"] for r in ok if stage in r.lead)),
                 "median_lead_us": _med([r.lead[stage]["median_us"] for r in ok if stage in r.lead]),
                 "max_lead_us": _med([r.lead[stage]["max_us"] for r in ok if stage in r.lead]),
+                "median_gpu_bound_share": _med([r.lead[stage]["gpu_bound_share"] for r in ok if stage in r.lead]),
                 "marks_per_call": _med([r.lead[stage]["marks"] for r in ok if stage in r.lead])}
         for stage in ("vision", "prefill", "decode") if any(stage in r.lead for r in ok)}
     steps = [(i, v, lead, ms, gb) for r in ok for i, (v, lead, ms, gb) in
@@ -171,7 +173,12 @@ def checks(name: str, detail: str, s: dict[str, Any], cuda: bool, n_layers: int,
         check("decode steps host-bound (>= 90%)", f"{share('host-bound'):.0%} {steps}", share("host-bound") >= 0.9)
     if name == "b32_eager":
         pv = s["stages"]["prefill"]["verdicts"]
-        check("prefill gpu-bound", pv, set(pv) == {"gpu-bound"})
+        if detail == "all":
+            check("prefill gpu-bound", pv, set(pv) == {"gpu-bound"})
+        else:  # one mark: the lower bound misses the host's issue time at the prefill's start
+            share = s["stages"]["prefill"]["median_gpu_bound_share"]
+            check("prefill not host-bound, GPU-bound >= 50% (lower bound)", f"{pv} {share:.0%}",
+                  "host-bound" not in pv and share >= 0.5)
     if name in ("b1_spin", "b1_long_spin"):
         sp = s["spin_step"]
         check(f"spin step's GPU-bound time grows by the spin ({spin_us / 1e3:.1f} ms, +-15%)",
@@ -182,8 +189,6 @@ def checks(name: str, detail: str, s: dict[str, Any], cuda: bool, n_layers: int,
             check(f"spin step longer by ~ spin ({spin_us / 1e3:.1f} ms, +-15%)", f"{sp['extra_ms']:.3f} ms",
                   abs(sp["extra_ms"] * 1e3 - spin_us) <= 0.15 * spin_us)
             check("spin step gpu-bound", sp["verdicts"], set(sp["verdicts"]) == {"gpu-bound"})
-        else:
-            check("spin step longer by at most the spin", f"{sp['extra_ms']:.3f} ms", sp["extra_ms"] * 1e3 <= spin_us)
     if name == "b1_compiled":
         check("compiled decode on", s["compiled_decode"], s["compiled_decode"])
         check("compiled steps not host-bound (>= 90%)", f"{1 - share('host-bound'):.0%} {steps}",
@@ -242,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
                 cfg._compile_all_devices = True
                 kw["compile_config"] = cfg
             case.model.generation_config.cache_implementation = "static"
-        spin, spin_us = None, args.spin_us * (20 if name == "b1_long_spin" else 1)
+        spin, spin_us = None, args.spin_us * (100 if name == "b1_long_spin" else 1)
         if name in ("b1_spin", "b1_long_spin"):
             cycles = int(cycles_per_us * spin_us)
             spin = (lambda: torch.cuda._sleep(cycles)) if cuda else (lambda: None)
