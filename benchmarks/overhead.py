@@ -10,6 +10,7 @@ interleaved repetition by repetition (A B C ... A B C ...), medians after warm-u
   stagetrace            stage level
   stagetrace_layers     stage level + marks around every decoder layer at every step
   stagetrace_layers_shared  the same with one mark per boundary between layers (half the marks)
+  stagetrace_layers_every4/8  layers on the prefill and on every 4th / 8th decode step only (layer_every)
   sync                  torch.cuda.synchronize() + perf_counter at stagetrace's boundaries
   sync_layers           the same at every decoder layer
   torch_event           torch.cuda.Event created + recorded from Python at the same boundaries
@@ -55,11 +56,11 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
         return {"wall_ms": timed(lambda: model.generate(**kw))}
 
     def traced(layer_detail: str, timeline_factory: Callable[[], Any] | None,
-               layer_marks: str = "pair") -> Callable[[], dict]:
+               layer_marks: str = "pair", layer_every: int = 1) -> Callable[[], dict]:
         def run() -> dict:
             tl = timeline_factory() if timeline_factory else None
             with stagetrace.trace(model, layer_detail=layer_detail, layer_marks=layer_marks, timeline=tl,
-                                  keep_marks=False) as tracer:
+                                  layer_every=layer_every, keep_marks=False) as tracer:
                 wall = timed(lambda: model.generate(**kw))
             rec = tracer.records[-1]
             return {"wall_ms": wall, "record": rec.to_dict(), "n_marks": rec.n_marks, "resolve_ms": rec.resolve_ms}
@@ -72,6 +73,8 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
         "stagetrace": traced("off", None),
         "stagetrace_layers": traced("all", None),
         "stagetrace_layers_shared": traced("all", None, "shared"),
+        "stagetrace_layers_every4": traced("all", None, layer_every=4),
+        "stagetrace_layers_every8": traced("all", None, layer_every=8),
         "sync": traced("off", lambda: SyncTimeline(dev)),
         "sync_layers": traced("all", lambda: SyncTimeline(dev)),
     }

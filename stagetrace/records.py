@@ -70,6 +70,8 @@ class StageRecord:
     layout: str = ""
     layer_detail: str = "off"
     layer_marks: str = "pair"  # "shared": one mark per boundary between layers (see Tracer)
+    layer_every: int = 1       # with layer_detail="all": layers were asked for on every N-th decode step
+    layer_steps: list[int] = field(default_factory=list)  # the decode steps that carry layer spans (measured)
     compiled_decode: bool = False  # generate() compiled the decode step; steps were marked outside the graph
     stream: int = 0          # handle of the stream the call's marks were recorded on
     devices: list[str] = field(default_factory=list)  # every GPU of a model split over several, `device` first
@@ -127,6 +129,7 @@ class StageRecord:
         d["decode_step_lead_us"] = list(self.decode_step_lead_us)
         d["decode_step_gpu_bound_ms"] = list(self.decode_step_gpu_bound_ms)
         d["decode_step_verdict"] = list(self.decode_step_verdict)
+        d["layer_steps"] = list(self.layer_steps)
         d["image_sizes"] = [list(x) for x in self.image_sizes]
         d["sweep_point"] = None if self.sweep_point is None else dict(self.sweep_point)
         d["tpot_ms"] = self.tpot_ms
@@ -212,14 +215,14 @@ _FIELD_KINDS: dict[str, str] = {
     **dict.fromkeys(("total_ms", "vision_ms", "prefill_ms", "decode_ms", "other_ms", "ttft_ms"), "number?"),
     **dict.fromkeys(("unix_start", "unix_time", "resolve_ms"), "number"),
     **dict.fromkeys(("batch_size", "prompt_tokens", "output_tokens", "call_index", "stream", "rank",
-                     "host_start_ns", "n_marks", "schema"), "int"),
+                     "host_start_ns", "n_marks", "schema", "layer_every"), "int"),
     **dict.fromkeys(("model_class", "model_name", "device", "backend", "layout", "layer_detail", "layer_marks"),
                     "str"),
     **dict.fromkeys(("sample_id", "error"), "str?"),
     "compiled_decode": "bool", "decode_step_ms": "numbers", "devices": "strs", "device_streams": "ints",
     "warnings": "strs", "lead": "lead_map", "decode_step_lead_us": "numbers?s",
     "decode_step_gpu_bound_ms": "numbers?s", "decode_step_verdict": "strs", "images": "int?", "image_tokens": "int?",
-    "text_tokens": "int?", "image_sizes": "int_lists",
+    "text_tokens": "int?", "image_sizes": "int_lists", "layer_steps": "ints",
     "sweep_point": "point?", "versions": "str_map", "spans": "spans", "host_spans": "spans",
 }
 # A span as written: its identity in kind + index (schema 2) or in its name (schema 1).

@@ -605,3 +605,21 @@ def test_report_does_not_write_its_csv_over_records(tmp_path, capsys):
     assert run("report", tmp_path / "d" / "records.jsonl", "--csv", other) == 2
     one_error_line(capsys, "named like records")
     assert other.read_bytes() == (tmp_path / "d" / "records.jsonl").read_bytes()
+
+
+def test_layer_every_samples_the_steps_records_which_and_the_report_says_so(text_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("profile", text_checkpoint, "--prompt", "hello there", "--max-new-tokens", "7", "--min-new-tokens", "7",
+               "--out", out, "--no-progress", "--layer-detail", "all", "--layer-every", "3") == 0
+    (rec,) = load_records(out / "records.jsonl")
+    assert rec.layer_every == 3 and rec.layer_steps == [0, 3] and len(rec.decode_step_ms) == 6
+    capsys.readouterr()
+    assert run("report", out / "records.jsonl") == 0
+    assert "the prefill and 2 of 6 decode steps (layer_every=3)" in capsys.readouterr().out
+    # a rerun with another sampling would mix two runs: refused
+    assert run("profile", text_checkpoint, "--prompt", "hello there", "--max-new-tokens", "7", "--min-new-tokens", "7",
+               "--out", out, "--no-progress", "--layer-detail", "all") == 2
+    one_error_line(capsys, "--layer-every")
+    for bad in (["--layer-every", "0", "--layer-detail", "all"], ["--layer-every", "2"]):
+        assert run(*profile_args(text_checkpoint, tmp_path / "bad", *bad)) == 2
+        one_error_line(capsys, "--layer-every")

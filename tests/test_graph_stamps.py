@@ -122,8 +122,9 @@ def test_shared_layer_marks_halve_the_stamps_in_compiled_decode():
     (rec,) = tracer.records
     assert_partition(rec)
     # call (2) + prefill (forward, lm, head: 3) + its layers (2 begins + the last end: 3), then per
-    # step its event and 3 stamps (the calibration stamps anchor the merge, they are not marks)
-    assert rec.n_marks == 2 + 3 + 3 + 3 * (1 + 3)
+    # step its event and 3 stamps (the calibration stamps anchor the merge, they are not marks),
+    # and each of the 4 forwards' return to generate()
+    assert rec.n_marks == 2 + 3 + 3 + 3 * (1 + 3) + 4
     steps = [s for s in rec.spans if s.name.startswith("step ")]
     assert len(steps) == 3 and len([s for s in rec.spans if s.name.startswith("layer")]) == 2 * 4
 

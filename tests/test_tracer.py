@@ -136,6 +136,39 @@ def test_layer_detail_adds_nested_layer_spans_without_changing_stages(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("every", [1, 3, 10])
+def test_sampled_layer_detail_marks_the_prefill_and_every_nth_step_and_says_which(every, device):
+    case = build_on("llava", device)
+    plain = tokens(case.model.generate(**gen_kwargs(case, 8)))
+    with stagetrace.trace(case.model, layer_detail="all", layer_every=every) as tracer:
+        assert torch.equal(tokens(case.model.generate(**gen_kwargs(case, 8))), plain)
+    (rec,) = tracer.records
+    assert_partition(rec)
+    n_layers = case.model.config.text_config.num_hidden_layers
+    sampled = list(range(0, 7, every))  # 7 decode steps: 0, N, 2N, ...
+    assert rec.layer_steps == sampled and rec.layer_every == every and not rec.warnings
+    steps = [s for s in rec.spans if s.kind == "step"]
+    for k, step in enumerate(steps):
+        inside = [s for s in rec.spans if s.kind == "layer" and step.start_ns <= s.start_ns <= step.end_ns
+                  and s.depth == 3]
+        assert len(inside) == (n_layers if k in sampled else 0), (k, every)
+    assert len([s for s in rec.spans if s.kind == "layer" and s.depth == 2]) == n_layers  # the prefill's, always
+    back = stagetrace.StageRecord.from_dict(rec.to_dict())
+    assert back.layer_steps == sampled and back.layer_every == every
+
+
+def test_layer_every_is_checked_and_refused_where_stamps_run_in_every_step():
+    case = tiny.build("llama")
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="layer_every"):
+            stagetrace.trace(case.model, layer_detail="all", layer_every=bad)
+    from stagetrace.tracing.compiled import compiled_decode_refusal
+
+    assert "layer_every" in compiled_decode_refusal([torch.device("cpu")], "all", None, layer_every=4)
+    assert compiled_decode_refusal([torch.device("cpu")], "prefill", None, layer_every=4) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_shared_layer_marks_give_the_same_spans_with_half_the_marks(device):
     case = build_on("llama", device)
     kw = gen_kwargs(case, 3)

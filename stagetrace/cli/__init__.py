@@ -59,6 +59,9 @@ def _profile_parser(sub: Any) -> None:
                    help="a span per decoder layer: in prefill only, or in every step ('all', the default when "
                         "given without a value)")
     p.add_argument("--layers", nargs="?", const="all", choices=["prefill", "all"], help=argparse.SUPPRESS)
+    p.add_argument("--layer-every", type=int, default=1, metavar="N",
+                   help="with --layer-detail all: layers on the prefill and on every N-th decode step only "
+                        "(records list which steps carry them: layer_steps)")
     p.add_argument("--layer-marks", choices=["pair", "shared"], default="pair",
                    help="with --layer-detail: 'shared' puts one mark per boundary between layers (half the cost; "
                         "work run between two layers counts to the earlier one)")

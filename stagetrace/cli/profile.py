@@ -111,7 +111,7 @@ def _samples(args: argparse.Namespace) -> tuple[list[Sample], list[str] | None, 
 
 def _plan(args: argparse.Namespace) -> Plan:
     """Everything checked and decided before the model loads."""
-    check_at_least(args, max_new_tokens=1, min_new_tokens=0, n=1, batch_size=1, warmup=0)
+    check_at_least(args, max_new_tokens=1, min_new_tokens=0, n=1, batch_size=1, warmup=0, layer_every=1)
     _check_sources(args)
     sweep = parse_sweeps(args.sweep)
     points = sweep_points(sweep)
@@ -121,6 +121,8 @@ def _plan(args: argparse.Namespace) -> Plan:
             raise CliError(f"--min-new-tokens {low} is above --max-new-tokens {high}" if not p else
                            f"min_new_tokens {low} is above max_new_tokens {high} at the sweep point {point_label(p)}")
     detail = layer_detail_of(args)
+    if args.layer_every != 1 and detail != "all":
+        raise CliError(f"--layer-every {args.layer_every} samples the decode steps' layers: it needs --layer-detail all")
     device = parse_device(args.device)
     samples, prompts, ds = _samples(args)
     rank, world = rank_world()
@@ -451,7 +453,8 @@ def _make_tracer(plan: Plan, model: Any) -> Any:
 
     a = plan.args
     try:
-        return stagetrace.trace(model, layer_detail=plan.layer_detail, layer_marks=a.layer_marks, keep_marks=False,
+        return stagetrace.trace(model, layer_detail=plan.layer_detail, layer_marks=a.layer_marks,
+                                layer_every=a.layer_every, keep_marks=False,
                                 vision=a.vision, language_model=a.language_model, lm_head=a.lm_head)
     except LayoutError as exc:
         raise CliError(" ".join(line.strip() for line in str(exc).splitlines())) from None

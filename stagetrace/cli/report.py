@@ -17,11 +17,26 @@ __all__ = ["cmd_report", "cmd_plot", "print_summary", "print_summaries", "load_m
 _RECORDS = re.compile(r"records(\.rank\d+)?\.jsonl")
 
 
+def layer_sampling(records: list[Any]) -> str | None:
+    """One line where layer detail covered only some decode steps (``layer_every``), else None."""
+    timed = [r for r in records if r.error is None and r.layer_detail == "all"]
+    steps = sum(len(r.decode_step_ms) for r in timed)
+    with_layers = sum(len(r.layer_steps) for r in timed)
+    if not timed or with_layers >= steps:
+        return None
+    every = sorted({r.layer_every for r in timed})
+    return (f"layer spans: the prefill and {with_layers} of {steps} decode steps "
+            f"(layer_every={'/'.join(map(str, every))}); layer statistics cover those steps only")
+
+
 def print_summary(records: list[Any], title: str) -> None:
     from stagetrace.export.lead_table import format_lead, summarize_lead
     from stagetrace.export.table import format_summary, summarize
 
     print(format_summary(summarize(records), title=title))
+    sampled = layer_sampling(records)
+    if sampled:
+        print(sampled)
     lead = format_lead(summarize_lead(records))
     if lead:
         print("\n" + lead)

@@ -55,6 +55,7 @@ def point_key(point: dict[str, Any] | None) -> PointKey:
 _KEYS = {"model_path": "model path", "config_sha256": "config.json", "dtype": "--dtype", "device": "device",
          "max_new_tokens": "--max-new-tokens", "min_new_tokens": "--min-new-tokens", "prompts_sha256": "prompts",
          "images": "--images", "layer_detail": "--layer-detail", "layer_marks": "--layer-marks",
+         "layer_every": "--layer-every",
          "layout": "--vision/--language-model/--lm-head", "dataset": "--dataset (its path or its contents)",
     "sweep_keys": "--sweep settings"}
 
@@ -143,7 +144,9 @@ def fingerprint(args: argparse.Namespace, config: bytes, prompts: list[str], dev
           "images": [os.path.abspath(i) for i in args.images] if args.images else None,
           "layer_detail": layer_detail, "layer_marks": args.layer_marks,
           "layout": {"vision": args.vision, "language_model": args.language_model, "lm_head": args.lm_head},
-          "dataset": dataset, "sweep_keys": sweep_keys}
+          "dataset": dataset, "sweep_keys": sweep_keys,
+          # only when sampled: a run started before --layer-every existed resumes unchanged
+          **({"layer_every": args.layer_every} if getattr(args, "layer_every", 1) != 1 else {})}
     return json.loads(json.dumps(fp))  # as it reads back from the file
 
 

@@ -31,6 +31,13 @@ class CallState:
     decoding: bool = False
     outer_depth: int = 0  # top-level forwards in flight (a delegating generate() runs inner ones outside them)
     inner_output_prompt_len: int | None = None  # a delegating generate() returns its inner generate()'s output
+    # layer detail: "off" | "prefill" | "all"; with "all", layers on every N-th decode step
+    # (0, N, 2N, ...). ``layers_now``: the forward in flight carries layer marks (the one
+    # flag the layer wrappers read on the hot path).
+    layer_detail: str = "off"
+    layer_every: int = 1
+    layers_now: bool = False
+    decode_forwards: int = 0
 
     @property
     def compiled(self) -> bool:
@@ -63,9 +70,12 @@ def next_forward_is_prefill(call: CallState, n_input: int | None) -> bool:
     if first or (not call.decoding and call.fed < call.prompt_len):
         call.fed += call.prompt_len if n_input is None else n_input
         call.in_prefill = True
+        call.layers_now = call.layer_detail != "off"
         return True
     call.in_prefill = False
     call.decoding = True
+    call.layers_now = call.layer_detail == "all" and call.decode_forwards % call.layer_every == 0
+    call.decode_forwards += 1
     return False
 
 

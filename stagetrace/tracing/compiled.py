@@ -55,7 +55,12 @@ def _unvalidated(devices: Sequence[torch.device]) -> str | None:
     return f"tracing compiled code is not yet validated on {devices[0].type}"
 
 
-def hand_compiled_refusal(layout: ResolvedLayout, devices: Sequence[torch.device], layer_detail: str) -> str | None:
+_EVERY_STEP = ("the stamps are part of the compiled graph, so every step carries them; layer_every needs eager "
+               "decode steps (generate(..., disable_compile=True)) or layer_every=1")
+
+
+def hand_compiled_refusal(layout: ResolvedLayout, devices: Sequence[torch.device], layer_detail: str,
+                          layer_every: int = 1) -> str | None:
     """Why a hand-compiled forward cannot be traced as asked (None: it can).
 
     Layer detail there comes from GPU-side stamps around every layer of every forward,
@@ -66,7 +71,8 @@ def hand_compiled_refusal(layout: ResolvedLayout, devices: Sequence[torch.device
            or ("a vision stage may run inside the compiled forward; only text-only models are supported"
                if layout.has_vision else None)
            or ("layer stamps inside a compiled forward run in every forward, prefill and decode alike; "
-               "use layer_detail='all' (or 'off')" if layer_detail == "prefill" else None))
+               "use layer_detail='all' (or 'off')" if layer_detail == "prefill" else None)
+           or (_EVERY_STEP if layer_detail == "all" and layer_every > 1 else None))
     if not why and layer_detail == "all":
         no_stamps = graph_stamps.stamps_unavailable_reason(devices[0].type)
         if no_stamps:
@@ -74,11 +80,13 @@ def hand_compiled_refusal(layout: ResolvedLayout, devices: Sequence[torch.device
     return why
 
 
-def compiled_decode_refusal(devices: Sequence[torch.device], layer_detail: str, generation_config: Any) -> str | None:
+def compiled_decode_refusal(devices: Sequence[torch.device], layer_detail: str, generation_config: Any,
+                            layer_every: int = 1) -> str | None:
     """Why a decode step that generate() compiles cannot be traced as asked (None: it can)."""
     why = (_unvalidated(devices)
            or ("chunked prefill is compiled too, so its stage boundaries would sit inside the graph"
-               if getattr(generation_config, "prefill_chunk_size", None) else None))
+               if getattr(generation_config, "prefill_chunk_size", None) else None)
+           or (_EVERY_STEP if layer_detail == "all" and layer_every > 1 else None))
     if not why and layer_detail == "all":
         no_stamps = graph_stamps.stamps_unavailable_reason(devices[0].type)
         if no_stamps:

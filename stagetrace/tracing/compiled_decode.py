@@ -77,6 +77,7 @@ class CompiledDecodeMarks:
             if c is not None and c.compiled_decode and c.forwards > 0 and c.fed >= c.prompt_len:
                 self._before_step()  # the compiled graph must see the bare model
                 c.in_prefill = False
+                c.layers_now = False  # the graph's own stamps mark its layers, if any
                 c.decoding = True
                 c.forwards += 1
                 mark(_DECODE)

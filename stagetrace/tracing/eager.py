@@ -75,10 +75,9 @@ class EagerHooks:
         self._handles.append(self.layout.lm_head[1].register_forward_hook(
             lambda m, a, o: mark(_HEAD_END) if slot.call is not None and slot.call.in_prefill else None))
         if self.layer_detail != "off":
-            every_step = self.layer_detail == "all"
             labels = layer_labels(len(self.layout.layers), self.layer_marks)
             for (_, layer), (begin, end) in zip(self.layout.layers, labels):
-                self._wrappers.set(layer, "forward", layer_forward(layer.forward, slot, mark, begin, end, every_step))
+                self._wrappers.set(layer, "forward", layer_forward(layer.forward, slot, mark, begin, end))
 
     def _install_inner_forwards(self) -> None:
         """A generate() that delegates to an inner model's generate() never calls the top forward:
@@ -157,12 +156,13 @@ def _inner_generate(inner: Callable[..., Any], slot: CallSlot) -> Callable[..., 
 
 
 def layer_forward(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[int], None], begin: int,
-                  end: int | None, every_step: bool) -> Callable[..., Any]:
-    """A layer's forward with its marks around it while a call is in flight (every step, or
-    the prefill only); ``end`` None: the next layer's begin marks this one's end."""
+                  end: int | None) -> Callable[..., Any]:
+    """A layer's forward with its marks around it while the forward in flight carries layer
+    marks (``CallState.layers_now``: the prefill, and the decode steps layer detail samples);
+    ``end`` None: the next layer's begin marks this one's end."""
     def forward(*args: Any, **kwargs: Any) -> Any:
         c = slot.call
-        if c is None or not (every_step or c.in_prefill):
+        if c is None or not c.layers_now:
             return inner(*args, **kwargs)
         mark(begin)
         out = inner(*args, **kwargs)

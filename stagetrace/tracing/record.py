@@ -9,12 +9,13 @@ import functools
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..lead import call_leads
 from ..low_level import Marks
 from ..records import StageRecord
-from ..spans import SpanTable
+from ..spans import KIND_CODE, SpanTable
 from ..stages import StageOrderError, stages_from_marks
 from .devices import SpanPlacement
 
@@ -36,6 +37,14 @@ def _host_spans(marks: Marks) -> SpanTable:
         return stages_from_marks(marks.labels, marks.host_ns - marks.host_ns[0]).spans
     except ValueError:  # host issue order is the mark order; anything else leaves no host spans
         return SpanTable.empty()
+
+
+def layer_steps(spans: SpanTable) -> list[int]:
+    """The decode steps that carry layer spans: each layer row follows its step's row."""
+    step_rows = np.flatnonzero(spans.kind == KIND_CODE["step"])
+    layer_rows = np.flatnonzero((spans.kind == KIND_CODE["layer"]) & (spans.depth == 3))
+    owner = np.searchsorted(step_rows, layer_rows, "right") - 1
+    return sorted({int(spans.index[step_rows[k]]) for k in owner[owner >= 0]})
 
 
 def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | None, error: str | None,
@@ -62,6 +71,7 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
                            marks.issued_by_host)
         rec.lead, rec.decode_step_lead_us = leads["stages"], leads["step_lead_us"]
         rec.decode_step_gpu_bound_ms, rec.decode_step_verdict = leads["step_gpu_bound_ms"], leads["step_verdict"]
+        rec.layer_steps = layer_steps(rec.spans)
         if placement is not None:
             rec.spans = placement.place(rec.spans)
         rec.warnings = [why for kind, why in (expect or {}).items() if not rec.spans.has_kind(kind)]

@@ -80,7 +80,8 @@ class Tracer:
 
     def __init__(self, model: nn.Module, *, vision: str | Sequence[str] | None = None,
                  language_model: str | None = None, lm_head: str | None = None, layers: str | None = None,
-                 layer_detail: str | bool = "off", layer_marks: str = "pair", jsonl: str | Path | None = None,
+                 layer_detail: str | bool = "off", layer_marks: str = "pair", layer_every: int = 1,
+                 jsonl: str | Path | None = None,
                  sample_id: str | None = None, capacity: int = 4096, keep_marks: bool = True,
                  timeline: Timeline | None = None):
         if not callable(getattr(model, "generate", None)):
@@ -90,6 +91,9 @@ class Tracer:
         self.model = model
         self.layer_detail: str = _layer_detail(layer_detail)
         self.layer_marks = layer_marks
+        if isinstance(layer_every, bool) or not isinstance(layer_every, int) or layer_every < 1:
+            raise ValueError(f"layer_every must be an integer >= 1, got {layer_every!r}")
+        self.layer_every = layer_every
         self.sample_id = sample_id
         self.records: list[StageRecord] = []
         self.keep_marks = keep_marks
@@ -182,7 +186,7 @@ class Tracer:
         model, tl = self.model, self._timeline
         assert tl is not None
         compiled = hand_compiled_forwards(model, self.layout)
-        why = hand_compiled_refusal(self.layout, self._devices, self.layer_detail) if compiled else None
+        why = hand_compiled_refusal(self.layout, self._devices, self.layer_detail, self.layer_every) if compiled else None
         if why:
             raise TracingError(f"{' and '.join(compiled)} is compiled with torch.compile and {why}; "
                                "trace the eager model")
@@ -203,7 +207,8 @@ class Tracer:
                                  self.layer_marks, inside_compiled_forward=self._forward_compiled)
         decode = CompiledDecodeMarks(
             model, self._slot, mark, stamps_layers=self.layer_detail == "all",
-            refusal=lambda gen_config: compiled_decode_refusal(self._devices, self.layer_detail, gen_config),
+            refusal=lambda gen_config: compiled_decode_refusal(self._devices, self.layer_detail, gen_config,
+                                                               self.layer_every),
             before_step=self._before_compiled_step, calibrate=self._stamps.calibrate)
         returns = ForwardReturnMarks(model, self.layout, self._slot, mark)
         self._parts = [self._hooks, self._stamps, decode, returns]
@@ -275,7 +280,8 @@ class Tracer:
                 getattr(self.model, "_valid_auto_compile_criteria", None))):
             self._stamps.prepare(stream)
         call = CallState(prompt_len=inputs.prompt_len, fed=inputs.cache_len,
-                         forward_compiled=self._forward_compiled, stamping=stamping)
+                         forward_compiled=self._forward_compiled, stamping=stamping,
+                         layer_detail=self.layer_detail, layer_every=self.layer_every)
         self._slot.call = call
         unix_start = time.time()
         tl.mark(_CALL_BEGIN)
@@ -310,6 +316,7 @@ class Tracer:
                     sample_id=self.sample_id, model_class=type(self.model).__name__,
                     model_name=str(getattr(cfg, "_name_or_path", "") or ""), device=str(self._devices[0]),
                     backend=marks.backend, layout=self.layout.name, layer_detail=self.layer_detail,
+                    layer_every=self.layer_every,
                     layer_marks=self.layer_marks, stream=int(marks.streams[0]), rank=self.rank,
                     host_start_ns=int(marks.host_ns[0]), unix_start=unix_start, unix_time=time.time(),
                     versions=versions(), n_marks=len(marks), compiled_decode=call.compiled,
