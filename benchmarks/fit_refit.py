@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     files = _files(args.records)
     records = [r for f in files for r in load_records(f)]
     versions = next((r.versions for r in records if getattr(r, "versions", None)), {}) or {}
-    env = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "card": args.card or "unknown",
+    env = {"refit_date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "card": args.card or "unknown",
            "driver": args.driver, "torch": versions.get("torch"), "transformers": versions.get("transformers"),
            "stagetrace_of_records": versions.get("stagetrace"), "note": "the records' measuring environment; "
            "the refit itself runs on the CPU"}
