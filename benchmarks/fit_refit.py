@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import card_slug, save, table  # noqa: E402
+from _env import save, table  # noqa: E402
 from _noise import STAGES, repeat_noise, within  # noqa: E402
 
 FITS = {"before": {"robust": False, "nonnegative": False}, "nnls": {"robust": False}, "after": {}}
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     files = _files(args.records)
     records = [r for f in files for r in load_records(f)]
     versions = next((r.versions for r in records if getattr(r, "versions", None)), {}) or {}
-    env = {"refit_date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "card": args.card or "unknown",
-           "driver": args.driver, "torch": versions.get("torch"), "transformers": versions.get("transformers"),
+    env = {"refit_date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "card": args.card or "unknown", "driver": args.driver, "torch": versions.get("torch"), "transformers": versions.get("transformers"),
            "stagetrace_of_records": versions.get("stagetrace"), "note": "the records' measuring environment; "
            "the refit itself runs on the CPU"}
     fits = refit(records, args.folds, args.seed)
