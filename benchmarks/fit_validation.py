@@ -15,7 +15,14 @@ samples are split 80/20 (seeded); stagetrace.fit fits the 80%, the model is save
 back, and the loaded model predicts the other 20%: held-out MAPE per stage (vision, prefill,
 decode, each decode step, tpot, ttft, other, total), besides the fit's own k-fold MAPE and R².
 Targets: held-out MAPE <= 5% for vision, prefill and total, each printed PASS or FAIL; a
-miss is printed with what the data say about why.
+miss is printed with what the data say about why. Beside each target, the repeat-noise floor
+(benchmarks/_noise.py) of part 2's A1, A2 and A3 (the same setting, each sample three times):
+how far one measurement of a call is from the others (mean and median absolute % deviation,
+as MAPE and median APE score a fit), and the strict floor (the least MAPE any model of the
+call's features can have on them); per target, whether the fit's held-out MAPE and median
+APE are within the repeat noise. (The floor's calls are the first --ab-samples samples with
+new tokens capped at --ab-max-new-tokens: for vision and prefill the same calls, for the total
+shorter ones.)
 
 Part 2, the verdicts. The first --ab-samples samples (new tokens capped at
 --ab-max-new-tokens) run four times each, interleaved sample by sample, the order rotating:
@@ -43,6 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import card_slug, environment, save, table  # noqa: E402
+from _noise import repeat_noise, within  # noqa: E402
 
 # (height, width) at CLIP-L/336 scale (the tiny model scales them by its tile size / 336)
 IMAGE_SIZES = [(336, 672), (672, 336), (400, 800), (600, 300),                 # 3 tiles
@@ -422,6 +430,14 @@ def main(argv: list[str] | None = None) -> dict:
             "aa_verdicts_p50": {r.stage: r.verdict for r in comparisons["aa"].rows if r.stat == "p50"},
             "files": {"a": "ab-A.jsonl", "b": "ab-B.jsonl", "a3": "aa-A3.jsonl", "markdown": ["ab.md", "aa.md"]}}
         payload["seconds"]["ab"] = ab_s
+        # the repeat-noise floor: A1, A2 and A3 are the same setting, each sample three times
+        floor = repeat_noise(by_role["A1"] + by_role["A2"] + by_role["A3"])
+        payload["results"]["noise_floor"] = floor
+        for t, tg in targets.items():
+            if t in err and t in floor:
+                tg["noise_floor"] = {k: floor[t][k] for k in ("mape_pct", "median_ape_pct", "best_constant_mape_pct")}
+                tg["held_out_median_ape_pct"] = err[t]["median_ape_pct"]
+                tg["within_noise_floor"] = within(err[t], floor[t])
     payload["seconds"]["run"] = time.perf_counter() - t_start
     path = save(name, payload, out_dir)
 
@@ -443,6 +459,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(rows, ["stage", "held-out MAPE %", "median APE %", "p90 APE %", "bias %", "in interval",
                        "k-fold MAPE %", "R²", "target"]))
     print(f"model round trip (save, load, predict): {trip}")
+    floor = payload["results"].get("noise_floor")
+    if floor:
+        print(f"repeat-noise floor (A1, A2, A3: {n_ab} samples x 3, new tokens <= {args.ab_max_new_tokens}): "
+              "each measurement against the others of its sample; strict: the least MAPE any model can have on "
+              "those records")
+        for t in TARGET_STAGES:
+            tg, f = targets[t], floor.get(t)
+            if f is None or "within_noise_floor" not in tg:
+                continue
+            w = tg["within_noise_floor"]
+            print(f"  {t}: held-out MAPE {tg['mape_pct']:.2f}% / median APE {tg['held_out_median_ape_pct']:.2f}%; "
+                  f"repeat noise {f['mape_pct']:.2f}% / {f['median_ape_pct']:.2f}%, strict floor "
+                  f"{f['best_constant_mape_pct']:.2f}%: MAPE {'within' if w['mape'] else 'above'} the noise, "
+                  f"median {'within' if w['median'] else 'above'} it")
     for lines in why.values():
         print("\n".join(lines))
     if n_ab:

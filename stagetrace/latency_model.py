@@ -109,6 +109,10 @@ class Quality:
     r2: float                     # of the fit on every row
     mape_pct: float               # held out: each row predicted by a fit that did not see its record
     interval_pct: tuple[float, float]  # held-out truth lies within prediction × (1 + these / 100)
+    # held out too: the typical row's error, where MAPE is dominated by the few calls no model predicts
+    # (NaN in a model saved before it was kept)
+    median_ape_pct: float = math.nan
+    outliers: tuple[str, ...] = ()  # sample ids (or "record N") of the records the robust fit down-weighted most
 
 
 def predict_columns(fits: Mapping[str, LinearFit], q: Quantities) -> dict[str, np.ndarray]:
@@ -175,8 +179,8 @@ class LatencyModel:
         return out
 
     def evaluate(self, records: Iterable[StageRecord]) -> dict[str, dict[str, float]]:
-        """How well it predicts ``records`` (say, ones held out of its fit): MAPE and the share
-        inside the interval, per output, over the records that measured it above 0."""
+        """How well it predicts ``records`` (say, ones held out of its fit): MAPE, the median
+        APE and the share inside the interval, per output, over the records that measured it above 0."""
         out = {}
         for t, (y, p) in self.predict_records(records).items():
             y, p = y[y > 0], p[y > 0]
@@ -184,7 +188,8 @@ class LatencyModel:
                 continue
             low, high = self.quality[t].interval_pct
             inside = (y >= p * (1 + low / 100)) & (y <= p * (1 + high / 100))
-            out[t] = {"rows": int(y.size), "mape_pct": float(100 * np.mean(np.abs(y - p) / y)),
+            ape = 100 * np.abs(y - p) / y
+            out[t] = {"rows": int(y.size), "mape_pct": float(np.mean(ape)), "median_ape_pct": float(np.median(ape)),
                       "inside_interval": float(np.mean(inside))}
         return out
 
@@ -216,7 +221,9 @@ class LatencyModel:
                                       tuple(str(n) for n in f.get("dropped", ())))
                     for t, f in d["fits"].items()}
             quality = {str(t): Quality(int(q["rows"]), _finite(q["r2"], "r2"), _finite(q["mape_pct"], "mape_pct"),
-                                       tuple(_finite(x, "interval_pct") for x in q["interval_pct"]))
+                                       tuple(_finite(x, "interval_pct") for x in q["interval_pct"]),
+                                       _finite(q.get("median_ape_pct"), "median_ape_pct"),
+                                       tuple(str(s) for s in q.get("outliers") or ()))
                        for t, q in d["quality"].items()}
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"a latency model with a missing or malformed field ({type(exc).__name__}: {exc})") \

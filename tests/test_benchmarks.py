@@ -74,6 +74,11 @@ def _check_fit_validation(payload, tmp_path):
     assert held["total_ms"]["rows"] == 6 and held["decode_step_ms"]["rows"] > 6
     assert set(payload["results"]["targets"]) == {"vision_ms", "prefill_ms", "total_ms"}
     assert all(isinstance(t["met"], bool) for t in payload["results"]["targets"].values())
+    floor = payload["results"]["noise_floor"]  # A1, A2, A3: each A/B sample three times
+    assert {"vision_ms", "prefill_ms", "total_ms"} <= set(floor) and floor["total_ms"]["calls"] == 6
+    assert all(f["best_constant_mape_pct"] <= f["mape_pct"] for f in floor.values())
+    assert all(isinstance(v, bool) for t in payload["results"]["targets"].values()
+               for v in t["within_noise_floor"].values())
     assert payload["results"]["fits"]["vision_ms"]["features"] == ["image_tokens"]
     trip = payload["round_trip"]
     assert trip["same_dict"] and trip["max_prediction_diff_ms"] == 0 and trip["predict_matches_records"]

@@ -44,12 +44,14 @@ def _pct(v: float, fmt: str = ".1f") -> str:
 
 
 def format_model(model: Any) -> str:
-    """R², held-out MAPE, interval and features per output, then the worst held-out records of the total."""
+    """R², held-out MAPE and median APE, interval and features per output, the outlier records
+    the robust fit down-weighted, then the worst held-out records of the total."""
     t = model.trained
     lines = [f"fitted on {t['records']} records" + (f" ({t['errors_left_out']} with an error, left out)"
                                                     if t["errors_left_out"] else "")
              + f"; held out: {t['folds']}-fold over records, seed {t['seed']}"]
-    header = ["output", "rows", "R²", "held-out MAPE", f"{100 * t['coverage']:g}% interval", "features"]
+    header = ["output", "rows", "R²", "held-out MAPE", "median APE", f"{100 * t['coverage']:g}% interval",
+              "features"]
     rows = [header]
     for target, q in model.quality.items():
         fit = model.fits.get(target)
@@ -57,10 +59,14 @@ def format_model(model: Any) -> str:
             f" (dropped: {', '.join(fit.dropped)})" if fit is not None and fit.dropped else "")
         low, high = q.interval_pct
         rows.append([target, str(q.rows), "-" if not math.isfinite(q.r2) else f"{q.r2:.4f}", _pct(q.mape_pct),
-                     f"[{_pct(low, '+.1f')}, {_pct(high, '+.1f')}]", feats])
+                     _pct(q.median_ape_pct), f"[{_pct(low, '+.1f')}, {_pct(high, '+.1f')}]", feats])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     lines += ["  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]) for r in rows]
     lines += [f"left out: {target}, {why}" for target, why in t.get("skipped", {}).items()]
+    for target, q in model.quality.items():
+        if q.outliers:  # in the fit with a small weight, and in the held-out errors
+            lines.append(f"outliers of {target} ({len(q.outliers)} records, down-weighted): "
+                         + ", ".join(show(s) for s in q.outliers[:8]) + (", ..." if len(q.outliers) > 8 else ""))
     worst = model.worst.get("total_ms", [])
     if worst:
         lines.append("worst held-out predictions of total_ms: " + "; ".join(
