@@ -51,10 +51,10 @@ def layer_mark_costs(tl, n: int, reps: int, cuda: bool) -> dict[str, dict]:
 
     x = torch.zeros(4, device="cuda" if cuda else "cpu")
     slot = CallSlot()
-    slot.call = CallState(prompt_len=0, fed=0, forward_compiled=False, stamping=False, in_prefill=True)
+    slot.call = CallState(prompt_len=0, fed=0, forward_compiled=False, stamping=False, in_prefill=True, layers_now=True)
     mark = tl.mark
     plain, wrapped, hooked = nn.Identity(), nn.Identity(), nn.Identity()
-    wrapped.forward = layer_forward(wrapped.forward, slot, mark, 9, 10, every_step=True)  # as the tracer does
+    wrapped.forward = layer_forward(wrapped.forward, slot, mark, 9, 10)  # as the tracer does
     hooked.register_forward_pre_hook(lambda m, a: mark(9))
     hooked.register_forward_hook(lambda m, a, o: mark(10))
     k = max(n // 2, 1000)
