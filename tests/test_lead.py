@@ -209,6 +209,8 @@ def test_the_lead_summary_hints_at_what_would_help():
 
     text = format_lead(summarize_lead([rec("gpu-bound", ["host-bound"] * 10), rec("gpu-bound", ["host-bound"] * 10)]))
     assert "decode host-bound at 20 of 20 steps" in text and "prefill GPU-bound" in text
+    text = format_lead(summarize_lead([rec("host-bound", ["mixed"] * 8 + ["host-bound"] * 2)]))
+    assert "decode mixed at 8 of 10 steps" in text and "host-bound at" not in text
     text = format_lead(summarize_lead([rec("unknown", ["unknown"] * 3)]))
     assert "layer_detail='all'" in text and "host-bound at" not in text
     assert format_lead(summarize_lead([])) == ""

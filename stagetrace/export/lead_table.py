@@ -53,6 +53,10 @@ def _hints(summary: dict[str, dict[str, Any]]) -> list[str]:
     if known and steps["host-bound"] >= 0.9 * known:
         hints.append(f"decode host-bound at {steps['host-bound']} of {known} steps: the GPU waits for kernel "
                      "launches; a compiled decode (static cache, CUDA graphs) would remove launch time")
+    elif known and steps["mixed"] >= 0.5 * known:
+        hints.append(f"decode mixed at {steps['mixed']} of {known} steps: the GPU is behind for only part of each "
+                     "step and waits for the host the rest (under a compiled decode: host work outside the graph — "
+                     "inputs, sampling, the stopping check)")
     if summary.get("prefill", {}).get("verdicts", Counter())["gpu-bound"]:
         hints.append("prefill GPU-bound: the GPU, not the host, sets its time (fewer tokens or faster kernels help)")
     return hints
