@@ -18,6 +18,7 @@ from stagetrace.records import load_records, write_jsonl
 from stagetrace.testing import checkpoints
 
 from test_cli import digest, one_error_line
+from trace_format import validate_trace
 
 
 def run(*argv) -> int:
@@ -406,6 +407,15 @@ def test_a_processor_sweep_changes_the_image_tokens_the_model_sees(idefics3, tmp
     assert tokens["wide", 64] == 4 * (2 * 2 + 1) and tokens["tall", 96] == 4 * (3 * 1 + 1)  # tiles, and the whole
     prompt = {(r.sample_id, r.sweep_point["size.longest_edge"]): r.prompt_tokens for r in recs}
     assert all(prompt[n, 32] < prompt[n, 64] < prompt[n, 96] for n in SHAPES)  # the prefill grows with them
+
+    # the trace (rebuilt from every record of the run) says each call's point, as a field
+    trace = json.loads((out / "trace.json").read_text())
+    validate_trace(trace)
+    calls = [e["args"] for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "stage"
+             and "sample_id" in e.get("args", {})]
+    assert sorted((a["sample_id"], a["sweep_point"]["size.longest_edge"], a["sweep_point"]["max_new_tokens"])
+                  for a in calls) == sorted(seen)
+    assert all(a["image_tokens"] == tokens[a["sample_id"], a["sweep_point"]["size.longest_edge"]] for a in calls)
 
     assert "6 sweep points, summarized one by one" in text
     assert "3 records at size.longest_edge=96 max_new_tokens=3" in text
