@@ -425,3 +425,25 @@ def test_a_processor_sweep_changes_the_image_tokens_the_model_sees(idefics3, tmp
     assert [s["sweep_point"] for s in summaries] == [{"size.longest_edge": e, "max_new_tokens": m}
                                                     for e in (32, 64, 96) for m in (2, 3)]
     assert all(s["summary"]["total_ms"]["count"] == 3 for s in summaries)
+
+
+def test_images_with_a_processor_that_does_not_load_are_one_line_not_a_text_only_run(idefics3, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """Its tokenizer alone would feed the model the prompts without the images (as a Qwen2-VL checkpoint
+    was profiled where its processor needs torchvision), and the records would not say so."""
+    import shutil
+
+    import stagetrace.cli.profile as prof
+
+    broken = tmp_path / "broken"
+    shutil.copytree(idefics3, broken)
+    cfg = json.loads((broken / "processor_config.json").read_text())
+    cfg["image_processor"]["image_processor_type"] = "NoSuchImageProcessor"
+    (broken / "processor_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(png())
+    data = write_jsonl_rows(tmp_path / "d.jsonl", [{"id": "a", "image": "imgs/a.png", "prompt": "describe this"}])
+    monkeypatch.setattr(prof, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    assert run("profile", broken, "--dataset", data, "--out", tmp_path / "o", "--no-progress") == 2
+    one_error_line(capsys, "cannot load the processor of")
+    assert not (tmp_path / "o" / "records.jsonl").exists()
