@@ -18,6 +18,7 @@ from stagetrace.records import load_records, write_jsonl
 from stagetrace.testing import checkpoints
 
 from test_cli import digest, one_error_line
+from trace_format import validate_trace
 
 
 def run(*argv) -> int:
@@ -347,3 +348,102 @@ def test_compare_and_fit_do_not_mix_points_unless_told(swept, tmp_path, capsys):
     one_error_line(capsys, "sweep points of 2 dtypes (bfloat16, float32)")
     assert run("fit", swept, "-o", tmp_path / "m.json", "--point", "dtype=bfloat16") == 0  # batch sizes: a feature
     assert "fitting 40 records of 2 sweep point(s)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- a processor setting that changes what the model sees
+@pytest.fixture(scope="module")
+def idefics3(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-idefics3"
+    checkpoints.save_tiny_checkpoint(str(path), "idefics3")
+    return path
+
+
+# Three images of different shapes (width, height): the pixel budget (size.longest_edge) decides
+# how many 32-pixel tiles, of 4 image tokens each, each one becomes.
+SHAPES = {"wide": (48, 40), "tall": (30, 100), "big": (80, 66)}
+
+
+def processor_image_tokens(checkpoint: Path, image: Path, prompt: str, longest_edge: int) -> int:
+    """What the checkpoint's own processor makes of ``image`` under that budget: its image tokens."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
+    proc.image_processor.size = {"longest_edge": longest_edge}
+    with Image.open(image) as im:
+        enc = proc(text=[f"<image>\n{prompt}"], images=[im.convert("RGB")], return_tensors="pt")
+    return int((enc["input_ids"] == proc.image_token_id).sum())
+
+
+def test_a_processor_sweep_changes_the_image_tokens_the_model_sees(idefics3, tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    for name, size in SHAPES.items():
+        (tmp_path / "imgs" / f"{name}.png").write_bytes(png(size))
+    data = write_jsonl_rows(tmp_path / "d.jsonl", [{"id": n, "image": f"imgs/{n}.png", "prompt": "describe this image"}
+                                                   for n in SHAPES])
+    out = tmp_path / "run"
+    argv = ["profile", idefics3, "--dataset", data, "--out", out, "--no-progress", "--min-new-tokens", "2",
+            "--sweep", "size.longest_edge=32,64,96", "--sweep", "max_new_tokens=2,3"]
+    assert run(*argv, "--n", "2") == 0  # a partial run: 2 of the 3 samples at every point
+    assert len(load_records(out / "records.jsonl")) == 12
+    capsys.readouterr()
+    assert run(*argv) == 0
+    text = capsys.readouterr().out
+    assert "resuming: 12 of 18 (sample, sweep point) items already" in text and "skipped" not in text
+    recs = load_records(out / "records.jsonl")
+    seen = [(r.sample_id, r.sweep_point["size.longest_edge"], r.sweep_point["max_new_tokens"]) for r in recs]
+    assert sorted(seen) == sorted((n, e, m) for n in SHAPES for e in (32, 64, 96) for m in (2, 3))  # each once
+    assert all(list(r.sweep_point) == ["size.longest_edge", "max_new_tokens"] and r.error is None for r in recs)
+    assert all(r.output_tokens == r.sweep_point["max_new_tokens"] and r.images == 1 for r in recs)
+
+    tokens = {(r.sample_id, r.sweep_point["size.longest_edge"]): r.image_tokens for r in recs}  # same at both lengths
+    assert len(tokens) == 9 and all(r.image_tokens == tokens[r.sample_id, r.sweep_point["size.longest_edge"]]
+                                    for r in recs)
+    expected = {(n, e): processor_image_tokens(idefics3, tmp_path / "imgs" / f"{n}.png", "describe this image", e)
+                for n in SHAPES for e in (32, 64, 96)}
+    assert tokens == expected
+    # one 32-pixel tile at the smallest budget; a larger budget, more tiles, more tokens
+    assert all(tokens[n, 32] == 4 < tokens[n, 64] < tokens[n, 96] for n in SHAPES)
+    assert tokens["wide", 64] == 4 * (2 * 2 + 1) and tokens["tall", 96] == 4 * (3 * 1 + 1)  # tiles, and the whole
+    prompt = {(r.sample_id, r.sweep_point["size.longest_edge"]): r.prompt_tokens for r in recs}
+    assert all(prompt[n, 32] < prompt[n, 64] < prompt[n, 96] for n in SHAPES)  # the prefill grows with them
+
+    # the trace (rebuilt from every record of the run) says each call's point, as a field
+    trace = json.loads((out / "trace.json").read_text())
+    validate_trace(trace)
+    calls = [e["args"] for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "stage"
+             and "sample_id" in e.get("args", {})]
+    assert sorted((a["sample_id"], a["sweep_point"]["size.longest_edge"], a["sweep_point"]["max_new_tokens"])
+                  for a in calls) == sorted(seen)
+    assert all(a["image_tokens"] == tokens[a["sample_id"], a["sweep_point"]["size.longest_edge"]] for a in calls)
+
+    assert "6 sweep points, summarized one by one" in text
+    assert "3 records at size.longest_edge=96 max_new_tokens=3" in text
+    capsys.readouterr()
+    assert run("report", out / "records.jsonl", "--json") == 0
+    summaries = json.loads(capsys.readouterr().out)
+    assert [s["sweep_point"] for s in summaries] == [{"size.longest_edge": e, "max_new_tokens": m}
+                                                    for e in (32, 64, 96) for m in (2, 3)]
+    assert all(s["summary"]["total_ms"]["count"] == 3 for s in summaries)
+
+
+def test_images_with_a_processor_that_does_not_load_are_one_line_not_a_text_only_run(idefics3, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """Its tokenizer alone would feed the model the prompts without the images (as a Qwen2-VL checkpoint
+    was profiled where its processor needs torchvision), and the records would not say so."""
+    import shutil
+
+    import stagetrace.cli.profile as prof
+
+    broken = tmp_path / "broken"
+    shutil.copytree(idefics3, broken)
+    cfg = json.loads((broken / "processor_config.json").read_text())
+    cfg["image_processor"]["image_processor_type"] = "NoSuchImageProcessor"
+    (broken / "processor_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(png())
+    data = write_jsonl_rows(tmp_path / "d.jsonl", [{"id": "a", "image": "imgs/a.png", "prompt": "describe this"}])
+    monkeypatch.setattr(prof, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    assert run("profile", broken, "--dataset", data, "--out", tmp_path / "o", "--no-progress") == 2
+    one_error_line(capsys, "cannot load the processor of")
+    assert not (tmp_path / "o" / "records.jsonl").exists()

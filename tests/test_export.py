@@ -50,6 +50,8 @@ def test_chrome_trace_of_text_and_vlm_calls_follows_the_format(family, tmp_path)
         assert ev["dur"] == pytest.approx(rec.total_ms * 1e3, abs=1e-3)  # µs
         assert ev["args"]["output_tokens"] == 4 and ev["args"]["sample_id"] == rec.sample_id
         assert ev["args"]["prefill_ms"] == rec.prefill_ms
+        assert ev["args"]["image_tokens"] == rec.image_tokens and bool(rec.image_tokens) == (family == "llava")
+        assert "sweep_point" not in ev["args"]  # a call outside a sweep has none
     names = {e["name"] for e in gpu[0]}
     assert {"prefill", "decode", "step 0", "step 2"} <= names
     assert ("vision" in names) == (family == "llava")

@@ -83,16 +83,20 @@ def load_model(path: Path, args: argparse.Namespace, device: str, dtype_name: st
     return model.to(device).eval(), device
 
 
-def load_processor(path: Path, args: argparse.Namespace) -> Any:
+def load_processor(path: Path, args: argparse.Namespace, images: bool = False) -> Any:
     """The checkpoint's processor, or its tokenizer where it has no processor. Loaded before the
-    model: a sweep's processor settings are checked on it first."""
+    model: a sweep's processor settings are checked on it first. With ``images`` a processor that
+    does not load is one line (its tokenizer would feed the model the prompts without the images)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     common = dict(local_files_only=True, trust_remote_code=args.trust_remote_code)
     try:
         return transformers.AutoProcessor.from_pretrained(path, **common)
-    except Exception:  # noqa: BLE001 - a checkpoint without a processor: its tokenizer is enough for text
+    except Exception as exc:  # noqa: BLE001 - a checkpoint without a processor: its tokenizer is enough for text
+        if images:  # (e.g. Qwen2-VL's processor needs torchvision for its video processor)
+            raise CliError(f"cannot load the processor of {show(path)}, which the images need: "
+                           f"{_first_line(exc)}") from None
         try:
             return transformers.AutoTokenizer.from_pretrained(path, **common)
         except Exception as exc:  # noqa: BLE001 - any failure here is the checkpoint's, said in one line

@@ -423,7 +423,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         _drop_undecodable(plan)
     calls, interrupted = 0, False
     if plan.todo:
-        processor = load_processor(Path(args.model_path), args)
+        processor = load_processor(Path(args.model_path), args, images=plan.with_images)
         # a sweep's processor keys are checked on the processor, before any model loads
         settings = resolve_processor_settings(processor, [k for k in plan.sweep if k not in GENERATION_KEYS])
         state = _Loaded(processor, settings, _Sink(plan.records))

@@ -50,10 +50,13 @@ def _track_of(rec: StageRecord, span: Span) -> tuple[str, int]:
 
 
 def _call_args(rec: StageRecord) -> dict[str, Any]:
-    return {"sample_id": rec.sample_id, "call_index": rec.call_index, "model": rec.model_class,
+    """The call's event's args; a swept call's point as its own field (``{"max_new_tokens": 2, ...}``)."""
+    point = {"sweep_point": dict(rec.sweep_point)} if rec.sweep_point else {}
+    return {**point, "sample_id": rec.sample_id, "call_index": rec.call_index, "model": rec.model_class,
             "batch_size": rec.batch_size, "prompt_tokens": rec.prompt_tokens, "output_tokens": rec.output_tokens,
             "total_ms": rec.total_ms, "vision_ms": rec.vision_ms, "prefill_ms": rec.prefill_ms,
-            "decode_ms": rec.decode_ms, "other_ms": rec.other_ms, "ttft_ms": rec.ttft_ms, "tpot_ms": rec.tpot_ms}
+            "decode_ms": rec.decode_ms, "other_ms": rec.other_ms, "ttft_ms": rec.ttft_ms, "tpot_ms": rec.tpot_ms,
+            "images": rec.images, "image_tokens": rec.image_tokens}
 
 
 def _span_events(spans: Iterable[Span], rec: StageRecord, base_us: float, pid: int, tid: int | Callable[[Span], int],
