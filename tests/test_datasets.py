@@ -394,7 +394,10 @@ def test_a_processor_sweep_changes_the_image_tokens_the_model_sees(idefics3, tmp
     seen = [(r.sample_id, r.sweep_point["size.longest_edge"], r.sweep_point["max_new_tokens"]) for r in recs]
     assert sorted(seen) == sorted((n, e, m) for n in SHAPES for e in (32, 64, 96) for m in (2, 3))  # each once
     assert all(list(r.sweep_point) == ["size.longest_edge", "max_new_tokens"] and r.error is None for r in recs)
-    assert all(r.output_tokens == r.sweep_point["max_new_tokens"] and r.images == 1 for r in recs)
+    assert all(r.output_tokens == r.sweep_point["max_new_tokens"] for r in recs)
+    # Idefics3's pixel values are (batch, crops, C, H, W): how many images, of what size, is not
+    # in them — unknown (None), never the batch size or a crop's size
+    assert all(r.images is None and r.image_sizes == [] for r in recs)
 
     tokens = {(r.sample_id, r.sweep_point["size.longest_edge"]): r.image_tokens for r in recs}  # same at both lengths
     assert len(tokens) == 9 and all(r.image_tokens == tokens[r.sample_id, r.sweep_point["size.longest_edge"]]

@@ -32,13 +32,19 @@ def _placeholder_ids(config: Any) -> list[int]:
 
 
 def _images(kwargs: dict[str, Any]) -> tuple[int | None, Any]:
-    """(number of images, their (height, width) in pixels — a tensor to read later, or a list)."""
+    """(number of images, their (height, width) in pixels — a tensor to read later, or a list).
+
+    From the processor's own per-image rows where it gives them (``image_grid_thw``,
+    ``image_sizes``: the images as given), else from ``pixel_values`` of one image per row
+    (N, C, H, W: the size the model sees). A 5-d ``pixel_values`` (batch, crops or images,
+    C, H, W — Idefics3, SmolVLM pad images and split them into crops) does not say how many
+    images there were nor their size: None and no sizes, never the batch or a crop's size."""
     for key in ("image_grid_thw", "image_sizes"):
         v = kwargs.get(key)
         if isinstance(v, torch.Tensor) and v.dim() == 2:
             return int(v.shape[0]), (v if key == "image_sizes" else None)
     pv = kwargs.get("pixel_values")
-    if isinstance(pv, torch.Tensor) and pv.dim() >= 4:
+    if isinstance(pv, torch.Tensor) and pv.dim() == 4:
         return int(pv.shape[0]), [[int(pv.shape[-2]), int(pv.shape[-1])]] * int(pv.shape[0])
     return None, None
 
