@@ -623,3 +623,12 @@ def test_layer_every_samples_the_steps_records_which_and_the_report_says_so(text
     for bad in (["--layer-every", "0", "--layer-detail", "all"], ["--layer-every", "2"]):
         assert run(*profile_args(text_checkpoint, tmp_path / "bad", *bad)) == 2
         one_error_line(capsys, "--layer-every")
+
+
+def test_images_for_a_checkpoint_without_an_image_processor_are_refused_not_dropped(text_checkpoint, images, tmp_path,
+                                                                                    capsys):
+    out = tmp_path / "run"
+    assert run("profile", text_checkpoint, "--images", images, "--prompt", "what is it", "--out", out,
+               "--no-progress") == 2
+    one_error_line(capsys, "has no image processor")
+    assert not (out / "records.jsonl").exists()

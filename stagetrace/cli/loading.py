@@ -92,7 +92,7 @@ def load_processor(path: Path, args: argparse.Namespace, images: bool = False) -
     transformers.utils.logging.disable_progress_bar()
     common = dict(local_files_only=True, trust_remote_code=args.trust_remote_code)
     try:
-        return transformers.AutoProcessor.from_pretrained(path, **common)
+        processor = transformers.AutoProcessor.from_pretrained(path, **common)
     except Exception as exc:  # noqa: BLE001 - a checkpoint without a processor: its tokenizer is enough for text
         if images:  # (e.g. Qwen2-VL's processor needs torchvision for its video processor)
             raise CliError(f"cannot load the processor of {show(path)}, which the images need: "
@@ -101,6 +101,12 @@ def load_processor(path: Path, args: argparse.Namespace, images: bool = False) -
             return transformers.AutoTokenizer.from_pretrained(path, **common)
         except Exception as exc:  # noqa: BLE001 - any failure here is the checkpoint's, said in one line
             raise CliError(f"cannot load a processor or tokenizer from {show(path)}: {_first_line(exc)}") from None
+    if images and getattr(processor, "image_processor", None) is None:
+        # a text checkpoint's AutoProcessor is its tokenizer, which drops images= without a word
+        raise CliError(f"the checkpoint {show(path)} has no image processor (its processor is a "
+                       f"{type(processor).__name__}), so the images would never reach the model: "
+                       "profile it without images")
+    return processor
 
 
 def _texts(processor: Any, prompts: list[str], image_counts: list[int] | None) -> list[str]:

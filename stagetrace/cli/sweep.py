@@ -3,8 +3,8 @@
 A key is a generation setting (:data:`GENERATION_KEYS`: ``max_new_tokens``, ``min_new_tokens``,
 ``batch_size``, ``dtype``) or a setting of the processor: an attribute of its image processor
 or of the processor itself (``do_resize``, ``max_image_tiles``; ``size.longest_edge`` sets one
-entry of a dict-like attribute), else an argument the image processor's call takes
-(``max_pixels`` on Qwen2-VL). Processor keys are checked once the processor is loaded, before
+entry of a dict-like attribute: Qwen2-VL's pixel budget in transformers 5), else an argument
+the image processor's call takes. Processor keys are checked once the processor is loaded, before
 the model is. Every record carries its point (``sweep_point``); points are ordered with
 ``dtype`` outermost, so each dtype's model loads once per process.
 
