@@ -187,7 +187,9 @@ def test_a_traced_call_carries_its_leads_and_the_report_says_what_they_mean(tmp_
     back = stagetrace.StageRecord.from_dict(rec.to_dict())
     assert back.lead == rec.lead and back.decode_step_verdict == rec.decode_step_verdict
     events = chrome_trace([rec])["traceEvents"]
-    assert sum(e["ph"] == "C" for e in events) == 3  # the lead counter, one value per step
+    counters = [e for e in events if e["ph"] == "C"]  # the lead and GPU-bound counters, one value per step each
+    assert [e["name"] for e in counters].count("GPU lead (µs, step median)") == 3
+    assert [e["args"]["share"] for e in counters if e["name"] == "GPU-bound share (step)"] == [0.0] * 3
     starts = {e["id"]: e for e in events if e["ph"] == "s"}
     ends = [e for e in events if e["ph"] == "f"]
     assert len(starts) == len(ends) == 3 and all(e["id"] in starts and e["tid"] != 0 for e in ends)

@@ -78,8 +78,8 @@ def _span_events(spans: Iterable[Span], rec: StageRecord, base_us: float, pid: i
 
 def _lead_events(rec: StageRecord, base_us: float, pid: int, tid_of: Callable[[Span], int],
                  flow_base: int) -> list[dict]:
-    """How far the GPU ran behind the host (``lead.py``): a counter of each decode step's median
-    lead, and a flow arrow from each stage's start on the host track (when it was issued) to
+    """How far the GPU ran behind the host (``lead.py``): counters of each decode step's median
+    lead and GPU-bound share, and a flow arrow from each stage's start on the host track (when it was issued) to
     the same start on its GPU track (when it ran)."""
     events: list[dict] = []
     steps = [s for s in rec.spans if s.kind == "step"]
@@ -87,6 +87,12 @@ def _lead_events(rec: StageRecord, base_us: float, pid: int, tid_of: Callable[[S
         if lead is not None:
             events.append({"name": "GPU lead (µs, step median)", "ph": "C", "pid": pid,
                            "ts": round(base_us + _us(s.start_ns), 3), "args": {"lead_us": round(lead, 3)}})
+    # GPU-bound share of each step (lead.py's lower bound), 0..1: where launch overhead ends
+    for s, bound_ms in zip(steps, rec.decode_step_gpu_bound_ms):
+        if bound_ms is not None and s.dur_ns > 0:
+            events.append({"name": "GPU-bound share (step)", "ph": "C", "pid": pid,
+                           "ts": round(base_us + _us(s.start_ns), 3),
+                           "args": {"share": round(min(1.0, bound_ms * 1e6 / s.dur_ns), 4)}})
     host = {s.kind: s for s in rec.host_spans if s.kind in ("vision", "prefill", "decode")}
     for k, s in enumerate(x for x in rec.spans if x.kind in host):
         fid = f"{pid}-{flow_base}-{k}"  # unique within the trace and across merged ranks
