@@ -109,8 +109,13 @@ def gen_kwargs(model: Any, new_tokens: int) -> dict[str, Any]:
 def check_records(recs: list, samples: list[dict], caps: int | None = None) -> dict[str, Any]:
     """What each record must show: no error, the tokens asked for, one step fewer, the image tokens given."""
     bad: dict[str, list[str]] = {"error": [], "output_tokens": [], "steps": [], "image_tokens": [],
-                                 "no_vision": [], "warnings": []}
-    for r, s in zip(recs, samples):
+                                 "no_vision": [], "warnings": [], "unknown_sample": []}
+    by_id = {s["id"]: s for s in samples}
+    for r in recs:
+        s = by_id.get(r.sample_id)
+        if s is None:
+            bad["unknown_sample"].append(str(r.sample_id))
+            continue
         n = min(s["new_tokens"], caps) if caps else s["new_tokens"]
         if r.error is not None:
             bad["error"].append(s["id"])
@@ -161,6 +166,28 @@ def held_out(model: Any, test: list) -> dict[str, dict[str, float]]:
         rows, _ = step_quantities(q)
         y = np.array([s for r in timed for s in r.decode_step_ms])
         out["decode_step_ms"] = _errors(y, model.fits["decode_step_ms"].predict_ms(rows))
+    return {t: out[t] for t in STAGES if t in out}
+
+
+def held_out_typical(model: Any, test: list) -> dict[str, dict[str, float]]:
+    """Per stage: the loaded model's error against each held-out sample's *typical* call, the
+    median of its repeats (``--repeats``): what a latency predictor is for, with the host's
+    call-to-call scatter (which no feature of a call predicts) taken out of the score. The
+    prediction is the same for every repeat of a sample (same features)."""
+    import numpy as np
+
+    timed = [r for r in test if r.error is None]
+    ids = [r.sample_id for r in timed]
+    out = {}
+    for t, (y, p) in model.predict_records(timed).items():
+        if len(y) != len(ids):  # a stage some records lack: not aligned with the ids, left out
+            continue
+        groups: dict[str, list[int]] = {}
+        for k, sid in enumerate(ids):
+            groups.setdefault(sid, []).append(k)
+        ys = np.array([np.median(y[g]) for g in groups.values()])
+        ps = np.array([p[g[0]] for g in groups.values()])
+        out[t] = _errors(ys, ps)
     return {t: out[t] for t in STAGES if t in out}
 
 
@@ -262,6 +289,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--text-tokens", default=None, help="MIN-MAX text tokens (default 16-512; CPU 4-48)")
     ap.add_argument("--new-tokens", default=None, help="MIN-MAX new tokens (default 8-48; CPU 3-8)")
     ap.add_argument("--test-share", type=float, default=0.2)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="trace every fit sample this many times (in rounds, each round in a rotated order); with "
+                         ">= 3 the held-out error is also scored against each sample's median call (its typical "
+                         "call), beside the per-call error")
     ap.add_argument("--ab-samples", type=int, default=None, help="A/B samples (default 50; CPU 8); 0: no A/B")
     ap.add_argument("--ab-max-new-tokens", type=int, default=16)
     ap.add_argument("--ab-a", default="sdpa", help="A's attention implementation")
@@ -294,8 +325,10 @@ def main(argv: list[str] | None = None) -> dict:
     n_ab = args.ab_samples if args.ab_samples is not None else (50 if cuda else 8)
     text = tuple(int(x) for x in (args.text_tokens or ("16-512" if cuda else "4-48")).split("-"))
     new = tuple(int(x) for x in (args.new_tokens or ("8-48" if cuda else "3-8")).split("-"))
-    if not (0 < args.test_share < 1 and n >= 20 and 0 <= n_ab <= n and new[0] >= 2 and text[0] >= 1):
-        ap.error("need 0 < --test-share < 1, --samples >= 20, --ab-samples <= --samples, new tokens >= 2")
+    if not (0 < args.test_share < 1 and n >= 20 and 0 <= n_ab <= n and new[0] >= 2 and text[0] >= 1
+            and args.repeats >= 1):
+        ap.error("need 0 < --test-share < 1, --samples >= 20, --ab-samples <= --samples, new tokens >= 2, "
+                 "--repeats >= 1")
     env = environment()
     name = "fit_validation" if cuda else "fit_validation-cpu-tiny"
     out_dir = args.out or Path(__file__).resolve().parent / "results"
@@ -338,17 +371,22 @@ def main(argv: list[str] | None = None) -> dict:
     gc.collect()
     gc.freeze()  # the model and inputs: later collections stay short
 
-    # ---------------- part 1: every sample traced once, in one session
+    # ---------------- part 1: every sample traced --repeats times, in rounds, in one session
     fit_path = rec_dir / "records-fit.jsonl"
     fit_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
+    done = 0
     with stagetrace.trace(model, jsonl=fit_path, keep_marks=False) as tracer:
-        for i, (s, inp) in enumerate(zip(samples, inputs)):
-            with tracer.sample(s["id"]):
-                call(inp, s["new_tokens"])
-            if i == 9:
-                per = (time.perf_counter() - t0) / 10
-                print(f"first 10 samples: {per:.2f} s each; the fit part needs about {per * n:.0f} s", flush=True)
+        for rnd in range(args.repeats):
+            shift = (rnd * n) // args.repeats  # each round starts elsewhere: drift does not follow the sample order
+            for i in list(range(shift, n)) + list(range(shift)):
+                with tracer.sample(samples[i]["id"]):
+                    call(inputs[i], samples[i]["new_tokens"])
+                done += 1
+                if done == 10:
+                    per = (time.perf_counter() - t0) / 10
+                    print(f"first 10 calls: {per:.2f} s each; the fit part needs about {per * n * args.repeats:.0f} s",
+                          flush=True)
     records = list(tracer.records)
     trace_s = time.perf_counter() - t0
     checks = check_records(records, samples)
@@ -362,9 +400,14 @@ def main(argv: list[str] | None = None) -> dict:
     fitted = fit(train, seed=args.seed)
     loaded, trip = round_trip(fitted, rec_dir / "model.json", test)
     err = held_out(loaded, test)
+    typical = held_out_typical(loaded, test) if args.repeats >= 3 else {}
     targets = {t: {"mape_pct": err[t]["mape_pct"], "target_pct": TARGET_PCT,
                    "met": bool(err[t]["mape_pct"] <= TARGET_PCT)} if t in err else {"met": False, "why": "not fitted"}
                for t in TARGET_STAGES}
+    for t, tg in targets.items():  # beside, never instead of, the per-call score
+        if t in typical:
+            tg["typical_call_mape_pct"] = typical[t]["mape_pct"]
+            tg["typical_call_met"] = bool(typical[t]["mape_pct"] <= TARGET_PCT)
     corr = error_correlation(loaded, test)
     why = {t: why_missed(t, err[t], loaded.quality[t], train, test, by_id, loaded)
            for t in TARGET_STAGES if not targets[t]["met"] and t in err and t in loaded.quality}
@@ -383,10 +426,10 @@ def main(argv: list[str] | None = None) -> dict:
         "params": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
                    "samples": n, "ab_samples": n_ab, "text_tokens": list(text), "new_tokens": list(new),
                    "attn_implementation": attn_start, "image_sizes": {t: g for t, g in groups.items()}},
-        "counts": {"samples": n, "train": len(train), "test": len(test), "tiles": {
+        "counts": {"samples": n, "repeats": args.repeats, "train": len(train), "test": len(test), "tiles": {
             t: sum(s["tiles"] == t for s in samples) for t in groups}},
         "checks": checks, "round_trip": trip,
-        "results": {"held_out": err, "kfold_on_train": kfold, "fits": fit_info, "targets": targets,
+        "results": {"held_out": err, "held_out_typical_call": typical, "kfold_on_train": kfold, "fits": fit_info, "targets": targets,
                     "error_correlation": corr, "why_missed": why},
         "samples": samples,
         "files": {"records_fit": fit_path.name, "model": "model.json", "folder": rec_dir.name},
@@ -458,6 +501,12 @@ def main(argv: list[str] | None = None) -> dict:
                      f"<= {TARGET_PCT:g}% {verdict}" if verdict else ""])
     print(table(rows, ["stage", "held-out MAPE %", "median APE %", "p90 APE %", "bias %", "in interval",
                        "k-fold MAPE %", "R²", "target"]))
+    if typical:
+        print(f"against each held-out sample's typical call (the median of its {args.repeats} repeats; the "
+              "per-call score above stays the headline):")
+        print(table([[t, e["mape_pct"], e["median_ape_pct"], e["p90_ape_pct"],
+                      ("PASS" if targets[t]["typical_call_met"] else "FAIL") if t in targets else ""]
+                     for t, e in typical.items()], ["stage", "MAPE %", "median APE %", "p90 APE %", "<= 5%"]))
     print(f"model round trip (save, load, predict): {trip}")
     floor = payload["results"].get("noise_floor")
     if floor:

@@ -99,3 +99,20 @@ def _check_fit_validation(payload, tmp_path):
         assert (folder / f"{key}.md").read_text().count("|") > 20
     assert ab["aa_verdicts_p50"]["total"] in ("no change", "slower", "faster")  # said, not asserted: CPU noise
     assert len(load_records(folder / "ab-A.jsonl")) == 12 and len(load_records(folder / "ab-B.jsonl")) == 6
+
+
+@pytest.mark.slow
+def test_fit_validation_with_repeats_scores_each_call_and_each_samples_typical_call(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fit_validation.py"), "--cpu-tiny", "--samples",
+                           "20", "--repeats", "3", "--ab-samples", "0", "--warmup", "1", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("*.json")
+    payload = json.loads(result.read_text())
+    assert payload["counts"]["repeats"] == 3 and payload["checks"]["records"] == 60 and payload["checks"]["bad"] == {}
+    assert payload["counts"]["test"] == 3 * 4  # 4 held-out samples, 3 calls each
+    typical = payload["results"]["held_out_typical_call"]
+    assert typical["total_ms"]["rows"] == 4 and typical["prefill_ms"]["rows"] == 4  # one row per held-out sample
+    for t in payload["results"]["targets"].values():
+        assert isinstance(t["met"], bool) and isinstance(t["typical_call_met"], bool)
+    assert "typical call" in proc.stdout
