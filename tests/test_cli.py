@@ -157,6 +157,8 @@ def test_plot_writes_a_png(tmp_path):
     run("demo", "--out", tmp_path, "--calls", "2", "--max-new-tokens", "3")
     assert run("plot", tmp_path / "records.jsonl", "-o", tmp_path / "p.png") == 0
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run("plot", tmp_path, "-o", tmp_path / "q.png") == 0  # the run folder stands for its records
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_two_torchrun_ranks_profile_their_shards_and_merge(checkpoint, images, tmp_path, monkeypatch):

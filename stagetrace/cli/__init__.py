@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_report)
 
     pl = sub.add_parser("plot", help="picture of where the time goes (needs matplotlib)")
-    pl.add_argument("records", nargs="+")
+    pl.add_argument("records", nargs="+", metavar="RECORDS", help="records files or run folders")
     pl.add_argument("-o", "--output", default="stagetrace.png", help="its extension picks the format")
     pl.add_argument("--fit", default=None, metavar="MODEL",
                     help="a latency model (stagetrace fit): draw measured against predicted, stage by stage")

@@ -182,7 +182,7 @@ def _load_model(path: str) -> Any:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    records = record_paths(args.records) if args.fit is not None else args.records
+    records = record_paths(args.records)  # files, or run folders standing for their records
     out = output_file(args.output, records + ([args.fit] if args.fit is not None else []), "-o")
     try:
         from stagetrace.export.plot import plot_fit, plot_records
