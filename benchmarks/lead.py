@@ -121,12 +121,11 @@ def _usable(rec: Any) -> Any:
     """The marks whose lead counts (lead.py's own rule): host-issued, not a forward boundary."""
     import numpy as np
 
-    from stagetrace.labels import Kind, kind_of
-    from stagetrace.lead import lead_ns
+    from stagetrace.labels import kind_of
+    from stagetrace.lead import BOUNDARY_KINDS, lead_ns
 
     m = rec.marks
-    usable = ~np.isin(kind_of(m.labels), (Kind.CALL_BEGIN, Kind.CALL_END, Kind.PREFILL_FORWARD,
-                                          Kind.DECODE_FORWARD)) & m.issued_by_host
+    usable = ~np.isin(kind_of(m.labels), BOUNDARY_KINDS) & m.issued_by_host
     return m.device_ns, lead_ns(m.device_ns, m.host_ns) / 1e3, usable
 
 

@@ -42,11 +42,12 @@ import numpy as np
 from .labels import Kind, kind_of
 from .spans import KIND_CODE, SpanTable
 
-__all__ = ["CAUGHT_UP_US", "HOST_BOUND_BELOW", "GPU_BOUND_FROM", "lead_ns", "verdict", "call_leads"]
+__all__ = ["CAUGHT_UP_US", "HOST_BOUND_BELOW", "GPU_BOUND_FROM", "BOUNDARY_KINDS", "lead_ns", "verdict", "call_leads"]
 
 CAUGHT_UP_US = 20.0  # the GPU reached a mark within this of its issue: its queue had drained
 HOST_BOUND_BELOW, GPU_BOUND_FROM = 0.25, 0.75  # GPU-bound share of a span
-_BOUNDARY_KINDS = (Kind.CALL_BEGIN, Kind.CALL_END, Kind.PREFILL_FORWARD, Kind.DECODE_FORWARD)
+# marks issued right after a sync (the queue is empty there whatever ran before): never a lead
+BOUNDARY_KINDS = (Kind.CALL_BEGIN, Kind.CALL_END, Kind.PREFILL_FORWARD, Kind.DECODE_FORWARD)
 
 
 def lead_ns(device_ns: np.ndarray, host_ns: np.ndarray) -> np.ndarray:
@@ -64,12 +65,10 @@ def verdict(gpu_bound_share: float | None) -> str:
     return "gpu-bound" if gpu_bound_share >= GPU_BOUND_FROM else "mixed"
 
 
-def _gpu_bound_ns(t: np.ndarray, lead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per mark (all kinds, in device order): (Δ since the previous mark, time the GPU was
-    certainly behind within that Δ: ``min(lead, Δ)``, 0 where the lead is launch latency)."""
-    delta = np.diff(t, prepend=t[:1])
-    behind = np.where(lead > CAUGHT_UP_US * 1e3, np.minimum(lead, delta), 0)
-    return delta, behind
+def _behind_ns(t: np.ndarray, lead: np.ndarray) -> np.ndarray:
+    """Per mark (all kinds, in device order): the time the GPU was certainly behind since the
+    previous mark, ``min(lead, Δ)`` — 0 where the lead is launch latency."""
+    return np.where(lead > CAUGHT_UP_US * 1e3, np.minimum(lead, np.diff(t, prepend=t[:1])), 0)
 
 
 def _stats(leads_us: np.ndarray, behind_ns: np.ndarray, span_ns: int, why_not: str | None) -> dict[str, Any]:
@@ -106,9 +105,9 @@ def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, s
     # stamps carry no issue time of their own: they neither give a lead nor split a Δ
     t_all = np.asarray(device_ns, dtype=np.int64)[host_issued]
     lead_all = lead_ns(t_all, np.asarray(host_ns, dtype=np.int64)[host_issued])
-    delta_all, behind_all = _gpu_bound_ns(t_all, lead_all)
+    behind_all = _behind_ns(t_all, lead_all)
     kinds = kind_of(np.asarray(labels)[host_issued])
-    usable = ~np.isin(kinds, _BOUNDARY_KINDS)
+    usable = ~np.isin(kinds, BOUNDARY_KINDS)
     t, lead_us, behind = t_all[usable], lead_all[usable] / 1e3, behind_all[usable]
     cpu = "n/a" if backend == "cpu" else None
     stages = {}
