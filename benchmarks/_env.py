@@ -82,3 +82,15 @@ def quantile(xs: list[float], q: float) -> float:
     """The sample at quantile ``q`` (nearest rank): for p10/p90 spreads of a handful of runs."""
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def bootstrap_median_ci(xs: list[float], n: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the median: how far the paired median could move by chance."""
+    import numpy as np
+
+    if len(xs) < 3:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    a = np.asarray(xs)
+    meds = np.median(a[rng.integers(0, len(a), size=(n, len(a)))], axis=1)
+    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))

@@ -10,7 +10,9 @@ spins' measured lengths against their lengths timed on their own device.
 
 Part 2, a realistic LLaVA (CLIP-L/336 + 22-layer Llama, bf16) split with accelerate
 (vision + layers 0-10 on GPU 0, layers 11-21 + norm + lm_head on GPU 1): plain vs
-stagetrace stage level vs layer level, interleaved; tokens, partition, stages.
+stagetrace stage level vs layer level (one event per layer mark, on the GPU whose work it
+waits for — the default; every mark on both GPUs — the way before; shared marks), interleaved,
+with paired medians and 95% bootstrap intervals; tokens, partition, stages, events per call.
 There is no CPU configuration: the point is two devices' clocks.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, save, table  # noqa: E402
+from _env import bootstrap_median_ci, environment, save, table  # noqa: E402
 
 
 def cross_device_error(reps: int) -> dict[str, Any]:
@@ -71,9 +73,19 @@ def split_model(reps: int, new_tokens: int) -> dict[str, Any]:
         torch.cuda.synchronize(0)
         torch.cuda.synchronize(1)
 
+    from stagetrace.low_level import _C
+    from stagetrace.low_level.multi_device import MultiDeviceTimeline
+
+    every_device = MultiDeviceTimeline([_C.CudaTimeline(0, 8192), _C.CudaTimeline(1, 8192)], mark_every_device=True)
     tracers = {"stagetrace": stagetrace.trace(model, keep_marks=False),
-               "stagetrace_layers": stagetrace.trace(model, layer_detail="all", keep_marks=False)}
-    names = ["plain", "stagetrace", "stagetrace_layers", "plain_again"]
+               # one event per layer mark, on the GPU whose work it waits for (the default)
+               "stagetrace_layers": stagetrace.trace(model, layer_detail="all", keep_marks=False),
+               # every layer mark on both GPUs (the way before): what one event per mark saves
+               "stagetrace_layers_every_device": stagetrace.trace(model, layer_detail="all", keep_marks=False,
+                                                                  timeline=every_device),
+               "stagetrace_layers_shared": stagetrace.trace(model, layer_detail="all", layer_marks="shared",
+                                                            keep_marks=False)}
+    names = ["plain", *tracers, "plain_again"]
     walls: dict[str, list[float]] = {m: [] for m in names}
     records: dict[str, list[dict]] = {m: [] for m in tracers}
     outputs: dict[str, Any] = {}
@@ -104,9 +116,10 @@ def split_model(reps: int, new_tokens: int) -> dict[str, Any]:
     plain = walls["plain"]
     summary = {}
     for m in names:
+        paired = [100 * (w - p) / p for w, p in zip(walls[m], plain)]
+        lo, hi = bootstrap_median_ci(paired)
         row: dict[str, Any] = {"median_ms": statistics.median(walls[m]),
-                               "paired_overhead_pct": statistics.median(
-                                   100 * (w - p) / p for w, p in zip(walls[m], plain)),
+                               "paired_overhead_pct": statistics.median(paired), "ci95_pct": [lo, hi],
                                "same_tokens_as_plain": bool(torch.equal(outputs[m], outputs["plain"]))}
         if m in records:
             recs = records[m]
@@ -118,7 +131,14 @@ def split_model(reps: int, new_tokens: int) -> dict[str, Any]:
                                                 - r["total_ms"]) for r in ok)
             row["devices"] = ok[0]["devices"]
             row["n_marks"] = ok[0]["n_marks"]
+            timeline = tracers[m]._timeline
+            row["events_per_call"] = getattr(timeline, "events", None)  # of the last call
         summary[m] = row
+    # the layer spans of both ways, call by call: one event per mark must not move a boundary
+    one, both = records["stagetrace_layers"], records["stagetrace_layers_every_device"]
+    summary["layer_boundaries_one_vs_every_device"] = {
+        k: statistics.median(abs(a[k] - b[k]) for a, b in zip(one, both) if not (a["error"] or b["error"]))
+        for k in ("vision_ms", "prefill_ms", "decode_ms", "other_ms")}
     return {"model": "realistic LLaVA split over cuda:0 / cuda:1", "reps": reps, "new_tokens": new_tokens,
             "methods": summary}
 
@@ -126,7 +146,7 @@ def split_model(reps: int, new_tokens: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=200, help="repetitions of the cross-device hand-over")
-    ap.add_argument("--model-reps", type=int, default=6)
+    ap.add_argument("--model-reps", type=int, default=30)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -147,11 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
     cd = payload["cross_device"]
     print(f"cross-device on {env['cards']}: hand-over on one clock {cd['handoff_us']} µs; spin errors "
           f"{cd['spin0_error_us_median']:.2f} / {cd['spin1_error_us_median']:.2f} µs")
-    sm = payload["split_model"]["methods"]
-    rows = [[m, v["median_ms"], v["paired_overhead_pct"], v["same_tokens_as_plain"], v.get("total_ms", ""),
-             v.get("prefill_ms", ""), v.get("decode_ms", ""), v.get("partition_error_ms", "")] for m, v in sm.items()]
-    print(table(rows, ["method", "wall ms", "paired %", "same tokens", "total ms", "prefill ms", "decode ms",
-                       "partition err ms"]))
+    sm = dict(payload["split_model"]["methods"])
+    agreement = sm.pop("layer_boundaries_one_vs_every_device")
+    rows = [[m, v["median_ms"], v["paired_overhead_pct"], "[{:.2f}, {:.2f}]".format(*v["ci95_pct"]),
+             v["same_tokens_as_plain"], v.get("events_per_call", ""), v.get("total_ms", ""), v.get("prefill_ms", ""),
+             v.get("decode_ms", ""), v.get("partition_error_ms", "")] for m, v in sm.items()]
+    print(table(rows, ["method", "wall ms", "paired %", "95% interval", "same tokens", "events", "total ms",
+                       "prefill ms", "decode ms", "partition err ms"]))
+    print(f"stages with one event per layer mark vs every mark on both GPUs, median |difference| ms: {agreement}")
     print(f"wrote {path}")
     return payload
 

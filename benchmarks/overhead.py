@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, quantile, save, table, timed_ms  # noqa: E402
+from _env import bootstrap_median_ci, environment, quantile, save, table, timed_ms  # noqa: E402
 
 STAGE_KEYS = ("vision_ms", "prefill_ms", "decode_ms", "other_ms", "total_ms", "ttft_ms")
 
@@ -128,7 +128,7 @@ def run_config(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tok
         # Paired: each repetition's method against the plain run of the same repetition, so
         # slow drift cancels; the A/A row (plain_again) shows what remains of the noise.
         paired = [100 * (w - p) / p for w, p in zip(walls, plain)]
-        lo, hi = _bootstrap_median_ci(paired)
+        lo, hi = bootstrap_median_ci(paired)
         row: dict[str, Any] = {"median_ms": med, "overhead_pct": 100 * (med - base) / base,
                                "paired_overhead_pct": statistics.median(paired),
                                "paired_overhead_ci95_pct": [lo, hi],
@@ -200,18 +200,6 @@ def same_run_agreement(case: Any, cuda: bool, new_tokens: int, reps: int) -> dic
         out[k] = {"stagetrace_ms": a, "sync_ms": b, "diff_ms": a - b,
                   "within_tolerance": abs(a - b) <= max(0.02 * abs(b), 0.2)}
     return out
-
-
-def _bootstrap_median_ci(xs: list[float], n: int = 4000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of the median: how far the paired median could move by chance."""
-    import numpy as np
-
-    if len(xs) < 3:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    a = np.asarray(xs)
-    meds = np.median(a[rng.integers(0, len(a), size=(n, len(a)))], axis=1)
-    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
 
 
 def main(argv: list[str] | None = None) -> dict:

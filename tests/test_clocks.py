@@ -7,7 +7,7 @@ import pytest
 
 from stagetrace.labels import Kind, label
 from stagetrace.low_level import Marks
-from stagetrace.low_level.clocks import StampMergeError, merge_stamps, place_on_one_clock
+from stagetrace.low_level.clocks import COMPANION, StampMergeError, merge_stamps, place_on_one_clock
 from stagetrace.low_level.pytimeline import TimelineError
 
 L = [label(Kind.CALL_BEGIN), label(Kind.PREFILL_FORWARD), label(Kind.LM_BEGIN), label(Kind.CALL_END)]
@@ -15,27 +15,69 @@ DECODE, LB0, LE0 = label(Kind.DECODE_FORWARD), label(Kind.LAYER_BEGIN, 0), label
 
 
 # ---------------------------------------------------------------- several devices, one clock
-def _cols(device_ns, host0, stream=7):
+def _cols(device_ns, host0, stream=7, companion=0):
     n = len(device_ns)
-    return (np.asarray(L[:n], np.int32), np.asarray(device_ns, np.int64),
-            host0 + np.arange(n, dtype=np.int64) * 10, np.full(n, stream, np.int64))
+    return (np.asarray(L[:n], np.int32) | companion, np.asarray(device_ns, np.int64),
+            host0 + np.arange(n, dtype=np.int64) * 2_000, np.full(n, stream, np.int64))
 
 
 def test_each_mark_takes_the_latest_device_on_the_shared_clock():
     # device 0 works 1 ms then hands over; device 1 idles, then works 2 ms
     dev0 = _cols([0, 1_000_000, 1_000_000, 1_000_000], host0=5_000)
-    dev1 = _cols([0, 10, 1_000_500, 3_000_500], host0=6_300)  # issued 1.3 µs later: its origin is later
+    # each mark on both devices: device 1's companion issued 1.3 µs after device 0's record
+    dev1 = _cols([0, 10, 1_000_500, 3_000_500], host0=6_300, companion=COMPANION)
     (labels, t, host, streams), which = place_on_one_clock([dev0, dev1])
     assert labels.tolist() == L
-    assert which.tolist() == [1, 0, 1, 1]
-    assert t.tolist() == [0, 1_000_000 + 5_000 - 6_300, 1_000_500, 3_000_500]
+    assert which.tolist() == [0, 0, 1, 1]  # the call starts at its first record (both idle)
+    assert t.tolist() == [0, 1_000_000, 1_000_500 + 1_300, 3_000_500 + 1_300]
     assert np.all(np.diff(t) >= 0), "latest-of-monotone stays monotone: stages still partition"
     assert host.tolist() == dev0[2].tolist() and streams.tolist() == [7] * 4
 
 
-def test_devices_that_saw_different_marks_are_an_error():
-    with pytest.raises(TimelineError, match="device 1 holds 3 marks and device 0 holds 4"):
-        place_on_one_clock([_cols([0, 1, 2, 3], 0), _cols([0, 1, 2], 0)])
+def _records(rows):
+    """Per device, resolved columns from (device, label, device_ns since its first record, host_ns) rows."""
+    out = []
+    for d in range(2):
+        mine = [r for r in rows if r[0] == d]
+        out.append((np.asarray([r[1] for r in mine], np.int32), np.asarray([r[2] for r in mine], np.int64),
+                    np.asarray([r[3] for r in mine], np.int64), np.full(len(mine), 10 + d, np.int64)))
+    return out
+
+
+def test_marks_on_one_device_and_marks_on_every_device_merge_in_issue_order():
+    lb1, le1 = label(Kind.LAYER_BEGIN, 1), label(Kind.LAYER_END, 1)
+    rows = [  # (device, label, device time since its first record, host issue time)
+        (0, L[0], 0, 1_000), (1, L[0] | COMPANION, 0, 2_000),        # on both: calibrates
+        (0, LB0, 500, 3_000), (0, LE0, 40_000, 4_000),                # layer 0 on device 0
+        (0, lb1, 40_000, 5_000), (1, le1, 90_000, 6_000),             # layer 1 on device 1
+        (0, L[3], 90_100, 7_000), (1, L[3] | COMPANION, 90_200, 8_000),  # on both: the latest
+    ]
+    (labels, t, host, streams), which = place_on_one_clock(_records(rows))
+    assert labels.tolist() == [L[0], LB0, LE0, lb1, le1, L[3]]
+    # device 1's clock starts 1 µs later on the host clock: its records sit 1 µs later
+    assert t.tolist() == [0, 500, 40_000, 40_000, 91_000, 91_200]
+    assert which.tolist() == [0, 0, 0, 0, 1, 1]
+    assert host.tolist() == [1_000, 3_000, 4_000, 5_000, 6_000, 7_000]
+    assert streams.tolist() == [10, 10, 10, 10, 11, 10]  # each mark's own stream
+    # a mark up to the calibration error early is held at the one before; far more is an error
+    rows[5] = (1, le1, 37_000, 6_000)  # 2 µs before layer 1's begin on device 0
+    (_, t, _, _), _ = place_on_one_clock(_records(rows))
+    assert t.tolist()[3:5] == [40_000, 40_000]
+    with pytest.raises(TimelineError, match="mark 4 .device 1. reads 2.0 µs before"):
+        place_on_one_clock(_records(rows), max_held_ns=1_000)
+
+
+@pytest.mark.parametrize("rows, why", [
+    ([(0, L[0], 0, 1), (1, L[0], 0, 2)], "line up"),                                       # not a companion
+    ([(0, L[0], 0, 1), (0, L[1], 0, 2), (1, L[1] | COMPANION, 0, 3)], "line up"),          # first not on both
+    ([(0, L[0], 0, 1), (1, L[0] | COMPANION, 0, 2), (0, L[1], 5, 3), (1, L[2], 5, 3)], "same nanosecond"),
+    ([(0, L[0], 0, 1), (1, L[1] | COMPANION, 0, 2)], "does not follow"),                   # another label
+    ([(1, L[0] | COMPANION, 0, 1), (0, L[0], 0, 2)], "companion"),                          # before its mark
+    ([(0, L[0], 0, 1)], "device 1 holds no record"),
+])
+def test_records_that_do_not_line_up_are_an_error(rows, why):
+    with pytest.raises(TimelineError, match=why):
+        place_on_one_clock(_records(rows))
 
 
 # ---------------------------------------------------------------- merging stamps into the timeline

@@ -5,13 +5,16 @@ The arithmetic is checked on synthetic clocks; the ``gpu`` tests at the end need
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 import stagetrace
 from stagetrace.export.chrome import chrome_trace
-from stagetrace.labels import Kind, label
+from stagetrace.labels import Kind, label, layer_labels
+from stagetrace.low_level.clocks import COMPANION
 from stagetrace.low_level.multi_device import MultiDeviceTimeline
 from stagetrace.low_level.pytimeline import TimelineError
 from stagetrace.records import StageRecord
@@ -19,6 +22,7 @@ from stagetrace.spans import Span
 
 from helpers import assert_partition, gen_kwargs, tokens
 
+_HOST_CLOCK = itertools.count(1_000, 1)  # one host clock for every fake device: issue order
 L = [label(Kind.CALL_BEGIN), label(Kind.PREFILL_FORWARD), label(Kind.LM_BEGIN), label(Kind.CALL_END)]
 
 
@@ -29,11 +33,13 @@ class _FakeDeviceTimeline:
         self.device, self.busy_ns = device, busy_ns
         self.calls: list[str] = []
         self.labels: list[int] = []
+        self.host: list[int] = []
         self.dropped = 0
         self.bound_stream = 0
 
     def mark(self, lab):
         self.labels.append(lab)
+        self.host.append(next(_HOST_CLOCK))
 
     def bind_stream(self, s):
         self.bound_stream = s
@@ -44,12 +50,13 @@ class _FakeDeviceTimeline:
 
     def reset(self):
         self.labels.clear()
+        self.host.clear()
         self.calls.append("reset")
 
     def resolve(self):
         n = len(self.labels)
         return (np.asarray(self.labels, np.int32), np.arange(n, dtype=np.int64) * self.busy_ns,
-                np.full(n, 1_000, np.int64), np.full(n, self.bound_stream, np.int64))
+                np.asarray(self.host, np.int64), np.full(n, self.bound_stream, np.int64))
 
     def __len__(self):
         return len(self.labels)
@@ -63,10 +70,11 @@ def test_the_multi_device_timeline_marks_every_device_and_calibrates_before_the_
     tl.calibrate()
     for lab in L:
         tl.mark(lab)
-    assert a.labels == b.labels == L and len(tl) == 4
+    assert a.labels == L and b.labels == [lab | COMPANION for lab in L] and len(tl) == 4 and tl.events == 8
     assert a.calls == ["reset", "bind 11", "sync"] and b.calls == ["reset", "bind 22", "sync"]
     labels, t, _, streams = tl.resolve()
-    assert t.tolist() == [0, 300, 600, 900] and tl.mark_devices.tolist() == [0, 1, 1, 1]
+    assert labels.tolist() == L
+    assert t.tolist() == [0, 301, 601, 901] and tl.mark_devices.tolist() == [0, 1, 1, 1]  # b: 1 ns later, busier
     assert streams.tolist() == [11] * 4
     with pytest.raises(ValueError, match="2 streams for 2 devices|3 streams for 2 devices"):
         tl.bind_streams([1, 2, 3])
@@ -110,6 +118,52 @@ def test_split_over_gpus_maps_every_weight_once_second_half_to_the_second_device
     assert tokens(model.generate(**gen_kwargs(case, 2))).shape[1] == case.prompt_len + 2
 
 
+@pytest.mark.parametrize("layer_marks", ["pair", "shared"])
+def test_a_split_model_records_each_layer_mark_once_on_the_gpu_whose_work_it_waits_for(monkeypatch, layer_marks):
+    """Host clocks stand in for two GPUs (layer 0 on the first, layer 1 on the second): which
+    device gets which record is what the tracer decides; the GPU tests check the times."""
+    from stagetrace.low_level.pytimeline import PyHostTimeline
+    from stagetrace.testing import tiny
+    from stagetrace.tracing.devices import SpanPlacement
+
+    case = tiny.build("llama")
+    n = len(stagetrace.trace(case.model).layout.layers)
+    on = np.asarray([0] * (n // 2) + [1] * (n - n // 2), np.int16)  # first half on GPU 0, the rest on GPU 1
+    monkeypatch.setattr(SpanPlacement, "of", classmethod(lambda cls, layout, devices: cls(("cuda:0", "cuda:1"), on, 0)))
+    class Seen(PyHostTimeline):
+        def mark(self, lab):
+            self.seen.append(lab)
+            super().mark(lab)
+
+    per_mode = {}
+    for every in (False, True):
+        a, b = Seen(), Seen()
+        a.seen, b.seen = [], []
+        tl = MultiDeviceTimeline([a, b], mark_every_device=every)
+        with stagetrace.trace(case.model, layer_detail="all", layer_marks=layer_marks, timeline=tl) as tracer:
+            tracer.model.generate(**gen_kwargs(case, 3))
+        (rec,) = tracer.records
+        assert_partition(rec)
+        own_b = [x for x in b.seen if not x & COMPANION]  # what only GPU 1 recorded
+        per_mode[every] = (rec, own_b, len(tl), tl.events)
+    (one, own_b, marks, events), (every, own_b_every, marks_every, events_every) = per_mode[False], per_mode[True]
+    assert own_b_every == [] and events_every == 2 * marks_every  # before: each mark on both GPUs
+    # now: a layer's end on its GPU, a layer's begin on the previous layer's GPU, so GPU 1 alone
+    # records the begins of its layers after its first and the ends of all its layers
+    forwards = 3  # the prefill and two decode steps
+    ends = [label(Kind.LAYER_END, i) for i in range(n) if on[i] == 1 and (layer_marks == "pair" or i == n - 1)]
+    begins = [label(Kind.LAYER_BEGIN, i) for i in range(1, n) if on[i - 1] == 1]
+    per_forward = sorted(begins + ends)
+    assert sorted(own_b) == sorted(per_forward * forwards)
+    assert marks == marks_every and events < events_every
+    layer_marks_per_forward = sum(1 + (end is not None) for _, end in layer_labels(n, layer_marks))
+    stage_marks = marks - forwards * layer_marks_per_forward
+    assert events == marks + stage_marks + forwards  # stage marks and each first layer's begin: on both
+    # the same spans, each on the GPU holding its layer
+    assert [(s.name, s.device) for s in one.spans] == [(s.name, s.device) for s in every.spans]
+    assert {s.device for s in one.spans if s.name == f"layer {n - 1}"} == {"cuda:1"}
+
+
 # ---------------------------------------------------------------- two GPUs
 def _two_gpus() -> None:
     import torch
@@ -145,6 +199,7 @@ def test_work_handed_from_one_gpu_to_the_other_is_timed_on_one_clock():
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llava", "llama"])
 def test_a_model_split_over_two_gpus_is_traced_on_each(family):
+    from stagetrace.low_level import _C
     from stagetrace.testing import checkpoints, tiny
     from stagetrace.testing.reference import spin_cycles_per_us
 
@@ -172,14 +227,34 @@ def test_a_model_split_over_two_gpus_is_traced_on_each(family):
             with torch.cuda.device(1):
                 torch.cuda._sleep(int(3000 * cycles))
 
-    handle = layer1.mlp.register_forward_hook(spin_on_second_card)
-    with stagetrace.trace(case.model, layer_detail="prefill") as tracer:
-        case.model.generate(**kw)
-    handle.remove()
-    rec = tracer.records[0]
-    assert_partition(rec)
-    prefill_layer1 = [s for s in rec.spans if s.name == "layer 1"][0]
-    assert 3.0 <= prefill_layer1.dur_ns / 1e6 <= 3.0 + 2.0, prefill_layer1
+    def spin_on_first_card(module, args, output):
+        if output.shape[1] > 1:
+            with torch.cuda.device(0):
+                torch.cuda._sleep(int(3000 * cycles))
+
+    # each way of recording: one event per layer mark on its GPU (the default), every mark on both
+    for every_device in (False, True):
+        timeline = MultiDeviceTimeline([_C.CudaTimeline(0), _C.CudaTimeline(1)], mark_every_device=every_device)
+        handle = layer1.mlp.register_forward_hook(spin_on_second_card)
+        with stagetrace.trace(case.model, layer_detail="prefill", timeline=timeline) as tracer:
+            case.model.generate(**kw)
+        handle.remove()
+        rec = tracer.records[0]
+        assert_partition(rec)
+        prefill_layer = {s.name: s for s in rec.spans if s.name.startswith("layer")}
+        assert 3.0 <= prefill_layer["layer 1"].dur_ns / 1e6 <= 3.0 + 2.0, (every_device, prefill_layer)
+        # 3 ms at the end of layer 0 on the first card: layer 1's begin (recorded there) waits for it
+        handle = tracer.layout.layers[0][1].mlp.register_forward_hook(spin_on_first_card)
+        with stagetrace.trace(case.model, layer_detail="prefill", timeline=timeline) as tracer:
+            case.model.generate(**kw)
+        handle.remove()
+        rec = tracer.records[0]
+        assert_partition(rec)
+        prefill_layer = {s.name: s for s in rec.spans if s.name.startswith("layer")}
+        assert 3.0 <= prefill_layer["layer 0"].dur_ns / 1e6 <= 3.0 + 2.0, (every_device, prefill_layer)
+        assert prefill_layer["layer 1"].dur_ns / 1e6 < 1.0, (every_device, prefill_layer)
+        events = timeline.events
+        assert (events == 2 * len(timeline)) == every_device, (events, len(timeline))
 
 
 @pytest.mark.gpu

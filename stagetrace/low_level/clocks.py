@@ -1,8 +1,8 @@
 """Pure clock merges: several clocks of one call placed on one timeline. No device, no torch.
 
-* :func:`place_on_one_clock` — the same marks recorded on several GPUs (a model split
-  over them), each GPU's events on its own clock, onto one clock calibrated before the
-  call (see ``multi_device``);
+* :func:`place_on_one_clock` — marks recorded on several GPUs (a model split over them),
+  each on the GPU whose work it waits for or on every GPU, each GPU's events on its own
+  clock, onto one clock calibrated before the call (see ``multi_device``);
 * :func:`merge_stamps` — GPU-side stamps (``%globaltimer``, written inside CUDA graphs;
   see ``graph_stamps``) onto the event timeline, each forward's stamps anchored on the
   event mark of that forward.
@@ -18,7 +18,7 @@ import numpy as np
 from .marks import Marks
 from .pytimeline import TimelineError
 
-__all__ = ["Resolved", "place_on_one_clock", "merge_stamps", "StampMergeError"]
+__all__ = ["Resolved", "COMPANION", "place_on_one_clock", "merge_stamps", "StampMergeError"]
 
 Resolved = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -27,28 +27,90 @@ class StampMergeError(RuntimeError):
     """The stamps of a call do not line up with its events (so they are not used)."""
 
 
-def place_on_one_clock(per_device: Sequence[Resolved]) -> tuple[Resolved, np.ndarray]:
-    """Merges per-device resolved columns of the same marks into one timeline.
+# A label with this bit set is a *companion* record: the same mark as the record just issued
+# on the first device, recorded on another device too (``MultiDeviceTimeline.mark``).
+COMPANION = 1 << 30
 
-    Returns the merged columns (device times relative to the merged first mark; host
-    times and streams of the first device) and, per mark, the index of the device whose
-    time it took (the device whose work the boundary waited for).
+
+def place_on_one_clock(per_device: Sequence[Resolved], max_held_ns: int = 50_000) -> tuple[Resolved, np.ndarray]:
+    """Merges the records of several devices' timelines into one call's marks on one clock.
+
+    Each device records some of the call's marks: a mark recorded on one device (the one
+    whose work the boundary waits for), or on every device — a record on the first device
+    followed, in issue order, by a companion record (label | ``COMPANION``) on each other one.
+
+    What must stay true:
+
+    * the call's first mark is recorded on every device while every device is idle (the
+      calibration before the call): its host issue time is each device's origin, and each
+      record sits at ``origin_d + (its event - device d's first event)``;
+    * marks come out in the order the host issued them (one thread issues them all, each a
+      CUDA call of about a µs, so no two records share a nanosecond; a tie is an error);
+    * a mark on every device takes the latest of its records: the boundary is when the work
+      issued before it has finished everywhere — except the first, which starts the call at
+      its first record (every device idle, nothing to wait for);
+    * times never go back: a mark reading earlier than the one before it (by the calibration
+      error at most) is held at it; by more than ``max_held_ns``, it is an error.
+
+    Returns the merged columns (device times relative to the first mark; each mark's own
+    host time and stream, its first record's for a mark on every device) and, per mark, the
+    index of the device whose time it took.
     """
     if not per_device:
         raise ValueError("no devices to merge")
-    labels = per_device[0][0]
-    for i, cols in enumerate(per_device[1:], 1):
-        if len(cols[0]) != len(labels) or not np.array_equal(cols[0], labels):
-            raise TimelineError(f"device {i} holds {len(cols[0])} marks and device 0 holds {len(labels)}: "
-                                "every mark must be recorded on every device")
-    if len(labels) == 0:
+    n_dev = len(per_device)
+    if n_dev == 1:
+        return per_device[0], np.zeros(len(per_device[0][0]), dtype=np.int64)
+    sizes = [len(cols[0]) for cols in per_device]
+    if sum(sizes) == 0:
         return per_device[0], np.zeros(0, dtype=np.int64)
-    # (devices, marks): each device's times on the host clock, from its first mark's issue time
-    common = np.stack([np.asarray(host, np.int64)[0] + np.asarray(dev, np.int64) for _, dev, host, _ in per_device])
-    which = np.argmax(common, axis=0)
-    t = common[which, np.arange(common.shape[1])]
-    first = per_device[0]
-    return (labels, t - t[0], first[2], first[3]), which.astype(np.int64)
+    if min(sizes) == 0:
+        raise TimelineError(f"device {sizes.index(0)} holds no record: the call's first mark must be recorded on "
+                            "every device (it calibrates their clocks)")
+    labels = np.concatenate([np.asarray(c[0], np.int64) for c in per_device])
+    host = np.concatenate([np.asarray(c[2], np.int64) for c in per_device])
+    # each device's times on the host clock, from its first record's issue time
+    t = np.concatenate([np.asarray(c[2], np.int64)[0] + np.asarray(c[1], np.int64) for c in per_device])
+    streams = np.concatenate([np.asarray(c[3], np.int64) for c in per_device])
+    device = np.repeat(np.arange(n_dev), sizes)
+    order = np.lexsort((device, host))  # issue order; a companion follows its first record
+    labels, host, t, streams, device = labels[order], host[order], t[order], streams[order], device[order]
+    companion = (labels & COMPANION) != 0
+    if companion[0]:
+        raise TimelineError("the first record is a companion: the mark it belongs to is missing")
+    tie = np.flatnonzero((np.diff(host) == 0) & ~companion[1:])
+    if len(tie):
+        raise TimelineError(f"two marks were issued in the same nanosecond (records {int(tie[0])} and "
+                            f"{int(tie[0]) + 1}): their order is unknown")
+    first = np.flatnonzero(~companion)  # one per mark
+    group = np.cumsum(~companion) - 1
+    size = np.diff(np.append(first, len(labels)))
+    shared = size > 1
+    if np.any(size[shared] != n_dev) or np.any(device[first[shared]] != 0) or not shared[0]:
+        raise TimelineError("a mark recorded on every device is missing on some: each device's records "
+                            "must line up (the first mark, at least, on every device)")
+    expect = np.arange(len(labels)) - first[group]  # position within the mark: device 0, 1, ...
+    if np.any(device[companion] != expect[companion]) or np.any(
+            (labels[companion] & ~COMPANION) != labels[first[group[companion]]]):
+        raise TimelineError("a companion record does not follow its mark on the first device in device order")
+    t_mark = np.maximum.reduceat(t, first)
+    t_mark[0] = t[0]  # every device idle: the call starts when the host issued its first record
+    latest = np.flatnonzero(t == t_mark[group])
+    _, at = np.unique(group[latest], return_index=True)  # the first device holding the latest time
+    which = device[latest[at]].astype(np.int64)
+    which[0] = 0
+    # A mark on one device can read earlier than the mark before it, whose time came from
+    # another device, by up to the cross-device calibration error (a few µs): it is held at
+    # that mark. More than ``max_held_ns`` means the device did not run the work before the
+    # mark: an error, not a boundary moved silently.
+    held = np.maximum.accumulate(t_mark)
+    worst = int(np.max(held - t_mark))
+    if worst > max_held_ns:
+        bad = int(np.argmax(held - t_mark))
+        raise TimelineError(f"mark {bad} (device {int(which[bad])}) reads {worst / 1e3:.1f} µs before the mark "
+                            "issued ahead of it on another device: its device did not run the work before it")
+    merged = (labels[first].astype(np.int32), held - held[0], host[first], streams[first])
+    return merged, which
 
 
 def merge_stamps(marks: Marks, labels: np.ndarray, t_ns: np.ndarray, anchor_label: int | tuple[int, ...],

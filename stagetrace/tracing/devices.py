@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from ..low_level import Timeline, new_timeline
 from ..spans import KIND_CODE, SpanTable
 from .errors import TracingError
 
-__all__ = ["model_devices", "new_model_timeline", "bind_call_streams", "SpanPlacement"]
+__all__ = ["model_devices", "new_model_timeline", "bind_call_streams", "SpanPlacement", "layer_mark_callables"]
 
 
 def model_devices(model: nn.Module) -> list[torch.device]:
@@ -80,3 +80,26 @@ class SpanPlacement:
         code[layers] = self.layer_device[spans.index[layers]]
         code[spans.kind == KIND_CODE["vision"]] = self.vision_device
         return spans.placed(code, self.devices)
+
+
+def layer_mark_callables(timeline: Timeline, placement: "SpanPlacement | None",
+                         n_layers: int) -> list[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """Per decoder layer, what records its begin mark and its end mark.
+
+    One device: the timeline's native mark for both. A model split over GPUs: one event per
+    mark, on the GPU whose work the boundary waits for —
+
+    * a layer's end: the layer's own GPU (its output stays there);
+    * a layer's begin: the previous layer's GPU. The mark is issued before the layer's
+      forward runs, and with ``device_map`` the hidden states move to the layer's GPU inside
+      that forward (accelerate's hook), after the mark: what the boundary waits for is the
+      previous layer's work. The copy itself then counts to the layer that needs it;
+    * the first layer's begin: every GPU (what runs before it — embeddings, the vision
+      merge, rotary tables, masks — may sit on any of them).
+    """
+    every = timeline.mark
+    device_mark = getattr(timeline, "device_mark", None)
+    if placement is None or device_mark is None:
+        return [(every, every)] * n_layers
+    at = [device_mark(int(d)) for d in placement.layer_device[:n_layers]]
+    return [(every if i == 0 else at[i - 1], at[i]) for i in range(n_layers)]

@@ -13,7 +13,7 @@ What must stay true:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -39,11 +39,14 @@ class EagerHooks:
 
     def __init__(self, model: nn.Module, layout: ResolvedLayout, slot: CallSlot, mark: Callable[[int], None],
                  forward_mark: Callable[[int], None], layer_detail: str, layer_marks: str,
-                 inside_compiled_forward: bool):
+                 inside_compiled_forward: bool,
+                 layer_mark_at: Sequence[tuple[Callable[[int], None], Callable[[int], None]]] | None = None):
         self.model, self.layout, self.slot = model, layout, slot
         self._mark, self._forward_mark = mark, forward_mark
         self.layer_detail, self.layer_marks = layer_detail, layer_marks
         self.inside_compiled_forward = inside_compiled_forward
+        # per layer, what records its begin and end marks (one event on its GPU when split)
+        self._layer_mark_at = list(layer_mark_at) if layer_mark_at is not None else [(mark, mark)] * len(layout.layers)
         self._handles: list[Any] = []
         self._wrappers = Shadows()
         self.installed = False
@@ -76,8 +79,10 @@ class EagerHooks:
             lambda m, a, o: mark(_HEAD_END) if slot.call is not None and slot.call.in_prefill else None))
         if self.layer_detail != "off":
             labels = layer_labels(len(self.layout.layers), self.layer_marks)
-            for (_, layer), (begin, end) in zip(self.layout.layers, labels):
-                self._wrappers.set(layer, "forward", layer_forward(layer.forward, slot, mark, begin, end))
+            for (_, layer), (begin, end), (mark_begin, mark_end) in zip(self.layout.layers, labels,
+                                                                       self._layer_mark_at):
+                self._wrappers.set(layer, "forward", layer_forward(layer.forward, slot, mark_begin, begin, end,
+                                                                    mark_end))
 
     def _install_inner_forwards(self) -> None:
         """A generate() that delegates to an inner model's generate() never calls the top forward:
@@ -156,18 +161,21 @@ def _inner_generate(inner: Callable[..., Any], slot: CallSlot) -> Callable[..., 
 
 
 def layer_forward(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[int], None], begin: int,
-                  end: int | None) -> Callable[..., Any]:
+                  end: int | None, mark_end: Callable[[int], None] | None = None) -> Callable[..., Any]:
     """A layer's forward with its marks around it while the forward in flight carries layer
     marks (``CallState.layers_now``: the prefill, and the decode steps layer detail samples);
-    ``end`` None: the next layer's begin marks this one's end."""
+    ``end`` None: the next layer's begin marks this one's end. ``mark`` records the begin,
+    ``mark_end`` (default: ``mark``) the end — on a split model, each on its own GPU."""
+    mark_begin, mark_end = mark, mark if mark_end is None else mark_end
+
     def forward(*args: Any, **kwargs: Any) -> Any:
         c = slot.call
         if c is None or not c.layers_now:
             return inner(*args, **kwargs)
-        mark(begin)
+        mark_begin(begin)
         out = inner(*args, **kwargs)
         if end is not None:
-            mark(end)
+            mark_end(end)
         return out
 
     return forward

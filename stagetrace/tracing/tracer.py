@@ -39,7 +39,7 @@ from ..records import JsonlWriter, StageRecord, write_jsonl
 from .call import CallInputs, CallSlot, CallState, new_token_count, prompt_ids, read_call_inputs
 from .compiled import compiled_decode_refusal, hand_compiled_forwards, hand_compiled_refusal
 from .compiled_decode import CompiledDecodeMarks
-from .devices import SpanPlacement, bind_call_streams, model_devices, new_model_timeline
+from .devices import SpanPlacement, bind_call_streams, layer_mark_callables, model_devices, new_model_timeline
 from .eager import EagerHooks
 from .features import queue_features
 from .forward_return import ForwardReturnMarks
@@ -204,7 +204,8 @@ class Tracer:
         else:
             forward_mark = mark  # the native mark itself: nothing added on the hot path
         self._hooks = EagerHooks(model, self.layout, self._slot, mark, forward_mark, self.layer_detail,
-                                 self.layer_marks, inside_compiled_forward=self._forward_compiled)
+                                 self.layer_marks, inside_compiled_forward=self._forward_compiled,
+                                 layer_mark_at=layer_mark_callables(tl, self._placement, len(self.layout.layers)))
         decode = CompiledDecodeMarks(
             model, self._slot, mark, stamps_layers=self.layer_detail == "all",
             refusal=lambda gen_config: compiled_decode_refusal(self._devices, self.layer_detail, gen_config,
