@@ -18,6 +18,7 @@ SCRIPTS = {
                  "--configs", "llava_b1,llama_b2"],
     "subtraction": ["--cpu-tiny", "--samples", "3"],
     "in_context": ["--cpu-tiny", "--reps", "2", "--new-tokens", "2", "--pin-cpu", "3"],
+    "direct_cost": ["--cpu-tiny", "--reps", "2", "--sync-reps", "2", "--new-tokens", "3", "--pin-cpu", "3"],
     "lead": ["--cpu-tiny", "--reps", "1", "--warmup", "1", "--new-tokens", "4"],
     "compiled": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--stamps", "100",
                  "--configs", "llama_b1"],
@@ -48,6 +49,17 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
     if script == "in_context":
         assert {"plain", "noop", "event_mark", "plain_again"} <= set(payload["results"])
         assert payload["marks_per_call"] == 2 * 2 * 2  # 2 layers, prefill + 1 step, begin + end
+    if script == "direct_cost":
+        res = payload["results"]
+        stage, layers = res["direct_stage"], res["direct_layers"]
+        assert not stage["errors"] and not layers["errors"]
+        # tiny LLaVA, 3 new tokens: 3 forwards; 2 layers with a begin and an end mark each
+        assert layers["marks_per_call"] - stage["marks_per_call"] == 3 * 2 * 2
+        assert layers["by_kind"]["LAYER_BEGIN"]["n"] == layers["by_kind"]["LAYER_END"]["n"] == 2 * 3 * 2  # calls × forwards × layers
+        assert stage["by_kind"]["DECODE_FORWARD"]["n"] == 2 * 2 and stage["direct_cost_per_call_us"] > 0
+        sync = res["after_sync"]
+        assert {v: d["n"] for v, d in sync["decode_forward_host_us"].items()} == {"plain": 4, "stage": 4, "probe": 4}
+        assert sync["probe_first_mark"]["n"] == 4
     if script == "lead":
         assert payload["all_pass"] and {r["case"] for r in payload["results"]} == {
             "b1_eager", "b32_eager", "b1_spin", "b1_long_spin", "b1_compiled"}

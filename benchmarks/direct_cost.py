@@ -1,0 +1,295 @@
+"""What a mark costs inside a real generate(), timed around the native call itself, and
+whether the dearest marks add their cost to the call or only take it from the next CUDA call.
+
+  python benchmarks/direct_cost.py              # GPU: realistic LLaVA b1, 16 new tokens, pinned to one core
+  python benchmarks/direct_cost.py --cpu-tiny   # CPU smoke run (host timeline; labelled CPU)
+
+Part 1, direct: the tracer runs with a timeline whose ``mark()`` times the native call
+(``perf_counter_ns`` right before and after it, nothing else between); per mark kind the
+count and the median, p10 and p90 µs, at stage level and with every layer marked, beside
+the same native call in a tight loop (``bench_event_record_ns``) and the timer's own cost.
+Multiplied by the marks per call, this is the direct in-context cost of tracing a call.
+
+Part 2, after the sync: eager generate() syncs once per step (it reads whether every
+sequence has finished) and then starts the next forward; the forward-begin mark is the
+first CUDA call after that sync. A timing pre-hook on the model (it fires before the
+tracer's) and a post-hook time each decode forward on the host, interleaved call by call:
+
+  plain        no tracer
+  stage        stagetrace at stage level (the forward-begin mark inside the timed span)
+  probe        no tracer; a pre-hook records two native marks and times each separately
+
+``stage - plain`` is what the forward-begin mark adds to a step's host time. If it is far
+below the mark's direct cost, the first CUDA call after a sync is dear whoever makes it: the
+mark only takes that cost from the forward's first kernel launch. ``probe`` shows the same
+from one side: the first of two back-to-back marks pays, the second costs the loop cost.
+
+Part 3, outside generate() (GPU only): a tiny kernel, a sync through ``.item()`` as
+generate() does, then either [mark, kernel launch] or [kernel launch], each call timed,
+interleaved: the first CUDA call after a sync costs the same whether it is our mark or a
+kernel launch, and a launch right after our mark costs what a launch costs unsynced.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import bootstrap_median_ci, environment, quantile, save, table  # noqa: E402
+
+
+class TimedTimeline:
+    """A timeline whose ``mark()`` times the native call and nothing else; the rest delegates."""
+
+    def __init__(self, native: Any):
+        self._native, self._mark = native, native.mark
+        self.backend = native.backend
+        self.cost_ns: list[int] = []
+        self.labels: list[int] = []
+
+    def mark(self, label: int) -> None:
+        now = time.perf_counter_ns
+        t0 = now()
+        self._mark(label)
+        t1 = now()
+        self.cost_ns.append(t1 - t0)
+        self.labels.append(label)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._native, name)
+
+    def __len__(self) -> int:
+        return len(self._native)
+
+
+def _stats_us(ns: list[int]) -> dict[str, float]:
+    us = [x / 1e3 for x in ns]
+    return {"n": len(us), "median_us": statistics.median(us), "p10_us": quantile(us, 0.1),
+            "p90_us": quantile(us, 0.9), "mean_us": statistics.fmean(us)}
+
+
+def _timer_floor_ns(n: int = 20000) -> float:
+    now = time.perf_counter_ns
+    xs = []
+    for _ in range(n):
+        t0 = now()
+        t1 = now()
+        xs.append(t1 - t0)
+    return statistics.median(xs)
+
+
+def direct(model: Any, kw: dict[str, Any], cuda: bool, reps: int, layer_detail: str) -> dict[str, Any]:
+    """Part 1: every native mark of real traced calls, timed around the call itself."""
+    import stagetrace
+    from stagetrace.labels import Kind, kind_of
+    from stagetrace.low_level import new_timeline
+
+    timed = TimedTimeline(new_timeline("cuda" if cuda else "cpu", capacity=1 << 15))
+    with stagetrace.trace(model, layer_detail=layer_detail, timeline=timed, keep_marks=False) as tracer:
+        model.generate(**kw)  # warm-up
+        timed.cost_ns.clear()
+        timed.labels.clear()
+        for _ in range(reps):
+            model.generate(**kw)
+    errors = [r.error for r in tracer.records if r.error]
+    by_kind: dict[str, list[int]] = {}
+    for lab, ns in zip(timed.labels, timed.cost_ns):
+        by_kind.setdefault(Kind(kind_of(lab)).name, []).append(ns)
+    per_call_us = sum(timed.cost_ns) / 1e3 / reps
+    return {"layer_detail": layer_detail, "calls": reps, "errors": errors,
+            "marks_per_call": len(timed.cost_ns) / reps, "direct_cost_per_call_us": per_call_us,
+            "all": _stats_us(timed.cost_ns), "by_kind": {k: _stats_us(v) for k, v in sorted(by_kind.items())}}
+
+
+def after_sync(model: Any, kw: dict[str, Any], cuda: bool, reps: int) -> dict[str, Any]:
+    """Part 2: each decode forward's host time, plain vs stage level vs a two-mark probe."""
+    import stagetrace
+    from stagetrace.low_level import new_timeline
+
+    now = time.perf_counter_ns
+    state = {"t": 0, "forwards": 0, "on": False}
+    forward_ns: list[int] = []
+
+    def pre(module: Any, args: Any, kwargs: Any) -> None:
+        state["t"] = now()
+
+    def post(module: Any, args: Any, kwargs: Any, out: Any) -> None:
+        t = now()
+        if state["on"]:
+            state["forwards"] += 1
+            if state["forwards"] > 1:  # decode forwards only: the first is the prefill
+                forward_ns.append(t - state["t"])
+
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+               model.register_forward_hook(post, with_kwargs=True)]
+    probe_tl = new_timeline("cuda" if cuda else "cpu", capacity=1 << 12)
+    if cuda:
+        import torch
+
+        probe_tl.bind_stream(torch.cuda.current_stream().cuda_stream)
+    probe_first: list[int] = []
+    probe_second: list[int] = []
+
+    def probe(module: Any, args: Any, kwargs: Any) -> None:
+        if state["on"] and state["forwards"] >= 1:
+            t0 = now()
+            probe_tl.mark(1)
+            t1 = now()
+            probe_tl.mark(2)
+            t2 = now()
+            probe_first.append(t1 - t0)
+            probe_second.append(t2 - t1)
+
+    tracer = stagetrace.trace(model, keep_marks=False)
+    variants = ["plain", "stage", "probe"]
+    step_ns: dict[str, list[list[int]]] = {v: [] for v in variants}
+    try:
+        for rep in range(reps + 1):
+            for v in variants[rep % 3:] + variants[: rep % 3]:
+                probe_handle = model.register_forward_pre_hook(probe, with_kwargs=True) if v == "probe" else None
+                if v == "stage":
+                    tracer.start()
+                probe_tl.reset()
+                forward_ns.clear()
+                state.update(forwards=0, on=True)
+                try:
+                    model.generate(**kw)
+                finally:
+                    state["on"] = False
+                    if v == "stage":
+                        tracer.stop()
+                    if probe_handle is not None:
+                        probe_handle.remove()
+                if rep:  # the first round warms up
+                    step_ns[v].append(list(forward_ns))
+    finally:
+        for h in handles:
+            h.remove()
+    med = {v: [statistics.median(c) for c in calls] for v, calls in step_ns.items()}  # per call: median step
+    out: dict[str, Any] = {"calls_each": reps,
+                           "decode_forward_host_us": {v: _stats_us([x for c in calls for x in c])
+                                                      for v, calls in step_ns.items()}}
+    for v in ("stage", "probe"):
+        paired = [(a - b) / 1e3 for a, b in zip(med[v], med["plain"])]
+        lo, hi = bootstrap_median_ci(paired)
+        out[f"{v}_minus_plain_us"] = {"median": statistics.median(paired), "ci95": [lo, hi]}
+    out["probe_first_mark"] = _stats_us(probe_first)
+    out["probe_second_mark"] = _stats_us(probe_second)
+    return out
+
+
+def outside_generate(reps: int) -> dict[str, Any]:
+    """Part 3: the first CUDA call after a sync, our mark or a kernel launch."""
+    import torch
+
+    from stagetrace.low_level import new_timeline
+
+    now = time.perf_counter_ns
+    x = torch.ones(16, device="cuda")
+    tl = new_timeline("cuda", capacity=4 * reps + 16)
+    tl.bind_stream(torch.cuda.current_stream().cuda_stream)
+    rows: dict[str, list[int]] = {k: [] for k in ("mark_after_sync", "launch_after_mark", "launch_after_sync",
+                                                  "mark_unsynced", "launch_unsynced")}
+    for i in range(reps + 20):
+        keep = i >= 20
+        y = x + 1
+        y[0].item()  # a sync through a device-to-host copy, as generate() reads its stop flag
+        if i % 2:
+            t0 = now()
+            tl.mark(1)
+            t1 = now()
+            z = x * 2
+            t2 = now()
+            if keep:
+                rows["mark_after_sync"].append(t1 - t0)
+                rows["launch_after_mark"].append(t2 - t1)
+        else:
+            t0 = now()
+            z = x * 2
+            t1 = now()
+            if keep:
+                rows["launch_after_sync"].append(t1 - t0)
+        t0 = now()  # more work queued, no sync: the loop costs
+        tl.mark(2)
+        t1 = now()
+        z = z * 2
+        t2 = now()
+        if keep:
+            rows["mark_unsynced"].append(t1 - t0)
+            rows["launch_unsynced"].append(t2 - t1)
+    torch.cuda.synchronize()
+    return {k: _stats_us(v) for k, v in rows.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu-tiny", action="store_true")
+    ap.add_argument("--reps", type=int, default=20, help="traced calls per configuration (part 1)")
+    ap.add_argument("--sync-reps", type=int, default=60, help="calls per variant (part 2)")
+    ap.add_argument("--loop-reps", type=int, default=2000, help="repetitions outside generate() (part 3)")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--pin-cpu", default="3", metavar="CORES", help="cores to pin to; 'none' for no pinning")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import models
+    from stagetrace.low_level import _C
+    from stagetrace.testing import tiny
+
+    if args.pin_cpu != "none":
+        cores = {int(c) for c in args.pin_cpu.split(",")} & set(range(os.cpu_count() or 1)) or {0}
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(1)
+    cuda = torch.cuda.is_available() and not args.cpu_tiny
+    case = models.llava_realistic(batch=1) if cuda else tiny.build("llava")
+    model = case.model.eval()
+    kw = dict(case.inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+              **case.generate_kwargs)
+    env = environment()
+    loop_us = _C.bench_event_record_ns(0, 20000, torch.cuda.current_stream().cuda_stream) / 1e3 if cuda else None
+    payload: dict[str, Any] = {
+        "benchmark": "direct_cost", "env": env, "device": "cuda" if cuda else "cpu",
+        "model": "realistic LLaVA b1 (CLIP-L/336 + 22-layer Llama, bf16)" if cuda else "tiny LLaVA (CPU smoke run)",
+        "params": {k: v for k, v in vars(args).items() if k != "out"},
+        "timer_floor_us": _timer_floor_ns() / 1e3, "event_record_in_a_loop_us": loop_us, "results": {}}
+    res = payload["results"]
+    res["direct_stage"] = direct(model, kw, cuda, args.reps, "off")
+    res["direct_layers"] = direct(model, kw, cuda, args.reps, "all")
+    res["after_sync"] = after_sync(model, kw, cuda, args.sync_reps)
+    if cuda:
+        res["outside_generate"] = outside_generate(args.loop_reps)
+    path = save("direct_cost" if cuda else "direct_cost-cpu-tiny", payload, args.out)
+
+    print(f"direct in-context cost on {env['card']} (timer floor {payload['timer_floor_us']:.3f} µs; "
+          f"event record in a loop {loop_us if loop_us is None else round(loop_us, 3)} µs)")
+    for part in ("direct_stage", "direct_layers"):
+        r = res[part]
+        print(f"\n{part}: {r['marks_per_call']:.0f} marks per call, {r['direct_cost_per_call_us']:.1f} µs per call")
+        print(table([[k, v["n"], v["median_us"], v["p10_us"], v["p90_us"]] for k, v in r["by_kind"].items()],
+                    ["mark kind", "n", "median µs", "p10 µs", "p90 µs"]))
+    s = res["after_sync"]
+    print("\nafter the sync: each decode forward's host time")
+    print(table([[v, d["n"], d["median_us"]] for v, d in s["decode_forward_host_us"].items()],
+                ["variant", "forwards", "median µs"]))
+    for v in ("stage", "probe"):
+        d = s[f"{v}_minus_plain_us"]
+        print(f"{v} - plain: {d['median']:+.2f} µs per forward [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]")
+    print(f"probe: first mark {s['probe_first_mark']['median_us']:.2f} µs, "
+          f"second {s['probe_second_mark']['median_us']:.2f} µs")
+    if "outside_generate" in res:
+        print("\noutside generate()")
+        print(table([[k, v["median_us"], v["p10_us"], v["p90_us"]] for k, v in res["outside_generate"].items()],
+                    ["call", "median µs", "p10 µs", "p90 µs"]))
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
