@@ -150,6 +150,9 @@ def after_sync(model: Any, kw: dict[str, Any], cuda: bool, reps: int) -> dict[st
     step_ns: dict[str, list[list[int]]] = {v: [] for v in variants}
     try:
         for rep in range(reps + 1):
+            if rep == 1:  # the first round warms up
+                probe_first.clear()
+                probe_second.clear()
             for v in variants[rep % 3:] + variants[: rep % 3]:
                 probe_handle = model.register_forward_pre_hook(probe, with_kwargs=True) if v == "probe" else None
                 if v == "stage":
