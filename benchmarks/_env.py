@@ -94,3 +94,27 @@ def bootstrap_median_ci(xs: list[float], n: int = 4000, seed: int = 0) -> tuple[
     a = np.asarray(xs)
     meds = np.median(a[rng.integers(0, len(a), size=(n, len(a)))], axis=1)
     return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+
+
+class TimedTimeline:
+    """A timeline whose ``mark()`` times the native call and nothing else; the rest delegates."""
+
+    def __init__(self, native: Any):
+        self._native, self._mark = native, native.mark
+        self.backend = native.backend
+        self.cost_ns: list[int] = []
+        self.labels: list[int] = []
+
+    def mark(self, label: int) -> None:
+        now = time.perf_counter_ns
+        t0 = now()
+        self._mark(label)
+        t1 = now()
+        self.cost_ns.append(t1 - t0)
+        self.labels.append(label)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._native, name)
+
+    def __len__(self) -> int:
+        return len(self._native)

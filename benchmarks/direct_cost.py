@@ -15,14 +15,17 @@ sequence has finished) and then starts the next forward; the forward-begin mark 
 first CUDA call after that sync. A timing pre-hook on the model (it fires before the
 tracer's) and a post-hook time each decode forward on the host, interleaved call by call:
 
-  plain        no tracer
-  stage        stagetrace at stage level (the forward-begin mark inside the timed span)
-  probe        no tracer; a pre-hook records two native marks and times each separately
+  plain              no tracer
+  stage              stagetrace at stage level (the forward-begin mark inside the timed span)
+  probe_marks        no tracer; a pre-hook records two native marks, each timed
+  probe_launch       no tracer; a pre-hook launches one tiny kernel, timed
+  probe_mark_launch  no tracer; a pre-hook records a native mark, then launches the kernel
 
-``stage - plain`` is what the forward-begin mark adds to a step's host time. If it is far
-below the mark's direct cost, the first CUDA call after a sync is dear whoever makes it: the
-mark only takes that cost from the forward's first kernel launch. ``probe`` shows the same
-from one side: the first of two back-to-back marks pays, the second costs the loop cost.
+``stage - plain`` is what the forward-begin mark adds to a step's host time (noisy: a step
+is milliseconds of host work). The probes answer it directly: if the first of two marks is
+dear and the second cheap, the first CUDA call there is dear; if a lone kernel launch there
+costs what the mark plus the launch after it cost, the mark only takes that cost from the
+forward's first kernel launch instead of adding it.
 
 Part 3, outside generate() (GPU only): a tiny kernel, a sync through ``.item()`` as
 generate() does, then either [mark, kernel launch] or [kernel launch], each call timed,
@@ -40,31 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import bootstrap_median_ci, environment, quantile, save, table  # noqa: E402
-
-
-class TimedTimeline:
-    """A timeline whose ``mark()`` times the native call and nothing else; the rest delegates."""
-
-    def __init__(self, native: Any):
-        self._native, self._mark = native, native.mark
-        self.backend = native.backend
-        self.cost_ns: list[int] = []
-        self.labels: list[int] = []
-
-    def mark(self, label: int) -> None:
-        now = time.perf_counter_ns
-        t0 = now()
-        self._mark(label)
-        t1 = now()
-        self.cost_ns.append(t1 - t0)
-        self.labels.append(label)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._native, name)
-
-    def __len__(self) -> int:
-        return len(self._native)
+from _env import TimedTimeline, bootstrap_median_ci, environment, quantile, save, table  # noqa: E402
 
 
 def _stats_us(ns: list[int]) -> dict[str, float]:
@@ -127,34 +106,48 @@ def after_sync(model: Any, kw: dict[str, Any], cuda: bool, reps: int) -> dict[st
 
     handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
                model.register_forward_hook(post, with_kwargs=True)]
+    import torch
+
     probe_tl = new_timeline("cuda" if cuda else "cpu", capacity=1 << 12)
     if cuda:
-        import torch
-
         probe_tl.bind_stream(torch.cuda.current_stream().cuda_stream)
-    probe_first: list[int] = []
-    probe_second: list[int] = []
+    scratch = torch.ones(16, device="cuda" if cuda else "cpu")
+    probe_ns: dict[str, list[int]] = {k: [] for k in ("first_mark", "second_mark", "launch_alone",
+                                                      "mark_before_launch", "launch_after_mark")}
 
-    def probe(module: Any, args: Any, kwargs: Any) -> None:
-        if state["on"] and state["forwards"] >= 1:
+    def probe(what: str) -> Any:
+        """A pre-hook on decode forwards: where the tracer's forward-begin mark would go."""
+        def hook(module: Any, args: Any, kwargs: Any) -> None:
+            if not (state["on"] and state["forwards"] >= 1):
+                return
             t0 = now()
+            if what == "launch":
+                scratch.mul_(1.0)  # a kernel launch: the forward's own first CUDA call stands in
+                probe_ns["launch_alone"].append(now() - t0)
+                return
             probe_tl.mark(1)
             t1 = now()
-            probe_tl.mark(2)
-            t2 = now()
-            probe_first.append(t1 - t0)
-            probe_second.append(t2 - t1)
+            if what == "marks":
+                probe_tl.mark(2)
+                probe_ns["first_mark"].append(t1 - t0)
+                probe_ns["second_mark"].append(now() - t1)
+            else:
+                scratch.mul_(1.0)
+                probe_ns["mark_before_launch"].append(t1 - t0)
+                probe_ns["launch_after_mark"].append(now() - t1)
+        return hook
 
     tracer = stagetrace.trace(model, keep_marks=False)
-    variants = ["plain", "stage", "probe"]
+    variants = ["plain", "stage", "probe_marks", "probe_launch", "probe_mark_launch"]
     step_ns: dict[str, list[list[int]]] = {v: [] for v in variants}
     try:
         for rep in range(reps + 1):
             if rep == 1:  # the first round warms up
-                probe_first.clear()
-                probe_second.clear()
-            for v in variants[rep % 3:] + variants[: rep % 3]:
-                probe_handle = model.register_forward_pre_hook(probe, with_kwargs=True) if v == "probe" else None
+                for xs in probe_ns.values():
+                    xs.clear()
+            for v in variants[rep % len(variants):] + variants[: rep % len(variants)]:
+                probe_handle = (model.register_forward_pre_hook(probe(v[len("probe_"):]), with_kwargs=True)
+                                if v.startswith("probe_") else None)
                 if v == "stage":
                     tracer.start()
                 probe_tl.reset()
@@ -177,12 +170,11 @@ def after_sync(model: Any, kw: dict[str, Any], cuda: bool, reps: int) -> dict[st
     out: dict[str, Any] = {"calls_each": reps,
                            "decode_forward_host_us": {v: _stats_us([x for c in calls for x in c])
                                                       for v, calls in step_ns.items()}}
-    for v in ("stage", "probe"):
+    for v in variants[1:]:
         paired = [(a - b) / 1e3 for a, b in zip(med[v], med["plain"])]
         lo, hi = bootstrap_median_ci(paired)
         out[f"{v}_minus_plain_us"] = {"median": statistics.median(paired), "ci95": [lo, hi]}
-    out["probe_first_mark"] = _stats_us(probe_first)
-    out["probe_second_mark"] = _stats_us(probe_second)
+    out["probe"] = {k: _stats_us(v) for k, v in probe_ns.items()}
     return out
 
 
@@ -281,11 +273,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nafter the sync: each decode forward's host time")
     print(table([[v, d["n"], d["median_us"]] for v, d in s["decode_forward_host_us"].items()],
                 ["variant", "forwards", "median µs"]))
-    for v in ("stage", "probe"):
+    for v in ("stage", "probe_marks", "probe_launch", "probe_mark_launch"):
         d = s[f"{v}_minus_plain_us"]
         print(f"{v} - plain: {d['median']:+.2f} µs per forward [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]")
-    print(f"probe: first mark {s['probe_first_mark']['median_us']:.2f} µs, "
-          f"second {s['probe_second_mark']['median_us']:.2f} µs")
+    print(table([[k, v["n"], v["median_us"], v["p10_us"], v["p90_us"]] for k, v in s["probe"].items()],
+                ["at the forward's start", "n", "median µs", "p10 µs", "p90 µs"]))
     if "outside_generate" in res:
         print("\noutside generate()")
         print(table([[k, v["median_us"], v["p10_us"], v["p90_us"]] for k, v in res["outside_generate"].items()],

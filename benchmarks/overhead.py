@@ -17,6 +17,12 @@ interleaved repetition by repetition (A B C ... A B C ...), medians after warm-u
   torch_event_layers    the same at every decoder layer
   torch_profiler        torch.profiler (CPU + CUDA) around the call; export time and size reported
 
+Beside each stagetrace method's wall difference: its direct in-context cost (``direct %``,
+``direct µs/mark``) — ``--direct-reps`` more calls with every native mark timed around the
+call itself (``_env.TimedTimeline``), summed per call, as a share of plain's median. The
+wall difference also holds what the direct timer cannot see (the Python wrappers, the
+host's caches after each mark); the two agreeing says the marks are the cost.
+
 The 'agreement' section (GPU) compares stagetrace's stage medians with the sync method's at
 the same boundaries *of the same runs* (DualTimeline: both clocks at every mark), so the
 comparison carries no run-to-run noise; target: within 2% or 0.2 ms.
@@ -34,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import bootstrap_median_ci, environment, quantile, save, table, timed_ms  # noqa: E402
+from _env import TimedTimeline, bootstrap_median_ci, environment, quantile, save, table, timed_ms  # noqa: E402
 
 STAGE_KEYS = ("vision_ms", "prefill_ms", "decode_ms", "other_ms", "total_ms", "ttft_ms")
 
@@ -64,6 +70,19 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
                 wall = timed(lambda: model.generate(**kw))
             rec = tracer.records[-1]
             return {"wall_ms": wall, "record": rec.to_dict(), "n_marks": rec.n_marks, "resolve_ms": rec.resolve_ms}
+
+        def direct_us() -> float:
+            """One call with every native mark timed around itself: the direct in-context cost."""
+            from stagetrace.low_level import new_timeline
+
+            tl = TimedTimeline(new_timeline("cuda" if cuda else "cpu", capacity=1 << 15))
+            with stagetrace.trace(model, layer_detail=layer_detail, layer_marks=layer_marks, timeline=tl,
+                                  layer_every=layer_every, keep_marks=False):
+                model.generate(**kw)
+            return sum(tl.cost_ns) / 1e3
+
+        if timeline_factory is None:
+            run.direct_us = direct_us  # type: ignore[attr-defined]
         return run
 
     dev = torch.cuda.current_device() if cuda else None
@@ -101,7 +120,7 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
 
 
 def run_config(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int,
-               profiler_reps: int, only: list[str] | None = None) -> dict:
+               profiler_reps: int, only: list[str] | None = None, direct_reps: int = 5) -> dict:
     methods = make_methods(case, cuda, new_tokens, with_profiler=profiler_reps > 0)
     if only:
         methods = {m: fn for m, fn in methods.items() if m in only or m == "plain"}
@@ -119,6 +138,9 @@ def run_config(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tok
             if m == "torch_profiler" and rep >= profiler_reps:
                 continue
             samples[m].append(methods[m]())
+    # the direct in-context cost of each stagetrace method: its marks timed around the native call
+    direct = {m: [fn.direct_us() for _ in range(direct_reps)] for m, fn in methods.items()  # type: ignore[attr-defined]
+              if hasattr(fn, "direct_us") and direct_reps > 0}
     plain = [s["wall_ms"] for s in samples["plain"]]
     base = statistics.median(plain)
     summary: dict[str, Any] = {}
@@ -139,6 +161,11 @@ def run_config(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tok
             row["n_marks"] = ss[0]["n_marks"]
             row["resolve_ms"] = statistics.median(s["resolve_ms"] for s in ss)  # the one sync, included in wall
             row["per_mark_us"] = (med - base) * 1e3 / ss[0]["n_marks"]
+        if direct.get(m):
+            # beside the wall difference: the marks' own cost inside the call, as a share of it
+            row["direct_us_per_call"] = statistics.median(direct[m])
+            row["direct_pct"] = 100 * row["direct_us_per_call"] / 1e3 / base
+            row["direct_us_per_mark"] = row["direct_us_per_call"] / row["n_marks"]
         if m == "torch_profiler" and ss:
             row["export_s"] = statistics.median(s["export_s"] for s in ss)
             row["trace_bytes"] = statistics.median(s["trace_bytes"] for s in ss)
@@ -210,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--profiler-reps", type=int, default=3)
     ap.add_argument("--configs", default="llava_b1,llava_b32,llama_b1")
+    ap.add_argument("--direct-reps", type=int, default=5,
+                    help="calls per stagetrace method with every mark timed around the native call (direct cost)")
     ap.add_argument("--methods", default="", help="comma-separated subset (plain is always run); default all")
     ap.add_argument("--pin-cpu", type=int, default=None, metavar="CORE",
                     help="pin this process to one core (less scheduler noise on a shared host)")
@@ -245,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
             case = tiny.build(family, batch=b)
         case.model.eval()
         results.append(run_config(cfg, case, cuda, args.reps, args.warmup, args.new_tokens, args.profiler_reps,
-                                  [m for m in args.methods.split(",") if m]))
+                                  [m for m in args.methods.split(",") if m], args.direct_reps))
         save("overhead" if cuda else "overhead-cpu-tiny", payload_of(results), args.out)  # survives a cut-off
         del case
         if cuda:
@@ -259,11 +288,13 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [[m, v["median_ms"], v["overhead_pct"], v["paired_overhead_pct"],
                  "[{:.2f}, {:.2f}]".format(*v["paired_overhead_ci95_pct"]), v["min_overhead_pct"], v.get("n_marks", ""),
                  f"{v['per_mark_us']:.2f}" if "per_mark_us" in v else "",
+                 f"{v['direct_pct']:.3f}" if "direct_pct" in v else "",
+                 f"{v['direct_us_per_mark']:.2f}" if "direct_us_per_mark" in v else "",
                  f"{v['resolve_ms'] * 1e3:.0f}" if "resolve_ms" in v else "",
                  f"{v['trace_bytes'] / 1e6:.1f} MB, export {v['export_s']:.2f} s" if "trace_bytes" in v else ""]
                 for m, v in r["methods"].items()]
         print(table(rows, ["method", "median ms", "overhead %", "paired %", "paired 95% CI", "min-vs-min %", "marks",
-                           "µs/mark", "resolve µs",
+                           "µs/mark", "direct %", "direct µs/mark", "resolve µs",
                            "notes"]))
         arow = [[k, a["stagetrace_ms"], a["sync_ms"], a["diff_ms"], a["within_tolerance"]]
                 for k, a in r["agreement"].items()]
