@@ -11,6 +11,7 @@ interleaved repetition by repetition (A B C ... A B C ...), medians after warm-u
   stagetrace_layers     stage level + marks around every decoder layer at every step
   stagetrace_layers_shared  the same with one mark per boundary between layers (half the marks)
   stagetrace_layers_every4/8  layers on the prefill and on every 4th / 8th decode step only (layer_every)
+  stagetrace_layers_prefill   layers on the prefill only (layer_detail="prefill")
   sync                  torch.cuda.synchronize() + perf_counter at stagetrace's boundaries
   sync_layers           the same at every decoder layer
   torch_event           torch.cuda.Event created + recorded from Python at the same boundaries
@@ -94,6 +95,7 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
         "stagetrace_layers_shared": traced("all", None, "shared"),
         "stagetrace_layers_every4": traced("all", None, layer_every=4),
         "stagetrace_layers_every8": traced("all", None, layer_every=8),
+        "stagetrace_layers_prefill": traced("prefill", None),
         "sync": traced("off", lambda: SyncTimeline(dev)),
         "sync_layers": traced("all", lambda: SyncTimeline(dev)),
     }

@@ -12,7 +12,7 @@ from stagetrace.labels import Kind, kind_of
 from stagetrace.testing import tiny
 from stagetrace.tracing import TracingError
 
-from helpers import DEVICES, assert_partition, build_on, gen_kwargs, hook_state, tokens, trace_once
+from helpers import DEVICES, assert_partition, build_on, gen_kwargs, hook_state, stagetrace_leftovers, tokens, trace_once
 
 FAMILIES = list(tiny.FAMILIES)
 VLMS = [f for f in FAMILIES if f != "llama"]
@@ -155,6 +155,30 @@ def test_sampled_layer_detail_marks_the_prefill_and_every_nth_step_and_says_whic
     assert len([s for s in rec.spans if s.kind == "layer" and s.depth == 2]) == n_layers  # the prefill's, always
     back = stagetrace.StageRecord.from_dict(rec.to_dict())
     assert back.layer_steps == sampled and back.layer_every == every
+
+
+@pytest.mark.parametrize("detail, every, expect", [
+    ("all", 3, [True] + [k % 3 == 0 for k in range(7)]),
+    ("prefill", 1, [True] + [False] * 7),
+    ("all", 1, [True] * 8),
+])
+def test_layer_wrappers_are_in_place_only_for_forwards_that_carry_layer_marks(detail, every, expect):
+    """A step that layer detail skips runs the layers' own forward: it pays nothing for them."""
+    case = build_on("llama", "cpu")
+    layer0 = stagetrace.trace(case.model).layout.layers[0][1]
+    own_forward = layer0.forward
+    wrapped: list[bool] = []
+    handle = layer0.register_forward_pre_hook(lambda m, a: wrapped.append("forward" in m.__dict__))
+    try:
+        with stagetrace.trace(case.model, layer_detail=detail, layer_every=every) as tracer:
+            case.model.generate(**gen_kwargs(case, 8))
+            case.model.generate(**gen_kwargs(case, 8))  # again: the first forward places them back
+    finally:
+        handle.remove()
+    assert wrapped == expect * 2
+    assert all(r.layer_steps == [k for k, on in enumerate(expect[1:]) if on] for r in tracer.records)
+    assert "forward" not in layer0.__dict__ and layer0.forward == own_forward
+    assert not stagetrace_leftovers(case.model)
 
 
 def test_layer_every_is_checked_and_refused_where_stamps_run_in_every_step():

@@ -8,6 +8,11 @@ What must stay true:
 * layer marks wrap ``forward`` instead of using module hooks: a module with hooks takes
   torch's slow ``_call_impl`` path (about 10 µs a call), a wrapped forward keeps the fast
   path and costs one Python frame — what keeps hundreds of marks per call cheap;
+* where only some forwards carry layer marks (``layer_detail="prefill"``, ``layer_every``
+  > 1) the wrappers are in place only while such a forward runs: placed or taken off at the
+  top-level forward's start, before its mark (so the switch is host time between steps, not
+  inside one), and a forward without layer marks runs the layers' own ``forward`` — a
+  sampled step pays for its layers, a skipped step pays nothing;
 * :meth:`EagerHooks.remove` undoes exactly what :meth:`EagerHooks.install` did.
 """
 from __future__ import annotations
@@ -40,13 +45,18 @@ class EagerHooks:
     def __init__(self, model: nn.Module, layout: ResolvedLayout, slot: CallSlot, mark: Callable[[int], None],
                  forward_mark: Callable[[int], None], layer_detail: str, layer_marks: str,
                  inside_compiled_forward: bool,
-                 layer_mark_at: Sequence[tuple[Callable[[int], None], Callable[[int], None]]] | None = None):
+                 layer_mark_at: Sequence[tuple[Callable[[int], None], Callable[[int], None]]] | None = None,
+                 layer_every: int = 1):
         self.model, self.layout, self.slot = model, layout, slot
         self._mark, self._forward_mark = mark, forward_mark
         self.layer_detail, self.layer_marks = layer_detail, layer_marks
         self.inside_compiled_forward = inside_compiled_forward
         # per layer, what records its begin and end marks (one event on its GPU when split)
         self._layer_mark_at = list(layer_mark_at) if layer_mark_at is not None else [(mark, mark)] * len(layout.layers)
+        # layer wrappers switched per forward where not every forward carries layer marks
+        self.switched_layers = layer_detail == "prefill" or (layer_detail == "all" and layer_every > 1)
+        self._layer_wrappers: list[tuple[nn.Module, Callable[..., Any]]] = []
+        self._layers_placed = Shadows()
         self._handles: list[Any] = []
         self._wrappers = Shadows()
         self.installed = False
@@ -79,16 +89,30 @@ class EagerHooks:
             lambda m, a, o: mark(_HEAD_END) if slot.call is not None and slot.call.in_prefill else None))
         if self.layer_detail != "off":
             labels = layer_labels(len(self.layout.layers), self.layer_marks)
-            for (_, layer), (begin, end), (mark_begin, mark_end) in zip(self.layout.layers, labels,
-                                                                       self._layer_mark_at):
-                self._wrappers.set(layer, "forward", layer_forward(layer.forward, slot, mark_begin, begin, end,
-                                                                    mark_end))
+            self._layer_wrappers = [
+                (layer, layer_forward(layer.forward, slot, mark_begin, begin, end, mark_end))
+                for (_, layer), (begin, end), (mark_begin, mark_end) in zip(self.layout.layers, labels,
+                                                                            self._layer_mark_at)]
+            if not self.switched_layers:
+                for layer, wrapper in self._layer_wrappers:
+                    self._wrappers.set(layer, "forward", wrapper)
+
+    def layers_for(self, layers_now: bool) -> None:
+        """Before a top-level forward: the layer wrappers in place exactly when it carries layer
+        marks (only where they are switched; a no-op when already so)."""
+        if not self.switched_layers or layers_now == bool(self._layers_placed):
+            return
+        if layers_now:
+            for layer, wrapper in self._layer_wrappers:
+                self._layers_placed.set(layer, "forward", wrapper)
+        else:
+            self._layers_placed.restore()
 
     def _install_inner_forwards(self) -> None:
         """A generate() that delegates to an inner model's generate() never calls the top forward:
         the inner model's forwards are then the call's forwards — but only those not run from
         inside a top-level forward (where the top-level hook already counted)."""
-        slot, forward_mark = self.slot, self._forward_mark
+        slot, forward_mark, layers_for = self.slot, self._forward_mark, self.layers_for
 
         def enter(module: nn.Module, args: tuple[Any, ...]) -> None:
             if slot.call is not None:
@@ -106,6 +130,7 @@ class EagerHooks:
             prefill = next_forward_is_prefill(call, forward_input_len(args, kwargs))
             if first:
                 call.prompt_len = call.fed  # the inner generate()'s own prompt is what its first forward fed
+            layers_for(call.layers_now)
             forward_mark(_PREFILL if prefill else _DECODE)
 
         self._handles.append(self.model.register_forward_pre_hook(enter))
@@ -118,17 +143,21 @@ class EagerHooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._layers_placed.restore()
         self._wrappers.restore()
+        self._layer_wrappers = []
         self.installed = False
 
     def _on_forward(self) -> Callable[..., None]:
-        slot, forward_mark = self.slot, self._forward_mark
+        slot, forward_mark, layers_for = self.slot, self._forward_mark, self.layers_for
 
         def on_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             call = slot.call
             if call is None:
                 return
-            forward_mark(_PREFILL if next_forward_is_prefill(call, forward_input_len(args, kwargs)) else _DECODE)
+            prefill = next_forward_is_prefill(call, forward_input_len(args, kwargs))
+            layers_for(call.layers_now)
+            forward_mark(_PREFILL if prefill else _DECODE)
 
         return on_forward
 

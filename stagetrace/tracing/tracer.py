@@ -205,7 +205,8 @@ class Tracer:
             forward_mark = mark  # the native mark itself: nothing added on the hot path
         self._hooks = EagerHooks(model, self.layout, self._slot, mark, forward_mark, self.layer_detail,
                                  self.layer_marks, inside_compiled_forward=self._forward_compiled,
-                                 layer_mark_at=layer_mark_callables(tl, self._placement, len(self.layout.layers)))
+                                 layer_mark_at=layer_mark_callables(tl, self._placement, len(self.layout.layers)),
+                                 layer_every=self.layer_every)
         decode = CompiledDecodeMarks(
             model, self._slot, mark, stamps_layers=self.layer_detail == "all",
             refusal=lambda gen_config: compiled_decode_refusal(self._devices, self.layer_detail, gen_config,
