@@ -13,6 +13,8 @@ decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetit
   stagetrace          stage level (events from the generate loop, outside the graph)
   stagetrace_layers   plus stamps around every decoder layer inside the graph
   stagetrace_layers_shared  one stamp per boundary between layers (half the stamps)
+  stagetrace_layers_every8  stamps on every 8th step only (layer_every=8): the stamped graph
+                      runs on those steps, the bare one on the others
 Wall overhead is paired per repetition; the GPU-side cost of the stamps is also read off
 the traced runs' own decode-step times (layers vs stage level), which host noise does not touch.
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, quantile, save, table, timed_ms  # noqa: E402
+from _env import bootstrap_median_ci, environment, quantile, save, table, timed_ms  # noqa: E402
 
 
 def stamp_cost(cuda: bool, n: int, replays: int) -> dict[str, Any]:
@@ -137,6 +139,9 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
     tracers = {"stagetrace": stagetrace.trace(model, keep_marks=False),
                "stagetrace_layers": stagetrace.trace(model, layer_detail="all", keep_marks=False),
                "stagetrace_layers_shared": stagetrace.trace(model, layer_detail="all", layer_marks="shared",
+                                                            keep_marks=False),
+               # the stamped graph on every 8th step only, the bare one on the others
+               "stagetrace_layers_every8": stagetrace.trace(model, layer_detail="all", layer_every=8,
                                                             keep_marks=False)}
     outputs: dict[str, Any] = {}
 
@@ -157,7 +162,8 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             return {"wall_ms": wall, "record": rec.to_dict()}
         return run
 
-    names = ["plain", "stagetrace", "stagetrace_layers", "stagetrace_layers_shared", "plain_again"]
+    names = ["plain", "stagetrace", "stagetrace_layers", "stagetrace_layers_shared", "stagetrace_layers_every8",
+             "plain_again"]
     methods = {m: method(m) for m in names}
     t_compile = time.perf_counter()
     for _ in range(warmup):
@@ -175,10 +181,10 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
     summary: dict[str, Any] = {}
     for m, ss in samples.items():
         walls = [s["wall_ms"] for s in ss]
-        row: dict[str, Any] = {"median_ms": statistics.median(walls),
-                               "paired_overhead_pct": statistics.median(
-                                   100 * (w - p) / p for w, p in zip(walls, plain)),
-                               "walls_ms": walls}
+        paired = [100 * (w - p) / p for w, p in zip(walls, plain)]
+        lo, hi = bootstrap_median_ci(paired)
+        row: dict[str, Any] = {"median_ms": statistics.median(walls), "paired_overhead_pct": statistics.median(paired),
+                               "paired_overhead_ci95_pct": [lo, hi], "walls_ms": walls}
         recs = [s["record"] for s in ss if "record" in s]
         if recs:
             errors = [r["error"] for r in recs if r["error"]]
@@ -254,9 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n{r['config']}: same tokens as plain {r['same_tokens']}, stamps/step {r['stamps_per_step']}, "
               f"GPU cost of stamps per step {r['gpu_step_cost_of_stamps_ms'] * 1e3:.1f} µs "
               f"({r['gpu_us_per_stamp_in_decode']:.2f} µs/stamp), plain p10-p90 {r['plain_spread_p10_p90_pct']:.2f}%")
-        rows = [[m, v["median_ms"], v["paired_overhead_pct"], v.get("decode_step_median_ms", ""),
-                 v.get("n_marks", ""), len(v.get("errors", []))] for m, v in r["methods"].items()]
-        print(table(rows, ["method", "median ms", "paired %", "step ms", "marks", "errors"]))
+        rows = [[m, v["median_ms"], v["paired_overhead_pct"], "[{:.2f}, {:.2f}]".format(*v["paired_overhead_ci95_pct"]),
+                 v.get("decode_step_median_ms", ""), v.get("n_marks", ""), len(v.get("errors", []))]
+                for m, v in r["methods"].items()]
+        print(table(rows, ["method", "median ms", "paired %", "95% interval", "step ms", "marks", "errors"]))
     print(f"wrote {path}")
     return payload
 

@@ -110,6 +110,37 @@ def test_layer_detail_in_compiled_decode_stamps_every_layer_of_every_step(family
             assert inside[0].end_ns <= inside[1].start_ns
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampled_layer_detail_in_compiled_decode_runs_the_stamped_graph_only_on_sampled_steps(device):
+    import torch._dynamo
+
+    case = build_on("llama", device)
+    kw = gen_kwargs(case, 7, **static_compiled(case, device))
+    torch._dynamo.reset()
+    plain = tokens(case.model.generate(**kw))
+    hooks = hook_state(case.model)
+    with stagetrace.trace(case.model, layer_detail="all", layer_every=3) as tracer:
+        with pytest.warns(UserWarning, match="no longer fuse across layer boundaries"):
+            assert torch.equal(tokens(case.model.generate(**kw)), plain)  # compiles the stamped variant
+        settled = dynamo_state()
+        for _ in range(2):
+            assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    assert dynamo_state() == settled, "switching between the stamped and the bare graph recompiled"
+    assert settled["graph_breaks"] == 0 and settled["cudagraph_skips"] == 0, settled
+    assert hook_state(case.model) == hooks
+    assert torch.equal(tokens(case.model.generate(**kw)), plain)  # untraced again
+    for rec in tracer.records:
+        assert_partition(rec)
+        assert rec.compiled_decode and len(rec.decode_step_ms) == 6 and rec.layer_every == 3
+        assert rec.layer_steps == [0, 3] and not rec.error
+        assert int(rec.marks.from_stamp.sum()) == 2 * 4  # begin and end of 2 layers in 2 of 6 steps
+        steps = [s for s in rec.spans if s.name.startswith("step ")]
+        for k, step in enumerate(steps):
+            inside = [s for s in rec.spans if s.name.startswith("layer") and step.start_ns <= s.start_ns
+                      and s.end_ns <= step.end_ns]
+            assert [s.name for s in inside] == (["layer 0", "layer 1"] if k in (0, 3) else []), (k, inside)
+
+
 def test_shared_layer_marks_halve_the_stamps_in_compiled_decode():
     import torch._dynamo
 

@@ -181,15 +181,19 @@ def test_layer_wrappers_are_in_place_only_for_forwards_that_carry_layer_marks(de
     assert not stagetrace_leftovers(case.model)
 
 
-def test_layer_every_is_checked_and_refused_where_stamps_run_in_every_step():
+def test_layer_every_is_checked_and_refused_where_stamps_run_in_every_forward():
     case = tiny.build("llama")
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="layer_every"):
             stagetrace.trace(case.model, layer_detail="all", layer_every=bad)
     from stagetrace.tracing.compiled import compiled_decode_refusal
 
-    assert "layer_every" in compiled_decode_refusal([torch.device("cpu")], "all", None, layer_every=4)
+    assert compiled_decode_refusal([torch.device("cpu")], "all", None, layer_every=4) is None  # stamps per step
     assert compiled_decode_refusal([torch.device("cpu")], "prefill", None, layer_every=4) is None
+    from stagetrace.tracing.compiled import hand_compiled_refusal  # stamps inside the forward: every forward
+
+    layout = stagetrace.trace(case.model).layout
+    assert "layer_every=1" in hand_compiled_refusal(layout, [torch.device("cpu")], "all", layer_every=4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -55,8 +55,8 @@ def _unvalidated(devices: Sequence[torch.device]) -> str | None:
     return f"tracing compiled code is not yet validated on {devices[0].type}"
 
 
-_EVERY_STEP = ("the stamps are part of the compiled graph, so every step carries them; layer_every needs eager "
-               "decode steps (generate(..., disable_compile=True)) or layer_every=1")
+_EVERY_STEP = ("the stamps are part of the compiled forward, so every forward carries them (prefill and decode "
+               "alike); use layer_every=1")
 
 
 def hand_compiled_refusal(layout: ResolvedLayout, devices: Sequence[torch.device], layer_detail: str,
@@ -85,9 +85,8 @@ def compiled_decode_refusal(devices: Sequence[torch.device], layer_detail: str, 
     """Why a decode step that generate() compiles cannot be traced as asked (None: it can)."""
     why = (_unvalidated(devices)
            or ("chunked prefill is compiled too, so its stage boundaries would sit inside the graph"
-               if getattr(generation_config, "prefill_chunk_size", None) else None)
-           or (_EVERY_STEP if layer_detail == "all" and layer_every > 1 else None))
-    if not why and layer_detail == "all":
+               if getattr(generation_config, "prefill_chunk_size", None) else None))
+    if not why and layer_detail == "all":  # layer_every > 1: the stamps are put in place per step
         no_stamps = graph_stamps.stamps_unavailable_reason(devices[0].type)
         if no_stamps:
             why = (f"per-step layer marks inside the compiled graph need GPU-side stamps: {no_stamps}; "

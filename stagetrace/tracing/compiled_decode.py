@@ -27,12 +27,15 @@ _DECODE = label(Kind.DECODE_FORWARD)
 
 class CompiledDecodeMarks:
     """The two wrappers of one tracer. ``refusal(generation_config)`` says why a compiled
-    decode cannot be timed (None: it can); ``before_step()`` runs before each compiled
-    step (idempotent: it takes the module hooks off once); ``calibrate(label)`` stamps the GPU-side ring right after a step's event
-    (only when the call stamps)."""
+    decode cannot be timed (None: it can); ``before_step(stamped)`` runs before each compiled
+    step (it takes the module hooks off once, and puts the layer stamps in place exactly for
+    the steps that carry layers: with ``layer_every`` N, steps 0, N, 2N, … run the stamped
+    graph and the others the bare one — dynamo keeps both after its first use of each);
+    ``calibrate(label)`` stamps the GPU-side ring right after each step's event (every step
+    when the call stamps: the merge anchors on one calibration stamp per step event)."""
 
     def __init__(self, model: nn.Module, slot: CallSlot, mark: Callable[[int], None],
-                 refusal: Callable[[Any], str | None], stamps_layers: bool, before_step: Callable[[], None],
+                 refusal: Callable[[Any], str | None], stamps_layers: bool, before_step: Callable[[bool], None],
                  calibrate: Callable[[int], None]):
         self.model, self.slot, self._mark = model, slot, mark
         self._refusal, self._stamps_layers = refusal, stamps_layers
@@ -75,11 +78,13 @@ class CompiledDecodeMarks:
         def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
             c = slot.call
             if c is not None and c.compiled_decode and c.forwards > 0 and c.fed >= c.prompt_len:
-                self._before_step()  # the compiled graph must see the bare model
+                stamped = c.stamping and c.decode_forwards % c.layer_every == 0
+                self._before_step(stamped)  # the graph sees the bare model, or its stamps
                 c.in_prefill = False
                 c.layers_now = False  # the graph's own stamps mark its layers, if any
                 c.decoding = True
                 c.forwards += 1
+                c.decode_forwards += 1
                 mark(_DECODE)
                 if c.stamping:  # calibration: the step's event and the stamps' clock, side by side
                     self._calibrate(_DECODE)

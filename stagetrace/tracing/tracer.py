@@ -227,13 +227,15 @@ class Tracer:
         self._parts = []
         self._shadows.restore()
 
-    def _before_compiled_step(self) -> None:
-        """generate()'s compiled decode starts: the graph must see the bare model (or its stamps)."""
+    def _before_compiled_step(self, stamped: bool) -> None:
+        """A step of generate()'s compiled decode: the graph sees the bare model, or the model
+        with its layer stamps when this step carries layers."""
         if self._hooks.installed:
             self._hooks.remove()
-            call = self._slot.call
-            if call is not None and call.stamping:
-                self._stamps.install()
+        if stamped:
+            self._stamps.install()
+        else:
+            self._stamps.remove()
 
     def _after_call(self) -> None:
         """A compiled decode took the module hooks off for its steps: back as they were."""
