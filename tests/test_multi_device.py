@@ -13,7 +13,7 @@ import torch
 
 import stagetrace
 from stagetrace.export.chrome import chrome_trace
-from stagetrace.labels import Kind, label, layer_labels
+from stagetrace.labels import Kind, index_of, kind_of, label, layer_labels
 from stagetrace.low_level.clocks import COMPANION
 from stagetrace.low_level.multi_device import MultiDeviceTimeline
 from stagetrace.low_level.pytimeline import TimelineError
@@ -162,6 +162,39 @@ def test_a_split_model_records_each_layer_mark_once_on_the_gpu_whose_work_it_wai
     # the same spans, each on the GPU holding its layer
     assert [(s.name, s.device) for s in one.spans] == [(s.name, s.device) for s in every.spans]
     assert {s.device for s in one.spans if s.name == f"layer {n - 1}"} == {"cuda:1"}
+
+
+def test_a_layers_begin_mark_is_issued_before_accelerate_moves_its_inputs():
+    """Why a layer's begin waits only for the previous layer's GPU: with ``device_map``,
+    accelerate moves the hidden states inside the layer's (patched) forward, after the mark."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from stagetrace.low_level.pytimeline import PyHostTimeline
+    from stagetrace.testing import tiny
+
+    case = tiny.build("llama")
+    layers = [m for _, m in stagetrace.trace(case.model).layout.layers]
+    order: list[tuple[str, int]] = []
+
+    class SeenMove(AlignDevicesHook):
+        def pre_forward(self, module, *args, **kwargs):
+            order.append(("move", next(i for i, m in enumerate(layers) if m is module)))
+            return super().pre_forward(module, *args, **kwargs)
+
+    class SeenMarks(PyHostTimeline):
+        def mark(self, lab):
+            kind = Kind(int(kind_of(lab)))
+            if kind in (Kind.LAYER_BEGIN, Kind.LAYER_END):
+                order.append((kind.name, int(index_of(lab))))
+            super().mark(lab)
+
+    for layer in layers:  # as dispatch_model does for a module on a GPU
+        add_hook_to_module(layer, SeenMove(execution_device="cpu"))
+    with stagetrace.trace(case.model, layer_detail="all", timeline=SeenMarks()):
+        case.model.generate(**gen_kwargs(case, 2))
+    assert len(layers) >= 2  # the hand-over between two layers is what is checked
+    expect = [x for i in range(len(layers)) for x in (("LAYER_BEGIN", i), ("move", i), ("LAYER_END", i))]
+    assert order == expect * 2, order  # the prefill and one decode step
 
 
 # ---------------------------------------------------------------- two GPUs
