@@ -118,3 +118,18 @@ class TimedTimeline:
 
     def __len__(self) -> int:
         return len(self._native)
+
+
+def pin_cpu(cores: str | int | None) -> None:
+    """Pins this process to ``cores`` ("3", "3,4", 3; None or "none": no pinning) and torch to
+    one thread: threads started later, the CUDA driver's included, inherit it. Cores this
+    machine lacks are dropped (core 0 if none is left)."""
+    if cores is None or cores == "none":
+        return
+    import os
+
+    import torch
+
+    wanted = {int(c) for c in str(cores).split(",")}
+    os.sched_setaffinity(0, wanted & set(range(os.cpu_count() or 1)) or {0})
+    torch.set_num_threads(1)

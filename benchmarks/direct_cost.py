@@ -35,7 +35,6 @@ kernel launch, and a launch right after our mark costs what a launch costs unsyn
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import TimedTimeline, bootstrap_median_ci, environment, quantile, save, table  # noqa: E402
+from _env import TimedTimeline, bootstrap_median_ci, environment, pin_cpu, quantile, save, table  # noqa: E402
 
 
 def _stats_us(ns: list[int]) -> dict[str, float]:
@@ -238,10 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stagetrace.low_level import _C
     from stagetrace.testing import tiny
 
-    if args.pin_cpu != "none":
-        cores = {int(c) for c in args.pin_cpu.split(",")} & set(range(os.cpu_count() or 1)) or {0}
-        os.sched_setaffinity(0, cores)
-        torch.set_num_threads(1)
+    pin_cpu(args.pin_cpu)
     cuda = torch.cuda.is_available() and not args.cpu_tiny
     case = models.llava_realistic(batch=1) if cuda else tiny.build("llava")
     model = case.model.eval()

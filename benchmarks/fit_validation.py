@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 import random
 import sys
 import time
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import card_slug, environment, save, table  # noqa: E402
+from _env import card_slug, environment, pin_cpu, save, table  # noqa: E402
 from _noise import repeat_noise, within  # noqa: E402
 
 # (height, width) at CLIP-L/336 scale (the tiny model scales them by its tile size / 336)
@@ -308,9 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    if args.pin_cpu is not None:
-        os.sched_setaffinity(0, {args.pin_cpu})
-        torch.set_num_threads(1)
+    pin_cpu(args.pin_cpu)
 
     import models
 

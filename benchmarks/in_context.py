@@ -20,14 +20,13 @@ generate() calls, interleaved and pinned to one core:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment, save, table, timed_ms  # noqa: E402
+from _env import environment, pin_cpu, save, table, timed_ms  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -47,10 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stagetrace.testing import tiny
     from stagetrace.low_level import _C, new_timeline
 
-    if args.pin_cpu != "none":
-        cores = {int(c) for c in args.pin_cpu.split(",")} & set(range(os.cpu_count() or 1)) or {0}
-        os.sched_setaffinity(0, cores)
-        torch.set_num_threads(1)
+    pin_cpu(args.pin_cpu)
     cuda = torch.cuda.is_available() and not args.cpu_tiny
     case = models.llama_realistic(batch=1) if cuda else tiny.build("llama")
     model = case.model.eval()

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import TimedTimeline, bootstrap_median_ci, environment, quantile, save, table, timed_ms  # noqa: E402
+from _env import TimedTimeline, bootstrap_median_ci, environment, pin_cpu, quantile, save, table, timed_ms  # noqa: E402
 
 STAGE_KEYS = ("vision_ms", "prefill_ms", "decode_ms", "other_ms", "total_ms", "ttft_ms")
 
@@ -249,9 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    if args.pin_cpu is not None:
-        os.sched_setaffinity(0, {args.pin_cpu})
-        torch.set_num_threads(1)
+    pin_cpu(args.pin_cpu)
 
     import models
     from stagetrace.testing import tiny

@@ -265,27 +265,25 @@ def test_a_model_split_over_two_gpus_is_traced_on_each(family):
             with torch.cuda.device(0):
                 torch.cuda._sleep(int(3000 * cycles))
 
+    def prefill_layer_ms(timeline, module, hook):
+        handle = module.register_forward_hook(hook)
+        try:
+            with stagetrace.trace(case.model, layer_detail="prefill", timeline=timeline) as tracer:
+                case.model.generate(**kw)
+        finally:
+            handle.remove()
+        rec = tracer.records[0]
+        assert_partition(rec)
+        return {s.name: s.dur_ns / 1e6 for s in rec.spans if s.name.startswith("layer")}
+
     # each way of recording: one event per layer mark on its GPU (the default), every mark on both
     for every_device in (False, True):
         timeline = MultiDeviceTimeline([_C.CudaTimeline(0), _C.CudaTimeline(1)], mark_every_device=every_device)
-        handle = layer1.mlp.register_forward_hook(spin_on_second_card)
-        with stagetrace.trace(case.model, layer_detail="prefill", timeline=timeline) as tracer:
-            case.model.generate(**kw)
-        handle.remove()
-        rec = tracer.records[0]
-        assert_partition(rec)
-        prefill_layer = {s.name: s for s in rec.spans if s.name.startswith("layer")}
-        assert 3.0 <= prefill_layer["layer 1"].dur_ns / 1e6 <= 3.0 + 2.0, (every_device, prefill_layer)
+        layer_ms = prefill_layer_ms(timeline, layer1.mlp, spin_on_second_card)
+        assert 3.0 <= layer_ms["layer 1"] <= 3.0 + 2.0, (every_device, layer_ms)
         # 3 ms at the end of layer 0 on the first card: layer 1's begin (recorded there) waits for it
-        handle = tracer.layout.layers[0][1].mlp.register_forward_hook(spin_on_first_card)
-        with stagetrace.trace(case.model, layer_detail="prefill", timeline=timeline) as tracer:
-            case.model.generate(**kw)
-        handle.remove()
-        rec = tracer.records[0]
-        assert_partition(rec)
-        prefill_layer = {s.name: s for s in rec.spans if s.name.startswith("layer")}
-        assert 3.0 <= prefill_layer["layer 0"].dur_ns / 1e6 <= 3.0 + 2.0, (every_device, prefill_layer)
-        assert prefill_layer["layer 1"].dur_ns / 1e6 < 1.0, (every_device, prefill_layer)
+        layer_ms = prefill_layer_ms(timeline, tracer.layout.layers[0][1].mlp, spin_on_first_card)
+        assert 3.0 <= layer_ms["layer 0"] <= 3.0 + 2.0 and layer_ms["layer 1"] < 1.0, (every_device, layer_ms)
         events = timeline.events
         assert (events == 2 * len(timeline)) == every_device, (events, len(timeline))
 
