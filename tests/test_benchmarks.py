@@ -19,6 +19,7 @@ SCRIPTS = {
     "subtraction": ["--cpu-tiny", "--samples", "3"],
     "in_context": ["--cpu-tiny", "--reps", "2", "--new-tokens", "2", "--pin-cpu", "3"],
     "direct_cost": ["--cpu-tiny", "--reps", "2", "--sync-reps", "2", "--new-tokens", "3", "--pin-cpu", "3"],
+    "stamp_fusion": ["--cpu-tiny"],
     "lead": ["--cpu-tiny", "--reps", "1", "--warmup", "1", "--new-tokens", "4"],
     "compiled": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--stamps", "100",
                  "--configs", "llama_b1"],
@@ -63,6 +64,11 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
             ["plain", "stage", "probe_marks", "probe_launch", "probe_mark_launch"], 4)
         assert {k: v["n"] for k, v in sync["probe"].items()} == dict.fromkeys(
             ["first_mark", "second_mark", "launch_alone", "mark_before_launch", "launch_after_mark"], 4)
+    if script == "stamp_fusion":
+        res = payload["results"]
+        assert all(r["same_output"] for r in res.values())
+        assert res["boundary"]["kernels_over_plain"] > 0  # a copy at each boundary splits a fused kernel
+        assert res["after_last_mm"]["kernels_over_plain"] == 0 and payload["last_mm"] == ["Linear"]
     if script == "lead":
         assert payload["all_pass"] and {r["case"] for r in payload["results"]} == {
             "b1_eager", "b32_eager", "b1_spin", "b1_long_spin", "b1_compiled"}
