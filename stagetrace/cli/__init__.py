@@ -50,7 +50,8 @@ def _profile_parser(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--device-map", default=None, metavar="MAP",
                    help="place the model with transformers' device_map (e.g. 'auto' to split it over the GPUs; "
-                        "needs accelerate); each mark is then recorded on every GPU of the model")
+                        "needs accelerate); each layer mark is then recorded on the GPU whose work it waits for, "
+                        "stage marks on every GPU of the model")
     p.add_argument("--out", default="stagetrace-out",
                    help="folder of the run; a rerun with the same settings resumes it, other settings are refused")
     p.add_argument("--fresh", action="store_true",
