@@ -96,8 +96,7 @@ class MultiDeviceTimeline:
     def resolve(self) -> Resolved:
         per_device = [tl.resolve() for tl in self.timelines]
         if self.dropped:  # the call is reported as not timed; its columns need not line up
-            labels = per_device[0][0]
-            self.mark_devices = np.zeros(len(labels), dtype=np.int64)
+            self.mark_devices = np.zeros(len(per_device[0][0]), dtype=np.int64)
             return per_device[0]
         merged, self.mark_devices = place_on_one_clock(per_device)
         return merged

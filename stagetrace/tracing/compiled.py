@@ -80,13 +80,14 @@ def hand_compiled_refusal(layout: ResolvedLayout, devices: Sequence[torch.device
     return why
 
 
-def compiled_decode_refusal(devices: Sequence[torch.device], layer_detail: str, generation_config: Any,
-                            layer_every: int = 1) -> str | None:
-    """Why a decode step that generate() compiles cannot be traced as asked (None: it can)."""
+def compiled_decode_refusal(devices: Sequence[torch.device], layer_detail: str,
+                            generation_config: Any) -> str | None:
+    """Why a decode step that generate() compiles cannot be traced as asked (None: it can).
+    Any ``layer_every`` can: the stamps are put in place per step (``CompiledDecodeMarks``)."""
     why = (_unvalidated(devices)
            or ("chunked prefill is compiled too, so its stage boundaries would sit inside the graph"
                if getattr(generation_config, "prefill_chunk_size", None) else None))
-    if not why and layer_detail == "all":  # layer_every > 1: the stamps are put in place per step
+    if not why and layer_detail == "all":
         no_stamps = graph_stamps.stamps_unavailable_reason(devices[0].type)
         if no_stamps:
             why = (f"per-step layer marks inside the compiled graph need GPU-side stamps: {no_stamps}; "

@@ -209,8 +209,7 @@ class Tracer:
                                  layer_every=self.layer_every)
         decode = CompiledDecodeMarks(
             model, self._slot, mark, stamps_layers=self.layer_detail == "all",
-            refusal=lambda gen_config: compiled_decode_refusal(self._devices, self.layer_detail, gen_config,
-                                                               self.layer_every),
+            refusal=lambda gen_config: compiled_decode_refusal(self._devices, self.layer_detail, gen_config),
             before_step=self._before_compiled_step, calibrate=self._stamps.calibrate)
         returns = ForwardReturnMarks(model, self.layout, self._slot, mark)
         self._parts = [self._hooks, self._stamps, decode, returns]
