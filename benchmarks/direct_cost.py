@@ -20,6 +20,9 @@ tracer's) and a post-hook time each decode forward on the host, interleaved call
   probe_marks        no tracer; a pre-hook records two native marks, each timed
   probe_launch       no tracer; a pre-hook launches one tiny kernel, timed
   probe_mark_launch  no tracer; a pre-hook records a native mark, then launches the kernel
+  layers             stagetrace with every layer marked: what 44 layer marks add to a decode forward
+  layers_host_clock  the same hooks, wrappers and native calls to the host clock (no CUDA event):
+                     layers - layers_host_clock is what recording the events adds, the rest is Python
 
 ``stage - plain`` is what the forward-begin mark adds to a step's host time (noisy: a step
 is milliseconds of host work). The probes answer it directly: if the first of two marks is
@@ -136,8 +139,13 @@ def after_sync(model: Any, kw: dict[str, Any], cuda: bool, reps: int) -> dict[st
                 probe_ns["launch_after_mark"].append(now() - t1)
         return hook
 
-    tracer = stagetrace.trace(model, keep_marks=False)
-    variants = ["plain", "stage", "probe_marks", "probe_launch", "probe_mark_launch"]
+    from stagetrace.testing.reference import HostClockTimeline
+
+    tracers = {"stage": stagetrace.trace(model, keep_marks=False),
+               "layers": stagetrace.trace(model, layer_detail="all", keep_marks=False),
+               "layers_host_clock": stagetrace.trace(model, layer_detail="all", keep_marks=False,
+                                                     timeline=HostClockTimeline())}
+    variants = ["plain", "stage", "probe_marks", "probe_launch", "probe_mark_launch", "layers", "layers_host_clock"]
     step_ns: dict[str, list[list[int]]] = {v: [] for v in variants}
     try:
         for rep in range(reps + 1):
@@ -147,7 +155,8 @@ def after_sync(model: Any, kw: dict[str, Any], cuda: bool, reps: int) -> dict[st
             for v in variants[rep % len(variants):] + variants[: rep % len(variants)]:
                 probe_handle = (model.register_forward_pre_hook(probe(v[len("probe_"):]), with_kwargs=True)
                                 if v.startswith("probe_") else None)
-                if v == "stage":
+                tracer = tracers.get(v)
+                if tracer is not None:
                     tracer.start()
                 probe_tl.reset()
                 forward_ns.clear()
@@ -156,8 +165,9 @@ def after_sync(model: Any, kw: dict[str, Any], cuda: bool, reps: int) -> dict[st
                     model.generate(**kw)
                 finally:
                     state["on"] = False
-                    if v == "stage":
+                    if tracer is not None:
                         tracer.stop()
+                        tracer.clear()
                     if probe_handle is not None:
                         probe_handle.remove()
                 if rep:  # the first round warms up
@@ -169,10 +179,12 @@ def after_sync(model: Any, kw: dict[str, Any], cuda: bool, reps: int) -> dict[st
     out: dict[str, Any] = {"calls_each": reps,
                            "decode_forward_host_us": {v: _stats_us([x for c in calls for x in c])
                                                       for v, calls in step_ns.items()}}
-    for v in variants[1:]:
-        paired = [(a - b) / 1e3 for a, b in zip(med[v], med["plain"])]
+    pairs = [(v, "plain") for v in variants[1:]] + [("layers", "stage"), ("layers", "layers_host_clock"),
+                                                     ("layers_host_clock", "stage")]
+    for v, base in pairs:  # per call, the median forward of one against the other's, same round
+        paired = [(a - b) / 1e3 for a, b in zip(med[v], med[base])]
         lo, hi = bootstrap_median_ci(paired)
-        out[f"{v}_minus_plain_us"] = {"median": statistics.median(paired), "ci95": [lo, hi]}
+        out[f"{v}_minus_{base}_us"] = {"median": statistics.median(paired), "ci95": [lo, hi]}
     out["probe"] = {k: _stats_us(v) for k, v in probe_ns.items()}
     return out
 
@@ -228,8 +240,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--loop-reps", type=int, default=2000, help="repetitions outside generate() (part 3)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--pin-cpu", default="3", metavar="CORES", help="cores to pin to; 'none' for no pinning")
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
 
     import torch
 
@@ -251,29 +265,33 @@ def main(argv: list[str] | None = None) -> dict:
         "params": {k: v for k, v in vars(args).items() if k != "out"},
         "timer_floor_us": _timer_floor_ns() / 1e3, "event_record_in_a_loop_us": loop_us, "results": {}}
     res = payload["results"]
-    res["direct_stage"] = direct(model, kw, cuda, args.reps, "off")
-    res["direct_layers"] = direct(model, kw, cuda, args.reps, "all")
-    res["after_sync"] = after_sync(model, kw, cuda, args.sync_reps)
-    if cuda:
+    if "1" in parts:
+        res["direct_stage"] = direct(model, kw, cuda, args.reps, "off")
+        res["direct_layers"] = direct(model, kw, cuda, args.reps, "all")
+    if "2" in parts:
+        res["after_sync"] = after_sync(model, kw, cuda, args.sync_reps)
+    if cuda and "3" in parts:
         res["outside_generate"] = outside_generate(args.loop_reps)
     path = save("direct_cost" if cuda else "direct_cost-cpu-tiny", payload, args.out)
 
     print(f"direct in-context cost on {env['card']} (timer floor {payload['timer_floor_us']:.3f} µs; "
           f"event record in a loop {loop_us if loop_us is None else round(loop_us, 3)} µs)")
-    for part in ("direct_stage", "direct_layers"):
+    for part in [p for p in ("direct_stage", "direct_layers") if p in res]:
         r = res[part]
         print(f"\n{part}: {r['marks_per_call']:.0f} marks per call, {r['direct_cost_per_call_us']:.1f} µs per call")
         print(table([[k, v["n"], v["median_us"], v["p10_us"], v["p90_us"]] for k, v in r["by_kind"].items()],
                     ["mark kind", "n", "median µs", "p10 µs", "p90 µs"]))
-    s = res["after_sync"]
-    print("\nafter the sync: each decode forward's host time")
-    print(table([[v, d["n"], d["median_us"]] for v, d in s["decode_forward_host_us"].items()],
-                ["variant", "forwards", "median µs"]))
-    for v in ("stage", "probe_marks", "probe_launch", "probe_mark_launch"):
-        d = s[f"{v}_minus_plain_us"]
-        print(f"{v} - plain: {d['median']:+.2f} µs per forward [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]")
-    print(table([[k, v["n"], v["median_us"], v["p10_us"], v["p90_us"]] for k, v in s["probe"].items()],
-                ["at the forward's start", "n", "median µs", "p10 µs", "p90 µs"]))
+    s = res.get("after_sync")
+    if s:
+        print("\nafter the sync: each decode forward's host time")
+        print(table([[v, d["n"], d["median_us"]] for v, d in s["decode_forward_host_us"].items()],
+                    ["variant", "forwards", "median µs"]))
+        for key, d in s.items():
+            if key.endswith("_us") and isinstance(d, dict) and "ci95" in d:
+                print(f"{key[:-3].replace('_minus_', ' - ')}: {d['median']:+.2f} µs per forward "
+                      f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]")
+        print(table([[k, v["n"], v["median_us"], v["p10_us"], v["p90_us"]] for k, v in s["probe"].items()],
+                    ["at the forward's start", "n", "median µs", "p10 µs", "p90 µs"]))
     if "outside_generate" in res:
         print("\noutside generate()")
         print(table([[k, v["median_us"], v["p10_us"], v["p90_us"]] for k, v in res["outside_generate"].items()],

@@ -12,6 +12,9 @@ interleaved repetition by repetition (A B C ... A B C ...), medians after warm-u
   stagetrace_layers_shared  the same with one mark per boundary between layers (half the marks)
   stagetrace_layers_every4/8  layers on the prefill and on every 4th / 8th decode step only (layer_every)
   stagetrace_layers_prefill   layers on the prefill only (layer_detail="prefill")
+  host_clock(_layers)   the same hooks, wrappers and native calls as stagetrace(_layers), to the
+                        host clock: no CUDA event. stagetrace_layers - host_clock_layers is what
+                        recording the events adds; host_clock_layers - plain, the Python around them
   sync                  torch.cuda.synchronize() + perf_counter at stagetrace's boundaries
   sync_layers           the same at every decoder layer
   torch_event           torch.cuda.Event created + recorded from Python at the same boundaries
@@ -50,7 +53,7 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
     import torch
 
     import stagetrace
-    from stagetrace.testing.reference import SyncTimeline, TorchEventTimeline
+    from stagetrace.testing.reference import HostClockTimeline, SyncTimeline, TorchEventTimeline
 
     model = case.model
     kw = dict(case.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -96,6 +99,10 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
         "stagetrace_layers_every4": traced("all", None, layer_every=4),
         "stagetrace_layers_every8": traced("all", None, layer_every=8),
         "stagetrace_layers_prefill": traced("prefill", None),
+        # the same hooks, wrappers and native calls with the host clock instead of a CUDA event:
+        # the wall difference to stagetrace_layers is what recording the events adds
+        "host_clock": traced("off", HostClockTimeline),
+        "host_clock_layers": traced("all", HostClockTimeline),
         "sync": traced("off", lambda: SyncTimeline(dev)),
         "sync_layers": traced("all", lambda: SyncTimeline(dev)),
     }
@@ -188,9 +195,9 @@ def run_config(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tok
 
     agreement = same_run_agreement(case, cuda, new_tokens, reps) if cuda else {}
     partition = [abs((r["record"]["vision_ms"] or 0) + r["record"]["prefill_ms"] + r["record"]["decode_ms"]
-                     + r["record"]["other_ms"] - r["record"]["total_ms"]) for r in samples["stagetrace"]]
+                     + r["record"]["other_ms"] - r["record"]["total_ms"]) for r in samples.get("stagetrace", [])]
     return {"config": name, "methods": summary, "plain_spread": spread, "agreement": agreement,
-            "max_partition_error_ms": max(partition), "params": {"reps": reps, "warmup": warmup,
+            "max_partition_error_ms": max(partition, default=None), "params": {"reps": reps, "warmup": warmup,
                                                                   "new_tokens": new_tokens,
                                                                   "profiler_reps": profiler_reps,
                                                                   "batch": case.inputs["input_ids"].shape[0],

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-__all__ = ["SyncTimeline", "TorchEventTimeline", "DualTimeline", "spin_cycles_per_us", "gpu_handover"]
+__all__ = ["SyncTimeline", "TorchEventTimeline", "HostClockTimeline", "DualTimeline", "spin_cycles_per_us", "gpu_handover"]
 
 
 class _Base:
@@ -100,6 +100,43 @@ class TorchEventTimeline(_Base):
     def reset(self) -> None:
         super().reset()
         self._events.clear()
+
+
+class HostClockTimeline(_Base):
+    """The same native call at every mark, but to the host clock: no CUDA event recorded.
+
+    For decomposing what a mark costs a call (``benchmarks/overhead.py``): the tracer's hooks,
+    wrappers and one pybind11 call into the extension all run as with CUDA events, so a wall
+    difference between the two is what recording the event itself adds. Its times are host
+    times (kernel launches, not GPU work): never for figures of a GPU call's stages.
+    """
+
+    backend = "host-clock"
+
+    def __init__(self, capacity: int = 1 << 15) -> None:
+        super().__init__()
+        from ..low_level import _C
+
+        if _C is None:
+            raise RuntimeError("HostClockTimeline needs stagetrace's native extension")
+        self._native = _C.HostTimeline(capacity)
+        self.mark = self._native.mark  # the hot path goes straight to the native call
+
+    def mark_on(self, label: int, stream: int) -> None:
+        self._native.mark(label)
+
+    def __len__(self) -> int:
+        return len(self._native)
+
+    @property
+    def resolved(self) -> bool:
+        return bool(self._native.resolved)
+
+    def resolve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self._native.resolve()  # type: ignore[no-any-return]
+
+    def reset(self) -> None:
+        self._native.reset()
 
 
 class DualTimeline:
