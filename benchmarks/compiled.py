@@ -13,6 +13,8 @@ decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetit
   stagetrace          stage level (events from the generate loop, outside the graph)
   stagetrace_layers   plus stamps around every decoder layer inside the graph
   stagetrace_layers_shared  one stamp per boundary between layers (half the stamps)
+  stagetrace_layers_matmul  those stamps moved to each layer's last matmul by the tracer's inductor
+                      pass (layer_marks="matmul"): the compiler fuses across layers again
   stagetrace_layers_every8  stamps on every 8th step only (layer_every=8): the stamped graph
                       runs on those steps, the bare one on the others
 Wall overhead is paired per repetition; the GPU-side cost of the stamps is also read off
@@ -117,7 +119,12 @@ def stamp_cost(cuda: bool, n: int, replays: int) -> dict[str, Any]:
     return out
 
 
-def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int) -> dict[str, Any]:
+METHODS = ("plain", "stagetrace", "stagetrace_layers", "stagetrace_layers_shared", "stagetrace_layers_matmul",
+           "stagetrace_layers_every8", "plain_again")
+
+
+def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int,
+                    only: tuple[str, ...] = METHODS) -> dict[str, Any]:
     import torch
 
     import stagetrace
@@ -139,6 +146,8 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
     tracers = {"stagetrace": stagetrace.trace(model, keep_marks=False),
                "stagetrace_layers": stagetrace.trace(model, layer_detail="all", keep_marks=False),
                "stagetrace_layers_shared": stagetrace.trace(model, layer_detail="all", layer_marks="shared",
+                                                            keep_marks=False),
+               "stagetrace_layers_matmul": stagetrace.trace(model, layer_detail="all", layer_marks="matmul",
                                                             keep_marks=False),
                # the stamped graph on every 8th step only, the bare one on the others
                "stagetrace_layers_every8": stagetrace.trace(model, layer_detail="all", layer_every=8,
@@ -162,8 +171,7 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             return {"wall_ms": wall, "record": rec.to_dict()}
         return run
 
-    names = ["plain", "stagetrace", "stagetrace_layers", "stagetrace_layers_shared", "stagetrace_layers_every8",
-             "plain_again"]
+    names = [m for m in METHODS if m in only or m in ("plain", "plain_again", "stagetrace")]
     methods = {m: method(m) for m in names}
     t_compile = time.perf_counter()
     for _ in range(warmup):
@@ -195,17 +203,20 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             row["decode_step_median_ms"] = statistics.median(x for r in ok for x in r["decode_step_ms"])
             row["prefill_median_ms"] = statistics.median(r["prefill_ms"] for r in ok)
             row["resolve_ms"] = statistics.median(r["resolve_ms"] for r in ok)
+            row["layer_marks_after_matmul"] = ok[0].get("layer_marks_after_matmul", 0) if ok else 0
         summary[m] = row
     layers = len(getattr(tracers["stagetrace"].layout, "layers"))
     step_stage = summary["stagetrace"]["decode_step_median_ms"]
-    step_layers = summary["stagetrace_layers"]["decode_step_median_ms"]
-    step_shared = summary["stagetrace_layers_shared"]["decode_step_median_ms"]
+    # the GPU cost of each way of stamping, off the traced runs' own step times
+    step_cost = {m: summary[m]["decode_step_median_ms"] - step_stage for m in names
+                 if m.startswith("stagetrace_layers") and "decode_step_median_ms" in summary[m]}
+    step_layers = summary.get("stagetrace_layers", {}).get("decode_step_median_ms")
     return {"config": name, "methods": summary, "same_tokens": same_tokens,
-            "gpu_step_cost_of_shared_stamps_ms": step_shared - step_stage,
+            "gpu_step_cost_ms": step_cost,
             "compile_and_warmup_s": compile_and_warmup_s,
             "stamps_per_step": 2 * layers,
-            "gpu_step_cost_of_stamps_ms": step_layers - step_stage,
-            "gpu_us_per_stamp_in_decode": 1e3 * (step_layers - step_stage) / (2 * layers),
+            "gpu_step_cost_of_stamps_ms": step_cost.get("stagetrace_layers"),
+            "gpu_us_per_stamp_in_decode": None if step_layers is None else 1e3 * (step_layers - step_stage) / (2 * layers),
             "plain_spread_p10_p90_pct": 100 * (quantile(plain, 0.9) - quantile(plain, 0.1)) / base,
             "params": {"reps": reps, "warmup": warmup, "new_tokens": new_tokens,
                        "batch": case.inputs["input_ids"].shape[0], "prompt_len": case.prompt_len}}
@@ -219,6 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--stamps", type=int, default=1000, help="stamps in the chained graph of part 1")
     ap.add_argument("--configs", default="llama_b1,llava_b1")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated subset (plain, plain_again and stagetrace always run)")
+    ap.add_argument("--skip-stamp-cost", action="store_true", help="skip part 1")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -236,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "Llama); static cache, transformers' own compile (inductor, reduce-overhead)") if cuda
         else "tiny random-weight Llama on the CPU, dynamo eager backend (smoke run)",
         "params": {k: v for k, v in vars(args).items() if k != "out"}, "results": []}
-    payload["stamp_cost"] = stamp_cost(cuda, args.stamps, replays=20)
+    payload["stamp_cost"] = {} if args.skip_stamp_cost else stamp_cost(cuda, args.stamps, replays=20)
     save(name, payload, args.out)
     for cfg in args.configs.split(","):
         family, batch = cfg.rsplit("_b", 1)
@@ -246,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             case = tiny.build(family, batch=int(batch))
         case.model.eval()
-        payload["results"].append(decode_overhead(cfg, case, cuda, args.reps, args.warmup, args.new_tokens))
+        payload["results"].append(decode_overhead(cfg, case, cuda, args.reps, args.warmup, args.new_tokens,
+                                                  tuple(args.methods.split(","))))
         path = save(name, payload, args.out)  # survives a cut-off
         del case
         if cuda:
@@ -257,13 +272,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"stamps on {env['card']}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in sc.items() if not isinstance(v, dict)))
     for r in payload["results"]:
-        print(f"\n{r['config']}: same tokens as plain {r['same_tokens']}, stamps/step {r['stamps_per_step']}, "
-              f"GPU cost of stamps per step {r['gpu_step_cost_of_stamps_ms'] * 1e3:.1f} µs "
-              f"({r['gpu_us_per_stamp_in_decode']:.2f} µs/stamp), plain p10-p90 {r['plain_spread_p10_p90_pct']:.2f}%")
+        costs = ", ".join(f"{m} {ms * 1e3:.1f} µs" for m, ms in r["gpu_step_cost_ms"].items())
+        print(f"\n{r['config']}: same tokens as plain {r['same_tokens']}; GPU cost per decode step over stage "
+              f"level: {costs}; plain p10-p90 {r['plain_spread_p10_p90_pct']:.2f}%")
         rows = [[m, v["median_ms"], v["paired_overhead_pct"], "[{:.2f}, {:.2f}]".format(*v["paired_overhead_ci95_pct"]),
-                 v.get("decode_step_median_ms", ""), v.get("n_marks", ""), len(v.get("errors", []))]
-                for m, v in r["methods"].items()]
-        print(table(rows, ["method", "median ms", "paired %", "95% interval", "step ms", "marks", "errors"]))
+                 v.get("decode_step_median_ms", ""), v.get("n_marks", ""), v.get("layer_marks_after_matmul", ""),
+                 len(v.get("errors", []))] for m, v in r["methods"].items()]
+        print(table(rows, ["method", "median ms", "paired %", "95% interval", "step ms", "marks", "after matmul",
+                           "errors"]))
     print(f"wrote {path}")
     return payload
 

@@ -9,9 +9,20 @@ import enum
 
 import numpy as np
 
-__all__ = ["Kind", "label", "kind_of", "index_of", "layer_labels"]
+__all__ = ["Kind", "label", "kind_of", "index_of", "layer_labels", "AFTER_MATMUL", "MAY_MOVE_TO_MATMUL", "LABEL_FLAGS"]
 
 INDEX_SHIFT = 8
+# A flag on a layer stamp's label, never part of its kind or index: the stamp was taken right
+# after the last matrix multiply of the layer before the boundary, not at the boundary itself
+# (layer_marks="matmul" inside compiled code: ``tracing.stamp_placement``). Stripped, and
+# counted into the record, before any stage math reads the label.
+AFTER_MATMUL = 1 << 29
+# A flag on a layer stamp's label as the tracer places it under layer_marks="matmul": the pass
+# may move it (the pass swaps it for AFTER_MATMUL where it does). Being part of the label, it
+# also keeps such a graph apart from one with the same stamps at the boundaries (dynamo guards
+# on the labels, inductor's cache keys on them).
+MAY_MOVE_TO_MATMUL = 1 << 28
+LABEL_FLAGS = AFTER_MATMUL | MAY_MOVE_TO_MATMUL
 
 
 class Kind(enum.IntEnum):
@@ -46,6 +57,8 @@ def layer_labels(n_layers: int, layer_marks: str) -> list[tuple[int, int | None]
     ``layer_marks="pair"`` marks both ends of every layer; ``"shared"`` marks one boundary
     between consecutive layers (the next layer's begin ends the previous one) and only the
     last layer's end. The stage math pairs them the same way (``stages._layer_spans``).
+    ``"matmul"`` places the labels of ``"shared"`` (inside compiled code its stamps then move
+    to each layer's last matmul: ``tracing.stamp_placement``).
     """
     return [(label(Kind.LAYER_BEGIN, i),
              label(Kind.LAYER_END, i) if layer_marks == "pair" or i == n_layers - 1 else None)

@@ -69,7 +69,10 @@ class StageRecord:
     backend: str = "cpu"
     layout: str = ""
     layer_detail: str = "off"
-    layer_marks: str = "pair"  # "shared": one mark per boundary between layers (see Tracer)
+    layer_marks: str = "pair"  # "shared": one mark per boundary between layers; "matmul": see Tracer
+    # layer marks taken right after their layer's last matmul instead of at the boundary
+    # (layer_marks="matmul", compiled decode steps): that layer's residual add counts to the next
+    layer_marks_after_matmul: int = 0
     layer_every: int = 1       # with layer_detail="all": layers were asked for on every N-th decode step
     layer_steps: list[int] = field(default_factory=list)  # the decode steps that carry layer spans (measured)
     compiled_decode: bool = False  # generate() compiled the decode step; steps were marked outside the graph
@@ -215,7 +218,8 @@ _FIELD_KINDS: dict[str, str] = {
     **dict.fromkeys(("total_ms", "vision_ms", "prefill_ms", "decode_ms", "other_ms", "ttft_ms"), "number?"),
     **dict.fromkeys(("unix_start", "unix_time", "resolve_ms"), "number"),
     **dict.fromkeys(("batch_size", "prompt_tokens", "output_tokens", "call_index", "stream", "rank",
-                     "host_start_ns", "n_marks", "schema", "layer_every"), "int"),
+                     "host_start_ns", "n_marks", "schema", "layer_every",
+                     "layer_marks_after_matmul"), "int"),
     **dict.fromkeys(("model_class", "model_name", "device", "backend", "layout", "layer_detail", "layer_marks"),
                     "str"),
     **dict.fromkeys(("sample_id", "error"), "str?"),

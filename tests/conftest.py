@@ -3,6 +3,7 @@ the reason, when stagetrace has no usable CUDA backend. Nothing here touches a d
 import. Plain helpers (DEVICES, sync, ...) live in helpers.py: this file is never imported."""
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterator
 
 import pytest
@@ -45,6 +46,10 @@ def no_tracing_state_leaks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for model in traced:
         left = stagetrace_leftovers(model)
         assert not left, f"tracing left hooks, wrappers or attributes on {type(model).__name__}: {left}"
+    inductor_config = sys.modules.get("torch._inductor.config")  # only once a test imported it
+    if inductor_config is not None:
+        left_pass = type(inductor_config.post_grad_custom_pre_pass).__name__
+        assert left_pass != "MoveStampsToLastMatmul", "a tracer left its stamp pass in inductor's config"
 
 
 @pytest.fixture(scope="module")

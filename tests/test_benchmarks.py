@@ -46,7 +46,7 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
     if script == "compiled":
         (r,) = payload["results"]
         assert all(r["same_tokens"].values()) and r["stamps_per_step"] == 4
-        for m in ("stagetrace_layers", "stagetrace_layers_every8"):
+        for m in ("stagetrace_layers", "stagetrace_layers_every8", "stagetrace_layers_matmul"):
             assert r["methods"][m]["compiled_decode"] and not r["methods"][m]["errors"], m
     if script == "in_context":
         assert {"plain", "noop", "event_mark", "plain_again"} <= set(payload["results"])
@@ -61,7 +61,8 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         assert stage["by_kind"]["DECODE_FORWARD"]["n"] == 2 * 2 and stage["direct_cost_per_call_us"] > 0
         sync = res["after_sync"]
         assert {v: d["n"] for v, d in sync["decode_forward_host_us"].items()} == dict.fromkeys(
-            ["plain", "stage", "probe_marks", "probe_launch", "probe_mark_launch"], 4)
+            ["plain", "stage", "probe_marks", "probe_launch", "probe_mark_launch", "layers", "layers_host_clock"], 4)
+        assert {"layers_minus_stage_us", "layers_minus_layers_host_clock_us"} <= set(sync)
         assert {k: v["n"] for k, v in sync["probe"].items()} == dict.fromkeys(
             ["first_mark", "second_mark", "launch_alone", "mark_before_launch", "launch_after_mark"], 4)
     if script == "stamp_fusion":
@@ -69,6 +70,10 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         assert all(r["same_output"] for r in res.values())
         assert res["boundary"]["kernels_over_plain"] > 0  # a copy at each boundary splits a fused kernel
         assert res["after_last_mm"]["kernels_over_plain"] == 0 and payload["last_mm"] == ["Linear"]
+        # the tracer's pass moves the shared stamps between layers (2 layers: layer 1's begin and
+        # its end) and wins back their fusions; layer 0's begin stays at the embeddings' output
+        assert res["matmul"]["stamps_after_matmul"] == 2 and res["shared"]["stamps_after_matmul"] == 0
+        assert res["matmul"]["kernels"] < res["shared"]["kernels"]
     if script == "lead":
         assert payload["all_pass"] and {r["case"] for r in payload["results"]} == {
             "b1_eager", "b32_eager", "b1_spin", "b1_long_spin", "b1_compiled"}

@@ -1,6 +1,7 @@
 """The `stagetrace` command end to end, on a tiny checkpoint saved to disk (no downloads)."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -634,3 +635,13 @@ def test_images_for_a_checkpoint_without_an_image_processor_are_refused_not_drop
                "--no-progress") == 2
     one_error_line(capsys, "has no image processor")
     assert not (out / "records.jsonl").exists()
+
+
+def test_the_cli_offers_exactly_the_tracers_layer_marks():
+    """The CLI lists them itself (importing the tracer would import torch for --help)."""
+    from stagetrace.cli import build_parser
+    from stagetrace.tracing import LAYER_MARKS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    (action,) = [a for a in sub.choices["profile"]._actions if "--layer-marks" in a.option_strings]
+    assert tuple(action.choices) == LAYER_MARKS

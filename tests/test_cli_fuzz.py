@@ -235,7 +235,7 @@ def _profile_argv(rng: random.Random, sb: Sandbox) -> list[str]:
     if _maybe(rng, 0.1):
         argv += ["--layers", *rng.choice([[], ["prefill"], ["all"]])]
     if _maybe(rng, 0.1):
-        argv += ["--layer-marks", pick(["pair", "shared"], ["x"])]
+        argv += ["--layer-marks", pick(["pair", "shared", "matmul"], ["x"])]
     if _maybe(rng, 0.05):
         argv += rng.choice([["--vision", "model.nope"], ["--language-model", "x.y"], ["--lm-head", ""]])
     return argv

@@ -63,9 +63,11 @@ def _profile_parser(sub: Any) -> None:
     p.add_argument("--layer-every", type=int, default=1, metavar="N",
                    help="with --layer-detail all: layers on the prefill and on every N-th decode step only "
                         "(records list which steps carry them: layer_steps)")
-    p.add_argument("--layer-marks", choices=["pair", "shared"], default="pair",
+    p.add_argument("--layer-marks", choices=["pair", "shared", "matmul"], default="pair",
                    help="with --layer-detail: 'shared' puts one mark per boundary between layers (half the cost; "
-                        "work run between two layers counts to the earlier one)")
+                        "work run between two layers counts to the earlier one); 'matmul' does the same, and inside "
+                        "compiled decode moves each to the previous layer's last matmul so the compiler still fuses "
+                        "across layers (records count those marks: layer_marks_after_matmul)")
     p.add_argument("--warmup", type=int, default=1, help="untraced generate() calls before the first traced one (of each sweep point)")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
     p.add_argument("--vision", nargs="+", default=None, help="override: vision module path(s)")

@@ -15,9 +15,10 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
-from ..labels import layer_labels
+from ..labels import AFTER_MATMUL, LABEL_FLAGS, MAY_MOVE_TO_MATMUL, layer_labels
 from ..layouts import ResolvedLayout
 from ..low_level import Marks
 from ..low_level.clocks import StampMergeError, merge_stamps
@@ -31,6 +32,10 @@ _FUSION_WARNING = ("stagetrace: layer detail inside compiled decode puts a stamp
                    "can no longer fuse across layer boundaries: the stamped decode step is compiled once more, "
                    "runs a few µs per stamp slower on the GPU, and in bf16 its rounding (hence tokens) may differ "
                    "from the unstamped graph; stage-level tracing leaves the graph untouched")
+_MATMUL_NOTE = ("stagetrace: layer_marks='matmul': inside compiled decode each stamp between layers moves to right "
+                "after the previous layer's last matrix multiply, so the compiler still fuses across layers; a "
+                "layer's work after its last matmul (the residual add) then counts to the next layer, and each "
+                "record says how many of its layer marks sit there (layer_marks_after_matmul)")
 
 
 class LayerStamps:
@@ -67,10 +72,16 @@ class LayerStamps:
         if self._shadows:
             return
         if not self._wrappers:
-            warnings.warn(_FUSION_WARNING, UserWarning, stacklevel=5)
+            warnings.warn(_MATMUL_NOTE if self.layer_marks == "matmul" else _FUSION_WARNING, UserWarning,
+                          stacklevel=5)
             rid = graph_stamps.ring_id(self.ring)
             op = torch.ops.stagetrace.stamp.default
             labels = layer_labels(len(self.layout.layers), self.layer_marks)
+            if self.layer_marks == "matmul":  # the boundaries between layers, for the pass to move
+                from .stamp_placement import movable_label
+
+                labels = [tuple(lab | MAY_MOVE_TO_MATMUL if lab is not None and movable_label(lab) else lab
+                                for lab in pair) for pair in labels]
             for (name, layer), (begin, end) in zip(self.layout.layers, labels):
                 self._wrappers.append((layer, _stamping_forward(layer.forward, op, rid, begin, end, name)))
         for layer, forward in self._wrappers:
@@ -79,13 +90,18 @@ class LayerStamps:
     def remove(self) -> None:
         self._shadows.restore()
 
-    def merge(self, marks: Marks, stream: int, anchors: tuple[int, ...]) -> tuple[Marks, str | None]:
-        """The call's marks with its stamps placed among them, or the marks and why not."""
+    def merge(self, marks: Marks, stream: int, anchors: tuple[int, ...]) -> tuple[Marks, str | None, int]:
+        """The call's marks with its stamps placed among them, or the marks and why not; and
+        how many stamps were taken after their layer's last matmul (their flag is stripped:
+        the stage math reads kinds and indices only)."""
         labels, t_ns, dropped = self.ring.read(stream)
+        labels = np.asarray(labels, dtype=np.int32)
+        after_matmul = (labels & AFTER_MATMUL) != 0
+        labels = labels & ~LABEL_FLAGS
         try:
-            return merge_stamps(marks, labels, t_ns, anchors, dropped), None
+            return merge_stamps(marks, labels, t_ns, anchors, dropped), None, int(after_matmul.sum())
         except StampMergeError as exc:
-            return marks, f"the GPU-side layer stamps do not line up with the step events: {exc}"
+            return marks, f"the GPU-side layer stamps do not line up with the step events: {exc}", 0
 
 
 def _stamping_forward(inner: Callable[..., Any], op: Any, ring: int, begin: int, end: int | None,

@@ -54,7 +54,7 @@ LAYER_DETAIL = ("off", "prefill", "all")
 # "pair": a mark before and after every layer, so what runs between layers is outside them.
 # "shared": one mark per boundary between consecutive layers (and the last layer's end):
 # half the marks, and anything run between two layers counts to the earlier one.
-LAYER_MARKS = ("pair", "shared")
+LAYER_MARKS = ("pair", "shared", "matmul")
 
 _CALL_BEGIN, _CALL_END = label(Kind.CALL_BEGIN), label(Kind.CALL_END)
 _PREFILL, _DECODE = label(Kind.PREFILL_FORWARD), label(Kind.DECODE_FORWARD)
@@ -213,6 +213,12 @@ class Tracer:
             before_step=self._before_compiled_step, calibrate=self._stamps.calibrate)
         returns = ForwardReturnMarks(model, self.layout, self._slot, mark)
         self._parts = [self._hooks, self._stamps, decode, returns]
+        if self.layer_marks == "matmul":  # compiled graphs made while tracing get the pass that moves stamps
+            from .stamp_placement import StampPassSlot  # imports inductor: only where it is needed
+
+            stamp_pass = StampPassSlot()
+            stamp_pass.place()
+            self._parts.append(stamp_pass)
         self._shadows.set(model, "generate", self._wrap_generate(model.generate))
         decode.install()
         returns.install()
@@ -299,11 +305,12 @@ class Tracer:
             self._after_call()
         t_returned = time.perf_counter_ns()
         marks = Marks.from_timeline(tl)  # the one sync of the call
-        error = None
+        error, after_matmul = None, 0
         if call.stamping:
             anchors = (_PREFILL, _DECODE) if call.forward_compiled else (_DECODE,)
-            marks, error = self._stamps.merge(marks, stream, anchors)
-        meta = {**self._meta(call, inputs, out, marks, unix_start), **pending.resolve()}
+            marks, error, after_matmul = self._stamps.merge(marks, stream, anchors)
+        meta = {**self._meta(call, inputs, out, marks, unix_start), **pending.resolve(),
+                "layer_marks_after_matmul": after_matmul}
         rec = build_record(marks, meta, self._placement, error, self.keep_marks, expect=self._expectations(inputs))
         rec.resolve_ms = (time.perf_counter_ns() - t_returned) / 1e6
         self.records.append(rec)
