@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
             reference = out
         rows[name] = {"kernels": int(metrics.generated_kernel_count), "stamps": len(stamped),
                       "stamps_after_matmul": int(((stamped & AFTER_MATMUL) != 0).sum()), "compile_s": compile_s,
-                      "same_output": bool(torch.allclose(out.float(), reference.float(), atol=1e-3, rtol=1e-3))}
+                      "same_output": bool(torch.allclose(out.float(), reference.float(), atol=1e-3, rtol=1e-3)),
+                      # bf16: fusing differently rounds differently; how far apart, against the output's scale
+                      "max_abs_diff": float((out.float() - reference.float()).abs().max()),
+                      "output_abs_max": float(reference.float().abs().max())}
     for r in rows.values():
         r["kernels_over_plain"] = r["kernels"] - rows["plain"]["kernels"]
     env = environment()
@@ -168,8 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     path = save("stamp_fusion" if cuda else "stamp_fusion-cpu-tiny", payload, args.out)
     print(f"kernels inductor generates for the decoder stack's forward on {env['card']} ({len(layers)} layers)")
     print(table([[k, v["stamps"], v["stamps_after_matmul"], v["kernels"], v["kernels_over_plain"], v["same_output"],
-                  v["compile_s"]] for k, v in rows.items()],
-                ["way", "stamps", "after matmul", "kernels", "over plain", "same output", "compile s"]))
+                  v["max_abs_diff"], v["compile_s"]] for k, v in rows.items()],
+                ["way", "stamps", "after matmul", "kernels", "over plain", "same output", "max |diff|", "compile s"]))
     print(f"wrote {path}")
     return payload
 

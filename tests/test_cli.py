@@ -645,3 +645,18 @@ def test_the_cli_offers_exactly_the_tracers_layer_marks():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     (action,) = [a for a in sub.choices["profile"]._actions if "--layer-marks" in a.option_strings]
     assert tuple(action.choices) == LAYER_MARKS
+
+
+def test_the_report_says_where_layer_marks_sat_after_the_last_matmul(tmp_path, capsys):
+    """layer_marks='matmul' under compiled decode: the boundary moved, and the report says so."""
+    run("demo", "--out", tmp_path / "d", "--calls", "1", "--max-new-tokens", "2")
+    capsys.readouterr()
+    assert run("report", tmp_path / "d" / "records.jsonl") == 0
+    assert "last matmul" not in capsys.readouterr().out
+    line = json.loads((tmp_path / "d" / "records.jsonl").read_text().splitlines()[0])
+    line.update(layer_marks="matmul", layer_marks_after_matmul=6)
+    moved = tmp_path / "moved" / "records.jsonl"
+    moved.parent.mkdir()
+    moved.write_text(json.dumps(line) + "\n")
+    assert run("report", moved) == 0
+    assert "a layer ends right after its last matmul" in capsys.readouterr().out

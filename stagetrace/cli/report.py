@@ -29,14 +29,26 @@ def layer_sampling(records: list[Any]) -> str | None:
             f"(layer_every={'/'.join(map(str, every))}); layer statistics cover those steps only")
 
 
+def layer_boundaries(records: list[Any]) -> str | None:
+    """One line where layer marks sat after a layer's last matmul (``layer_marks="matmul"``
+    in compiled decode), not at its boundary, else None."""
+    moved = [r for r in records if r.error is None and r.layer_marks_after_matmul]
+    if not moved:
+        return None
+    return (f"layer spans: in the compiled decode steps of {len(moved)} of {len(records)} records "
+            f"({sum(r.layer_marks_after_matmul for r in moved)} marks), a layer ends right after its last matmul "
+            "(layer_marks='matmul'): its residual add counts to the next layer; the prefill's layers end at "
+            "their module boundary")
+
+
 def print_summary(records: list[Any], title: str) -> None:
     from stagetrace.export.lead_table import format_lead, summarize_lead
     from stagetrace.export.table import format_summary, summarize
 
     print(format_summary(summarize(records), title=title))
-    sampled = layer_sampling(records)
-    if sampled:
-        print(sampled)
+    for line in (layer_sampling(records), layer_boundaries(records)):
+        if line:
+            print(line)
     lead = format_lead(summarize_lead(records))
     if lead:
         print("\n" + lead)
