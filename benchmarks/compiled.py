@@ -11,8 +11,10 @@ Part 2, compiled decode: ``generate()`` with a static cache, so transformers com
 decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetitions of
   plain               the compiled run untraced (baseline; plain_again is the A/A row)
   stagetrace          stage level (events from the generate loop, outside the graph)
-  stagetrace_layers   plus stamps around every decoder layer inside the graph
-  stagetrace_layers_shared  one stamp per boundary between layers (half the stamps)
+  stagetrace_layers   plus stamps around every decoder layer inside the graph: one per boundary
+                      (a layer's end and the next one's begin are one point of the graph), so
+                      since session 6 the same stamps and graph as _shared (before: two per boundary)
+  stagetrace_layers_shared  layer_marks="shared": one stamp per boundary between layers
   stagetrace_layers_matmul  those stamps moved to each layer's last matmul by the tracer's inductor
                       pass (layer_marks="matmul"): the compiler fuses across layers again
   stagetrace_layers_every8  stamps on every 8th step only (layer_every=8): the stamped graph
@@ -214,9 +216,9 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
     return {"config": name, "methods": summary, "same_tokens": same_tokens,
             "gpu_step_cost_ms": step_cost,
             "compile_and_warmup_s": compile_and_warmup_s,
-            "stamps_per_step": 2 * layers,
+            "stamps_per_step": layers + 1,  # one per boundary (pair and shared alike) and the last end
             "gpu_step_cost_of_stamps_ms": step_cost.get("stagetrace_layers"),
-            "gpu_us_per_stamp_in_decode": None if step_layers is None else 1e3 * (step_layers - step_stage) / (2 * layers),
+            "gpu_us_per_stamp_in_decode": None if step_layers is None else 1e3 * (step_layers - step_stage) / (layers + 1),
             "plain_spread_p10_p90_pct": 100 * (quantile(plain, 0.9) - quantile(plain, 0.1)) / base,
             "params": {"reps": reps, "warmup": warmup, "new_tokens": new_tokens,
                        "batch": case.inputs["input_ids"].shape[0], "prompt_len": case.prompt_len}}

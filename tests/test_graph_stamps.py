@@ -102,7 +102,9 @@ def test_layer_detail_in_compiled_decode_stamps_every_layer_of_every_step(family
         assert len(layers) == 2 * 5  # two layers in the prefill and in each of 4 steps
         # the stamps' host times are borrowed from their step's event: flagged, and kept out of the lead
         stamped = rec.marks.from_stamp
-        assert stamped is not None and int(stamped.sum()) == 4 * 4  # begin and end of 2 layers in 4 steps
+        # per step: each layer's begin and the last one's end (inside the graph a layer's end and
+        # the next one's begin are one point: one stamp, whatever layer_marks says), in 4 steps
+        assert stamped is not None and int(stamped.sum()) == 3 * 4
         assert None not in rec.decode_step_lead_us and "unknown" not in rec.decode_step_verdict
         for step in steps:
             inside = [s for s in layers if step.start_ns <= s.start_ns and s.end_ns <= step.end_ns]
@@ -133,7 +135,7 @@ def test_sampled_layer_detail_in_compiled_decode_runs_the_stamped_graph_only_on_
         assert_partition(rec)
         assert rec.compiled_decode and len(rec.decode_step_ms) == 6 and rec.layer_every == 3
         assert rec.layer_steps == [0, 3] and not rec.error
-        assert int(rec.marks.from_stamp.sum()) == 2 * 4  # begin and end of 2 layers in 2 of 6 steps
+        assert int(rec.marks.from_stamp.sum()) == 2 * 3  # 2 layers' begins and the last end, in 2 of 6 steps
         steps = [s for s in rec.spans if s.name.startswith("step ")]
         for k, step in enumerate(steps):
             inside = [s for s in rec.spans if s.name.startswith("layer") and step.start_ns <= s.start_ns
@@ -141,15 +143,23 @@ def test_sampled_layer_detail_in_compiled_decode_runs_the_stamped_graph_only_on_
             assert [s.name for s in inside] == (["layer 0", "layer 1"] if k in (0, 3) else []), (k, inside)
 
 
-def test_shared_layer_marks_halve_the_stamps_in_compiled_decode():
+def test_compiled_decode_places_one_stamp_per_boundary_whatever_layer_marks_says():
+    """A layer's end and the next one's begin are one point of the graph: pair and shared place
+    the same stamps (and share one compiled graph); only the eager prefill's marks differ."""
     import torch._dynamo
 
     case = tiny.build("llama")
     kw = gen_kwargs(case, 4, **static_compiled(case, "cpu"))
     torch._dynamo.reset()
     plain = tokens(case.model.generate(**kw))
+    with pytest.warns(UserWarning), stagetrace.trace(case.model, layer_detail="all") as pair:
+        assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    settled = dynamo_state()
     with pytest.warns(UserWarning), stagetrace.trace(case.model, layer_detail="all", layer_marks="shared") as tracer:
         assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    assert dynamo_state() == settled, "the same stamps compiled twice"
+    assert pair.records[0].n_marks - tracer.records[0].n_marks == 1  # the prefill's layer 0 end (eager)
+    assert int(pair.records[0].marks.from_stamp.sum()) == int(tracer.records[0].marks.from_stamp.sum()) == 3 * 3
     (rec,) = tracer.records
     assert_partition(rec)
     # call (2) + prefill (forward, lm, head: 3) + its layers (2 begins + the last end: 3), then per

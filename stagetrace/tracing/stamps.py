@@ -76,7 +76,11 @@ class LayerStamps:
                           stacklevel=5)
             rid = graph_stamps.ring_id(self.ring)
             op = torch.ops.stagetrace.stamp.default
-            labels = layer_labels(len(self.layout.layers), self.layer_marks)
+            # Inside a compiled graph a layer's end and the next layer's begin are one point (a
+            # stamp of a stamp of the same tensor, nothing between): one stamp marks both, so
+            # "pair" places the stamps of "shared" — a second stamp there would time the first.
+            placement = "shared" if self.layer_marks == "pair" else self.layer_marks
+            labels = layer_labels(len(self.layout.layers), placement)
             if self.layer_marks == "matmul":  # the boundaries between layers, for the pass to move
                 from .stamp_placement import movable_label
 
