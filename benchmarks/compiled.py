@@ -20,7 +20,10 @@ decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetit
   stagetrace_layers_every8  stamps on every 8th step only (layer_every=8): the stamped graph
                       runs on those steps, the bare one on the others
 Wall overhead is paired per repetition; the GPU-side cost of the stamps is also read off
-the traced runs' own decode-step times (layers vs stage level), which host noise does not touch.
+the traced runs' own decode-step times (layers vs stage level; a step here is mostly host
+work outside the graph, so these carry host noise), and the stamped ways are compared on
+the GPU's own clock by the decoder stack's time per step, first layer begin to last layer
+end (``layer_stack_us``: the graph replays its stamps back to back, host noise stays out).
 """
 from __future__ import annotations
 
@@ -125,6 +128,25 @@ METHODS = ("plain", "stagetrace", "stagetrace_layers", "stagetrace_layers_shared
            "stagetrace_layers_every8", "plain_again")
 
 
+def layer_stack_us(rec: Any) -> list[float]:
+    """Per decode step with layer spans: µs from its first layer's begin to its last layer's end —
+    GPU time of the decoder stack, stamps included, read off the stamps themselves (a CUDA-graph
+    replay runs them back to back, so host noise does not enter)."""
+    import numpy as np
+
+    from stagetrace.spans import KIND_CODE
+
+    sp = rec.spans
+    steps = np.flatnonzero(sp.kind == KIND_CODE["step"])
+    layers = np.flatnonzero(sp.kind == KIND_CODE["layer"])
+    out = []
+    for i in steps:
+        inside = layers[(sp.start_ns[layers] >= sp.start_ns[i]) & (sp.end_ns[layers] <= sp.end_ns[i])]
+        if len(inside):
+            out.append((int(sp.end_ns[inside].max()) - int(sp.start_ns[inside].min())) / 1e3)
+    return out
+
+
 def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int,
                     only: tuple[str, ...] = METHODS) -> dict[str, Any]:
     import torch
@@ -170,7 +192,7 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             outputs.setdefault(m, res["out"].cpu())
             rec = tr.records[-1]
             tr.clear()
-            return {"wall_ms": wall, "record": rec.to_dict()}
+            return {"wall_ms": wall, "record": rec.to_dict(), "layer_stack_us": layer_stack_us(rec)}
         return run
 
     names = [m for m in METHODS if m in only or m in ("plain", "plain_again", "stagetrace")]
@@ -206,6 +228,10 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             row["prefill_median_ms"] = statistics.median(r["prefill_ms"] for r in ok)
             row["resolve_ms"] = statistics.median(r["resolve_ms"] for r in ok)
             row["layer_marks_after_matmul"] = ok[0].get("layer_marks_after_matmul", 0) if ok else 0
+            stack = [x for s in ss for x in s.get("layer_stack_us", [])]
+            if stack:  # the stamped ways against each other on the GPU's own clock
+                row["layer_stack_median_us"] = statistics.median(stack)
+                row["layer_stack_p10_p90_us"] = [quantile(stack, 0.1), quantile(stack, 0.9)]
         summary[m] = row
     layers = len(getattr(tracers["stagetrace"].layout, "layers"))
     step_stage = summary["stagetrace"]["decode_step_median_ms"]
@@ -278,10 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n{r['config']}: same tokens as plain {r['same_tokens']}; GPU cost per decode step over stage "
               f"level: {costs}; plain p10-p90 {r['plain_spread_p10_p90_pct']:.2f}%")
         rows = [[m, v["median_ms"], v["paired_overhead_pct"], "[{:.2f}, {:.2f}]".format(*v["paired_overhead_ci95_pct"]),
-                 v.get("decode_step_median_ms", ""), v.get("n_marks", ""), v.get("layer_marks_after_matmul", ""),
-                 len(v.get("errors", []))] for m, v in r["methods"].items()]
-        print(table(rows, ["method", "median ms", "paired %", "95% interval", "step ms", "marks", "after matmul",
-                           "errors"]))
+                 v.get("decode_step_median_ms", ""), v.get("layer_stack_median_us", ""), v.get("n_marks", ""),
+                 v.get("layer_marks_after_matmul", ""), len(v.get("errors", []))] for m, v in r["methods"].items()]
+        print(table(rows, ["method", "median ms", "paired %", "95% interval", "step ms", "layer stack µs", "marks",
+                           "after matmul", "errors"]))
     print(f"wrote {path}")
     return payload
 

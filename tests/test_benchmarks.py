@@ -48,6 +48,7 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         assert all(r["same_tokens"].values()) and r["stamps_per_step"] == 3
         for m in ("stagetrace_layers", "stagetrace_layers_every8", "stagetrace_layers_matmul"):
             assert r["methods"][m]["compiled_decode"] and not r["methods"][m]["errors"], m
+            assert r["methods"][m]["layer_stack_median_us"] > 0, m  # read off the stamps of every step
     if script == "in_context":
         assert {"plain", "noop", "event_mark", "plain_again"} <= set(payload["results"])
         assert payload["marks_per_call"] == 2 * 2 * 2  # 2 layers, prefill + 1 step, begin + end
