@@ -30,6 +30,11 @@ dear and the second cheap, the first CUDA call there is dear; if a lone kernel l
 costs what the mark plus the launch after it cost, the mark only takes that cost from the
 forward's first kernel launch instead of adding it.
 
+Part 4, inside one call: with ``layer_every=2`` a step with layer marks is followed by one
+without; their difference, paired step by step, is what the marks (and switching their
+wrappers in) add to a step — by CUDA events (pair and shared marks), by the host clock, and
+with the layer marks dropped in Python (the wrappers and their switching alone).
+
 Part 3, outside generate() (GPU only): a tiny kernel, a sync through ``.item()`` as
 generate() does, then either [mark, kernel launch] or [kernel launch], each call timed,
 interleaved: the first CUDA call after a sync costs the same whether it is our mark or a
@@ -189,6 +194,47 @@ def after_sync(model: Any, kw: dict[str, Any], cuda: bool, reps: int) -> dict[st
     return out
 
 
+def within_call(model: Any, kw: dict[str, Any], calls: int) -> dict[str, Any]:
+    """Part 4: inside one call, a decode step that carries layer marks against the step right
+    after it, which carries none (``layer_every=2``: the wrappers are switched in for the one
+    and out for the other): what layer marks add to a step, paired step by step, so the drift
+    between calls that whole-call figures fight does not enter. By CUDA events and by the host
+    clock (the same wrappers and native calls, no event); step times are the record's own."""
+    import stagetrace
+    from stagetrace.testing.reference import HostClockTimeline
+
+    from stagetrace.labels import Kind
+
+    class LayerMarksDropped(HostClockTimeline):
+        """Layer marks go to a Python no-op (the wrappers and their switching remain)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            native, layer_kinds = self._native.mark, (int(Kind.LAYER_BEGIN), int(Kind.LAYER_END))
+            self.mark = lambda lab: None if (lab & 0xFF) in layer_kinds else native(lab)
+
+    out: dict[str, Any] = {"calls_each": calls, "layers": len(stagetrace.trace(model).layout.layers)}
+    ways = (("events", None, "pair"), ("events_shared", None, "shared"), ("host_clock", HostClockTimeline, "pair"),
+            ("no_layer_marks", LayerMarksDropped, "pair"))
+    for name, timeline, layer_marks in ways:
+        tracer = stagetrace.trace(model, layer_detail="all", layer_every=2, keep_marks=False, layer_marks=layer_marks,
+                                  timeline=timeline() if timeline else None)
+        diffs: list[float] = []
+        with tracer:
+            for _ in range(calls + 1):
+                model.generate(**kw)
+        for rec in tracer.records[1:]:  # the first call warms up
+            steps = rec.decode_step_ms
+            marked = {k for k in range(len(steps)) if k % 2 == 0}  # layer_every=2's steps (the wrappers' too)
+            if rec.layer_steps and set(rec.layer_steps) != marked:
+                raise RuntimeError(f"layer spans on steps {rec.layer_steps}, not every other one")
+            diffs += [(steps[k] - steps[k + 1]) * 1e3 for k in range(len(steps) - 1)
+                      if k in marked and k + 1 not in marked]
+        lo, hi = bootstrap_median_ci(diffs)
+        out[name] = {"pairs": len(diffs), "marked_minus_next_step_us": statistics.median(diffs), "ci95": [lo, hi]}
+    return out
+
+
 def outside_generate(reps: int) -> dict[str, Any]:
     """Part 3: the first CUDA call after a sync, our mark or a kernel launch."""
     import torch
@@ -240,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--loop-reps", type=int, default=2000, help="repetitions outside generate() (part 3)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--pin-cpu", default="3", metavar="CORES", help="cores to pin to; 'none' for no pinning")
-    ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated)")
+    ap.add_argument("--parts", default="1,2,3,4", help="which parts to run (comma-separated)")
+    ap.add_argument("--within-calls", type=int, default=30, help="calls per clock (part 4)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -272,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
         res["after_sync"] = after_sync(model, kw, cuda, args.sync_reps)
     if cuda and "3" in parts:
         res["outside_generate"] = outside_generate(args.loop_reps)
+    if "4" in parts:
+        res["within_call"] = within_call(model, kw, args.within_calls)
     path = save("direct_cost" if cuda else "direct_cost-cpu-tiny", payload, args.out)
 
     print(f"direct in-context cost on {env['card']} (timer floor {payload['timer_floor_us']:.3f} µs; "
@@ -292,6 +341,12 @@ def main(argv: list[str] | None = None) -> dict:
                       f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]")
         print(table([[k, v["n"], v["median_us"], v["p10_us"], v["p90_us"]] for k, v in s["probe"].items()],
                     ["at the forward's start", "n", "median µs", "p10 µs", "p90 µs"]))
+    if "within_call" in res:
+        w = res["within_call"]
+        print(f"\ninside one call (layer_every=2, {w['layers']} layers): a step with layer marks minus the next step")
+        for name in ("events", "events_shared", "host_clock", "no_layer_marks"):
+            print(f"  {name}: {w[name]['marked_minus_next_step_us']:+.1f} µs [{w[name]['ci95'][0]:+.1f}, "
+                  f"{w[name]['ci95'][1]:+.1f}] over {w[name]['pairs']} pairs")
     if "outside_generate" in res:
         print("\noutside generate()")
         print(table([[k, v["median_us"], v["p10_us"], v["p90_us"]] for k, v in res["outside_generate"].items()],

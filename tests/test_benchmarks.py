@@ -64,6 +64,8 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         assert {v: d["n"] for v, d in sync["decode_forward_host_us"].items()} == dict.fromkeys(
             ["plain", "stage", "probe_marks", "probe_launch", "probe_mark_launch", "layers", "layers_host_clock"], 4)
         assert {"layers_minus_stage_us", "layers_minus_layers_host_clock_us"} <= set(sync)
+        within = res["within_call"]
+        assert within["events"]["pairs"] > 0 and within["host_clock"]["pairs"] > 0
         assert {k: v["n"] for k, v in sync["probe"].items()} == dict.fromkeys(
             ["first_mark", "second_mark", "launch_alone", "mark_before_launch", "launch_after_mark"], 4)
     if script == "stamp_fusion":

@@ -103,8 +103,8 @@ class EagerHooks:
         if not self.switched_layers or layers_now == bool(self._layers_placed):
             return
         if layers_now:
-            for layer, wrapper in self._layer_wrappers:
-                self._layers_placed.set(layer, "forward", wrapper)
+            for layer, wrapper in self._layer_wrappers:  # host time between two steps: kept short
+                self._layers_placed.set(layer, "forward", wrapper, direct=True)
         else:
             self._layers_placed.restore()
 
