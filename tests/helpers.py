@@ -164,13 +164,14 @@ def static_compiled(case: tiny.TinyCase, device: str = "cpu") -> dict[str, Any]:
 
 
 def compile_forward_by_hand(case: tiny.TinyCase, device: str, new_tokens: int,
-                            mode: str = "reduce-overhead") -> Any:
+                            mode: str = "reduce-overhead", cpu_backend: Any = "eager") -> Any:
     """A text model's forward compiled by hand; returns a function: one generate(), its tokens.
 
     On CUDA the recipe transformers 5.x needs for that (untraced too): a static cache
     initialized before the compiled forward sees it (else its tensors become CUDA-graph
     outputs that the next replay overwrites), reset between calls, and each invocation
-    marked as a new CUDA-graph step. On the CPU dynamo's eager backend and a dynamic cache.
+    marked as a new CUDA-graph step. On the CPU dynamo's eager backend (or ``cpu_backend``)
+    and a dynamic cache.
     """
     import functools
 
@@ -187,7 +188,7 @@ def compile_forward_by_hand(case: tiny.TinyCase, device: str, new_tokens: int,
         kw["past_key_values"] = cache
         compiled = torch.compile(model.forward, mode=mode)
     else:
-        compiled = torch.compile(model.forward, backend="eager")
+        compiled = torch.compile(model.forward, backend=cpu_backend)
 
     @functools.wraps(compiled)
     def forward(*args: Any, **kwargs: Any) -> Any:

@@ -21,7 +21,8 @@ from stagetrace.tracing.stamp_placement import (MoveStampsToLastMatmul, StampPas
                                                 move_stamps_to_last_matmul)
 from stagetrace.testing import tiny
 
-from helpers import assert_partition, build_on, dynamo_state, gen_kwargs, hook_state, static_compiled, tokens
+from helpers import (assert_partition, build_on, compile_forward_by_hand, dynamo_state, gen_kwargs, hook_state,
+                     static_compiled, tokens)
 
 STAMP = torch.ops.stagetrace.stamp.default
 LB0, LB1, LE1 = label(Kind.LAYER_BEGIN, 0), label(Kind.LAYER_BEGIN, 1), label(Kind.LAYER_END, 1)
@@ -210,6 +211,25 @@ def test_matmul_layer_marks_in_compiled_decode_are_flagged_and_counted_in_the_re
                       and step.start_ns <= s.start_ns and s.end_ns <= step.end_ns]
             assert inside == ["layer 0", "layer 1"]
         assert rec.to_dict()["layer_marks_after_matmul"] == 6
+
+
+def test_matmul_layer_marks_inside_a_forward_compiled_by_hand():
+    """The prefill runs compiled too: its stamps move as well, and the record counts them."""
+    import torch._dynamo
+
+    case = tiny.build("llama")
+    generate = compile_forward_by_hand(case, "cpu", 4, cpu_backend=_post_grad_backend())
+    torch._dynamo.reset()
+    plain = generate()
+    with pytest.warns(UserWarning, match="last matrix multiply"):
+        tracer = stagetrace.trace(case.model, layer_detail="all", layer_marks="matmul").start()
+    try:
+        assert torch.equal(generate(), plain)
+    finally:
+        tracer.stop()
+    (rec,) = tracer.records
+    assert_partition(rec)
+    assert not rec.error and rec.layer_marks_after_matmul == 2 * 4  # prefill and 3 steps: layer 1's begin, its end
 
 
 @pytest.mark.gpu

@@ -35,10 +35,10 @@ def layer_boundaries(records: list[Any]) -> str | None:
     moved = [r for r in records if r.error is None and r.layer_marks_after_matmul]
     if not moved:
         return None
-    return (f"layer spans: in the compiled decode steps of {len(moved)} of {len(records)} records "
+    return (f"layer spans: in the compiled forwards of {len(moved)} of {len(records)} records "
             f"({sum(r.layer_marks_after_matmul for r in moved)} marks), a layer ends right after its last matmul "
-            "(layer_marks='matmul'): its residual add counts to the next layer; the prefill's layers end at "
-            "their module boundary")
+            "(layer_marks='matmul'): its residual add counts to the next layer; layers of eager forwards (such "
+            "as generate()'s own prefill) end at their module boundary")
 
 
 def print_summary(records: list[Any], title: str) -> None:
