@@ -263,3 +263,67 @@ def test_matmul_layer_marks_under_inductor_and_cuda_graphs():
                       and step.start_ns <= s.start_ns and s.end_ns <= step.end_ns]
             assert [s.name for s in inside] == ["layer 0", "layer 1"], (step, inside)
             assert inside[0].end_ns <= inside[1].start_ns
+
+
+def _text_config(family: str) -> object:
+    import transformers as T
+
+    small = dict(vocab_size=64, num_hidden_layers=3)
+    attn = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    return {
+        "mixtral": lambda: T.MixtralConfig(**small, **attn, num_local_experts=4, num_experts_per_tok=2),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**small, **attn, moe_intermediate_size=32, num_experts=4,
+                                              num_experts_per_tok=2, head_dim=8),
+        "gemma2": lambda: T.Gemma2Config(**small, **attn, head_dim=8),
+        "gptj": lambda: T.GPTJConfig(vocab_size=64, n_layer=3, n_embd=32, n_head=4, rotary_dim=4, bos_token_id=1,
+                                     eos_token_id=2),
+        "cohere": lambda: T.CohereConfig(**small, **attn, eos_token_id=2),
+        "phi3": lambda: T.Phi3Config(**small, **attn, pad_token_id=0, eos_token_id=2),
+        "qwen2": lambda: T.Qwen2Config(**small, **attn),
+    }[family]()
+
+
+@pytest.mark.parametrize("family, moved", [
+    ("qwen2", 3), ("phi3", 3),    # pre-norm residual layers (Phi-3: one fused gate_up matmul)
+    ("gemma2", 3),                # a post-norm after the last matmul: it fuses, the stamp moves
+    ("mixtral", 0), ("qwen3_moe", 0),  # experts combined by a scatter after their matmuls: stays
+    ("gptj", 0), ("cohere", 0),   # attention and MLP side by side: neither matmul is last
+])
+def test_the_pass_moves_by_structure_across_architectures(family, moved):
+    """Real decoder stacks, stamped as the tracer stamps them under layer_marks="matmul": moved
+    exactly where the layer ends in fusible work after one last matmul; same outputs."""
+    import torch._dynamo
+    import transformers
+    from torch._dynamo.backends.common import aot_autograd
+
+    from stagetrace.labels import layer_labels
+    from stagetrace.layouts import resolve_layout
+    from stagetrace.tracing.stamp_placement import movable_label
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_text_config(family)).eval()
+    layers = [layer for _, layer in resolve_layout(model).layers]
+    _, rid = _ring()
+    labels = [tuple(lab | MOVE if lab is not None and movable_label(lab) else lab for lab in pair)
+              for pair in layer_labels(len(layers), "matmul")]
+    for layer, (begin, end) in zip(layers, labels):
+        def forward(*a, _begin=begin, _end=end, _inner=layer.forward, **k):
+            out = _inner(STAMP(a[0], rid, _begin), *a[1:], **k)
+            if _end is None:
+                return out
+            return STAMP(out, rid, _end) if isinstance(out, torch.Tensor) else (STAMP(out[0], rid, _end), *out[1:])
+        layer.forward = forward
+    counts: list[int] = []
+
+    def compile_graph(gm: torch.fx.GraphModule, example_inputs: object) -> torch.fx.GraphModule:
+        counts.append(move_stamps_to_last_matmul(gm.graph))
+        gm.recompile()
+        return gm
+
+    ids = torch.randint(3, 60, (1, 7))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False).logits
+        out = torch.compile(lambda: model(input_ids=ids, use_cache=False).logits,
+                            backend=aot_autograd(fw_compiler=compile_graph))()
+    assert counts == [moved] and torch.allclose(out, reference, atol=1e-5)
