@@ -33,7 +33,9 @@ forward's first kernel launch instead of adding it.
 Part 4, inside one call: with ``layer_every=2`` a step with layer marks is followed by one
 without; their difference, paired step by step, is what the marks (and switching their
 wrappers in) add to a step — by CUDA events (pair and shared marks), by the host clock, and
-with the layer marks dropped in Python (the wrappers and their switching alone).
+with the layer marks dropped in Python (the wrappers and their switching alone). With
+``layer_every=4``, whether a marked step leaves a cost on the steps after it: the step right
+after it against the third after it.
 
 Part 3, outside generate() (GPU only): a tiny kernel, a sync through ``.item()`` as
 generate() does, then either [mark, kernel launch] or [kernel launch], each call timed,
@@ -232,6 +234,24 @@ def within_call(model: Any, kw: dict[str, Any], calls: int) -> dict[str, Any]:
                       if k in marked and k + 1 not in marked]
         lo, hi = bootstrap_median_ci(diffs)
         out[name] = {"pairs": len(diffs), "marked_minus_next_step_us": statistics.median(diffs), "ci95": [lo, hi]}
+    # Does a marked step leave a cost on the steps after it (caches, the wrappers switched out)?
+    # layer_every=4: the step right after a marked one against the third after it (the one
+    # before the next marked step), and the marked step against that third step.
+    tracer = stagetrace.trace(model, layer_detail="all", layer_every=4, keep_marks=False)
+    with tracer:
+        for _ in range(calls + 1):
+            model.generate(**kw)
+    after: list[float] = []
+    marked_vs_clean: list[float] = []
+    for rec in tracer.records[1:]:
+        steps = rec.decode_step_ms
+        for k in range(0, len(steps) - 3, 4):
+            after.append((steps[k + 1] - steps[k + 3]) * 1e3)
+            marked_vs_clean.append((steps[k] - steps[k + 3]) * 1e3)
+    for key, xs in (("after_marked_minus_third_after_us", after), ("marked_minus_third_after_us", marked_vs_clean)):
+        lo, hi = bootstrap_median_ci(xs) if len(xs) > 1 else (float("nan"), float("nan"))
+        out.setdefault("every4", {})[key] = {"pairs": len(xs), "median": statistics.median(xs) if xs else None,
+                                             "ci95": [lo, hi]}
     return out
 
 
@@ -347,6 +367,10 @@ def main(argv: list[str] | None = None) -> dict:
         for name in ("events", "events_shared", "host_clock", "no_layer_marks"):
             print(f"  {name}: {w[name]['marked_minus_next_step_us']:+.1f} µs [{w[name]['ci95'][0]:+.1f}, "
                   f"{w[name]['ci95'][1]:+.1f}] over {w[name]['pairs']} pairs")
+        for key, d in w["every4"].items():
+            if d["median"] is not None:
+                print(f"  layer_every=4, {key[:-3].replace('_', ' ')}: {d['median']:+.1f} µs "
+                      f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] over {d['pairs']} pairs")
     if "outside_generate" in res:
         print("\noutside generate()")
         print(table([[k, v["median_us"], v["p10_us"], v["p90_us"]] for k, v in res["outside_generate"].items()],
