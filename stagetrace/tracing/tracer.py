@@ -54,6 +54,10 @@ LAYER_DETAIL = ("off", "prefill", "all")
 # "pair": a mark before and after every layer, so what runs between layers is outside them.
 # "shared": one mark per boundary between consecutive layers (and the last layer's end):
 # half the marks, and anything run between two layers counts to the earlier one.
+# "matmul": "shared" in eager forwards; inside compiled code each boundary's stamp moves to
+# right after the previous layer's last matmul, so the compiler still fuses across layers
+# (stamp_placement.py; records count those marks). Inside compiled code every choice places
+# one stamp per boundary: a layer's end and the next one's begin are one point of the graph.
 LAYER_MARKS = ("pair", "shared", "matmul")
 
 _CALL_BEGIN, _CALL_END = label(Kind.CALL_BEGIN), label(Kind.CALL_END)
