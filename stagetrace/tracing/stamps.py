@@ -35,7 +35,9 @@ _FUSION_WARNING = ("stagetrace: layer detail inside compiled decode puts a stamp
 _MATMUL_NOTE = ("stagetrace: layer_marks='matmul': inside compiled decode each stamp between layers moves to right "
                 "after the previous layer's last matrix multiply, so the compiler still fuses across layers; a "
                 "layer's work after its last matmul (the residual add) then counts to the next layer, and each "
-                "record says how many of its layer marks sit there (layer_marks_after_matmul)")
+                "record says how many of its layer marks sit there (layer_marks_after_matmul). The stamped decode "
+                "step is still compiled once more, and in bf16 its rounding (hence tokens) may differ from the "
+                "unstamped graph; stage-level tracing leaves the graph untouched")
 
 
 class LayerStamps:
