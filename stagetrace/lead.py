@@ -35,6 +35,7 @@ What must stay true:
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,11 @@ CAUGHT_UP_US = 20.0  # the GPU reached a mark within this of its issue: its queu
 HOST_BOUND_BELOW, GPU_BOUND_FROM = 0.25, 0.75  # GPU-bound share of a span
 # marks issued right after a sync (the queue is empty there whatever ran before): never a lead
 BOUNDARY_KINDS = (Kind.CALL_BEGIN, Kind.CALL_END, Kind.PREFILL_FORWARD, Kind.DECODE_FORWARD)
+# Per kind code (the low byte of a label): is it a boundary kind. A table read, not np.isin,
+# and the decode kind as a plain int: this runs after every generate(), inside the traced call.
+_IS_BOUNDARY = np.zeros(256, dtype=bool)
+_IS_BOUNDARY[[int(k) for k in BOUNDARY_KINDS]] = True
+_DECODE_FORWARD = int(Kind.DECODE_FORWARD)
 
 
 def lead_ns(device_ns: np.ndarray, host_ns: np.ndarray) -> np.ndarray:
@@ -58,7 +64,7 @@ def lead_ns(device_ns: np.ndarray, host_ns: np.ndarray) -> np.ndarray:
 
 def verdict(gpu_bound_share: float | None) -> str:
     """host-bound / mixed / gpu-bound from the share of time the GPU was behind (None: unknown)."""
-    if gpu_bound_share is None or not np.isfinite(gpu_bound_share):
+    if gpu_bound_share is None or not math.isfinite(gpu_bound_share):
         return "unknown"
     if gpu_bound_share < HOST_BOUND_BELOW:
         return "host-bound"
@@ -77,7 +83,10 @@ def _stats(leads_us: np.ndarray, behind_ns: np.ndarray, span_ns: int, why_not: s
                 "gpu_bound_share": None, "verdict": why_not or "unknown"}
     behind = float(behind_ns.sum())
     share = behind / span_ns if span_ns > 0 else None
-    return {"min_us": float(leads_us.min()), "median_us": float(np.median(leads_us)), "max_us": float(leads_us.max()),
+    ordered = np.sort(leads_us)
+    n = len(ordered)
+    median = float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)  # np.median's value, without its checks
+    return {"min_us": float(ordered[0]), "median_us": median, "max_us": float(ordered[-1]),
             "marks": int(len(leads_us)), "gpu_bound_ms": behind / 1e6, "gpu_bound_share": share,
             "verdict": why_not or verdict(share)}
 
@@ -88,7 +97,8 @@ def _per_step(step: np.ndarray, lead_us: np.ndarray, n_steps: int) -> dict[str, 
     n = np.bincount(step[step >= 0], minlength=n_steps)[:n_steps]
     ordered = lead_us[np.lexsort((lead_us, step))]  # marks of no step first, then step by step
     first = int(np.sum(step < 0)) + np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
-    at = lambda i: ordered[np.clip(i, 0, max(len(ordered) - 1, 0))] if len(ordered) else np.zeros(len(n))  # noqa: E731
+    last = len(ordered) - 1  # an empty step's positions may fall outside (-1 or past the end): masked below
+    at = lambda i: ordered[np.minimum(i, last)] if len(ordered) else np.zeros(len(n))  # noqa: E731
     empty = n == 0
     return {"n": n, "min": np.where(empty, np.nan, at(first)), "max": np.where(empty, np.nan, at(first + n - 1)),
             "median": np.where(empty, np.nan, (at(first + (n - 1) // 2) + at(first + n // 2)) / 2)}
@@ -107,7 +117,7 @@ def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, s
     lead_all = lead_ns(t_all, np.asarray(host_ns, dtype=np.int64)[host_issued])
     behind_all = _behind_ns(t_all, lead_all)
     kinds = kind_of(np.asarray(labels)[host_issued])
-    usable = ~np.isin(kinds, BOUNDARY_KINDS)
+    usable = ~_IS_BOUNDARY[kinds]
     t, lead_us, behind = t_all[usable], lead_all[usable] / 1e3, behind_all[usable]
     cpu = "n/a" if backend == "cpu" else None
     stages = {}
@@ -123,13 +133,14 @@ def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, s
     if not n_steps:
         return out
     # a mark belongs to the step whose start mark it follows in issue order (times can tie)
-    step = (np.searchsorted(np.flatnonzero(kinds == Kind.DECODE_FORWARD), np.arange(len(kinds)), "right") - 1)[usable]
+    step = (np.searchsorted(np.flatnonzero(kinds == _DECODE_FORWARD), np.arange(len(kinds)), "right") - 1)[usable]
     per = _per_step(step, lead_us, n_steps)
     mine = step >= 0
     gpu_bound = np.bincount(step[mine], weights=behind[mine], minlength=n_steps)[:n_steps]
     length = spans.end_ns[step_rows] - spans.start_ns[step_rows]
-    out["step_lead_us"] = [None if k == 0 else float(m) for k, m in zip(per["n"], per["median"])]
-    out["step_gpu_bound_ms"] = [None if k == 0 else float(b) / 1e6 for k, b in zip(per["n"], gpu_bound)]
+    counts = per["n"].tolist()  # plain Python numbers from here: a loop over numpy scalars is slow
+    out["step_lead_us"] = [None if k == 0 else m for k, m in zip(counts, per["median"].tolist())]
+    out["step_gpu_bound_ms"] = [None if k == 0 else b / 1e6 for k, b in zip(counts, gpu_bound.tolist())]
     out["step_verdict"] = [cpu] * n_steps if cpu else [
-        verdict(None if k == 0 or n <= 0 else float(b / n)) for k, b, n in zip(per["n"], gpu_bound, length)]
+        verdict(None if k == 0 or n <= 0 else b / n) for k, b, n in zip(counts, gpu_bound.tolist(), length.tolist())]
     return out

@@ -110,11 +110,11 @@ class StageRecord:
         return self.decode_ms / len(self.decode_step_ms)
 
     @classmethod
-    def from_stages(cls, st: StageTimes, host_spans: SpanTable | None = None, **meta: Any) -> "StageRecord":
+    def from_stages(cls, st: StageTimes, **meta: Any) -> "StageRecord":
         return cls(total_ms=_ms(st.total_ns), vision_ms=_ms(st.vision_ns), prefill_ms=_ms(st.prefill_ns),
                    decode_ms=_ms(st.decode_ns), other_ms=_ms(st.other_ns), ttft_ms=_ms(st.ttft_ns),
                    decode_step_ms=[s / 1e6 for s in st.decode_step_ns], spans=st.spans,
-                   host_spans=host_spans if host_spans is not None else SpanTable.empty(), **meta)
+                   host_spans=st.host_spans, **meta)
 
     @classmethod
     def failed(cls, error: str, **meta: Any) -> "StageRecord":

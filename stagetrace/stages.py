@@ -17,7 +17,7 @@ No torch, no model. This is where exactness lives, so what must stay true is:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,6 +27,12 @@ from .spans import KIND_CODE, Span, SpanTable
 __all__ = ["Span", "SpanTable", "StageTimes", "StageOrderError", "stages_from_marks"]
 
 _LAYER, _STEP = KIND_CODE["layer"], KIND_CODE["step"]
+# the mark kinds as plain ints: an IntEnum member lookup costs about 1 µs (Python 3.11), and
+# this runs after every generate() inside the traced call
+(_CALL_BEGIN, _CALL_END, _VISION_BEGIN, _VISION_END, _PREFILL_FORWARD, _DECODE_FORWARD, _LM_BEGIN, _LM_HEAD_END,
+ _LAYER_BEGIN, _LAYER_END) = (int(k) for k in (
+    Kind.CALL_BEGIN, Kind.CALL_END, Kind.VISION_BEGIN, Kind.VISION_END, Kind.PREFILL_FORWARD, Kind.DECODE_FORWARD,
+    Kind.LM_BEGIN, Kind.LM_HEAD_END, Kind.LAYER_BEGIN, Kind.LAYER_END))
 
 
 class StageOrderError(ValueError):
@@ -44,9 +50,10 @@ class StageTimes:
     decode_step_ns: list[int]
     call_start_ns: int              # time of the call's first mark on the device timeline
     spans: SpanTable
+    host_spans: SpanTable = field(default_factory=SpanTable.empty)  # the same spans on the host clock
 
 
-def _layer_spans(kinds: np.ndarray, idx: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _layer_spans(kinds: np.ndarray, idx: np.ndarray, decode_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(begin mark positions, end mark positions) of the layer spans, in begin order.
 
     Layers run one after another, so at most one is open: a layer is closed by the next
@@ -54,21 +61,23 @@ def _layer_spans(kinds: np.ndarray, idx: np.ndarray, region: np.ndarray) -> tupl
     begin (``layer_marks="shared"``: one mark per boundary) or its own end. A layer left
     open at the end of its region gets no span.
     """
-    pos = np.flatnonzero((kinds == Kind.LAYER_BEGIN) | (kinds == Kind.LAYER_END))
-    j = np.flatnonzero(kinds[pos] == Kind.LAYER_BEGIN)
+    pos = ((kinds == _LAYER_BEGIN) | (kinds == _LAYER_END)).nonzero()[0]
+    j = (kinds[pos] == _LAYER_BEGIN).nonzero()[0]
     if not len(j):
         return j, j
+    # per layer mark, its region: 0 is everything before the first decode step, k >= 1 is step k - 1
+    region = np.searchsorted(decode_pos, pos, side="right")
     nxt = np.minimum(j + 1, len(pos) - 1)
-    closes = ((j + 1 < len(pos)) & (region[pos[nxt]] == region[pos[j]])
-              & ((kinds[pos[nxt]] == Kind.LAYER_BEGIN) | (idx[pos[nxt]] == idx[pos[j]])))
+    closes = ((j + 1 < len(pos)) & (region[nxt] == region[j])
+              & ((kinds[pos[nxt]] == _LAYER_BEGIN) | (idx[pos[nxt]] == idx[pos[j]])))
     end = np.where(closes, pos[nxt], -1)
-    for k in np.flatnonzero(~closes):  # rare: another layer's end mark in between (nested layers)
+    for k in (~closes).nonzero()[0]:  # rare: another layer's end mark in between (nested layers)
         b = pos[j[k]]
-        for q in pos[j[k] + 1:]:
-            if region[q] != region[b]:
+        for m in range(j[k] + 1, len(pos)):
+            if region[m] != region[j[k]]:
                 break
-            if kinds[q] == Kind.LAYER_BEGIN or idx[q] == idx[b]:
-                end[k] = q
+            if kinds[pos[m]] == _LAYER_BEGIN or idx[pos[m]] == idx[b]:
+                end[k] = pos[m]
                 break
     keep = end >= 0
     return pos[j][keep], end[keep]
@@ -79,7 +88,7 @@ def _check_marks(labels: np.ndarray, t: np.ndarray, kinds: np.ndarray) -> None:
     if labels.shape != t.shape:
         raise ValueError(f"labels and times differ in shape: {labels.shape} vs {t.shape}")
     n = len(kinds)
-    if n < 2 or kinds[0] != Kind.CALL_BEGIN or kinds[-1] != Kind.CALL_END:
+    if n < 2 or kinds[0] != _CALL_BEGIN or kinds[-1] != _CALL_END:
         raise StageOrderError("a call's marks must start with CALL_BEGIN and end with CALL_END "
                               f"(got {n} marks, first kind {int(kinds[0]) if n else None}, "
                               f"last {int(kinds[-1]) if n else None})")
@@ -90,8 +99,16 @@ def _check_marks(labels: np.ndarray, t: np.ndarray, kinds: np.ndarray) -> None:
                               "be recorded in the order the device runs them (one stream)")
 
 
-def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray) -> StageTimes:
-    """Stages of one ``generate()`` call from its marks (in issue order)."""
+def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray | None = None) -> StageTimes:
+    """Stages of one ``generate()`` call from its marks (in issue order).
+
+    ``host_ns`` (relative to the first mark, optional): the same spans on the host clock
+    (``StageTimes.host_spans``; empty where the host times do not form ordered stages).
+    Which marks bound each span is decided once, from the labels and the device times, and
+    both clocks are read at those marks: on any non-decreasing clock that is what the stage
+    math gives run on that clock alone (the earliest vision begin is the first one, the
+    later of two boundaries the later mark).
+    """
     labels = np.asarray(labels)
     t = np.asarray(device_ns, dtype=np.int64)
     kinds = kind_of(labels)
@@ -99,87 +116,111 @@ def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray) -> StageTimes:
     n = len(kinds)
     _check_marks(labels, t, kinds)
 
-    begin, end = int(t[0]), int(t[-1])
-    decode_pos = np.flatnonzero(kinds == Kind.DECODE_FORWARD)
+    decode_pos = (kinds == _DECODE_FORWARD).nonzero()[0]
     first_decode = int(decode_pos[0]) if len(decode_pos) else n - 1
     head = kinds[:first_decode]  # what shapes vision and prefill
-    pos = lambda k: np.flatnonzero(head == k)  # noqa: E731
+    pos = lambda k: (head == k).nonzero()[0]  # noqa: E731
 
-    vb, ve = pos(Kind.VISION_BEGIN), pos(Kind.VISION_END)
-    vision: tuple[int, int] | None = None
+    vb, ve = pos(_VISION_BEGIN), pos(_VISION_END)
+    vision: tuple[int, int] | None = None  # (begin, end) mark positions
     if len(vb) and len(ve):
-        vision = (int(t[vb].min()), int(t[ve].max()))
+        vision = (int(vb[0]), int(ve[-1]))
     elif len(vb) or len(ve):
         raise StageOrderError("vision marks are unpaired: a vision module started without ending or vice versa")
 
-    prefill_fwd = pos(Kind.PREFILL_FORWARD)
+    prefill_fwd = pos(_PREFILL_FORWARD)
     if len(prefill_fwd) == 0:
         raise StageOrderError("no prefill forward was marked: generate() ran no forward of the traced model")
-    lm_begin, head_end = pos(Kind.LM_BEGIN), pos(Kind.LM_HEAD_END)
-    p_start = int(t[lm_begin[0]]) if len(lm_begin) else int(t[prefill_fwd[0]])
+    lm_begin, head_end = pos(_LM_BEGIN), pos(_LM_HEAD_END)
+    p_start = int(lm_begin[0]) if len(lm_begin) else int(prefill_fwd[0])
     if vision is not None:
         # Prefill starts after vision: without an LM mark, and where the module whose start
         # marks prefill runs the vision part inside itself (IDEFICS, GIT, a text encoder fed
-        # image features): its run before vision ended is vision's, not prefill's.
+        # image features): its run before vision ended is vision's, not prefill's. (The
+        # later mark is the later time on every clock the marks are ordered on.)
         p_start = max(p_start, vision[1])
-    p_end = int(t[head_end[-1]]) if len(head_end) else int(t[first_decode])
-    prefill = (p_start, p_end)
-
-    decode = (int(t[first_decode]), end)
-    step_bounds = np.append(decode_pos, n - 1)  # step i runs from its DECODE mark to the next (or the return)
-    steps_ns = np.diff(t[step_bounds])
-
-    chain = [("generate entry", begin)]
+    prefill = (p_start, int(head_end[-1]) if len(head_end) else first_decode)
+    chain = [("generate entry", 0)]
     if vision:
         chain += [("vision start", vision[0]), ("vision end", vision[1])]
     chain += [("prefill start", prefill[0]), ("prefill end", prefill[1]),
-              ("decode start", decode[0]), ("generate return", end)]
+              ("decode start", first_decode), ("generate return", n - 1)]
+    _check_chain(chain, t)
+
+    step_bounds = np.append(decode_pos, n - 1)  # step i runs from its DECODE mark to the next (or the return)
+    at = lambda p: int(t[p])  # noqa: E731
+    total = at(n - 1) - at(0)
+    vision_ns = at(vision[1]) - at(vision[0]) if vision else None
+    prefill_ns = at(prefill[1]) - at(prefill[0])
+    decode_ns = at(n - 1) - at(first_decode)
+    other = total - (vision_ns or 0) - prefill_ns - decode_ns
+    rows = _span_rows(kinds, idx, vision, prefill, decode_pos, step_bounds)
+    host_spans = SpanTable.empty()
+    if host_ns is not None:
+        h = np.asarray(host_ns, dtype=np.int64)
+        try:
+            _check_marks(labels, h, kinds)
+            _check_chain(chain, h)
+            host_spans = rows.at(h)
+        except StageOrderError:  # host issue order is the mark order; anything else leaves no host spans
+            pass
+    return StageTimes(total_ns=total, vision_ns=vision_ns, prefill_ns=prefill_ns, decode_ns=decode_ns,
+                      other_ns=other, ttft_ns=at(first_decode) - at(0),
+                      decode_step_ns=np.diff(t[step_bounds]).tolist(), call_start_ns=at(0), spans=rows.at(t),
+                      host_spans=host_spans)
+
+
+def _check_chain(chain: list[tuple[str, int]], t: np.ndarray) -> None:
+    """The stage boundaries (mark positions, in stage order) come in time order on ``t``."""
     for (a_name, a), (b_name, b) in zip(chain, chain[1:]):
-        if b < a:
-            raise StageOrderError(f"stages overlap: {b_name} ({b} ns) comes before {a_name} ({a} ns); "
+        if t[b] < t[a]:
+            raise StageOrderError(f"stages overlap: {b_name} ({int(t[b])} ns) comes before {a_name} ({int(t[a])} ns); "
                                   "the traced modules do not run in vision -> prefill -> decode order. "
                                   "Check the vision/language_model/lm_head paths passed to stagetrace.trace()")
 
-    total = end - begin
-    vision_ns = vision[1] - vision[0] if vision else None
-    prefill_ns = prefill[1] - prefill[0]
-    decode_ns = decode[1] - decode[0]
-    other = total - (vision_ns or 0) - prefill_ns - decode_ns
-    spans = _spans(kinds, idx, t, vision, prefill, decode_pos, step_bounds)
-    return StageTimes(total_ns=total, vision_ns=vision_ns, prefill_ns=prefill_ns, decode_ns=decode_ns,
-                      other_ns=other, ttft_ns=int(t[first_decode]) - begin,
-                      decode_step_ns=steps_ns.tolist(), call_start_ns=begin, spans=spans)
+
+@dataclass(frozen=True)
+class _SpanRows:
+    """The spans of a call as the marks that bound them (positions into the call's marks):
+    a clock read at those positions gives the span table on that clock."""
+
+    kind: np.ndarray
+    index: np.ndarray
+    depth: np.ndarray
+    begin: np.ndarray
+    end: np.ndarray
+
+    def at(self, t: np.ndarray) -> SpanTable:
+        return SpanTable(self.kind, self.index, t[self.begin], t[self.end], self.depth)
 
 
-def _spans(kinds: np.ndarray, idx: np.ndarray, t: np.ndarray, vision: tuple[int, int] | None,
-           prefill: tuple[int, int], decode_pos: np.ndarray, step_bounds: np.ndarray) -> SpanTable:
+def _span_rows(kinds: np.ndarray, idx: np.ndarray, vision: tuple[int, int] | None, prefill: tuple[int, int],
+               decode_pos: np.ndarray, step_bounds: np.ndarray) -> _SpanRows:
     """The call, its stages, the steps and the layers, in nesting order: generate, vision,
     prefill, prefill layers, decode, then each step followed by its layers."""
     n = len(kinds)
-    stage_rows = [("call", 0, int(t[0]), int(t[-1]))]
-    if vision:
-        stage_rows.append(("vision", 1, *vision))
-    stage_rows.append(("prefill", 1, *prefill))
-    # region 0 is everything before the first decode step, region k >= 1 is step k - 1
-    region = np.searchsorted(decode_pos, np.arange(n), side="right")
-    lb, le = _layer_spans(kinds, idx, region)
-    in_prefill = region[lb] == 0
     n_steps = len(decode_pos)
-
+    # (kind, depth, begin, end) of the call and the stages before the layers
+    stage_rows = [(KIND_CODE["call"], 0, 0, n - 1)]
+    if vision:
+        stage_rows.append((KIND_CODE["vision"], 1, *vision))
+    stage_rows.append((KIND_CODE["prefill"], 1, *prefill))
+    lb, le = _layer_spans(kinds, idx, decode_pos)
+    in_prefill = lb < (decode_pos[0] if n_steps else n)  # before the first decode step
+    n_pre = int(in_prefill.sum())
     # rows after the prefill: decode, then steps and step layers ordered by their first mark
-    tail_pos = np.concatenate([decode_pos, lb[~in_prefill]])
-    order = np.argsort(tail_pos, kind="stable")
-    cols = {
-        "kind": np.concatenate([[KIND_CODE[k] for k, *_ in stage_rows], np.full(in_prefill.sum(), _LAYER),
-                                [KIND_CODE["decode"]] if n_steps else [],
-                                np.concatenate([np.full(n_steps, _STEP), np.full((~in_prefill).sum(), _LAYER)])[order]]),
-        "index": np.concatenate([np.full(len(stage_rows), -1), idx[lb[in_prefill]], [-1] if n_steps else [],
-                                 np.concatenate([np.arange(n_steps), idx[lb[~in_prefill]]])[order]]),
-        "start_ns": np.concatenate([[r[2] for r in stage_rows], t[lb[in_prefill]], [t[decode_pos[0]]] if n_steps else [],
-                                    np.concatenate([t[decode_pos], t[lb[~in_prefill]]])[order]]),
-        "end_ns": np.concatenate([[r[3] for r in stage_rows], t[le[in_prefill]], [t[-1]] if n_steps else [],
-                                  np.concatenate([t[step_bounds[1:]], t[le[~in_prefill]]])[order]]),
-        "depth": np.concatenate([[r[1] for r in stage_rows], np.full(in_prefill.sum(), 2), [1] if n_steps else [],
-                                 np.concatenate([np.full(n_steps, 2), np.full((~in_prefill).sum(), 3)])[order]]),
-    }
-    return SpanTable(**cols)
+    order = np.argsort(np.concatenate([decode_pos, lb[~in_prefill]]), kind="stable")
+    n_tail_layers = len(lb) - n_pre
+    decode_row = [(KIND_CODE["decode"], 1, int(decode_pos[0]), n - 1)] if n_steps else []
+    head = np.array(stage_rows + decode_row, dtype=np.int64).reshape(-1, 4)
+    k = len(stage_rows)
+    cat = np.concatenate
+    return _SpanRows(
+        kind=cat([head[:k, 0], np.full(n_pre, _LAYER), head[k:, 0],
+                  cat([np.full(n_steps, _STEP), np.full(n_tail_layers, _LAYER)])[order]]),
+        index=cat([np.full(k, -1), idx[lb[in_prefill]], np.full(len(head) - k, -1),
+                   cat([np.arange(n_steps), idx[lb[~in_prefill]]])[order]]),
+        depth=cat([head[:k, 1], np.full(n_pre, 2), head[k:, 1],
+                   cat([np.full(n_steps, 2), np.full(n_tail_layers, 3)])[order]]),
+        begin=cat([head[:k, 2], lb[in_prefill], head[k:, 2], cat([decode_pos, lb[~in_prefill]])[order]]),
+        end=cat([head[:k, 3], le[in_prefill], head[k:, 3], cat([step_bounds[1:], le[~in_prefill]])[order]]))

@@ -262,3 +262,18 @@ def test_on_the_gpu_a_spin_in_one_eager_step_makes_it_gpu_bound_for_the_spins_le
         assert abs(rec.decode_step_ms[1] - np.median(rec.decode_step_ms) - spin_ms) <= 0.15 * spin_ms, why
         if detail == "all":  # a lead per layer boundary and the return, in every step
             assert rec.lead["decode"]["marks"] == len(rec.decode_step_ms) * (2 * len(case.model.model.layers) + 1)
+
+
+def test_stage_and_step_medians_are_numpys_median_for_even_and_odd_counts():
+    for steps in (2, 3):
+        labels = _call(steps=steps)
+        device, host = _clocks(labels, lambda i: 7 * i % 13 + 1, host_wait_us=lambda i: i % 5)
+        out = _all(labels, device, host)
+        lead_us = (device - (host - host[0])) / 1e3
+        kinds = labels & 0xFF
+        inner = ~np.isin(kinds, [int(k) for k in (Kind.CALL_BEGIN, Kind.CALL_END, Kind.PREFILL_FORWARD,
+                                                   Kind.DECODE_FORWARD)])
+        decode_start = int(np.flatnonzero(kinds == Kind.DECODE_FORWARD)[0])
+        in_decode = inner & (np.arange(len(labels)) > decode_start)
+        assert out["stages"]["decode"]["median_us"] == float(np.median(lead_us[in_decode]))
+        assert out["stages"]["decode"]["marks"] == int(in_decode.sum())

@@ -213,3 +213,34 @@ def test_spans_carry_kind_and_index_as_fields():
         ("call", None, 0), ("prefill", None, 1), ("layer", 4, 2), ("decode", None, 1), ("step", 0, 2),
         ("step", 1, 2)]
     assert [s.name for s in st.spans][-2:] == ["step 0", "step 1"]  # names are for display only
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_host_spans_are_the_stage_math_run_on_the_host_clock(seed):
+    """The spans are decided once, at marks, and both clocks read there: on an ordered host
+    clock that equals the stage math run on the host clock alone — ties and nested layers too."""
+    rng = np.random.default_rng(seed)
+    seq = [(K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 0)]
+    seq += [(K.VISION_BEGIN, 0), (K.VISION_END, 0)] * int(rng.integers(0, 3))
+    seq += [(K.LM_BEGIN, 0)] * int(rng.integers(0, 2))
+    layers = lambda: [(K.LAYER_BEGIN if rng.random() < 0.6 else K.LAYER_END, int(rng.integers(0, 3)))  # noqa: E731
+                      for _ in range(int(rng.integers(0, 6)))]
+    seq += layers() + [(K.LM_HEAD_END, 0)] * int(rng.integers(0, 2))
+    for _ in range(int(rng.integers(0, 4))):
+        seq += [(K.DECODE_FORWARD, 0)] + layers() + [(K.FORWARD_RETURN, 0)]
+    seq.append((K.CALL_END, 0))
+    lab = np.array([label(k, i) for k, i in seq], dtype=np.int32)
+    device = np.cumsum(rng.integers(0, 3, size=len(seq)))  # small steps: many ties
+    host = np.cumsum(rng.integers(0, 3, size=len(seq)))
+    st = stages_from_marks(lab, device, host)
+    assert list(st.spans) == list(stages_from_marks(lab, device).spans)
+    assert list(st.host_spans) == list(stages_from_marks(lab, host).spans)
+    assert stages_from_marks(lab, device).host_spans == []  # no host clock given: none
+
+
+def test_host_times_out_of_issue_order_leave_no_host_spans_and_the_stages_stand():
+    lab, t = vlm_call()
+    host = t.copy()
+    host[3], host[4] = host[4], host[3]
+    st = stages_from_marks(lab, t, host)
+    assert st.host_spans == [] and st.total_ns == 160 and len(st.spans) == 7

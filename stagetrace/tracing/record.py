@@ -31,14 +31,6 @@ def versions() -> dict[str, str]:
     return {"stagetrace": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _host_spans(marks: Marks) -> SpanTable:
-    """The same stages on the host clock: when the host *issued* each boundary's mark."""
-    try:
-        return stages_from_marks(marks.labels, marks.host_ns - marks.host_ns[0]).spans
-    except ValueError:  # host issue order is the mark order; anything else leaves no host spans
-        return SpanTable.empty()
-
-
 def layer_steps(spans: SpanTable) -> list[int]:
     """The decode steps that carry layer spans: each layer row follows its step's row."""
     step_rows = np.flatnonzero(spans.kind == KIND_CODE["step"])
@@ -59,8 +51,9 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
     rec: StageRecord | None = None
     if error is None:
         try:
-            rec = StageRecord.from_stages(stages_from_marks(marks.labels, marks.device_ns),
-                                          host_spans=_host_spans(marks), **meta)
+            # the host clock's spans: when the host *issued* each boundary's mark
+            rec = StageRecord.from_stages(stages_from_marks(marks.labels, marks.device_ns,
+                                                            marks.host_ns - marks.host_ns[0]), **meta)
         except StageOrderError as exc:
             error = str(exc)
     if rec is None:
