@@ -9,13 +9,15 @@ import enum
 
 import numpy as np
 
-__all__ = ["Kind", "label", "kind_of", "index_of", "layer_labels", "AFTER_MATMUL", "MAY_MOVE_TO_MATMUL", "LABEL_FLAGS"]
+__all__ = ["Kind", "label", "kind_of", "index_of", "after_matmul", "layer_labels", "AFTER_MATMUL", "MAY_MOVE_TO_MATMUL",
+           "LABEL_FLAGS"]
 
 INDEX_SHIFT = 8
 # A flag on a layer stamp's label, never part of its kind or index: the stamp was taken right
 # after the last matrix multiply of the layer before the boundary, not at the boundary itself
-# (layer_marks="matmul" inside compiled code: ``tracing.stamp_placement``). Stripped, and
-# counted into the record, before any stage math reads the label.
+# (layer_marks="matmul" inside compiled code: ``tracing.stamp_placement``). ``kind_of`` and
+# ``index_of`` never see it; the stage math reads it (``after_matmul``) to flag the layer spans
+# that start or end at such a stamp, and the record counts those stamps.
 AFTER_MATMUL = 1 << 29
 # A flag on a layer stamp's label as the tracer places it under layer_marks="matmul": the pass
 # may move it (the pass swaps it for AFTER_MATMUL where it does). Being part of the label, it
@@ -48,7 +50,12 @@ def kind_of(labels: np.ndarray) -> np.ndarray:
 
 
 def index_of(labels: np.ndarray) -> np.ndarray:
-    return np.asarray(labels) >> INDEX_SHIFT
+    return (np.asarray(labels) & ~LABEL_FLAGS) >> INDEX_SHIFT
+
+
+def after_matmul(labels: np.ndarray) -> np.ndarray:
+    """Per mark: a stamp taken right after a layer's last matmul, not at its boundary."""
+    return (np.asarray(labels) & AFTER_MATMUL) != 0
 
 
 def layer_labels(n_layers: int, layer_marks: str) -> list[tuple[int, int | None]]:

@@ -231,8 +231,9 @@ _FIELD_KINDS: dict[str, str] = {
 }
 # A span as written: its identity in kind + index (schema 2) or in its name (schema 1).
 _SPAN_FIELDS = {2: {"kind": "str", "index": "int?", "start_ns": "int", "end_ns": "int", "depth": "int",
-                    "device": "str?"},
+                    "device": "str?", "starts_after_matmul": "bool", "ends_after_matmul": "bool"},
                 1: {"name": "str", "start_ns": "int", "end_ns": "int", "depth": "int", "device": "str?"}}
+_SPAN_OPTIONAL = ("device", "index", "starts_after_matmul", "ends_after_matmul")  # may be left out
 _EMPTY = {"numbers": list, "strs": list, "ints": list, "str_map": dict, "int_lists": list, "lead_map": dict,
           "numbers?s": list}
 
@@ -276,7 +277,7 @@ def _fits(kind: str, v: Any) -> bool:
 
 def _fits_span(s: dict[str, Any]) -> bool:
     shape = _SPAN_FIELDS[2 if "kind" in s else 1]
-    return (set(s) <= set(shape) and all(k in s for k in shape if k not in ("device", "index"))
+    return (set(s) <= set(shape) and all(k in s for k in shape if k not in _SPAN_OPTIONAL)
             and all(_fits(shape[k], x) for k, x in s.items())
             and ("kind" not in s or s["kind"] in SPAN_KINDS))
 

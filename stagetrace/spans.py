@@ -37,6 +37,11 @@ class Span:
     end_ns: int
     depth: int                # 0 call, 1 stage, 2 step or prefill layer, 3 layer inside a step
     device: str | None = None  # the GPU whose work it is, when the model is split over several
+    # layer_marks="matmul" in compiled code: the span starts / ends at a stamp taken right after
+    # the last matmul of the layer before that boundary, not at the boundary itself (so the
+    # work after a layer's last matmul, e.g. its residual add, counts to the next layer)
+    starts_after_matmul: bool = False
+    ends_after_matmul: bool = False
 
     @property
     def dur_ns(self) -> int:
@@ -56,18 +61,23 @@ class SpanTable:
     ``device`` holds a position in ``devices`` (-1: not placed on a particular device).
     """
 
-    __slots__ = ("kind", "index", "start_ns", "end_ns", "depth", "device", "devices")
+    __slots__ = ("kind", "index", "start_ns", "end_ns", "depth", "device", "devices", "starts_after_matmul",
+                 "ends_after_matmul")
 
     def __init__(self, kind: np.ndarray, index: np.ndarray, start_ns: np.ndarray, end_ns: np.ndarray,
-                 depth: np.ndarray, device: np.ndarray | None = None, devices: Sequence[str] = ()):
+                 depth: np.ndarray, device: np.ndarray | None = None, devices: Sequence[str] = (),
+                 starts_after_matmul: np.ndarray | None = None, ends_after_matmul: np.ndarray | None = None):
         self.kind = np.asarray(kind, dtype=np.int8)
         self.index = np.asarray(index, dtype=np.int32)
         self.start_ns = np.asarray(start_ns, dtype=np.int64)
         self.end_ns = np.asarray(end_ns, dtype=np.int64)
         self.depth = np.asarray(depth, dtype=np.int8)
-        self.device = (np.full(len(self.kind), -1, dtype=np.int16) if device is None
-                       else np.asarray(device, dtype=np.int16))
+        n = len(self.kind)
+        self.device = np.full(n, -1, dtype=np.int16) if device is None else np.asarray(device, dtype=np.int16)
         self.devices = tuple(devices)
+        no = np.zeros(n, dtype=bool)
+        self.starts_after_matmul = no if starts_after_matmul is None else np.asarray(starts_after_matmul, bool)
+        self.ends_after_matmul = no if ends_after_matmul is None else np.asarray(ends_after_matmul, bool)
 
     @classmethod
     def empty(cls) -> "SpanTable":
@@ -84,7 +94,9 @@ class SpanTable:
                    np.array([s.start_ns for s in spans], dtype=np.int64),
                    np.array([s.end_ns for s in spans], dtype=np.int64),
                    np.array([s.depth for s in spans], dtype=np.int8),
-                   np.array([code.get(s.device, -1) for s in spans], dtype=np.int16), devices)
+                   np.array([code.get(s.device, -1) for s in spans], dtype=np.int16), devices,
+                   np.array([s.starts_after_matmul for s in spans], dtype=bool),
+                   np.array([s.ends_after_matmul for s in spans], dtype=bool))
 
     @classmethod
     def from_dicts(cls, rows: Iterable[dict[str, Any]]) -> "SpanTable":
@@ -97,7 +109,8 @@ class SpanTable:
         kind = SPAN_KINDS[int(self.kind[i])]
         d = int(self.device[i])
         return Span(kind, int(self.index[i]) if kind in _INDEXED else None, int(self.start_ns[i]),
-                    int(self.end_ns[i]), int(self.depth[i]), self.devices[d] if d >= 0 else None)
+                    int(self.end_ns[i]), int(self.depth[i]), self.devices[d] if d >= 0 else None,
+                    bool(self.starts_after_matmul[i]), bool(self.ends_after_matmul[i]))
 
     def __iter__(self) -> Iterator[Span]:
         for i in range(len(self)):
@@ -121,8 +134,18 @@ class SpanTable:
 
     def placed(self, device: np.ndarray, devices: Sequence[str]) -> "SpanTable":
         """The same spans with a device (a position in ``devices``) per span."""
-        return SpanTable(self.kind, self.index, self.start_ns, self.end_ns, self.depth, device, devices)
+        return SpanTable(self.kind, self.index, self.start_ns, self.end_ns, self.depth, device, devices,
+                         self.starts_after_matmul, self.ends_after_matmul)
 
     def to_dicts(self) -> list[dict[str, Any]]:
-        return [{"kind": s.kind, "index": s.index, "start_ns": s.start_ns, "end_ns": s.end_ns, "depth": s.depth,
-                 "device": s.device} for s in self]
+        """One dict per span; the after-matmul flags only where set (almost every span has none)."""
+        rows = []
+        for s in self:
+            row = {"kind": s.kind, "index": s.index, "start_ns": s.start_ns, "end_ns": s.end_ns, "depth": s.depth,
+                   "device": s.device}
+            if s.starts_after_matmul:
+                row["starts_after_matmul"] = True
+            if s.ends_after_matmul:
+                row["ends_after_matmul"] = True
+            rows.append(row)
+        return rows

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .labels import Kind, index_of, kind_of
+from .labels import Kind, after_matmul, index_of, kind_of
 from .spans import KIND_CODE, Span, SpanTable
 
 __all__ = ["Span", "SpanTable", "StageTimes", "StageOrderError", "stages_from_marks"]
@@ -154,7 +154,8 @@ def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.nda
     prefill_ns = at(prefill[1]) - at(prefill[0])
     decode_ns = at(n - 1) - at(first_decode)
     other = total - (vision_ns or 0) - prefill_ns - decode_ns
-    rows = _span_rows(kinds, idx, vision, prefill, decode_pos, step_bounds)
+    moved = after_matmul(labels)
+    rows = _span_rows(kinds, idx, vision, prefill, decode_pos, step_bounds, moved if moved.any() else None)
     host_spans = SpanTable.empty()
     if host_ns is not None:
         h = np.asarray(host_ns, dtype=np.int64)
@@ -182,20 +183,25 @@ def _check_chain(chain: list[tuple[str, int]], t: np.ndarray) -> None:
 @dataclass(frozen=True)
 class _SpanRows:
     """The spans of a call as the marks that bound them (positions into the call's marks):
-    a clock read at those positions gives the span table on that clock."""
+    a clock read at those positions gives the span table on that clock. ``moved``: per mark,
+    a stamp taken after a layer's last matmul (None: none is)."""
 
     kind: np.ndarray
     index: np.ndarray
     depth: np.ndarray
     begin: np.ndarray
     end: np.ndarray
+    moved: np.ndarray | None
 
     def at(self, t: np.ndarray) -> SpanTable:
-        return SpanTable(self.kind, self.index, t[self.begin], t[self.end], self.depth)
+        if self.moved is None:
+            return SpanTable(self.kind, self.index, t[self.begin], t[self.end], self.depth)
+        return SpanTable(self.kind, self.index, t[self.begin], t[self.end], self.depth,
+                         starts_after_matmul=self.moved[self.begin], ends_after_matmul=self.moved[self.end])
 
 
 def _span_rows(kinds: np.ndarray, idx: np.ndarray, vision: tuple[int, int] | None, prefill: tuple[int, int],
-               decode_pos: np.ndarray, step_bounds: np.ndarray) -> _SpanRows:
+               decode_pos: np.ndarray, step_bounds: np.ndarray, moved: np.ndarray | None) -> _SpanRows:
     """The call, its stages, the steps and the layers, in nesting order: generate, vision,
     prefill, prefill layers, decode, then each step followed by its layers."""
     n = len(kinds)
@@ -223,4 +229,5 @@ def _span_rows(kinds: np.ndarray, idx: np.ndarray, vision: tuple[int, int] | Non
         depth=cat([head[:k, 1], np.full(n_pre, 2), head[k:, 1],
                    cat([np.full(n_steps, 2), np.full(n_tail_layers, 3)])[order]]),
         begin=cat([head[:k, 2], lb[in_prefill], head[k:, 2], cat([decode_pos, lb[~in_prefill]])[order]]),
-        end=cat([head[:k, 3], le[in_prefill], head[k:, 3], cat([step_bounds[1:], le[~in_prefill]])[order]]))
+        end=cat([head[:k, 3], le[in_prefill], head[k:, 3], cat([step_bounds[1:], le[~in_prefill]])[order]]),
+        moved=moved)

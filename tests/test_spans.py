@@ -36,3 +36,21 @@ def test_spans_round_trip_through_a_record_dict_and_schema_1_names_still_load():
     old = dict(d, schema=1, spans=[{"name": s.name, "start_ns": s.start_ns, "end_ns": s.end_ns, "depth": s.depth,
                                     "device": None} for s in SPANS])
     assert list(StageRecord.from_dict(old).spans) == SPANS
+
+
+def test_after_matmul_flags_survive_placement_and_a_records_file_and_are_written_only_where_set():
+    from stagetrace.records import parse_record_line
+    import json
+
+    moved = [Span("layer", 0, 61, 65, 3, ends_after_matmul=True), Span("layer", 1, 65, 70, 3, starts_after_matmul=True,
+                                                                       ends_after_matmul=True)]
+    table = SpanTable.from_spans(SPANS + moved)
+    placed = table.placed(np.zeros(len(table), dtype=np.int16), ("cuda:0",))
+    assert [(s.starts_after_matmul, s.ends_after_matmul) for s in placed][-3:] == [(False, False), (False, True),
+                                                                                   (True, True)]
+    rec = StageRecord(total_ms=1.0, vision_ms=None, prefill_ms=0.5, decode_ms=0.5, other_ms=0.0, ttft_ms=0.5,
+                      decode_step_ms=[0.5], batch_size=1, prompt_tokens=1, output_tokens=2, spans=table)
+    rows = rec.to_dict(spans=True)["spans"]
+    assert "ends_after_matmul" not in rows[0] and rows[-1]["starts_after_matmul"] is True
+    back = parse_record_line(json.dumps(rec.to_dict(spans=True)))  # the file's own schema check accepts them
+    assert list(back.spans) == SPANS + moved

@@ -244,3 +244,27 @@ def test_host_times_out_of_issue_order_leave_no_host_spans_and_the_stages_stand(
     host[3], host[4] = host[4], host[3]
     st = stages_from_marks(lab, t, host)
     assert st.host_spans == [] and st.total_ns == 160 and len(st.spans) == 7
+
+
+def test_after_matmul_flags_ride_in_labels_and_mark_the_layer_spans_they_bound():
+    """layer_marks="matmul": a moved stamp keeps its flag; kind and index never see it, and the
+    layer spans it starts or ends say so."""
+    from stagetrace.labels import AFTER_MATMUL, MAY_MOVE_TO_MATMUL
+
+    lab, t = marks((K.CALL_BEGIN, 0), (K.PREFILL_FORWARD, 1), (K.LM_BEGIN, 2), ((K.LAYER_BEGIN, 0), 3),
+                   ((K.LAYER_BEGIN, 1), 5), ((K.LAYER_END, 1), 8), (K.LM_HEAD_END, 9), (K.DECODE_FORWARD, 10),
+                   ((K.LAYER_BEGIN, 0), 11), ((K.LAYER_BEGIN, 1), 12), ((K.LAYER_END, 1), 14), (K.CALL_END, 15))
+    flagged = lab.copy()
+    flagged[9] |= AFTER_MATMUL     # the boundary stamp between layers 0 and 1 of the step moved
+    flagged[10] |= AFTER_MATMUL
+    flagged[8] |= MAY_MOVE_TO_MATMUL  # one the pass left at its boundary
+    assert kind_of(flagged).tolist() == kind_of(lab).tolist()
+    assert index_of(flagged).tolist() == index_of(lab).tolist()
+    plain, moved = stages_from_marks(lab, t), stages_from_marks(flagged, t, t)
+    strip = lambda spans: [(s.kind, s.index, s.start_ns, s.end_ns, s.depth) for s in spans]  # noqa: E731
+    assert strip(moved.spans) == strip(plain.spans) and moved.total_ns == plain.total_ns
+    flags = [(s.index, s.depth, s.starts_after_matmul, s.ends_after_matmul) for s in moved.spans if s.kind == "layer"]
+    assert flags == [(0, 2, False, False), (1, 2, False, False), (0, 3, False, True), (1, 3, True, True)]
+    assert [(s.starts_after_matmul, s.ends_after_matmul) for s in moved.host_spans] == \
+        [(s.starts_after_matmul, s.ends_after_matmul) for s in moved.spans]
+    assert not any(s.starts_after_matmul or s.ends_after_matmul for s in plain.spans)

@@ -9,13 +9,17 @@ compiled decode (inductor itself, and the kernels it saves, are for the GPU benc
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import stagetrace
+from stagetrace.export.chrome import chrome_trace
 from stagetrace.labels import AFTER_MATMUL, MAY_MOVE_TO_MATMUL, Kind, label
 from stagetrace.low_level import graph_stamps as gs
+from stagetrace.records import parse_record_line
 from stagetrace.tracing import TracingError
 from stagetrace.tracing.stamp_placement import (MoveStampsToLastMatmul, StampPassSlot,
                                                 move_stamps_to_last_matmul)
@@ -207,10 +211,19 @@ def test_matmul_layer_marks_in_compiled_decode_are_flagged_and_counted_in_the_re
         steps = [s for s in rec.spans if s.name.startswith("step ")]
         assert len(steps) == 3
         for step in steps:
-            inside = [s.name for s in rec.spans if s.name.startswith("layer")
+            inside = [s for s in rec.spans if s.kind == "layer"
                       and step.start_ns <= s.start_ns and s.end_ns <= step.end_ns]
-            assert inside == ["layer 0", "layer 1"]
+            assert [s.name for s in inside] == ["layer 0", "layer 1"]
+            # each span says which of its ends sits after a matmul: layer 0 ends (and layer 1
+            # starts) after layer 0's last matmul, layer 1 ends after its own
+            assert [(s.starts_after_matmul, s.ends_after_matmul) for s in inside] == [(False, True), (True, True)]
+        prefill_layers = [s for s in rec.spans if s.kind == "layer" and s.depth == 2]  # eager: at the boundaries
+        assert prefill_layers and not any(s.starts_after_matmul or s.ends_after_matmul for s in prefill_layers)
         assert rec.to_dict()["layer_marks_after_matmul"] == 6
+        assert list(parse_record_line(json.dumps(rec.to_dict(spans=True))).spans) == list(rec.spans)  # flags kept
+        events = [e for e in chrome_trace([rec])["traceEvents"] if e.get("cat") == "layer"]
+        assert sum(e["args"].get("ends") == "after this layer's last matmul" for e in events) == 2 * 3
+        assert sum(e["args"].get("starts") == "after the previous layer's last matmul" for e in events) == 3
 
 
 def test_matmul_layer_marks_inside_a_forward_compiled_by_hand():
@@ -230,6 +243,9 @@ def test_matmul_layer_marks_inside_a_forward_compiled_by_hand():
     (rec,) = tracer.records
     assert_partition(rec)
     assert not rec.error and rec.layer_marks_after_matmul == 2 * 4  # prefill and 3 steps: layer 1's begin, its end
+    layers = [s for s in rec.spans if s.kind == "layer"]
+    assert [(s.index, s.starts_after_matmul, s.ends_after_matmul) for s in layers] == [
+        (0, False, True), (1, True, True)] * 4  # the compiled prefill's layers too
 
 
 @pytest.mark.gpu
@@ -263,6 +279,7 @@ def test_matmul_layer_marks_under_inductor_and_cuda_graphs():
                       and step.start_ns <= s.start_ns and s.end_ns <= step.end_ns]
             assert [s.name for s in inside] == ["layer 0", "layer 1"], (step, inside)
             assert inside[0].end_ns <= inside[1].start_ns
+            assert [(s.starts_after_matmul, s.ends_after_matmul) for s in inside] == [(False, True), (True, True)]
 
 
 def _text_config(family: str) -> object:

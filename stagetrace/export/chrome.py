@@ -69,6 +69,10 @@ def _span_events(spans: Iterable[Span], rec: StageRecord, base_us: float, pid: i
             args = {"ms": s.dur_ns / 1e6}
             if s.index is not None:
                 args[s.kind] = s.index
+            if s.starts_after_matmul:  # layer_marks="matmul": said on the span, not only counted per call
+                args["starts"] = "after the previous layer's last matmul"
+            if s.ends_after_matmul:
+                args["ends"] = "after this layer's last matmul"
         name = s.name if not host else f"{s.name} (issued)"
         cat = "host" if host else ("layer" if s.kind == "layer" else "stage")
         events.append({"name": name, "cat": cat, "ph": "X", "ts": round(base_us + _us(s.start_ns), 3),

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..labels import AFTER_MATMUL, LABEL_FLAGS, MAY_MOVE_TO_MATMUL, layer_labels
+from ..labels import MAY_MOVE_TO_MATMUL, after_matmul, layer_labels
 from ..layouts import ResolvedLayout
 from ..low_level import Marks
 from ..low_level.clocks import StampMergeError, merge_stamps
@@ -98,14 +98,12 @@ class LayerStamps:
 
     def merge(self, marks: Marks, stream: int, anchors: tuple[int, ...]) -> tuple[Marks, str | None, int]:
         """The call's marks with its stamps placed among them, or the marks and why not; and
-        how many stamps were taken after their layer's last matmul (their flag is stripped:
-        the stage math reads kinds and indices only)."""
+        how many stamps were taken after their layer's last matmul (their labels keep the flag:
+        the stage math marks the layer spans they bound)."""
         labels, t_ns, dropped = self.ring.read(stream)
         labels = np.asarray(labels, dtype=np.int32)
-        after_matmul = (labels & AFTER_MATMUL) != 0
-        labels = labels & ~LABEL_FLAGS
         try:
-            return merge_stamps(marks, labels, t_ns, anchors, dropped), None, int(after_matmul.sum())
+            return merge_stamps(marks, labels, t_ns, anchors, dropped), None, int(after_matmul(labels).sum())
         except StampMergeError as exc:
             return marks, f"the GPU-side layer stamps do not line up with the step events: {exc}", 0
 
