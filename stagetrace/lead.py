@@ -83,7 +83,8 @@ def _stats(leads_us: np.ndarray, behind_ns: np.ndarray, span_ns: int, why_not: s
                 "gpu_bound_share": None, "verdict": why_not or "unknown"}
     behind = float(behind_ns.sum())
     share = behind / span_ns if span_ns > 0 else None
-    ordered = np.sort(leads_us)
+    ordered = leads_us.copy()
+    ordered.sort()
     n = len(ordered)
     median = float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)  # np.median's value, without its checks
     return {"min_us": float(ordered[0]), "median_us": median, "max_us": float(ordered[-1]),
@@ -96,7 +97,7 @@ def _per_step(step: np.ndarray, lead_us: np.ndarray, n_steps: int) -> dict[str, 
     count, min, median and max of its marks' leads."""
     n = np.bincount(step[step >= 0], minlength=n_steps)[:n_steps]
     ordered = lead_us[np.lexsort((lead_us, step))]  # marks of no step first, then step by step
-    first = int(np.sum(step < 0)) + np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
+    first = int((step < 0).sum()) + np.concatenate([[0], n.cumsum()[:-1]]).astype(np.int64)
     last = len(ordered) - 1  # an empty step's positions may fall outside (-1 or past the end): masked below
     at = lambda i: ordered[np.minimum(i, last)] if len(ordered) else np.zeros(len(n))  # noqa: E731
     empty = n == 0
@@ -122,18 +123,18 @@ def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, s
     cpu = "n/a" if backend == "cpu" else None
     stages = {}
     for kind in ("vision", "prefill", "decode"):
-        rows = np.flatnonzero(spans.kind == KIND_CODE[kind])
+        rows = (spans.kind == KIND_CODE[kind]).nonzero()[0]
         if len(rows):
             a, b = spans.start_ns[rows[0]], spans.end_ns[rows[0]]
-            lo, hi = np.searchsorted(t, a, "right"), np.searchsorted(t, b, "right")
+            lo, hi = t.searchsorted(a, "right"), t.searchsorted(b, "right")
             stages[kind] = _stats(lead_us[lo:hi], behind[lo:hi], int(b - a), cpu)
     out: dict[str, Any] = {"stages": stages, "step_lead_us": [], "step_gpu_bound_ms": [], "step_verdict": []}
-    step_rows = np.flatnonzero(spans.kind == KIND_CODE["step"])
+    step_rows = (spans.kind == KIND_CODE["step"]).nonzero()[0]
     n_steps = len(step_rows)
     if not n_steps:
         return out
     # a mark belongs to the step whose start mark it follows in issue order (times can tie)
-    step = (np.searchsorted(np.flatnonzero(kinds == _DECODE_FORWARD), np.arange(len(kinds)), "right") - 1)[usable]
+    step = ((kinds == _DECODE_FORWARD).nonzero()[0].searchsorted(np.arange(len(kinds)), "right") - 1)[usable]
     per = _per_step(step, lead_us, n_steps)
     mine = step >= 0
     gpu_bound = np.bincount(step[mine], weights=behind[mine], minlength=n_steps)[:n_steps]

@@ -66,7 +66,7 @@ def _layer_spans(kinds: np.ndarray, idx: np.ndarray, decode_pos: np.ndarray) -> 
     if not len(j):
         return j, j
     # per layer mark, its region: 0 is everything before the first decode step, k >= 1 is step k - 1
-    region = np.searchsorted(decode_pos, pos, side="right")
+    region = decode_pos.searchsorted(pos, side="right")
     nxt = np.minimum(j + 1, len(pos) - 1)
     closes = ((j + 1 < len(pos)) & (region[nxt] == region[j])
               & ((kinds[pos[nxt]] == _LAYER_BEGIN) | (idx[pos[nxt]] == idx[pos[j]])))
@@ -92,8 +92,9 @@ def _check_marks(labels: np.ndarray, t: np.ndarray, kinds: np.ndarray) -> None:
         raise StageOrderError("a call's marks must start with CALL_BEGIN and end with CALL_END "
                               f"(got {n} marks, first kind {int(kinds[0]) if n else None}, "
                               f"last {int(kinds[-1]) if n else None})")
-    if np.any(np.diff(t) < 0):
-        bad = int(np.flatnonzero(np.diff(t) < 0)[0])
+    back = t[1:] < t[:-1]
+    if back.any():
+        bad = int(back.nonzero()[0][0])
         raise StageOrderError(f"mark {bad + 1} ({Kind(int(kinds[bad + 1])).name}) is earlier on the device "
                               f"timeline than mark {bad} ({Kind(int(kinds[bad])).name}): marks of one call must "
                               "be recorded in the order the device runs them (one stream)")
@@ -147,7 +148,7 @@ def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.nda
               ("decode start", first_decode), ("generate return", n - 1)]
     _check_chain(chain, t)
 
-    step_bounds = np.append(decode_pos, n - 1)  # step i runs from its DECODE mark to the next (or the return)
+    step_bounds = np.concatenate([decode_pos, [n - 1]])  # step i runs from its DECODE mark to the next (or the return)
     at = lambda p: int(t[p])  # noqa: E731
     total = at(n - 1) - at(0)
     vision_ns = at(vision[1]) - at(vision[0]) if vision else None
@@ -167,7 +168,7 @@ def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.nda
             pass
     return StageTimes(total_ns=total, vision_ns=vision_ns, prefill_ns=prefill_ns, decode_ns=decode_ns,
                       other_ns=other, ttft_ns=at(first_decode) - at(0),
-                      decode_step_ns=np.diff(t[step_bounds]).tolist(), call_start_ns=at(0), spans=rows.at(t),
+                      decode_step_ns=(t[step_bounds[1:]] - t[step_bounds[:-1]]).tolist(), call_start_ns=at(0), spans=rows.at(t),
                       host_spans=host_spans)
 
 
@@ -215,7 +216,7 @@ def _span_rows(kinds: np.ndarray, idx: np.ndarray, vision: tuple[int, int] | Non
     in_prefill = lb < (decode_pos[0] if n_steps else n)  # before the first decode step
     n_pre = int(in_prefill.sum())
     # rows after the prefill: decode, then steps and step layers ordered by their first mark
-    order = np.argsort(np.concatenate([decode_pos, lb[~in_prefill]]), kind="stable")
+    order = np.concatenate([decode_pos, lb[~in_prefill]]).argsort(kind="stable")
     n_tail_layers = len(lb) - n_pre
     decode_row = [(KIND_CODE["decode"], 1, int(decode_pos[0]), n - 1)] if n_steps else []
     head = np.array(stage_rows + decode_row, dtype=np.int64).reshape(-1, 4)

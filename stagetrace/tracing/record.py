@@ -9,7 +9,6 @@ import functools
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..lead import call_leads
@@ -33,9 +32,9 @@ def versions() -> dict[str, str]:
 
 def layer_steps(spans: SpanTable) -> list[int]:
     """The decode steps that carry layer spans: each layer row follows its step's row."""
-    step_rows = np.flatnonzero(spans.kind == KIND_CODE["step"])
-    layer_rows = np.flatnonzero((spans.kind == KIND_CODE["layer"]) & (spans.depth == 3))
-    owner = np.searchsorted(step_rows, layer_rows, "right") - 1
+    step_rows = (spans.kind == KIND_CODE["step"]).nonzero()[0]
+    layer_rows = ((spans.kind == KIND_CODE["layer"]) & (spans.depth == 3)).nonzero()[0]
+    owner = step_rows.searchsorted(layer_rows, "right") - 1
     return sorted({int(spans.index[step_rows[k]]) for k in owner[owner >= 0]})
 
 
