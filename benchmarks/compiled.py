@@ -232,6 +232,8 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             if stack:  # the stamped ways against each other on the GPU's own clock
                 row["layer_stack_median_us"] = statistics.median(stack)
                 row["layer_stack_p10_p90_us"] = [quantile(stack, 0.1), quantile(stack, 0.9)]
+        if "resolve_ms" in row:  # the sync and the record, built before generate() returns: a share of the call
+            row["resolve_pct"] = 100 * row["resolve_ms"] / base
         summary[m] = row
     layers = len(getattr(tracers["stagetrace"].layout, "layers"))
     step_stage = summary["stagetrace"]["decode_step_median_ms"]
@@ -305,9 +307,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"level: {costs}; plain p10-p90 {r['plain_spread_p10_p90_pct']:.2f}%")
         rows = [[m, v["median_ms"], v["paired_overhead_pct"], "[{:.2f}, {:.2f}]".format(*v["paired_overhead_ci95_pct"]),
                  v.get("decode_step_median_ms", ""), v.get("layer_stack_median_us", ""), v.get("n_marks", ""),
-                 v.get("layer_marks_after_matmul", ""), len(v.get("errors", []))] for m, v in r["methods"].items()]
+                 v.get("layer_marks_after_matmul", ""),
+                 f"{v['resolve_ms'] * 1e3:.0f} ({v['resolve_pct']:.2f}%)" if "resolve_pct" in v else "",
+                 len(v.get("errors", []))] for m, v in r["methods"].items()]
         print(table(rows, ["method", "median ms", "paired %", "95% interval", "step ms", "layer stack µs", "marks",
-                           "after matmul", "errors"]))
+                           "after matmul", "resolve µs (% of call)", "errors"]))
     print(f"wrote {path}")
     return payload
 
