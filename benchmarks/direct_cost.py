@@ -37,6 +37,11 @@ with the layer marks dropped in Python (the wrappers and their switching alone).
 ``layer_every=4``, whether a marked step leaves a cost on the steps after it: the step right
 after it against the third after it.
 
+Part 5, after the call: where ``resolve_ms`` (the host time from generate()'s return to the
+traced call's) goes — the sync and the native resolve (``Marks.from_timeline``), the record
+(``build_record``), and the same build run once more right after it on the same marks: what
+the record costs with warm caches, against what it costs coming after the model's own work.
+
 Part 3, outside generate() (GPU only): a tiny kernel, a sync through ``.item()`` as
 generate() does, then either [mark, kernel launch] or [kernel launch], each call timed,
 interleaved: the first CUDA call after a sync costs the same whether it is our mark or a
@@ -255,6 +260,53 @@ def within_call(model: Any, kw: dict[str, Any], calls: int) -> dict[str, Any]:
     return out
 
 
+def after_call(model: Any, kw: dict[str, Any], reps: int, layer_detail: str) -> dict[str, Any]:
+    """Part 5: the parts of resolve_ms, per call (µs), with the tracer's own steps timed where it
+    calls them (module attributes swapped for timed forwards for the run, then put back)."""
+    import types
+    import warnings
+
+    import stagetrace
+    from stagetrace.tracing import tracer as tracer_mod
+
+    parts: dict[str, list[float]] = {"from_timeline": [], "build_record": [], "build_record_again": []}
+    real_build, real_marks = tracer_mod.build_record, tracer_mod.Marks
+
+    def from_timeline(timeline: Any) -> Any:
+        t0 = time.perf_counter_ns()
+        marks = real_marks.from_timeline(timeline)
+        parts["from_timeline"].append((time.perf_counter_ns() - t0) / 1e3)
+        return marks
+
+    def build_record(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter_ns()
+        rec = real_build(*args, **kwargs)
+        t1 = time.perf_counter_ns()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            real_build(*args, **kwargs)  # the same marks again, at once: warm caches
+        parts["build_record"].append((t1 - t0) / 1e3)
+        parts["build_record_again"].append((time.perf_counter_ns() - t1) / 1e3)
+        return rec
+
+    tracer_mod.Marks, tracer_mod.build_record = types.SimpleNamespace(from_timeline=from_timeline), build_record
+    try:
+        with stagetrace.trace(model, layer_detail=layer_detail, keep_marks=False) as tracer:
+            for _ in range(reps + 2):
+                model.generate(**kw)
+    finally:
+        tracer_mod.Marks, tracer_mod.build_record = real_marks, real_build
+    skip = 2  # the first calls warm up
+    resolve = [r.resolve_ms * 1e3 - again for r, again in zip(tracer.records[skip:], parts["build_record_again"][skip:])]
+    rest = [r - a - b for r, a, b in zip(resolve, parts["from_timeline"][skip:], parts["build_record"][skip:])]
+    out = {"calls": len(resolve), "marks_per_call": tracer.records[-1].n_marks,
+           "resolve_us": _stats_us([int(x * 1e3) for x in resolve]),
+           "rest_us": _stats_us([int(x * 1e3) for x in rest])}
+    for name, values in parts.items():
+        out[f"{name}_us"] = _stats_us([int(x * 1e3) for x in values[skip:]])
+    return out
+
+
 def outside_generate(reps: int) -> dict[str, Any]:
     """Part 3: the first CUDA call after a sync, our mark or a kernel launch."""
     import torch
@@ -306,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--loop-reps", type=int, default=2000, help="repetitions outside generate() (part 3)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--pin-cpu", default="3", metavar="CORES", help="cores to pin to; 'none' for no pinning")
-    ap.add_argument("--parts", default="1,2,3,4", help="which parts to run (comma-separated)")
+    ap.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (comma-separated)")
     ap.add_argument("--within-calls", type=int, default=30, help="calls per clock (part 4)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -341,6 +393,9 @@ def main(argv: list[str] | None = None) -> dict:
         res["outside_generate"] = outside_generate(args.loop_reps)
     if "4" in parts:
         res["within_call"] = within_call(model, kw, args.within_calls)
+    if "5" in parts:
+        res["after_call_stage"] = after_call(model, kw, args.reps, "off")
+        res["after_call_layers"] = after_call(model, kw, args.reps, "all")
     path = save("direct_cost" if cuda else "direct_cost-cpu-tiny", payload, args.out)
 
     print(f"direct in-context cost on {env['card']} (timer floor {payload['timer_floor_us']:.3f} µs; "
@@ -371,6 +426,12 @@ def main(argv: list[str] | None = None) -> dict:
             if d["median"] is not None:
                 print(f"  layer_every=4, {key[:-3].replace('_', ' ')}: {d['median']:+.1f} µs "
                       f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] over {d['pairs']} pairs")
+    for part in [p for p in ("after_call_stage", "after_call_layers") if p in res]:
+        r = res[part]
+        print(f"\n{part}: where resolve_ms goes ({r['marks_per_call']} marks, {r['calls']} calls)")
+        print(table([[k[:-3], r[k]["median_us"], r[k]["p10_us"], r[k]["p90_us"]]
+                     for k in ("resolve_us", "from_timeline_us", "build_record_us", "rest_us", "build_record_again_us")],
+                    ["part", "median µs", "p10 µs", "p90 µs"]))
     if "outside_generate" in res:
         print("\noutside generate()")
         print(table([[k, v["median_us"], v["p10_us"], v["p90_us"]] for k, v in res["outside_generate"].items()],
