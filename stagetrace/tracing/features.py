@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["PendingFeatures", "queue_features"]
@@ -58,15 +59,18 @@ class PendingFeatures:
     attention_mask: Any
 
     def resolve(self) -> dict[str, Any]:
-        """After the call's sync: plain numbers."""
+        """After the call's sync: plain numbers, counted on the host (one copy per tensor: a
+        count on the GPU is a kernel and a sync each, and this runs inside the traced call)."""
         sizes = self.image_sizes.tolist() if isinstance(self.image_sizes, torch.Tensor) else self.image_sizes
         ids = self.input_ids
         image_tokens = attended = None
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            host_ids = ids.detach().cpu().numpy()
             if self.placeholder_ids:
-                image_tokens = int(sum(int((ids == i).sum()) for i in self.placeholder_ids))
+                image_tokens = sum(int(np.count_nonzero(host_ids == i)) for i in self.placeholder_ids)
             mask = self.attention_mask
-            attended = int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.shape == ids.shape else ids.numel()
+            attended = (int(mask.detach().cpu().numpy().sum()) if isinstance(mask, torch.Tensor)
+                        and mask.shape == ids.shape else ids.numel())
         text = attended - image_tokens if attended is not None and image_tokens is not None else attended
         return {"images": self.images, "image_sizes": [list(map(int, s)) for s in sizes] if sizes else [],
                 "image_tokens": image_tokens, "text_tokens": text}
