@@ -11,6 +11,11 @@ No torch, no model. This is where exactness lives, so what must stay true is:
   that re-runs inside decode steps, e.g. without a cache, belongs to those steps);
 * prefill never starts before vision ends: a language model that runs the vision part
   inside its own forward has that part counted as vision, once;
+* which marks bound each span is decided once; the device times, and the host's issue
+  times where given, are read at those marks (``host_spans``), so the host track never
+  disagrees with the device track about which span is which;
+* a label's flags (``labels.LABEL_FLAGS``) never change its kind or index; a layer span
+  bounded by a stamp taken after a matmul says so (``starts_/ends_after_matmul``);
 * the work is vectorized (numpy over all marks at once): it runs after every
   ``generate()``, on up to hundreds of thousands of marks, and its cost per mark is
   budgeted (``benchmarks/mark_cost.py``).
