@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "stage_rows.h"
 #include "timeline.h"
 #ifdef STAGETRACE_WITH_CUDA
 #include "cuda_timeline.h"
@@ -54,6 +55,27 @@ PYBIND11_MODULE(_C, m) {
   (void)timeline_error;
 
   m.def("cuda_compiled", &cuda_compiled);
+  m.def("stage_rows", [](py::array_t<int32_t, py::array::c_style | py::array::forcecast> labels,
+                         py::array_t<int64_t, py::array::c_style | py::array::forcecast> device_ns) {
+    if (labels.ndim() != 1 || device_ns.ndim() != 1 || labels.shape(0) != device_ns.shape(0))
+      throw std::invalid_argument("stage_rows: labels and device_ns must be 1-d and of one length");
+    StageRows r = stage_rows(labels.data(), device_ns.data(), labels.shape(0));
+    return py::make_tuple(r.status, r.at, r.vision_begin, r.vision_end, r.prefill_begin, r.prefill_end,
+                          r.first_decode, to_numpy(r.decode), to_numpy(r.kind), to_numpy(r.index),
+                          to_numpy(r.depth), to_numpy(r.begin), to_numpy(r.end));
+  }, py::arg("labels"), py::arg("device_ns"));
+  m.def("stage_kind_codes", []() {  // for the test that they are labels.Kind's and spans.SPAN_KINDS' values
+    py::dict marks, spans;
+    marks["CALL_BEGIN"] = int(kCallBegin); marks["CALL_END"] = int(kCallEnd);
+    marks["VISION_BEGIN"] = int(kVisionBegin); marks["VISION_END"] = int(kVisionEnd);
+    marks["PREFILL_FORWARD"] = int(kPrefillForward); marks["DECODE_FORWARD"] = int(kDecodeForward);
+    marks["LM_BEGIN"] = int(kLmBegin); marks["LM_HEAD_END"] = int(kLmHeadEnd);
+    marks["LAYER_BEGIN"] = int(kLayerBegin); marks["LAYER_END"] = int(kLayerEnd);
+    marks["FORWARD_RETURN"] = int(kForwardReturn);
+    spans["call"] = int(kSpanCall); spans["vision"] = int(kSpanVision); spans["prefill"] = int(kSpanPrefill);
+    spans["decode"] = int(kSpanDecode); spans["step"] = int(kSpanStep); spans["layer"] = int(kSpanLayer);
+    return py::make_tuple(marks, spans);
+  });
   m.def("cuda_probe", &cuda_probe);
   m.def("host_now_ns", &host_now_ns);
 

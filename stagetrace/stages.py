@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .labels import Kind, after_matmul, index_of, kind_of
+from .low_level import _C
 from .spans import KIND_CODE, Span, SpanTable
 
 __all__ = ["Span", "SpanTable", "StageTimes", "StageOrderError", "stages_from_marks"]
@@ -38,6 +39,10 @@ _LAYER, _STEP = KIND_CODE["layer"], KIND_CODE["step"]
  _LAYER_BEGIN, _LAYER_END) = (int(k) for k in (
     Kind.CALL_BEGIN, Kind.CALL_END, Kind.VISION_BEGIN, Kind.VISION_END, Kind.PREFILL_FORWARD, Kind.DECODE_FORWARD,
     Kind.LM_BEGIN, Kind.LM_HEAD_END, Kind.LAYER_BEGIN, Kind.LAYER_END))
+
+
+# the native walk over the marks (None where the extension did not build: the numpy path runs)
+_native_rows = getattr(_C, "stage_rows", None)
 
 
 class StageOrderError(ValueError):
@@ -88,21 +93,94 @@ def _layer_spans(kinds: np.ndarray, idx: np.ndarray, decode_pos: np.ndarray) -> 
     return pos[j][keep], end[keep]
 
 
-def _check_marks(labels: np.ndarray, t: np.ndarray, kinds: np.ndarray) -> None:
-    """One call, framed by its entry and return marks, in device order — or StageOrderError."""
-    if labels.shape != t.shape:
-        raise ValueError(f"labels and times differ in shape: {labels.shape} vs {t.shape}")
+def _frame_error(kinds: np.ndarray) -> StageOrderError:
+    n = len(kinds)
+    return StageOrderError("a call's marks must start with CALL_BEGIN and end with CALL_END "
+                           f"(got {n} marks, first kind {int(kinds[0]) if n else None}, "
+                           f"last {int(kinds[-1]) if n else None})")
+
+
+def _order_error(kinds: np.ndarray, bad: int) -> StageOrderError:
+    return StageOrderError(f"mark {bad + 1} ({Kind(int(kinds[bad + 1])).name}) is earlier on the device "
+                           f"timeline than mark {bad} ({Kind(int(kinds[bad])).name}): marks of one call must "
+                           "be recorded in the order the device runs them (one stream)")
+
+
+_VISION_UNPAIRED = "vision marks are unpaired: a vision module started without ending or vice versa"
+_NO_PREFILL = "no prefill forward was marked: generate() ran no forward of the traced model"
+
+
+def _first_back(t: np.ndarray) -> int | None:
+    """The mark before the first one that is earlier than it on ``t`` (None: ordered)."""
+    back = t[1:] < t[:-1]
+    return int(back.nonzero()[0][0]) if back.any() else None
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """Which marks bound the call's stages and spans (positions into its marks)."""
+
+    vision: tuple[int, int] | None
+    prefill: tuple[int, int]
+    first_decode: int               # the first decode step's mark (the return where there is none)
+    step_bounds: np.ndarray         # each decode step's start mark, then the call's last mark
+    rows: "_SpanRows"
+
+
+def _bounds_numpy(labels: np.ndarray, t: np.ndarray) -> _Bounds:
+    """The reference: numpy over all marks at once (the native ``_C.stage_rows`` is its twin)."""
+    kinds = kind_of(labels)
+    idx = index_of(labels)
     n = len(kinds)
     if n < 2 or kinds[0] != _CALL_BEGIN or kinds[-1] != _CALL_END:
-        raise StageOrderError("a call's marks must start with CALL_BEGIN and end with CALL_END "
-                              f"(got {n} marks, first kind {int(kinds[0]) if n else None}, "
-                              f"last {int(kinds[-1]) if n else None})")
-    back = t[1:] < t[:-1]
-    if back.any():
-        bad = int(back.nonzero()[0][0])
-        raise StageOrderError(f"mark {bad + 1} ({Kind(int(kinds[bad + 1])).name}) is earlier on the device "
-                              f"timeline than mark {bad} ({Kind(int(kinds[bad])).name}): marks of one call must "
-                              "be recorded in the order the device runs them (one stream)")
+        raise _frame_error(kinds)
+    bad = _first_back(t)
+    if bad is not None:
+        raise _order_error(kinds, bad)
+
+    decode_pos = (kinds == _DECODE_FORWARD).nonzero()[0]
+    first_decode = int(decode_pos[0]) if len(decode_pos) else n - 1
+    head = kinds[:first_decode]  # what shapes vision and prefill
+    pos = lambda k: (head == k).nonzero()[0]  # noqa: E731
+
+    vb, ve = pos(_VISION_BEGIN), pos(_VISION_END)
+    vision: tuple[int, int] | None = None  # (begin, end) mark positions
+    if len(vb) and len(ve):
+        vision = (int(vb[0]), int(ve[-1]))
+    elif len(vb) or len(ve):
+        raise StageOrderError(_VISION_UNPAIRED)
+
+    prefill_fwd = pos(_PREFILL_FORWARD)
+    if len(prefill_fwd) == 0:
+        raise StageOrderError(_NO_PREFILL)
+    lm_begin, head_end = pos(_LM_BEGIN), pos(_LM_HEAD_END)
+    p_start = int(lm_begin[0]) if len(lm_begin) else int(prefill_fwd[0])
+    if vision is not None:
+        # Prefill starts after vision: without an LM mark, and where the module whose start
+        # marks prefill runs the vision part inside itself (IDEFICS, GIT, a text encoder fed
+        # image features): its run before vision ended is vision's, not prefill's. (The
+        # later mark is the later time on every clock the marks are ordered on.)
+        p_start = max(p_start, vision[1])
+    prefill = (p_start, int(head_end[-1]) if len(head_end) else first_decode)
+    step_bounds = np.concatenate([decode_pos, [n - 1]])  # step i runs from its DECODE mark to the next (or the return)
+    return _Bounds(vision, prefill, first_decode, step_bounds,
+                   _span_rows(kinds, idx, vision, prefill, decode_pos, step_bounds))
+
+
+def _bounds_native(labels: np.ndarray, t: np.ndarray) -> _Bounds:
+    """The same as :func:`_bounds_numpy`, walked in C++ (``csrc/stage_rows.cpp``): one call
+    instead of some forty numpy operations, after every generate()."""
+    (status, at, vb, ve, pb, pe, first_decode, decode_pos, kind, index, depth, begin,
+     end) = _native_rows(labels, t)  # type: ignore[misc]
+    if status:
+        kinds = kind_of(labels)
+        if status == 1:
+            raise _frame_error(kinds)
+        if status == 2:
+            raise _order_error(kinds, at)
+        raise StageOrderError(_VISION_UNPAIRED if status == 3 else _NO_PREFILL)
+    return _Bounds(None if vb < 0 else (vb, ve), (pb, pe), first_decode,
+                   np.concatenate([decode_pos, [len(labels) - 1]]), _SpanRows(kind, index, depth, begin, end))
 
 
 def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray | None = None) -> StageTimes:
@@ -117,35 +195,11 @@ def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.nda
     """
     labels = np.asarray(labels)
     t = np.asarray(device_ns, dtype=np.int64)
-    kinds = kind_of(labels)
-    idx = index_of(labels)
-    n = len(kinds)
-    _check_marks(labels, t, kinds)
-
-    decode_pos = (kinds == _DECODE_FORWARD).nonzero()[0]
-    first_decode = int(decode_pos[0]) if len(decode_pos) else n - 1
-    head = kinds[:first_decode]  # what shapes vision and prefill
-    pos = lambda k: (head == k).nonzero()[0]  # noqa: E731
-
-    vb, ve = pos(_VISION_BEGIN), pos(_VISION_END)
-    vision: tuple[int, int] | None = None  # (begin, end) mark positions
-    if len(vb) and len(ve):
-        vision = (int(vb[0]), int(ve[-1]))
-    elif len(vb) or len(ve):
-        raise StageOrderError("vision marks are unpaired: a vision module started without ending or vice versa")
-
-    prefill_fwd = pos(_PREFILL_FORWARD)
-    if len(prefill_fwd) == 0:
-        raise StageOrderError("no prefill forward was marked: generate() ran no forward of the traced model")
-    lm_begin, head_end = pos(_LM_BEGIN), pos(_LM_HEAD_END)
-    p_start = int(lm_begin[0]) if len(lm_begin) else int(prefill_fwd[0])
-    if vision is not None:
-        # Prefill starts after vision: without an LM mark, and where the module whose start
-        # marks prefill runs the vision part inside itself (IDEFICS, GIT, a text encoder fed
-        # image features): its run before vision ended is vision's, not prefill's. (The
-        # later mark is the later time on every clock the marks are ordered on.)
-        p_start = max(p_start, vision[1])
-    prefill = (p_start, int(head_end[-1]) if len(head_end) else first_decode)
+    if labels.shape != t.shape:
+        raise ValueError(f"labels and times differ in shape: {labels.shape} vs {t.shape}")
+    b = _bounds_native(labels, t) if _native_rows is not None and labels.ndim == 1 else _bounds_numpy(labels, t)
+    vision, prefill, first_decode, step_bounds = b.vision, b.prefill, b.first_decode, b.step_bounds
+    n = len(labels)
     chain = [("generate entry", 0)]
     if vision:
         chain += [("vision start", vision[0]), ("vision end", vision[1])]
@@ -153,7 +207,6 @@ def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.nda
               ("decode start", first_decode), ("generate return", n - 1)]
     _check_chain(chain, t)
 
-    step_bounds = np.concatenate([decode_pos, [n - 1]])  # step i runs from its DECODE mark to the next (or the return)
     at = lambda p: int(t[p])  # noqa: E731
     total = at(n - 1) - at(0)
     vision_ns = at(vision[1]) - at(vision[0]) if vision else None
@@ -161,20 +214,22 @@ def stages_from_marks(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.nda
     decode_ns = at(n - 1) - at(first_decode)
     other = total - (vision_ns or 0) - prefill_ns - decode_ns
     moved = after_matmul(labels)
-    rows = _span_rows(kinds, idx, vision, prefill, decode_pos, step_bounds, moved if moved.any() else None)
+    rows = b.rows if not moved.any() else _SpanRows(b.rows.kind, b.rows.index, b.rows.depth, b.rows.begin,
+                                                     b.rows.end, moved)
     host_spans = SpanTable.empty()
     if host_ns is not None:
         h = np.asarray(host_ns, dtype=np.int64)
         try:
-            _check_marks(labels, h, kinds)
+            if h.shape != t.shape or _first_back(h) is not None:
+                raise StageOrderError("host times out of issue order")
             _check_chain(chain, h)
             host_spans = rows.at(h)
         except StageOrderError:  # host issue order is the mark order; anything else leaves no host spans
             pass
     return StageTimes(total_ns=total, vision_ns=vision_ns, prefill_ns=prefill_ns, decode_ns=decode_ns,
                       other_ns=other, ttft_ns=at(first_decode) - at(0),
-                      decode_step_ns=(t[step_bounds[1:]] - t[step_bounds[:-1]]).tolist(), call_start_ns=at(0), spans=rows.at(t),
-                      host_spans=host_spans)
+                      decode_step_ns=(t[step_bounds[1:]] - t[step_bounds[:-1]]).tolist(), call_start_ns=at(0),
+                      spans=rows.at(t), host_spans=host_spans)
 
 
 def _check_chain(chain: list[tuple[str, int]], t: np.ndarray) -> None:
@@ -197,7 +252,7 @@ class _SpanRows:
     depth: np.ndarray
     begin: np.ndarray
     end: np.ndarray
-    moved: np.ndarray | None
+    moved: np.ndarray | None = None
 
     def at(self, t: np.ndarray) -> SpanTable:
         if self.moved is None:
@@ -207,7 +262,7 @@ class _SpanRows:
 
 
 def _span_rows(kinds: np.ndarray, idx: np.ndarray, vision: tuple[int, int] | None, prefill: tuple[int, int],
-               decode_pos: np.ndarray, step_bounds: np.ndarray, moved: np.ndarray | None) -> _SpanRows:
+               decode_pos: np.ndarray, step_bounds: np.ndarray) -> _SpanRows:
     """The call, its stages, the steps and the layers, in nesting order: generate, vision,
     prefill, prefill layers, decode, then each step followed by its layers."""
     n = len(kinds)
@@ -235,5 +290,4 @@ def _span_rows(kinds: np.ndarray, idx: np.ndarray, vision: tuple[int, int] | Non
         depth=cat([head[:k, 1], np.full(n_pre, 2), head[k:, 1],
                    cat([np.full(n_steps, 2), np.full(n_tail_layers, 3)])[order]]),
         begin=cat([head[:k, 2], lb[in_prefill], head[k:, 2], cat([decode_pos, lb[~in_prefill]])[order]]),
-        end=cat([head[:k, 3], le[in_prefill], head[k:, 3], cat([step_bounds[1:], le[~in_prefill]])[order]]),
-        moved=moved)
+        end=cat([head[:k, 3], le[in_prefill], head[k:, 3], cat([step_bounds[1:], le[~in_prefill]])[order]]))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from stagetrace.labels import Kind, index_of, kind_of, label
+from stagetrace import stages as stages_module
 from stagetrace.stages import StageOrderError, stages_from_marks
 
 K = Kind
@@ -268,3 +269,59 @@ def test_after_matmul_flags_ride_in_labels_and_mark_the_layer_spans_they_bound()
     assert [(s.starts_after_matmul, s.ends_after_matmul) for s in moved.host_spans] == \
         [(s.starts_after_matmul, s.ends_after_matmul) for s in moved.spans]
     assert not any(s.starts_after_matmul or s.ends_after_matmul for s in plain.spans)
+
+
+def _random_marks(rng):
+    """Any sequence: valid calls, broken frames, unpaired vision, stray and nested layer marks,
+    flags; times with ties and, sometimes, out of order."""
+    from stagetrace.labels import AFTER_MATMUL, MAY_MOVE_TO_MATMUL
+
+    kinds = [K.VISION_BEGIN, K.VISION_END, K.PREFILL_FORWARD, K.LM_BEGIN, K.LM_HEAD_END, K.LAYER_BEGIN,
+             K.LAYER_END, K.DECODE_FORWARD, K.FORWARD_RETURN]
+    weights = np.array([1, 1, 2, 2, 2, 4, 3, 3, 2], dtype=float)
+    inner = rng.choice(len(kinds), size=int(rng.integers(0, 40)), p=weights / weights.sum())
+    seq = [label(K.CALL_BEGIN)] + [label(kinds[k], int(rng.integers(0, 4))) for k in inner] + [label(K.CALL_END)]
+    if rng.random() < 0.05:
+        seq = seq[1:] if rng.random() < 0.5 else seq[:-1]
+    lab = np.array(seq, dtype=np.int32)
+    flagged = rng.random(len(lab)) < 0.1
+    lab[flagged] |= AFTER_MATMUL if rng.random() < 0.5 else MAY_MOVE_TO_MATMUL
+    t = np.cumsum(rng.integers(0, 3, size=len(lab))).astype(np.int64)
+    if rng.random() < 0.1 and len(t) > 2:
+        t[int(rng.integers(1, len(t)))] -= 5
+    return lab, t
+
+
+@pytest.mark.skipif(stages_module._native_rows is None, reason="the native extension did not build")
+def test_the_native_walk_over_the_marks_equals_the_numpy_reference():
+    """csrc/stage_rows.cpp and stages._bounds_numpy: the same stage boundaries, the same span
+    rows, and the same refusal with the same words, on 5,000 random sequences."""
+    rng = np.random.default_rng(7)
+    outcomes = set()
+    for _ in range(5000):
+        lab, t = _random_marks(rng)
+        try:
+            want = stages_module._bounds_numpy(lab, t)
+        except StageOrderError as exc:
+            with pytest.raises(StageOrderError) as got:
+                stages_module._bounds_native(lab, t)
+            assert str(got.value) == str(exc)
+            outcomes.add(str(exc).split(" ")[0])
+            continue
+        got = stages_module._bounds_native(lab, t)
+        assert (got.vision, got.prefill, got.first_decode) == (want.vision, want.prefill, want.first_decode)
+        assert got.step_bounds.tolist() == want.step_bounds.tolist()
+        for col in ("kind", "index", "depth", "begin", "end"):
+            assert getattr(got.rows, col).tolist() == getattr(want.rows, col).tolist(), (col, lab, t)
+        outcomes.add("ok")
+    assert outcomes >= {"ok", "a", "mark", "vision", "no"}, outcomes  # every kind of refusal was met
+
+
+def test_the_native_kind_codes_are_the_labels_and_span_kinds():
+    from stagetrace.low_level import _C
+    from stagetrace.spans import KIND_CODE
+
+    if not hasattr(_C, "stage_kind_codes"):
+        pytest.skip("the native extension did not build")
+    marks, spans = _C.stage_kind_codes()
+    assert marks == {k.name: int(k) for k in K} and spans == KIND_CODE
