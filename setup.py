@@ -77,7 +77,7 @@ class NinjaBuildExt(build_ext):
         out.parent.mkdir(parents=True, exist_ok=True)
 
         cuda = find_cuda_home()
-        sources = ["host_timeline.cpp", "stage_rows.cpp", "bindings.cpp"]
+        sources = ["host_timeline.cpp", "stage_rows.cpp", "call_leads.cpp", "bindings.cpp"]
         cflags = ["-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra",
                   f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}"]
         ldflags = ["-shared", "-Wl,--exclude-libs,ALL"]

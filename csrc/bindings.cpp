@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "call_leads.h"
 #include "stage_rows.h"
 #include "timeline.h"
 #ifdef STAGETRACE_WITH_CUDA
@@ -64,6 +65,29 @@ PYBIND11_MODULE(_C, m) {
                           r.first_decode, to_numpy(r.decode), to_numpy(r.kind), to_numpy(r.index),
                           to_numpy(r.depth), to_numpy(r.begin), to_numpy(r.end));
   }, py::arg("labels"), py::arg("device_ns"));
+  m.def("lead_columns", [](py::array_t<int32_t, py::array::c_style | py::array::forcecast> labels,
+                           py::array_t<int64_t, py::array::c_style | py::array::forcecast> device_ns,
+                           py::array_t<int64_t, py::array::c_style | py::array::forcecast> host_ns, py::object issued,
+                           py::array_t<int64_t, py::array::c_style | py::array::forcecast> windows, int64_t n_steps) {
+    const int64_t n = labels.shape(0);
+    if (labels.ndim() != 1 || device_ns.ndim() != 1 || host_ns.ndim() != 1 || device_ns.shape(0) != n ||
+        host_ns.shape(0) != n || windows.size() % 2 != 0 || n_steps < 0)
+      throw std::invalid_argument("lead_columns: labels, device_ns and host_ns must be 1-d and of one length");
+    py::array_t<bool, py::array::c_style | py::array::forcecast> by_host;
+    if (!issued.is_none()) {
+      by_host = py::array_t<bool, py::array::c_style | py::array::forcecast>::ensure(issued);
+      if (!by_host || by_host.ndim() != 1 || by_host.shape(0) != n)
+        throw std::invalid_argument("lead_columns: issued_by_host must be None or n booleans");
+    }
+    LeadColumns c = lead_columns(labels.data(), device_ns.data(), host_ns.data(),
+                                 issued.is_none() ? nullptr : by_host.data(), n, windows.data(), windows.size() / 2,
+                                 n_steps);
+    py::list stats;
+    for (const LeadStats& s : c.windows)
+      stats.append(py::make_tuple(s.marks, s.min_us, s.median_us, s.max_us, s.behind_ns));
+    return py::make_tuple(stats, to_numpy(c.step_marks), to_numpy(c.step_median_us), to_numpy(c.step_behind_ns));
+  }, py::arg("labels"), py::arg("device_ns"), py::arg("host_ns"), py::arg("issued_by_host"), py::arg("windows"),
+     py::arg("n_steps"));
   m.def("stage_kind_codes", []() {  // for the test that they are labels.Kind's and spans.SPAN_KINDS' values
     py::dict marks, spans;
     marks["CALL_BEGIN"] = int(kCallBegin); marks["CALL_END"] = int(kCallEnd);

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from .labels import Kind, kind_of
+from .low_level import _C
 from .spans import KIND_CODE, SpanTable
 
 __all__ = ["CAUGHT_UP_US", "HOST_BOUND_BELOW", "GPU_BOUND_FROM", "BOUNDARY_KINDS", "lead_ns", "verdict", "call_leads"]
@@ -77,19 +78,16 @@ def _behind_ns(t: np.ndarray, lead: np.ndarray) -> np.ndarray:
     return np.where(lead > CAUGHT_UP_US * 1e3, np.minimum(lead, np.diff(t, prepend=t[:1])), 0)
 
 
-def _stats(leads_us: np.ndarray, behind_ns: np.ndarray, span_ns: int, why_not: str | None) -> dict[str, Any]:
-    if not len(leads_us):
+def _stats(window: tuple[int, float, float, float, int], span_ns: int, why_not: str | None) -> dict[str, Any]:
+    """A stage's entry from its window's (marks, min, median, max lead µs, GPU-bound ns)."""
+    marks, min_us, median_us, max_us, behind_ns = window
+    if not marks:
         return {"min_us": None, "median_us": None, "max_us": None, "marks": 0, "gpu_bound_ms": None,
                 "gpu_bound_share": None, "verdict": why_not or "unknown"}
-    behind = float(behind_ns.sum())
+    behind = float(behind_ns)
     share = behind / span_ns if span_ns > 0 else None
-    ordered = leads_us.copy()
-    ordered.sort()
-    n = len(ordered)
-    median = float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)  # np.median's value, without its checks
-    return {"min_us": float(ordered[0]), "median_us": median, "max_us": float(ordered[-1]),
-            "marks": int(len(leads_us)), "gpu_bound_ms": behind / 1e6, "gpu_bound_share": share,
-            "verdict": why_not or verdict(share)}
+    return {"min_us": float(min_us), "median_us": float(median_us), "max_us": float(max_us), "marks": int(marks),
+            "gpu_bound_ms": behind / 1e6, "gpu_bound_share": share, "verdict": why_not or verdict(share)}
 
 
 def _per_step(step: np.ndarray, lead_us: np.ndarray, n_steps: int) -> dict[str, np.ndarray]:
@@ -105,13 +103,12 @@ def _per_step(step: np.ndarray, lead_us: np.ndarray, n_steps: int) -> dict[str, 
             "median": np.where(empty, np.nan, (at(first + (n - 1) // 2) + at(first + n // 2)) / 2)}
 
 
-def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, spans: SpanTable, backend: str,
-               issued_by_host: np.ndarray | None = None) -> dict[str, Any]:
-    """One call's leads, from its marks (device times relative to its first mark):
-    ``stages``: per stage min/median/max lead (µs), marks read, GPU-bound time (ms, a lower
-    bound), its share of the span and the verdict; per decode step ``step_lead_us``
-    (median lead, None: no mark inside), ``step_gpu_bound_ms`` and ``step_verdict``.
-    ``issued_by_host``: False for stamps, whose host times are borrowed (``Marks.issued_by_host``)."""
+def _lead_columns_numpy(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray,
+                        issued_by_host: np.ndarray | None, windows: np.ndarray, n_steps: int) -> tuple[
+        list[tuple[int, float, float, float, int]], np.ndarray, np.ndarray, np.ndarray]:
+    """The reference (the native ``_C.lead_columns`` is its twin): per (start, end] window on
+    the device clock its marks' count, min / median / max lead (µs) and GPU-bound ns; per
+    decode step the count, the median lead and the GPU-bound ns."""
     host_issued = np.ones(len(labels), dtype=bool) if issued_by_host is None else np.asarray(issued_by_host, bool)
     # stamps carry no issue time of their own: they neither give a lead nor split a Δ
     t_all = np.asarray(device_ns, dtype=np.int64)[host_issued]
@@ -120,28 +117,49 @@ def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, s
     kinds = kind_of(np.asarray(labels)[host_issued])
     usable = ~_IS_BOUNDARY[kinds]
     t, lead_us, behind = t_all[usable], lead_all[usable] / 1e3, behind_all[usable]
-    cpu = "n/a" if backend == "cpu" else None
-    stages = {}
-    for kind in ("vision", "prefill", "decode"):
-        rows = (spans.kind == KIND_CODE[kind]).nonzero()[0]
-        if len(rows):
-            a, b = spans.start_ns[rows[0]], spans.end_ns[rows[0]]
-            lo, hi = t.searchsorted(a, "right"), t.searchsorted(b, "right")
-            stages[kind] = _stats(lead_us[lo:hi], behind[lo:hi], int(b - a), cpu)
-    out: dict[str, Any] = {"stages": stages, "step_lead_us": [], "step_gpu_bound_ms": [], "step_verdict": []}
-    step_rows = (spans.kind == KIND_CODE["step"]).nonzero()[0]
-    n_steps = len(step_rows)
-    if not n_steps:
-        return out
+    stats = []
+    for a, b in np.asarray(windows, dtype=np.int64).reshape(-1, 2):
+        lo, hi = t.searchsorted(a, "right"), t.searchsorted(b, "right")
+        ordered = lead_us[lo:hi].copy()
+        ordered.sort()
+        k = len(ordered)
+        stats.append((k, float(ordered[0]), float((ordered[(k - 1) // 2] + ordered[k // 2]) / 2),
+                      float(ordered[-1]), int(behind[lo:hi].sum())) if k else (0, 0.0, 0.0, 0.0, 0))
     # a mark belongs to the step whose start mark it follows in issue order (times can tie)
     step = ((kinds == _DECODE_FORWARD).nonzero()[0].searchsorted(np.arange(len(kinds)), "right") - 1)[usable]
     per = _per_step(step, lead_us, n_steps)
     mine = step >= 0
-    gpu_bound = np.bincount(step[mine], weights=behind[mine], minlength=n_steps)[:n_steps]
+    gpu_bound = np.bincount(step[mine], weights=behind[mine], minlength=n_steps)[:n_steps].astype(np.float64)
+    return stats, per["n"], np.nan_to_num(per["median"]), gpu_bound
+
+
+_native_leads = getattr(_C, "lead_columns", None)  # None where the extension did not build
+
+
+def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, spans: SpanTable, backend: str,
+               issued_by_host: np.ndarray | None = None) -> dict[str, Any]:
+    """One call's leads, from its marks (device times relative to its first mark):
+    ``stages``: per stage min/median/max lead (µs), marks read, GPU-bound time (ms, a lower
+    bound), its share of the span and the verdict; per decode step ``step_lead_us``
+    (median lead, None: no mark inside), ``step_gpu_bound_ms`` and ``step_verdict``.
+    ``issued_by_host``: False for stamps, whose host times are borrowed (``Marks.issued_by_host``)."""
+    cpu = "n/a" if backend == "cpu" else None
+    kinds = spans.kind.tolist()
+    present = [k for k in ("vision", "prefill", "decode") if KIND_CODE[k] in kinds]
+    rows = [kinds.index(KIND_CODE[k]) for k in present]  # each stage's one row
+    windows = np.array([[spans.start_ns[r], spans.end_ns[r]] for r in rows], dtype=np.int64).reshape(-1, 2)
+    step_rows = (spans.kind == KIND_CODE["step"]).nonzero()[0]
+    n_steps = len(step_rows)
+    columns = _native_leads if _native_leads is not None else _lead_columns_numpy
+    stats, counts, medians, gpu_bound = columns(labels, device_ns, host_ns, issued_by_host, windows, n_steps)
+    stages = {kind: _stats(window, int(b - a), cpu) for kind, window, (a, b) in zip(present, stats, windows.tolist())}
+    out: dict[str, Any] = {"stages": stages, "step_lead_us": [], "step_gpu_bound_ms": [], "step_verdict": []}
+    if not n_steps:
+        return out
     length = spans.end_ns[step_rows] - spans.start_ns[step_rows]
-    counts = per["n"].tolist()  # plain Python numbers from here: a loop over numpy scalars is slow
-    out["step_lead_us"] = [None if k == 0 else m for k, m in zip(counts, per["median"].tolist())]
-    out["step_gpu_bound_ms"] = [None if k == 0 else b / 1e6 for k, b in zip(counts, gpu_bound.tolist())]
+    counts, gpu_bound = counts.tolist(), gpu_bound.tolist()  # plain Python numbers: a loop over numpy scalars is slow
+    out["step_lead_us"] = [None if k == 0 else m for k, m in zip(counts, medians.tolist())]
+    out["step_gpu_bound_ms"] = [None if k == 0 else b / 1e6 for k, b in zip(counts, gpu_bound)]
     out["step_verdict"] = [cpu] * n_steps if cpu else [
-        verdict(None if k == 0 or n <= 0 else b / n) for k, b, n in zip(counts, gpu_bound.tolist(), length.tolist())]
+        verdict(None if k == 0 or n <= 0 else b / n) for k, b, n in zip(counts, gpu_bound, length.tolist())]
     return out

@@ -22,6 +22,12 @@ def stage_rows(labels: npt.NDArray[np.int32], device_ns: npt.NDArray[np.int64]) 
     int, int, int, int, int, int, int, npt.NDArray[np.int64], npt.NDArray[np.int8], npt.NDArray[np.int32],
     npt.NDArray[np.int8], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 def stage_kind_codes() -> tuple[dict[str, int], dict[str, int]]: ...
+# lead.py's walk over one call's marks (csrc/call_leads.h; lead.py's numpy path is its twin):
+# per window (marks, min µs, median µs, max µs, GPU-bound ns), per step marks, median µs, GPU-bound ns
+def lead_columns(labels: npt.NDArray[np.int32], device_ns: npt.NDArray[np.int64], host_ns: npt.NDArray[np.int64],
+                 issued_by_host: npt.NDArray[np.bool_] | None, windows: npt.NDArray[np.int64], n_steps: int) -> tuple[
+    list[tuple[int, float, float, float, int]], npt.NDArray[np.int64], npt.NDArray[np.float64],
+    npt.NDArray[np.float64]]: ...
 
 class HostTimeline:
     backend: str
