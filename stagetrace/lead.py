@@ -144,9 +144,12 @@ def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, s
     (median lead, None: no mark inside), ``step_gpu_bound_ms`` and ``step_verdict``.
     ``issued_by_host``: False for stamps, whose host times are borrowed (``Marks.issued_by_host``)."""
     cpu = "n/a" if backend == "cpu" else None
-    kinds = spans.kind.tolist()
-    present = [k for k in ("vision", "prefill", "decode") if KIND_CODE[k] in kinds]
-    rows = [kinds.index(KIND_CODE[k]) for k in present]  # each stage's one row
+    present, rows = [], []  # each stage's one row
+    for kind in ("vision", "prefill", "decode"):
+        hit = (spans.kind == KIND_CODE[kind]).nonzero()[0]
+        if len(hit):
+            present.append(kind)
+            rows.append(int(hit[0]))
     windows = np.array([[spans.start_ns[r], spans.end_ns[r]] for r in rows], dtype=np.int64).reshape(-1, 2)
     step_rows = (spans.kind == KIND_CODE["step"]).nonzero()[0]
     n_steps = len(step_rows)
