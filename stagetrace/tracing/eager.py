@@ -5,9 +5,10 @@ What must stay true:
 
 * a hook firing only reads the call slot and calls ``timeline.mark`` (the native method
   itself): no sync, no allocation beyond Python's own for the call;
-* layer marks wrap ``forward`` instead of using module hooks: a module with hooks takes
-  torch's slow ``_call_impl`` path (about 10 µs a call), a wrapped forward keeps the fast
-  path and costs one Python frame — what keeps hundreds of marks per call cheap;
+* layer marks, the language model's start and lm_head's end wrap ``forward`` instead of
+  using module hooks: a module with hooks takes torch's slow ``_call_impl`` path (about
+  10 µs a call, in every decode step too), a wrapped forward keeps the fast path and costs
+  one Python frame — what keeps hundreds of marks per call cheap;
 * where only some forwards carry layer marks (``layer_detail="prefill"``, ``layer_every``
   > 1) the wrappers are in place only while such a forward runs: placed or taken off at the
   top-level forward's start, before its mark (so the switch is host time between steps, not
@@ -83,10 +84,11 @@ class EagerHooks:
             self._handles.append(self.model.register_forward_hook(
                 lambda m, a, o: mark(_HEAD_END) if slot.call is not None and slot.call.in_prefill else None))
             return
-        self._handles.append(self.layout.language_model[1].register_forward_pre_hook(
-            lambda m, a: mark(_LM_BEGIN) if slot.call is not None and slot.call.in_prefill else None))
-        self._handles.append(self.layout.lm_head[1].register_forward_hook(
-            lambda m, a, o: mark(_HEAD_END) if slot.call is not None and slot.call.in_prefill else None))
+        # wrapped forwards, not module hooks: both modules run in every decode step too, where a
+        # hook would put them on torch's slow call path only to find the mark is not needed
+        lm, head = self.layout.language_model[1], self.layout.lm_head[1]
+        self._wrappers.set(lm, "forward", _prefill_marked(lm.forward, slot, mark, before=_LM_BEGIN))
+        self._wrappers.set(head, "forward", _prefill_marked(head.forward, slot, mark, after=_HEAD_END))
         if self.layer_detail != "off":
             labels = layer_labels(len(self.layout.layers), self.layer_marks)
             self._layer_wrappers = [
@@ -175,6 +177,25 @@ def _marking_call(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[int
         return out
 
     return entry
+
+
+def _prefill_marked(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[int], None], before: int | None = None,
+                    after: int | None = None) -> Callable[..., Any]:
+    """A module's forward that marks ``before`` it starts or ``after`` it returns while the
+    call's forward in flight is a prefill forward (the language model's start, lm_head's end)."""
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        c = slot.call
+        if c is None or not c.in_prefill:
+            return inner(*args, **kwargs)
+        if before is not None:
+            mark(before)
+        out = inner(*args, **kwargs)
+        if after is not None:
+            mark(after)
+        return out
+
+    return forward
 
 
 def _inner_generate(inner: Callable[..., Any], slot: CallSlot) -> Callable[..., Any]:
