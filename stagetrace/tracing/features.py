@@ -65,11 +65,11 @@ class PendingFeatures:
         ids = self.input_ids
         image_tokens = attended = None
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
-            host_ids = ids.detach().cpu().numpy()
+            host_ids = ids.numpy(force=True)  # detached, on the host: one copy
             if self.placeholder_ids:
                 image_tokens = sum(int(np.count_nonzero(host_ids == i)) for i in self.placeholder_ids)
             mask = self.attention_mask
-            attended = (int(mask.detach().cpu().numpy().sum()) if isinstance(mask, torch.Tensor)
+            attended = (int(mask.numpy(force=True).sum()) if isinstance(mask, torch.Tensor)
                         and mask.shape == ids.shape else ids.numel())
         text = attended - image_tokens if attended is not None and image_tokens is not None else attended
         return {"images": self.images, "image_sizes": [list(map(int, s)) for s in sizes] if sizes else [],
