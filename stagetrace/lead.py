@@ -31,7 +31,9 @@ What must stay true:
 * GPU-bound time never exceeds the span (each mark adds at most its own ``Δ``);
 * on the CPU backend there is one clock, so every lead is 0 by construction: ``"n/a"``;
 * GPU-side stamps placed after the call (layer detail in compiled code) carry their
-  forward's issue time, not their own (``Marks.from_stamp``): they never enter a lead.
+  forward's issue time, not their own (``Marks.from_stamp``): they never enter a lead;
+* the walk over the marks runs in C++ (``csrc/call_leads.cpp``, after every call, inside
+  it); ``_lead_columns_numpy`` is its reference twin, and tests hold the two equal to the bit.
 """
 from __future__ import annotations
 

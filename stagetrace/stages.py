@@ -16,9 +16,10 @@ No torch, no model. This is where exactness lives, so what must stay true is:
   disagrees with the device track about which span is which;
 * a label's flags (``labels.LABEL_FLAGS``) never change its kind or index; a layer span
   bounded by a stamp taken after a matmul says so (``starts_/ends_after_matmul``);
-* the work is vectorized (numpy over all marks at once): it runs after every
-  ``generate()``, on up to hundreds of thousands of marks, and its cost per mark is
-  budgeted (``benchmarks/mark_cost.py``).
+* the walk over the marks runs in C++ (``csrc/stage_rows.cpp``) with the numpy path below
+  as its reference twin (tests hold them equal): it runs after every ``generate()``, inside
+  the traced call, on a few dozen to hundreds of thousands of marks, and its cost per mark
+  is budgeted (``benchmarks/mark_cost.py``).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """One call's record, built in one place: marks → stage math → spans placed → record.
 
-Everything here runs after generate() returned, once per call, on every mark: the
-stage math is vectorized and the spans stay columns (``SpanTable``).
+Everything here runs after generate() returned, once per call, on every mark, before the
+traced call hands back (``resolve_ms``): the walks over the marks run natively (numpy where
+the extension is missing) and the spans stay columns (``SpanTable``).
 """
 from __future__ import annotations
 
