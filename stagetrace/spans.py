@@ -75,9 +75,11 @@ class SpanTable:
         n = len(self.kind)
         self.device = np.full(n, -1, dtype=np.int16) if device is None else np.asarray(device, dtype=np.int16)
         self.devices = tuple(devices)
-        no = np.zeros(n, dtype=bool)
-        self.starts_after_matmul = no if starts_after_matmul is None else np.asarray(starts_after_matmul, bool)
-        self.ends_after_matmul = no if ends_after_matmul is None else np.asarray(ends_after_matmul, bool)
+        # two arrays, never one shared by both columns (writing one must not change the other)
+        self.starts_after_matmul = (np.zeros(n, dtype=bool) if starts_after_matmul is None
+                                    else np.asarray(starts_after_matmul, bool))
+        self.ends_after_matmul = (np.zeros(n, dtype=bool) if ends_after_matmul is None
+                                  else np.asarray(ends_after_matmul, bool))
 
     @classmethod
     def empty(cls) -> "SpanTable":
