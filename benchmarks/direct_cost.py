@@ -260,50 +260,81 @@ def within_call(model: Any, kw: dict[str, Any], calls: int) -> dict[str, Any]:
     return out
 
 
+# part 5's rows, in print order: indented names are parts of the row above them
+AFTER_CALL_ROWS = ("resolve_us", "from_timeline_us", "hold_features_us", "resolve_rest_us",
+                   "build_after_each_call_us", "build_batched_us", "stage_math_us", "leads_us", "layer_steps_us",
+                   "meta_us", "expectations_us", "build_rest_us")
+
+
 def after_call(model: Any, kw: dict[str, Any], reps: int, layer_detail: str) -> dict[str, Any]:
-    """Part 5: the parts of resolve_ms, per call (µs), with the tracer's own steps timed where it
-    calls them (module attributes swapped for timed forwards for the run, then put back)."""
+    """Part 5: what tracing costs after generate() returns, per call (µs).
+
+    Inside the traced call (``resolve_ms``): the one sync and the native resolve
+    (``Marks.from_timeline``), the features' host copies (``PendingFeatures.hold``), the rest.
+    Outside it, the record built from what the call left (``build_ms``), two ways: read after
+    every call (``tracer.records`` right after ``generate()``: the build runs in the call's
+    wake, on cold caches; the first ``reps`` calls) and batched (the next ``reps`` calls not
+    read until the end: their records built back to back). The parts of a build: the stage math
+    (``stages_from_marks``), the leads (``call_leads``), the decode steps with layers
+    (``layer_steps``), the metadata with the feature counts (``Tracer._meta``), what the record
+    must show (``Tracer._expectations``), the rest (the record's own construction). The tracer's
+    own functions are swapped for timed twins for the run, then put back."""
     import types
-    import warnings
 
     import stagetrace
+    from stagetrace.tracing import features as features_mod
+    from stagetrace.tracing import record as record_mod
     from stagetrace.tracing import tracer as tracer_mod
 
-    parts: dict[str, list[float]] = {"from_timeline": [], "build_record": [], "build_record_again": []}
-    real_build, real_marks = tracer_mod.build_record, tracer_mod.Marks
+    parts: dict[str, list[float]] = {k: [] for k in ("from_timeline", "hold_features", "stage_math", "leads",
+                                                     "layer_steps", "meta", "expectations")}
 
-    def from_timeline(timeline: Any) -> Any:
-        t0 = time.perf_counter_ns()
-        marks = real_marks.from_timeline(timeline)
-        parts["from_timeline"].append((time.perf_counter_ns() - t0) / 1e3)
-        return marks
+    def timed(name: str, fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            out = fn(*args, **kwargs)
+            parts[name].append((time.perf_counter_ns() - t0) / 1e3)
+            return out
+        return run
 
-    def build_record(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter_ns()
-        rec = real_build(*args, **kwargs)
-        t1 = time.perf_counter_ns()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            real_build(*args, **kwargs)  # the same marks again, at once: warm caches
-        parts["build_record"].append((t1 - t0) / 1e3)
-        parts["build_record_again"].append((time.perf_counter_ns() - t1) / 1e3)
-        return rec
-
-    tracer_mod.Marks, tracer_mod.build_record = types.SimpleNamespace(from_timeline=from_timeline), build_record
+    real_marks = tracer_mod.Marks
+    swaps = [(tracer_mod, "Marks", types.SimpleNamespace(from_timeline=timed("from_timeline", real_marks.from_timeline))),
+             (features_mod.PendingFeatures, "hold", timed("hold_features", features_mod.PendingFeatures.hold)),
+             (record_mod, "stages_from_marks", timed("stage_math", record_mod.stages_from_marks)),
+             (record_mod, "call_leads", timed("leads", record_mod.call_leads)),
+             (record_mod, "layer_steps", timed("layer_steps", record_mod.layer_steps)),
+             (tracer_mod.Tracer, "_meta", timed("meta", tracer_mod.Tracer._meta)),
+             (tracer_mod.Tracer, "_expectations", timed("expectations", tracer_mod.Tracer._expectations))]
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in swaps]
+    for owner, name, twin in swaps:
+        setattr(owner, name, twin)
+    skip = 2  # the first calls warm up
+    n_each = skip + reps
     try:
         with stagetrace.trace(model, layer_detail=layer_detail, keep_marks=False) as tracer:
-            for _ in range(reps + 2):
+            for _ in range(n_each):  # read after every call: built in its wake
                 model.generate(**kw)
+                tracer.records  # noqa: B018
+            for _ in range(reps):  # not read: built back to back below
+                model.generate(**kw)
+            records = tracer.records
     finally:
-        tracer_mod.Marks, tracer_mod.build_record = real_marks, real_build
-    skip = 2  # the first calls warm up
-    resolve = [r.resolve_ms * 1e3 - again for r, again in zip(tracer.records[skip:], parts["build_record_again"][skip:])]
-    rest = [r - a - b for r, a, b in zip(resolve, parts["from_timeline"][skip:], parts["build_record"][skip:])]
-    out = {"calls": len(resolve), "marks_per_call": tracer.records[-1].n_marks,
-           "resolve_us": _stats_us([int(x * 1e3) for x in resolve]),
-           "rest_us": _stats_us([int(x * 1e3) for x in rest])}
-    for name, values in parts.items():
-        out[f"{name}_us"] = _stats_us([int(x * 1e3) for x in values[skip:]])
+        for owner, name, real in saved:
+            setattr(owner, name, real)
+    # every record was built in call order, each build's parts once: index them by call
+    build_parts = ("stage_math", "leads", "layer_steps", "meta", "expectations")
+    calls = range(skip, len(records))
+    inside = [records[i].resolve_ms * 1e3 for i in calls]
+    resolve_rest = [records[i].resolve_ms * 1e3 - parts["from_timeline"][i] - parts["hold_features"][i] for i in calls]
+    build_rest = [records[i].build_ms * 1e3 - sum(parts[k][i] for k in build_parts) for i in calls]
+    out = {"calls": len(inside), "marks_per_call": records[-1].n_marks,
+           "resolve_us": _stats_us([int(x * 1e3) for x in inside]),
+           "resolve_rest_us": _stats_us([int(x * 1e3) for x in resolve_rest]),
+           "build_after_each_call_us": _stats_us([int(records[i].build_ms * 1e6) for i in range(skip, n_each)]),
+           "build_batched_us": _stats_us([int(records[i].build_ms * 1e6) for i in range(n_each, len(records))]),
+           "build_rest_us": _stats_us([int(x * 1e3) for x in build_rest])}
+    for name in ("from_timeline", "hold_features", *build_parts):
+        out[f"{name}_us"] = _stats_us([int(parts[name][i] * 1e3) for i in calls])
     return out
 
 
@@ -428,9 +459,9 @@ def main(argv: list[str] | None = None) -> dict:
                       f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] over {d['pairs']} pairs")
     for part in [p for p in ("after_call_stage", "after_call_layers") if p in res]:
         r = res[part]
-        print(f"\n{part}: where resolve_ms goes ({r['marks_per_call']} marks, {r['calls']} calls)")
+        print(f"\n{part}: after generate() returns: in the call (resolve), and the record's build ({r['marks_per_call']} marks, {r['calls']} calls)")
         print(table([[k[:-3], r[k]["median_us"], r[k]["p10_us"], r[k]["p90_us"]]
-                     for k in ("resolve_us", "from_timeline_us", "build_record_us", "rest_us", "build_record_again_us")],
+                     for k in AFTER_CALL_ROWS if k in r],
                     ["part", "median µs", "p10 µs", "p90 µs"]))
     if "outside_generate" in res:
         print("\noutside generate()")

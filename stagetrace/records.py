@@ -85,7 +85,8 @@ class StageRecord:
     unix_time: float = 0.0   # wall clock at the call's end
     versions: dict[str, str] = field(default_factory=dict)
     n_marks: int = 0
-    resolve_ms: float = 0.0  # host time of the call's one sync + resolve, after generate() returned
+    resolve_ms: float = 0.0  # host time of the call's one sync + resolve, after generate() returned, inside the call
+    build_ms: float = 0.0    # host time to build this record from the call's marks (later, outside the call)
     error: str | None = None  # set when the call's marks could not be turned into stages
     # what the numbers cannot tell, said out loud (e.g. images given but no vision stage marked)
     warnings: list[str] = field(default_factory=list)
@@ -216,7 +217,7 @@ class JsonlWriter:
 # What each JSON field must hold. A field not listed (added later) is passed through as is.
 _FIELD_KINDS: dict[str, str] = {
     **dict.fromkeys(("total_ms", "vision_ms", "prefill_ms", "decode_ms", "other_ms", "ttft_ms"), "number?"),
-    **dict.fromkeys(("unix_start", "unix_time", "resolve_ms"), "number"),
+    **dict.fromkeys(("unix_start", "unix_time", "resolve_ms", "build_ms"), "number"),
     **dict.fromkeys(("batch_size", "prompt_tokens", "output_tokens", "call_index", "stream", "rank",
                      "host_start_ns", "n_marks", "schema", "layer_every",
                      "layer_marks_after_matmul"), "int"),

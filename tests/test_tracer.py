@@ -507,4 +507,64 @@ def test_resolve_ms_covers_the_work_after_generate_returns():
     with stagetrace.trace(case.model, layer_detail="all") as tracer:
         case.model.generate(**gen_kwargs(case, 8))
     (rec,) = tracer.records
-    assert rec.resolve_ms > 0 and len(rec.host_spans) == len(rec.spans) > 8
+    assert rec.resolve_ms > 0 and rec.build_ms > 0 and len(rec.host_spans) == len(rec.spans) > 8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_record_is_built_when_first_read_from_what_its_call_left(device):
+    """The call hands back after its sync and host copies; the record is built on first read,
+    and says what the call was given even if the caller reuses its buffers meanwhile."""
+    case = build_on("llava", device)
+    kw = gen_kwargs(case, 4)
+    with stagetrace.trace(case.model, sample_id="a") as tracer:
+        case.model.generate(**kw)
+        assert len(tracer._unbuilt) == 1 and not tracer._records  # nothing built inside the call
+        image_tokens = int((kw["input_ids"] == case.image_token_id).sum())
+        kw["input_ids"].fill_(case.image_token_id)  # static-input serving: the next sample's prompt
+        kw["attention_mask"].zero_()
+        tracer.sample_id = "b"
+        (rec,) = tracer.records
+        assert not tracer._unbuilt and rec.build_ms > 0
+    assert rec.image_tokens == image_tokens > 0 and rec.text_tokens == case.prompt_len - image_tokens
+    assert rec.sample_id == "a" and rec.call_index == 0  # fixed when the call ended
+
+
+def test_records_left_unread_are_built_at_stop_in_call_order_with_their_warnings():
+    case = tiny.build("llava")
+    kw = gen_kwargs(case, 3)
+    with pytest.warns(RuntimeWarning, match="no vision stage was marked"):
+        with stagetrace.trace(case.model, vision=[]) as tracer:
+            for _ in range(3):
+                case.model.generate(**kw)
+            assert len(tracer._unbuilt) == 3
+        assert not tracer._unbuilt  # stop() built them
+    assert [r.call_index for r in tracer._records] == [0, 1, 2]
+    with stagetrace.trace(case.model) as tracer:
+        case.model.generate(**kw)
+        tracer.clear()  # forgets records not built yet too
+        case.model.generate(**kw)
+    assert [r.call_index for r in tracer.records] == [0]
+
+
+def test_records_streamed_to_a_file_are_written_before_generate_hands_back(tmp_path):
+    case = tiny.build("llava")
+    path = tmp_path / "calls.jsonl"
+    with stagetrace.trace(case.model, jsonl=path) as tracer:
+        case.model.generate(**gen_kwargs(case, 3))
+        assert len(path.read_text().splitlines()) == 1 and not tracer._unbuilt
+    assert stagetrace.load_records(path)[0].build_ms > 0
+
+
+def test_a_build_that_fails_leaves_the_call_to_be_built_again(monkeypatch):
+    from stagetrace.tracing import tracer as tracer_mod
+
+    case = tiny.build("llava")
+    real = tracer_mod.build_record
+    with stagetrace.trace(case.model) as tracer:
+        case.model.generate(**gen_kwargs(case, 3))
+        monkeypatch.setattr(tracer_mod, "build_record", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            tracer.records  # noqa: B018
+        assert len(tracer._unbuilt) == 1
+        monkeypatch.setattr(tracer_mod, "build_record", real)
+        assert len(tracer.records) == 1 and tracer.records[0].error is None

@@ -1,13 +1,16 @@
 """One call's record, built in one place: marks → stage math → spans placed → record.
 
-Everything here runs after generate() returned, once per call, on every mark, before the
-traced call hands back (``resolve_ms``): the walks over the marks run natively (numpy where
-the extension is missing) and the spans stay columns (``SpanTable``).
+What a call leaves (``FinishedCall``: its resolved marks and what it was given, copied where
+the caller could change it) is fixed before the traced call hands back; the record is built
+from it later, once per call (``build_ms``): when the records are read, usually back to back
+on warm caches. The walks over the marks run natively (numpy where the extension is missing)
+and the spans stay columns (``SpanTable``).
 """
 from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,9 +20,30 @@ from ..low_level import Marks
 from ..records import StageRecord
 from ..spans import KIND_CODE, SpanTable
 from ..stages import StageOrderError, stages_from_marks
+from .call import CallInputs, CallState
 from .devices import SpanPlacement
+from .features import HeldFeatures
 
-__all__ = ["build_record", "versions"]
+__all__ = ["FinishedCall", "build_record", "versions"]
+
+
+@dataclass
+class FinishedCall:
+    """What one traced call leaves for its record, captured before it hands back: nothing in it
+    is read from the model, the caller's tensors or the timeline later."""
+
+    marks: Marks
+    call: CallState          # the call's own state object (no later call writes it)
+    inputs: CallInputs
+    output_tokens: int
+    call_index: int
+    sample_id: str | None
+    unix_start: float
+    unix_time: float
+    features: HeldFeatures   # host copies
+    error: str | None        # why its marks cannot be timed (stamps that did not merge), or None
+    after_matmul: int        # layer marks placed after their layer's last matmul
+    resolve_ms: float = 0.0  # host time the call spent after generate() returned
 
 
 @functools.lru_cache(maxsize=1)

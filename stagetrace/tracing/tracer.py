@@ -9,9 +9,12 @@ What must stay true:
 
 * the hot path (a hook firing) only checks the call slot and calls ``timeline.mark``: no
   sync, no allocation beyond what Python does for the call itself;
-* the one sync per call is ``Marks.from_timeline`` after ``generate()`` returns, and
-  ``resolve_ms`` covers everything done after it returned (sync, merges, stage math,
-  record);
+* the one sync per call is ``Marks.from_timeline`` after ``generate()`` returns;
+  ``resolve_ms`` covers everything the call does after it returned (the sync, the stamps'
+  merge, the features' host copies), ``build_ms`` the record built from what the call left
+  (``FinishedCall``), later: when ``records`` is first read, at ``stop()``, or before the
+  call hands back when records stream to ``jsonl=``. What a record says is fixed when its
+  call ends: a later build reads nothing the caller or the next call can change;
 * an exception inside ``generate()`` leaves no partial record, and the tracer stays
   usable; leaving the ``with`` block (or ``stop()``) removes every hook and wrapper it
   added and restores every attribute it shadowed (``model.generate`` included);
@@ -21,6 +24,7 @@ What must stay true:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -45,7 +49,7 @@ from .features import queue_features
 from .forward_return import ForwardReturnMarks
 from .errors import TracingError
 from .patch import Shadows
-from .record import build_record, versions
+from .record import FinishedCall, build_record, versions
 from .stamps import LayerStamps
 
 __all__ = ["Tracer", "trace", "attach", "TracingError", "LAYER_DETAIL", "LAYER_MARKS"]
@@ -99,7 +103,9 @@ class Tracer:
             raise ValueError(f"layer_every must be an integer >= 1, got {layer_every!r}")
         self.layer_every = layer_every
         self.sample_id = sample_id
-        self.records: list[StageRecord] = []
+        self._records: list[StageRecord] = []
+        self._unbuilt: collections.deque[FinishedCall] = collections.deque()  # calls whose record is not built yet
+        self._build_lock = threading.Lock()
         self.keep_marks = keep_marks
         self.rank = int(os.environ.get("RANK", "0") or 0)  # torchrun sets it; one trace process per rank
         # Resolved now, so a bad layout fails at trace(), before any generate() runs.
@@ -154,7 +160,10 @@ class Tracer:
         self._uninstall()
         _ACTIVE.pop(self.model, None)
         self._active = False
-        self._close_writer()
+        try:
+            self._build_unbuilt()  # every call's record exists once tracing stops (and its warnings are said)
+        finally:
+            self._close_writer()
 
     def __enter__(self) -> "Tracer":
         return self.start()
@@ -310,32 +319,60 @@ class Tracer:
         t_returned = time.perf_counter_ns()
         marks = Marks.from_timeline(tl)  # the one sync of the call
         error, after_matmul = None, 0
-        if call.stamping:
+        if call.stamping:  # the stamps' ring is the next call's to write: read now
             anchors = (_PREFILL, _DECODE) if call.forward_compiled else (_DECODE,)
             marks, error, after_matmul = self._stamps.merge(marks, stream, anchors)
-        meta = {**self._meta(call, inputs, out, marks, unix_start), **pending.resolve(),
-                "layer_marks_after_matmul": after_matmul}
-        rec = build_record(marks, meta, self._placement, error, self.keep_marks, expect=self._expectations(inputs))
-        rec.resolve_ms = (time.perf_counter_ns() - t_returned) / 1e6
-        self.records.append(rec)
-        if self._writer is not None:
-            self._writer.write(rec)
+        finished = FinishedCall(
+            marks=marks, call=call, inputs=inputs, output_tokens=new_token_count(out, inputs, call),
+            call_index=len(self._records) + len(self._unbuilt), sample_id=self.sample_id, unix_start=unix_start,
+            unix_time=time.time(), features=pending.hold(), error=error, after_matmul=after_matmul)
+        finished.resolve_ms = (time.perf_counter_ns() - t_returned) / 1e6
+        self._unbuilt.append(finished)
+        if self._writer is not None:  # records streamed to a file reach it before generate() hands back
+            self._build_unbuilt()
         return out
 
-    def _meta(self, call: CallState, inputs: CallInputs, out: Any, marks: Marks, unix_start: float) -> dict[str, Any]:
+    # ------------------------------------------------------------------ records
+    @property
+    def records(self) -> list[StageRecord]:
+        """One record per traced call, in call order. A call leaves its resolved marks; its
+        record is built here, when first read (or at ``stop()``, or at once when records are
+        streamed to ``jsonl=``): the stage math and the record are host work the call itself
+        need not wait for, and built back to back they run on warm caches."""
+        if self._unbuilt:
+            self._build_unbuilt()
+        return self._records
+
+    def _build_unbuilt(self) -> None:
+        with self._build_lock:  # one builder at a time: records stay in call order
+            while self._unbuilt:
+                finished = self._unbuilt[0]
+                t0 = time.perf_counter_ns()
+                rec = build_record(finished.marks, self._meta(finished), self._placement, finished.error,
+                                   self.keep_marks, expect=self._expectations(finished.inputs))
+                rec.resolve_ms = finished.resolve_ms
+                rec.build_ms = (time.perf_counter_ns() - t0) / 1e6
+                self._unbuilt.popleft()  # only once built: a failure leaves it to be built again
+                self._records.append(rec)
+                if self._writer is not None:
+                    self._writer.write(rec)
+
+    def _meta(self, done: FinishedCall) -> dict[str, Any]:
         cfg = getattr(self.model, "config", None)
         split = len(self._devices) > 1
+        call, inputs, marks = done.call, done.inputs, done.marks
         return dict(batch_size=inputs.batch, prompt_tokens=inputs.input_len,
-                    output_tokens=new_token_count(out, inputs, call), call_index=len(self.records),
-                    sample_id=self.sample_id, model_class=type(self.model).__name__,
+                    output_tokens=done.output_tokens, call_index=done.call_index,
+                    sample_id=done.sample_id, model_class=type(self.model).__name__,
                     model_name=str(getattr(cfg, "_name_or_path", "") or ""), device=str(self._devices[0]),
-                    backend=marks.backend, layout=self.layout.name, layer_detail=self.layer_detail,
-                    layer_every=self.layer_every,
+                    backend=marks.backend, layout=self.layout.name, layer_detail=call.layer_detail,
+                    layer_every=call.layer_every,
                     layer_marks=self.layer_marks, stream=int(marks.streams[0]), rank=self.rank,
-                    host_start_ns=int(marks.host_ns[0]), unix_start=unix_start, unix_time=time.time(),
+                    host_start_ns=int(marks.host_ns[0]), unix_start=done.unix_start, unix_time=done.unix_time,
                     versions=versions(), n_marks=len(marks), compiled_decode=call.compiled,
                     devices=[str(d) for d in self._devices] if split else [],
-                    device_streams=list(self._timeline.device_streams) if split else [])  # type: ignore[union-attr]
+                    device_streams=list(self._timeline.device_streams) if split else [],  # type: ignore[union-attr]
+                    layer_marks_after_matmul=done.after_matmul, **done.features.resolve())
 
     def _expectations(self, inputs: CallInputs) -> dict[str, str]:
         """What this call's record must show, and what to say where it does not."""
@@ -365,7 +402,10 @@ class Tracer:
         return summarize(self.records)
 
     def clear(self) -> None:
-        self.records.clear()
+        """Forget every record, built or not."""
+        with self._build_lock:
+            self._unbuilt.clear()
+            self._records.clear()
 
 
 def trace(model: nn.Module, **kwargs: Any) -> Tracer:
