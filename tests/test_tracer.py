@@ -546,6 +546,19 @@ def test_records_left_unread_are_built_at_stop_in_call_order_with_their_warnings
     assert [r.call_index for r in tracer.records] == [0]
 
 
+def test_unread_calls_are_built_in_batches_so_what_they_hold_stays_bounded(monkeypatch):
+    from stagetrace.tracing import tracer as tracer_mod
+
+    monkeypatch.setattr(tracer_mod, "UNBUILT_AT_MOST", 3)
+    case = tiny.build("llava")
+    kw = gen_kwargs(case, 2)
+    with stagetrace.trace(case.model) as tracer:
+        for n in (1, 2, 0, 1):  # the third call builds all three before it hands back
+            case.model.generate(**kw)
+            assert len(tracer._unbuilt) == n
+    assert [r.call_index for r in tracer.records] == [0, 1, 2, 3]
+
+
 def test_records_streamed_to_a_file_are_written_before_generate_hands_back(tmp_path):
     case = tiny.build("llava")
     path = tmp_path / "calls.jsonl"

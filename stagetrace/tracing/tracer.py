@@ -64,6 +64,9 @@ LAYER_DETAIL = ("off", "prefill", "all")
 # one stamp per boundary: a layer's end and the next one's begin are one point of the graph.
 LAYER_MARKS = ("pair", "shared", "matmul")
 
+# Calls left unbuilt at most: the one that reaches it builds them all before it hands back.
+UNBUILT_AT_MOST = 64
+
 _CALL_BEGIN, _CALL_END = label(Kind.CALL_BEGIN), label(Kind.CALL_END)
 _PREFILL, _DECODE = label(Kind.PREFILL_FORWARD), label(Kind.DECODE_FORWARD)
 
@@ -328,7 +331,10 @@ class Tracer:
             unix_time=time.time(), features=pending.hold(), error=error, after_matmul=after_matmul)
         finished.resolve_ms = (time.perf_counter_ns() - t_returned) / 1e6
         self._unbuilt.append(finished)
-        if self._writer is not None:  # records streamed to a file reach it before generate() hands back
+        # records streamed to a file reach it before generate() hands back; unread calls are
+        # built in batches, so what they hold (marks, copies of the inputs, on the device for
+        # a GPU model) stays bounded when the records are never read
+        if self._writer is not None or len(self._unbuilt) >= UNBUILT_AT_MOST:
             self._build_unbuilt()
         return out
 
