@@ -6,8 +6,9 @@ Read without disturbing the run: nothing is computed on the device before or dur
 decode, made its first CUDA-graph step re-record). After the call's one sync the tensors to
 count are copied where they are (:meth:`PendingFeatures.hold`: the caller may reuse its input
 buffers for the next call, as static-input serving does), and brought to the host and
-counted when the record is built. Shapes are metadata. A feature the inputs do not tell is ``None``, never a guess. (A
-model whose generate() rewrites ``input_ids`` in place is counted as rewritten.)
+counted when the record is built. Shapes are metadata. A feature the inputs do not tell is
+``None``, never a guess. (A model whose generate() rewrites ``input_ids`` in place is counted
+as rewritten.)
 """
 from __future__ import annotations
 

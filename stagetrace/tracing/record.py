@@ -29,8 +29,9 @@ __all__ = ["FinishedCall", "build_record", "versions"]
 
 @dataclass
 class FinishedCall:
-    """What one traced call leaves for its record, captured before it hands back: nothing in it
-    is read from the model, the caller's tensors or the timeline later."""
+    """What one traced call leaves for its record, captured before it hands back. Whatever can
+    change from one call to the next (the caller's tensors, the timeline's streams, the
+    sample id) is read into it then; the build reads only the tracer's settings besides."""
 
     marks: Marks
     call: CallState          # the call's own state object (no later call writes it)
@@ -40,7 +41,8 @@ class FinishedCall:
     sample_id: str | None
     unix_start: float
     unix_time: float
-    features: HeldFeatures   # host copies
+    features: HeldFeatures   # copies of the inputs it counts, on their device
+    device_streams: list[int]  # the stream marked on each GPU of a split model ([] on one)
     error: str | None        # why its marks cannot be timed (stamps that did not merge), or None
     after_matmul: int        # layer marks placed after their layer's last matmul
     resolve_ms: float = 0.0  # host time the call spent after generate() returned

@@ -11,7 +11,7 @@ What must stay true:
   sync, no allocation beyond what Python does for the call itself;
 * the one sync per call is ``Marks.from_timeline`` after ``generate()`` returns;
   ``resolve_ms`` covers everything the call does after it returned (the sync, the stamps'
-  merge, the features' host copies), ``build_ms`` the record built from what the call left
+  merge, the copies of the inputs its features count), ``build_ms`` the record built from what the call left
   (``FinishedCall``), later: when ``records`` is first read, at ``stop()``, or before the
   call hands back when records stream to ``jsonl=``. What a record says is fixed when its
   call ends: a later build reads nothing the caller or the next call can change;
@@ -328,7 +328,8 @@ class Tracer:
         finished = FinishedCall(
             marks=marks, call=call, inputs=inputs, output_tokens=new_token_count(out, inputs, call),
             call_index=len(self._records) + len(self._unbuilt), sample_id=self.sample_id, unix_start=unix_start,
-            unix_time=time.time(), features=pending.hold(), error=error, after_matmul=after_matmul)
+            unix_time=time.time(), features=pending.hold(), error=error, after_matmul=after_matmul,
+            device_streams=list(tl.device_streams) if len(self._devices) > 1 else [])
         finished.resolve_ms = (time.perf_counter_ns() - t_returned) / 1e6
         self._unbuilt.append(finished)
         # records streamed to a file reach it before generate() hands back; unread calls are
@@ -377,7 +378,7 @@ class Tracer:
                     host_start_ns=int(marks.host_ns[0]), unix_start=done.unix_start, unix_time=done.unix_time,
                     versions=versions(), n_marks=len(marks), compiled_decode=call.compiled,
                     devices=[str(d) for d in self._devices] if split else [],
-                    device_streams=list(self._timeline.device_streams) if split else [],  # type: ignore[union-attr]
+                    device_streams=done.device_streams,
                     layer_marks_after_matmul=done.after_matmul, **done.features.resolve())
 
     def _expectations(self, inputs: CallInputs) -> dict[str, str]:
