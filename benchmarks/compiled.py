@@ -19,7 +19,9 @@ decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetit
                       pass (layer_marks="matmul"): the compiler fuses across layers again
   stagetrace_layers_every8  stamps on every 8th step only (layer_every=8): the stamped graph
                       runs on those steps, the bare one on the others
-Wall overhead is paired per repetition; the GPU-side cost of the stamps is also read off
+Wall overhead is paired per repetition; beside it, stage level's direct in-context cost
+(``--direct-calls``: every native mark timed around itself, per kind) and with what the call
+does after generate() returns (``resolve_ms``); the GPU-side cost of the stamps is also read off
 the traced runs' own decode-step times (layers vs stage level; a step here is mostly host
 work outside the graph, so these carry host noise), and the stamped ways are compared on
 the GPU's own clock by the decoder stack's time per step, first layer begin to last layer
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import bootstrap_median_ci, environment, quantile, save, table, timed_ms  # noqa: E402
+from _env import TimedTimeline, bootstrap_median_ci, environment, quantile, save, table, timed_ms  # noqa: E402
 
 
 def stamp_cost(cuda: bool, n: int, replays: int) -> dict[str, Any]:
@@ -147,8 +149,33 @@ def layer_stack_us(rec: Any) -> list[float]:
     return out
 
 
+def direct_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int) -> dict[str, Any]:
+    """Stage level's marks timed around each native call inside the compiled decode (the
+    direct in-context cost; ``TimedTimeline``), per call and per mark kind, after one call
+    that is not counted."""
+    import numpy as np
+
+    import stagetrace
+    from stagetrace.labels import Kind, kind_of
+    from stagetrace.low_level import new_timeline
+
+    per_call, by_kind = [], {}
+    for i in range(calls + 1):
+        tl = TimedTimeline(new_timeline("cuda" if cuda else "cpu", capacity=1 << 12))
+        with stagetrace.trace(model, timeline=tl, keep_marks=False):
+            model.generate(**kw)
+        if i == 0:
+            continue
+        per_call.append(sum(tl.cost_ns) / 1e3)
+        for lab, ns in zip(kind_of(np.asarray(tl.labels)).tolist(), tl.cost_ns):
+            by_kind.setdefault(Kind(lab).name, []).append(ns / 1e3)
+    return {"calls": calls, "us_per_call": statistics.median(per_call),
+            "by_kind_median_us": {k: statistics.median(v) for k, v in sorted(by_kind.items())},
+            "by_kind_per_call": {k: len(v) / calls for k, v in sorted(by_kind.items())}}
+
+
 def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int,
-                    only: tuple[str, ...] = METHODS) -> dict[str, Any]:
+                    only: tuple[str, ...] = METHODS, direct_calls: int = 0) -> dict[str, Any]:
     import torch
 
     import stagetrace
@@ -208,6 +235,7 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
         for m in names[rep % len(names):] + names[: rep % len(names)]:
             samples[m].append(methods[m]())
     same_tokens = {m: bool(torch.equal(outputs[m], outputs["plain"])) for m in names}
+    direct = direct_cost(model, kw, cuda, direct_calls) if direct_calls > 0 else None
     plain = [s["wall_ms"] for s in samples["plain"]]
     base = statistics.median(plain)
     summary: dict[str, Any] = {}
@@ -236,6 +264,12 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
         if "resolve_ms" in row:  # what the call does after generate() returned (the sync, host copies): a share of it
             row["resolve_pct"] = 100 * row["resolve_ms"] / base
             row["build_pct"] = 100 * row["build_ms"] / base  # the record's build, paid when records are read
+        if m == "stagetrace" and direct is not None:
+            # beside the wall difference: the marks' own cost inside the call, and with what
+            # the call does after generate() returned
+            row["direct"] = direct
+            row["direct_pct"] = 100 * direct["us_per_call"] / 1e3 / base
+            row["accounted_pct"] = row["direct_pct"] + row["resolve_pct"]
         summary[m] = row
     layers = len(getattr(tracers["stagetrace"].layout, "layers"))
     step_stage = summary["stagetrace"]["decode_step_median_ms"]
@@ -265,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated subset (plain, plain_again and stagetrace always run)")
     ap.add_argument("--skip-stamp-cost", action="store_true", help="skip part 1")
+    ap.add_argument("--direct-calls", type=int, default=5,
+                    help="stage-level calls with every native mark timed (the direct in-context cost); 0: none")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -293,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
             case = tiny.build(family, batch=int(batch))
         case.model.eval()
         payload["results"].append(decode_overhead(cfg, case, cuda, args.reps, args.warmup, args.new_tokens,
-                                                  tuple(args.methods.split(","))))
+                                                  tuple(args.methods.split(",")), args.direct_calls))
         path = save(name, payload, args.out)  # survives a cut-off
         del case
         if cuda:
@@ -315,6 +351,12 @@ def main(argv: list[str] | None = None) -> dict:
                  len(v.get("errors", []))] for m, v in r["methods"].items()]
         print(table(rows, ["method", "median ms", "paired %", "95% interval", "step ms", "layer stack µs", "marks",
                            "after matmul", "resolve µs (% of call)", "build µs (% of call)", "errors"]))
+        st = r["methods"]["stagetrace"]
+        if "direct" in st:
+            d = st["direct"]
+            kinds = ", ".join(f"{k} {v:.1f} µs x{d['by_kind_per_call'][k]:.0f}" for k, v in d["by_kind_median_us"].items())
+            print(f"stage level, direct: {d['us_per_call']:.0f} µs a call ({st['direct_pct']:.3f}%), with resolve "
+                  f"{st['accounted_pct']:.3f}%; a mark by kind (median, per call): {kinds}")
     print(f"wrote {path}")
     return payload
 

@@ -49,6 +49,9 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         for m in ("stagetrace_layers", "stagetrace_layers_every8", "stagetrace_layers_matmul"):
             assert r["methods"][m]["compiled_decode"] and not r["methods"][m]["errors"], m
             assert r["methods"][m]["layer_stack_median_us"] > 0, m  # read off the stamps of every step
+        d = r["methods"]["stagetrace"]["direct"]  # every native mark of a stage-level call, timed
+        assert sum(d["by_kind_per_call"].values()) == r["methods"]["stagetrace"]["n_marks"]
+        assert d["by_kind_per_call"]["DECODE_FORWARD"] == d["by_kind_per_call"]["FORWARD_RETURN"] - 1 > 0
     if script == "in_context":
         assert {"plain", "noop", "event_mark", "plain_again"} <= set(payload["results"])
         assert payload["marks_per_call"] == 2 * 2 * 2  # 2 layers, prefill + 1 step, begin + end
@@ -68,6 +71,11 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         assert within["events"]["pairs"] > 0 and within["host_clock"]["pairs"] > 0
         assert {k: v["n"] for k, v in sync["probe"].items()} == dict.fromkeys(
             ["first_mark", "second_mark", "launch_alone", "mark_before_launch", "launch_after_mark"], 4)
+        for part in ("after_call_stage", "after_call_layers"):  # reps 2: 2 read after each call, 2 batched
+            after = res[part]
+            assert after["calls"] == 4 and after["build_after_each_call_us"]["n"] == after["build_batched_us"]["n"] == 2
+            assert all(after[k]["median_us"] > 0 for k in ("resolve_us", "from_timeline_us", "hold_features_us",
+                                                            "stage_math_us", "leads_us", "meta_us")), part
     if script == "stamp_fusion":
         res = payload["results"]
         assert all(r["same_output"] for r in res.values())
