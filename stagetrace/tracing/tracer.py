@@ -109,6 +109,7 @@ class Tracer:
         self._records: list[StageRecord] = []
         self._unbuilt: collections.deque[FinishedCall] = collections.deque()  # calls whose record is not built yet
         self._build_lock = threading.Lock()
+        self._next_call_index = 0  # calls recorded since the start or the last clear()
         self.keep_marks = keep_marks
         self.rank = int(os.environ.get("RANK", "0") or 0)  # torchrun sets it; one trace process per rank
         # Resolved now, so a bad layout fails at trace(), before any generate() runs.
@@ -327,10 +328,11 @@ class Tracer:
             marks, error, after_matmul = self._stamps.merge(marks, stream, anchors)
         finished = FinishedCall(
             marks=marks, call=call, inputs=inputs, output_tokens=new_token_count(out, inputs, call),
-            call_index=len(self._records) + len(self._unbuilt), sample_id=self.sample_id, unix_start=unix_start,
+            call_index=self._next_call_index, sample_id=self.sample_id, unix_start=unix_start,
             unix_time=time.time(), features=pending.hold(), error=error, after_matmul=after_matmul,
             device_streams=list(tl.device_streams) if len(self._devices) > 1 else [])
         finished.resolve_ms = (time.perf_counter_ns() - t_returned) / 1e6
+        self._next_call_index += 1
         self._unbuilt.append(finished)
         # records streamed to a file reach it before generate() hands back; unread calls are
         # built in batches, so what they hold (marks, copies of the inputs, on the device for
@@ -413,6 +415,7 @@ class Tracer:
         with self._build_lock:
             self._unbuilt.clear()
             self._records.clear()
+            self._next_call_index = 0
 
 
 def trace(model: nn.Module, **kwargs: Any) -> Tracer:
