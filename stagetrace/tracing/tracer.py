@@ -86,7 +86,8 @@ class Tracer:
 
     Use as a context manager (``with stagetrace.trace(model) as tracer:``), with
     ``start()``/``stop()``, or as a decorator on a function that calls generate().
-    One :class:`StageRecord` per call lands in ``tracer.records``.
+    One :class:`StageRecord` per call lands in ``tracer.records`` (built when first read, from
+    what the call left when it ended; see :attr:`records`).
     """
 
     def __init__(self, model: nn.Module, *, vision: str | Sequence[str] | None = None,
