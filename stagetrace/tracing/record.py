@@ -27,7 +27,7 @@ from .features import HeldFeatures
 __all__ = ["FinishedCall", "build_record", "versions"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinishedCall:
     """What one traced call leaves for its record, captured before it hands back. Whatever can
     change from one call to the next (the caller's tensors, the timeline's streams, the
@@ -45,7 +45,7 @@ class FinishedCall:
     device_streams: list[int]  # the stream marked on each GPU of a split model ([] on one)
     error: str | None        # why its marks cannot be timed (stamps that did not merge), or None
     after_matmul: int        # layer marks placed after their layer's last matmul
-    resolve_ms: float = 0.0  # host time the call spent after generate() returned
+    resolve_ms: float        # host time the call spent after generate() returned (all of the above read)
 
 
 @functools.lru_cache(maxsize=1)

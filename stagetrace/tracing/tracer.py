@@ -11,10 +11,11 @@ What must stay true:
   sync, no allocation beyond what Python does for the call itself;
 * the one sync per call is ``Marks.from_timeline`` after ``generate()`` returns;
   ``resolve_ms`` covers everything the call does after it returned (the sync, the stamps'
-  merge, the copies of the inputs its features count), ``build_ms`` the record built from what the call left
-  (``FinishedCall``), later: when ``records`` is first read, at ``stop()``, or before the
-  call hands back when records stream to ``jsonl=``. What a record says is fixed when its
-  call ends: a later build reads nothing the caller or the next call can change;
+  merge, the copies of the inputs its features count); ``build_ms`` covers the record,
+  built later from what the call left (``FinishedCall``): when ``records`` is first read,
+  at ``stop()``, or before the call hands back when records stream to ``jsonl=``. What a
+  record says is fixed when its call ends: a later build reads nothing the caller or the
+  next call can change;
 * an exception inside ``generate()`` leaves no partial record, and the tracer stays
   usable; leaving the ``with`` block (or ``stop()``) removes every hook and wrapper it
   added and restores every attribute it shadowed (``model.generate`` included);
@@ -331,8 +332,8 @@ class Tracer:
             marks=marks, call=call, inputs=inputs, output_tokens=new_token_count(out, inputs, call),
             call_index=self._next_call_index, sample_id=self.sample_id, unix_start=unix_start,
             unix_time=time.time(), features=pending.hold(), error=error, after_matmul=after_matmul,
-            device_streams=list(tl.device_streams) if len(self._devices) > 1 else [])
-        finished.resolve_ms = (time.perf_counter_ns() - t_returned) / 1e6
+            device_streams=list(tl.device_streams) if len(self._devices) > 1 else [],
+            resolve_ms=(time.perf_counter_ns() - t_returned) / 1e6)
         self._next_call_index += 1
         self._unbuilt.append(finished)
         # records streamed to a file reach it before generate() hands back; unread calls are
