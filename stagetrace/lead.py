@@ -29,6 +29,9 @@ What must stay true:
   stage-level tracing and generate()'s compiled decode get a verdict too); a span with no
   such mark is ``"unknown"``;
 * GPU-bound time never exceeds the span (each mark adds at most its own ``Δ``);
+* the decode stage's share is read over the steps that have a lead mark (``steps_read``):
+  where the lead's mark is sampled (``lead_every``), a step without one is unknown, not
+  host-bound, so it enters neither the GPU-bound time nor the time it is a share of;
 * on the CPU backend there is one clock, so every lead is 0 by construction: ``"n/a"``;
 * GPU-side stamps placed after the call (layer detail in compiled code) carry their
   forward's issue time, not their own (``Marks.from_stamp``): they never enter a lead;
@@ -162,6 +165,15 @@ def call_leads(labels: np.ndarray, device_ns: np.ndarray, host_ns: np.ndarray, s
     if not n_steps:
         return out
     length = spans.end_ns[step_rows] - spans.start_ns[step_rows]
+    if "decode" in stages:
+        read = np.asarray(counts) > 0
+        stages["decode"]["steps_read"] = int(read.sum())
+        if 0 < read.sum() < n_steps:  # sampled: the share over the steps read, not over all of decode
+            d = stages["decode"]
+            behind, over = float(np.asarray(gpu_bound)[read].sum()), int(length[read].sum())
+            d["gpu_bound_ms"] = behind / 1e6
+            d["gpu_bound_share"] = behind / over if over > 0 else None
+            d["verdict"] = cpu or verdict(d["gpu_bound_share"])
     counts, gpu_bound = counts.tolist(), gpu_bound.tolist()  # plain Python numbers: a loop over numpy scalars is slow
     out["step_lead_us"] = [None if k == 0 else m for k, m in zip(counts, medians.tolist())]
     out["step_gpu_bound_ms"] = [None if k == 0 else b / 1e6 for k, b in zip(counts, gpu_bound)]

@@ -75,6 +75,9 @@ class StageRecord:
     layer_marks_after_matmul: int = 0
     layer_every: int = 1       # with layer_detail="all": layers were asked for on every N-th decode step
     layer_steps: list[int] = field(default_factory=list)  # the decode steps that carry layer spans (measured)
+    # the forward's return to generate() (the lead's mark at stage level) was marked on the
+    # prefill and on every N-th decode step: decode_step_lead_us is None on the others
+    lead_every: int = 1
     compiled_decode: bool = False  # generate() compiled the decode step; steps were marked outside the graph
     stream: int = 0          # handle of the stream the call's marks were recorded on
     devices: list[str] = field(default_factory=list)  # every GPU of a model split over several, `device` first
@@ -219,7 +222,7 @@ _FIELD_KINDS: dict[str, str] = {
     **dict.fromkeys(("total_ms", "vision_ms", "prefill_ms", "decode_ms", "other_ms", "ttft_ms"), "number?"),
     **dict.fromkeys(("unix_start", "unix_time", "resolve_ms", "build_ms"), "number"),
     **dict.fromkeys(("batch_size", "prompt_tokens", "output_tokens", "call_index", "stream", "rank",
-                     "host_start_ns", "n_marks", "schema", "layer_every",
+                     "host_start_ns", "n_marks", "schema", "layer_every", "lead_every",
                      "layer_marks_after_matmul"), "int"),
     **dict.fromkeys(("model_class", "model_name", "device", "backend", "layout", "layer_detail", "layer_marks"),
                     "str"),

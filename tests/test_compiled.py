@@ -8,9 +8,11 @@ import torch
 
 import stagetrace
 from stagetrace.testing import tiny
+from stagetrace.labels import Kind, kind_of
 from stagetrace.tracing import TracingError
+from stagetrace.tracing.tracer import COMPILED_LEAD_EVERY
 
-from helpers import assert_partition, gen_kwargs, hook_state, static_compiled, tokens
+from helpers import DEVICES, assert_partition, build_on, gen_kwargs, hook_state, static_compiled, tokens
 
 FAMILIES = list(tiny.FAMILIES)
 
@@ -37,8 +39,47 @@ def test_compiled_decode_is_traced_without_graph_breaks_or_recompiles(family):
         assert_partition(rec)
         assert rec.compiled_decode and rec.output_tokens == 5 and len(rec.decode_step_ms) == 4
         assert len([s for s in rec.spans if s.name.startswith("layer")]) == 2  # prefill layers only
-        assert None not in rec.decode_step_lead_us  # the forward's return is marked outside the graph
+        # the forward's return is marked outside the graph, on every COMPILED_LEAD_EVERY-th step by default
+        assert rec.lead_every == COMPILED_LEAD_EVERY > 4 and rec.lead["decode"]["steps_read"] == 1
+        assert rec.decode_step_lead_us[0] is not None and rec.decode_step_lead_us[1:] == [None] * 3
         assert (rec.vision_ms is not None) == (family != "llama")
+
+
+def _returns_marked(rec) -> list[int]:
+    """The decode steps whose forward's return was marked (the prefill's is always marked)."""
+    steps = [k for k, lead in enumerate(rec.decode_step_lead_us) if lead is not None]
+    assert int((kind_of(rec.marks.labels) == Kind.FORWARD_RETURN).sum()) == 1 + len(steps)
+    return steps
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead_every, want", [(None, [0, 8]), (1, list(range(9))), (3, [0, 3, 6])])
+def test_a_compiled_decode_marks_the_lead_on_every_nth_step_and_the_record_says_which(lead_every, want, device):
+    """The lead's one mark in a compiled step costs a share of a ~3 ms step: by default it is
+    taken on every 8th compiled step (every step of an eager decode); the record says which,
+    and a step without it is unknown, never host-bound."""
+    case = build_on("llama", device)
+    kw = gen_kwargs(case, 10, **static_compiled(case, device))
+    plain = tokens(case.model.generate(**kw))
+    with stagetrace.trace(case.model, lead_every=lead_every) as tracer:
+        assert torch.equal(tokens(case.model.generate(**kw)), plain)
+        eager = tokens(case.model.generate(**kw, disable_compile=True))  # the same static cache, eager
+    compiled_rec, eager_rec = tracer.records
+    assert compiled_rec.compiled_decode and not eager_rec.compiled_decode
+    assert _returns_marked(compiled_rec) == want and compiled_rec.lead_every == (lead_every or COMPILED_LEAD_EVERY)
+    assert compiled_rec.lead["decode"]["steps_read"] == len(want)
+    every_eager = lead_every or 1
+    assert _returns_marked(eager_rec) == list(range(0, 9, every_eager)) and eager_rec.lead_every == every_eager
+    assert torch.equal(eager, plain)
+    for rec in tracer.records:
+        assert_partition(rec)
+        unread = "n/a" if rec.backend == "cpu" else "unknown"  # the CPU has one clock: no lead anywhere
+        verdicts = rec.decode_step_verdict
+        assert [v for k, v in enumerate(verdicts) if k not in _returns_marked(rec)] == (
+            [unread] * (9 - len(_returns_marked(rec))))
+        assert all(verdicts[k] in ({"n/a"} if device == "cpu" else {"host-bound", "gpu-bound", "mixed"})
+                   for k in _returns_marked(rec))
+        assert rec.lead["decode"]["verdict"] in ({"n/a"} if device == "cpu" else {"host-bound", "gpu-bound", "mixed"})
 
 
 def test_a_decode_step_first_compiled_under_tracing_serves_untraced_calls_too():
@@ -90,6 +131,7 @@ def test_a_forward_compiled_by_hand_is_traced_without_recompiles():
     for rec in tracer.records:
         assert_partition(rec)
         assert rec.compiled_decode and len(rec.decode_step_ms) == 4
+        assert _returns_marked(rec) == [0] and rec.lead_every == COMPILED_LEAD_EVERY  # compiled: sampled by default
 
 
 @pytest.mark.parametrize("case_name", ["vlm", "prefill_layers", "no_stamps", "unvalidated_device"])

@@ -100,7 +100,7 @@ def test_compiled_decode_steps_time_known_gpu_work():
     case.model.generate(**kw)
     case.model.generate(**kw)
     spin_issued_ns.clear()
-    with stagetrace.trace(case.model) as tracer:
+    with stagetrace.trace(case.model, lead_every=1) as tracer:  # every step's lead (the default samples)
         case.model.generate(**kw)
     rec = tracer.records[0]
     assert_partition(rec)

@@ -83,7 +83,8 @@ def test_layer_detail_in_compiled_decode_stamps_every_layer_of_every_step(family
     torch._dynamo.reset()
     plain = tokens(case.model.generate(**kw))
     hooks = hook_state(case.model)
-    with stagetrace.trace(case.model, layer_detail="all") as tracer:
+    # lead_every=1: the lead at every step's return (a compiled decode samples it by default)
+    with stagetrace.trace(case.model, layer_detail="all", lead_every=1) as tracer:
         with pytest.warns(UserWarning, match="no longer fuse across layer boundaries"):
             first = tokens(case.model.generate(**kw))  # compiles the stamped variant once
         assert torch.equal(first, plain)  # fp32 here; bf16 rounding may differ (the warning says so)
@@ -164,8 +165,9 @@ def test_compiled_decode_places_one_stamp_per_boundary_whatever_layer_marks_says
     assert_partition(rec)
     # call (2) + prefill (forward, lm, head: 3) + its layers (2 begins + the last end: 3), then per
     # step its event and 3 stamps (the calibration stamps anchor the merge, they are not marks),
-    # and each of the 4 forwards' return to generate()
-    assert rec.n_marks == 2 + 3 + 3 + 3 * (1 + 3) + 4
+    # and the return to generate() of the prefill's forward and of decode step 0 (the lead on
+    # every COMPILED_LEAD_EVERY-th compiled step)
+    assert rec.n_marks == 2 + 3 + 3 + 3 * (1 + 3) + 2 and rec.lead_every > 2
     steps = [s for s in rec.spans if s.name.startswith("step ")]
     assert len(steps) == 3 and len([s for s in rec.spans if s.name.startswith("layer")]) == 2 * 4
 

@@ -12,14 +12,15 @@ from stagetrace.stages import stages_from_marks
 LAYERS = [lab for pair in layer_labels(4, "pair") for lab in pair]
 
 
-def _call(steps: int, layers: bool = True, returns: bool = True) -> np.ndarray:
-    """A call's labels as the tracer marks them; ``returns``: each forward's return to generate()."""
+def _call(steps: int, layers: bool = True, returns: bool = True, lead_every: int = 1) -> np.ndarray:
+    """A call's labels as the tracer marks them; ``returns``: each forward's return to generate()
+    (a decode step's on steps 0, N, 2N, ... with ``lead_every`` N)."""
     inner = LAYERS if layers else []
     back = [label(Kind.FORWARD_RETURN)] if returns else []
     seq = [label(Kind.CALL_BEGIN), label(Kind.PREFILL_FORWARD), label(Kind.LM_BEGIN), *inner, label(Kind.LM_HEAD_END),
            *back]
-    for _ in range(steps):
-        seq += [label(Kind.DECODE_FORWARD), *inner, *back]
+    for k in range(steps):
+        seq += [label(Kind.DECODE_FORWARD), *inner, *(back if k % lead_every == 0 else [])]
     return np.array(seq + [label(Kind.CALL_END)], dtype=np.int32)
 
 
@@ -130,6 +131,33 @@ def test_at_stage_level_the_forward_return_decides_and_without_it_the_verdict_is
     labels = _call(steps=3, layers=False, returns=False)  # a generate() that never hands back: no mark inside a step
     stages, medians, verdicts = _leads(labels, *_clocks(labels, lambda i: 300))
     assert verdicts == ["unknown"] * 3 and medians == [None] * 3 and stages["decode"]["verdict"] == "unknown"
+
+
+@pytest.mark.parametrize("work_us, host_us, truth", [(300, 0, "gpu-bound"), (3, 0, "host-bound"), (60, 100, "mixed")])
+def test_a_sampled_lead_reads_the_decode_share_over_the_steps_it_marked(work_us, host_us, truth):
+    """lead_every=3: the return is marked on steps 0, 3, 6 only. Those steps carry the
+    verdict; the others are unknown; the decode stage's share is the read steps' GPU-bound
+    time over *their* length — over all of decode it would be a third of the truth, and a
+    GPU-bound decode would read as mixed."""
+    full, sampled = _call(steps=8, layers=False), _call(steps=8, layers=False, lead_every=3)
+    # each forward is work_us of GPU work; the host then works host_us (sampling) before the next step
+    clocks = lambda labels: _clocks(labels, lambda i: work_us if labels[i] in (  # noqa: E731
+        label(Kind.FORWARD_RETURN), label(Kind.LM_HEAD_END)) else 3,
+        lambda i: host_us if labels[i] == label(Kind.DECODE_FORWARD) else 0)
+    st_full, _, v_full = _leads(full, *clocks(full))
+    out = _all(sampled, *clocks(sampled))
+    st, medians, verdicts = out["stages"], out["step_lead_us"], out["step_verdict"]
+    read = [0, 3, 6]
+    assert [k for k, m in enumerate(medians) if m is not None] == read
+    assert [verdicts[k] for k in read] == [v_full[k] for k in read] == [truth] * 3
+    assert all(verdicts[k] == "unknown" for k in range(8) if k not in read)
+    assert st["decode"]["steps_read"] == 3 and st_full["decode"]["steps_read"] == 8
+    assert st["decode"]["verdict"] == st_full["decode"]["verdict"] == truth
+    bound = [b for b in out["step_gpu_bound_ms"] if b is not None]
+    steps = [s for s in stages_from_marks(sampled, clocks(sampled)[0]).spans if s.kind == "step"]
+    over_ms = sum((steps[k].end_ns - steps[k].start_ns) / 1e6 for k in read)
+    assert st["decode"]["gpu_bound_ms"] == pytest.approx(sum(bound))
+    assert st["decode"]["gpu_bound_share"] == pytest.approx(sum(bound) / over_ms)
 
 
 def test_the_cpu_backend_has_one_clock():

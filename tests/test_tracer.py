@@ -157,6 +157,39 @@ def test_sampled_layer_detail_marks_the_prefill_and_every_nth_step_and_says_whic
     assert back.layer_steps == sampled and back.layer_every == every
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("every, layers", [(1, False), (3, False), (3, True), (10, False)])
+def test_a_sampled_lead_marks_the_prefill_and_every_nth_steps_return_and_says_which(every, layers, device):
+    """lead_every=N: the forward's return (the lead's mark at stage level) on the prefill and
+    on decode steps 0, N, 2N, ...; the others have no lead at stage level and are unknown. With
+    layer detail every step still has its layer marks' leads."""
+    case = build_on("llava", device)
+    plain = tokens(case.model.generate(**gen_kwargs(case, 8)))
+    with stagetrace.trace(case.model, lead_every=every, layer_detail="all" if layers else "off") as tracer:
+        assert torch.equal(tokens(case.model.generate(**gen_kwargs(case, 8))), plain)
+    (rec,) = tracer.records
+    assert_partition(rec)
+    sampled = list(range(0, 7, every))  # 7 decode steps
+    returns = int(np.sum(kind_of(rec.marks.labels) == Kind.FORWARD_RETURN))
+    assert returns == 1 + len(sampled) and rec.lead_every == every and not rec.compiled_decode
+    read = [k for k, lead in enumerate(rec.decode_step_lead_us) if lead is not None]
+    assert read == (list(range(7)) if layers else sampled)
+    assert rec.lead["decode"]["steps_read"] == len(read)
+    unknown = "n/a" if device == "cpu" else "unknown"
+    assert [v == unknown for v in rec.decode_step_verdict] == [
+        device == "cpu" or k not in read for k in range(7)]
+    back = stagetrace.StageRecord.from_dict(rec.to_dict())
+    assert back.lead_every == every and back.lead == rec.lead
+
+
+def test_lead_every_is_checked():
+    case = tiny.build("llama")
+    for bad in (0, -2, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="lead_every"):
+            stagetrace.trace(case.model, lead_every=bad)
+    assert stagetrace.trace(case.model).lead_every is None  # eager: every step; compiled: every 8th
+
+
 @pytest.mark.parametrize("detail, every, expect", [
     ("all", 3, [True] + [k % 3 == 0 for k in range(7)]),
     ("prefill", 1, [True] + [False] * 7),

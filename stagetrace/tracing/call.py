@@ -38,6 +38,10 @@ class CallState:
     layer_every: int = 1
     layers_now: bool = False
     decode_forwards: int = 0
+    # the lead's mark (a forward's return to generate()) on the prefill and on decode steps
+    # 0, N, 2N, ... only; ``compiled_lead_every`` replaces it once the decode is compiled
+    lead_every: int = 1
+    compiled_lead_every: int = 1
 
     @property
     def compiled(self) -> bool:

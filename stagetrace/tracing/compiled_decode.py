@@ -67,6 +67,7 @@ class CompiledDecodeMarks:
                                        "Trace it eagerly with generate(..., disable_compile=True)")
                 call.compiled_decode = True  # decided once per call
                 call.stamping = self._stamps_layers
+                call.lead_every = call.compiled_lead_every
             return compiles
 
         return guarded

@@ -12,9 +12,16 @@ host was the bottleneck (the GPU waited for each launch), the forward's GPU time
 host issued it all at once (one graph launch). The stage math ignores it (``stages.py``
 reads only boundary kinds); ``lead.py`` reads it.
 
+Sampled (``lead_every`` N): every prefill forward's return is marked, and a decode step's
+only on steps 0, N, 2N, … — the steps without it have no lead (``decode_step_lead_us`` is
+None there) and the decode stage's GPU-bound share is read over the steps that have one
+(``lead.py``). Why sample: under a compiled decode a step is ~3 ms of mostly host work and
+this mark, the step's only one besides its start, costs ~12 µs there (``benchmarks/README.md``).
+
 What must stay true: it marks only while a call is in flight, after the call's first
 forward and outside a top-level forward (a delegating generate() runs an inner model's
-loop; its own method is shadowed the same way); :meth:`remove` undoes exactly what
+loop; its own method is shadowed the same way); a decode step's return is marked exactly
+when its index is a multiple of ``lead_every``; :meth:`remove` undoes exactly what
 :meth:`install` did.
 """
 from __future__ import annotations
@@ -54,7 +61,9 @@ def _marking_return(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[i
     @functools.wraps(inner)
     def update_model_kwargs(*args: Any, **kwargs: Any) -> Any:
         c = slot.call
-        if c is not None and c.forwards > 0 and c.outer_depth == 0:
+        # the forward that returned was decode step decode_forwards - 1 (counted at its start)
+        if c is not None and c.forwards > 0 and c.outer_depth == 0 and (
+                not c.decoding or (c.decode_forwards - 1) % c.lead_every == 0):
             mark(_RETURN)
         return inner(*args, **kwargs)
 

@@ -68,6 +68,11 @@ LAYER_MARKS = ("pair", "shared", "matmul")
 # Calls left unbuilt at most: the one that reaches it builds them all before it hands back.
 UNBUILT_AT_MOST = 64
 
+# lead_every=None: the lead's mark on every step of an eager decode, and on every 8th step of
+# a compiled one, where a step is ~3 ms of mostly host work and the mark costs ~12 µs of it
+# (benchmarks/README.md, "Compiled decode at stage level"); an eager step is 10-20 ms.
+COMPILED_LEAD_EVERY = 8
+
 _CALL_BEGIN, _CALL_END = label(Kind.CALL_BEGIN), label(Kind.CALL_END)
 _PREFILL, _DECODE = label(Kind.PREFILL_FORWARD), label(Kind.DECODE_FORWARD)
 
@@ -94,7 +99,7 @@ class Tracer:
     def __init__(self, model: nn.Module, *, vision: str | Sequence[str] | None = None,
                  language_model: str | None = None, lm_head: str | None = None, layers: str | None = None,
                  layer_detail: str | bool = "off", layer_marks: str = "pair", layer_every: int = 1,
-                 jsonl: str | Path | None = None,
+                 lead_every: int | None = None, jsonl: str | Path | None = None,
                  sample_id: str | None = None, capacity: int = 4096, keep_marks: bool = True,
                  timeline: Timeline | None = None):
         if not callable(getattr(model, "generate", None)):
@@ -107,6 +112,10 @@ class Tracer:
         if isinstance(layer_every, bool) or not isinstance(layer_every, int) or layer_every < 1:
             raise ValueError(f"layer_every must be an integer >= 1, got {layer_every!r}")
         self.layer_every = layer_every
+        if lead_every is not None and (isinstance(lead_every, bool) or not isinstance(lead_every, int)
+                                       or lead_every < 1):
+            raise ValueError(f"lead_every must be None or an integer >= 1, got {lead_every!r}")
+        self.lead_every = lead_every
         self.sample_id = sample_id
         self._records: list[StageRecord] = []
         self._unbuilt: collections.deque[FinishedCall] = collections.deque()  # calls whose record is not built yet
@@ -307,9 +316,13 @@ class Tracer:
         if self.layer_detail == "all" and (self._forward_compiled or callable(
                 getattr(self.model, "_valid_auto_compile_criteria", None))):
             self._stamps.prepare(stream)
+        eager_every, compiled_every = ((1, COMPILED_LEAD_EVERY) if self.lead_every is None
+                                       else (self.lead_every, self.lead_every))
         call = CallState(prompt_len=inputs.prompt_len, fed=inputs.cache_len,
                          forward_compiled=self._forward_compiled, stamping=stamping,
-                         layer_detail=self.layer_detail, layer_every=self.layer_every)
+                         layer_detail=self.layer_detail, layer_every=self.layer_every,
+                         lead_every=compiled_every if self._forward_compiled else eager_every,
+                         compiled_lead_every=compiled_every)
         self._slot.call = call
         unix_start = time.time()
         tl.mark(_CALL_BEGIN)
@@ -377,7 +390,7 @@ class Tracer:
                     sample_id=done.sample_id, model_class=type(self.model).__name__,
                     model_name=str(getattr(cfg, "_name_or_path", "") or ""), device=str(self._devices[0]),
                     backend=marks.backend, layout=self.layout.name, layer_detail=call.layer_detail,
-                    layer_every=call.layer_every,
+                    layer_every=call.layer_every, lead_every=call.lead_every,
                     layer_marks=self.layer_marks, stream=int(marks.streams[0]), rank=self.rank,
                     host_start_ns=int(marks.host_ns[0]), unix_start=done.unix_start, unix_time=done.unix_time,
                     versions=versions(), n_marks=len(marks), compiled_decode=call.compiled,
