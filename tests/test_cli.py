@@ -628,6 +628,24 @@ def test_layer_every_samples_the_steps_records_which_and_the_report_says_so(text
         one_error_line(capsys, "--layer-every")
 
 
+def test_lead_every_samples_the_leads_records_which_and_the_report_says_so(text_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("profile", text_checkpoint, "--prompt", "hello there", "--max-new-tokens", "7", "--min-new-tokens", "7",
+               "--out", out, "--no-progress", "--lead-every", "4") == 0
+    (rec,) = load_records(out / "records.jsonl")
+    assert rec.lead_every == 4 and len(rec.decode_step_ms) == 6 and rec.lead["decode"]["steps_read"] == 2
+    assert [lead is not None for lead in rec.decode_step_lead_us] == [True, False, False, False, True, False]
+    capsys.readouterr()
+    assert run("report", out / "records.jsonl") == 0
+    assert "read on 2 of their 6 decode steps (lead_every=4" in capsys.readouterr().out
+    # a rerun with another sampling would mix two runs: refused
+    assert run("profile", text_checkpoint, "--prompt", "hello there", "--max-new-tokens", "7", "--min-new-tokens", "7",
+               "--out", out, "--no-progress") == 2
+    one_error_line(capsys, "--lead-every")
+    assert run(*profile_args(text_checkpoint, tmp_path / "bad", "--lead-every", "0")) == 2
+    one_error_line(capsys, "--lead-every")
+
+
 def test_images_for_a_checkpoint_without_an_image_processor_are_refused_not_dropped(text_checkpoint, images, tmp_path,
                                                                                     capsys):
     out = tmp_path / "run"

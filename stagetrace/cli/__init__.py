@@ -63,6 +63,10 @@ def _profile_parser(sub: Any) -> None:
     p.add_argument("--layer-every", type=int, default=1, metavar="N",
                    help="with --layer-detail all: layers on the prefill and on every N-th decode step only "
                         "(records list which steps carry them: layer_steps)")
+    p.add_argument("--lead-every", type=int, default=None, metavar="N",
+                   help="the GPU lead's mark (each forward's return to generate()) on the prefill and on every "
+                        "N-th decode step only; default: every step of an eager decode, every 8th of a compiled "
+                        "one (records say which: lead_every, decode_step_lead_us is null on the others)")
     p.add_argument("--layer-marks", choices=["pair", "shared", "matmul"], default="pair",
                    help="with --layer-detail: 'shared' puts one mark per boundary between layers (half the cost; "
                         "work run between two layers counts to the earlier one); 'matmul' does the same, and inside "

@@ -111,7 +111,8 @@ def _samples(args: argparse.Namespace) -> tuple[list[Sample], list[str] | None, 
 
 def _plan(args: argparse.Namespace) -> Plan:
     """Everything checked and decided before the model loads."""
-    check_at_least(args, max_new_tokens=1, min_new_tokens=0, n=1, batch_size=1, warmup=0, layer_every=1)
+    check_at_least(args, max_new_tokens=1, min_new_tokens=0, n=1, batch_size=1, warmup=0, layer_every=1,
+                   lead_every=1)
     _check_sources(args)
     sweep = parse_sweeps(args.sweep)
     points = sweep_points(sweep)
@@ -454,7 +455,7 @@ def _make_tracer(plan: Plan, model: Any) -> Any:
     a = plan.args
     try:
         return stagetrace.trace(model, layer_detail=plan.layer_detail, layer_marks=a.layer_marks,
-                                layer_every=a.layer_every, keep_marks=False,
+                                layer_every=a.layer_every, lead_every=a.lead_every, keep_marks=False,
                                 vision=a.vision, language_model=a.language_model, lm_head=a.lm_head)
     except LayoutError as exc:
         raise CliError(" ".join(line.strip() for line in str(exc).splitlines())) from None

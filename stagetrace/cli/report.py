@@ -29,6 +29,19 @@ def layer_sampling(records: list[Any]) -> str | None:
             f"(layer_every={'/'.join(map(str, every))}); layer statistics cover those steps only")
 
 
+def lead_sampling(records: list[Any]) -> str | None:
+    """One line where the GPU lead was read on only some decode steps (``lead_every``), else None."""
+    timed = [r for r in records if r.error is None and r.lead_every > 1]
+    if not timed:
+        return None
+    steps = sum(len(r.decode_step_ms) for r in timed)
+    read = sum(r.lead.get("decode", {}).get("steps_read", 0) for r in timed)
+    every = sorted({r.lead_every for r in timed})
+    return (f"GPU lead: in {len(timed)} of {len(records)} records read on {read} of their {steps} decode steps "
+            f"(lead_every={'/'.join(map(str, every))}: the forward's return marked on those only); the other steps' "
+            "verdicts are unknown, and the decode stage's GPU-bound share is over the steps read")
+
+
 def layer_boundaries(records: list[Any]) -> str | None:
     """One line where layer marks sat after a layer's last matmul (``layer_marks="matmul"``
     in compiled decode), not at its boundary, else None."""
@@ -46,7 +59,7 @@ def print_summary(records: list[Any], title: str) -> None:
     from stagetrace.export.table import format_summary, summarize
 
     print(format_summary(summarize(records), title=title))
-    for line in (layer_sampling(records), layer_boundaries(records)):
+    for line in (layer_sampling(records), lead_sampling(records), layer_boundaries(records)):
         if line:
             print(line)
     lead = format_lead(summarize_lead(records))

@@ -55,7 +55,7 @@ def point_key(point: dict[str, Any] | None) -> PointKey:
 _KEYS = {"model_path": "model path", "config_sha256": "config.json", "dtype": "--dtype", "device": "device",
          "max_new_tokens": "--max-new-tokens", "min_new_tokens": "--min-new-tokens", "prompts_sha256": "prompts",
          "images": "--images", "layer_detail": "--layer-detail", "layer_marks": "--layer-marks",
-         "layer_every": "--layer-every",
+         "layer_every": "--layer-every", "lead_every": "--lead-every",
          "layout": "--vision/--language-model/--lm-head", "dataset": "--dataset (its path or its contents)",
     "sweep_keys": "--sweep settings"}
 
@@ -146,7 +146,8 @@ def fingerprint(args: argparse.Namespace, config: bytes, prompts: list[str], dev
           "layout": {"vision": args.vision, "language_model": args.language_model, "lm_head": args.lm_head},
           "dataset": dataset, "sweep_keys": sweep_keys,
           # only when sampled: a run started before --layer-every existed resumes unchanged
-          **({"layer_every": args.layer_every} if getattr(args, "layer_every", 1) != 1 else {})}
+          **({"layer_every": args.layer_every} if getattr(args, "layer_every", 1) != 1 else {}),
+          **({"lead_every": args.lead_every} if getattr(args, "lead_every", None) is not None else {})}
     return json.loads(json.dumps(fp))  # as it reads back from the file
 
 
