@@ -296,6 +296,29 @@ def test_assisted_decoding_steps_are_verification_forwards(mode, device):
     assert 1 <= len(rec.decode_step_ms) <= rec.output_tokens - 1
 
 
+def test_decode_forwards_whose_tokens_generate_drops_are_said_not_hidden():
+    """transformers' deferred stopping check (5.24, on mps) runs one decode forward more and
+    undoes its token: the record keeps that forward's time in decode and says so."""
+    case = build_on("llama", "cpu")
+    original = case.model.generate
+
+    def generate_dropping_the_last_token(*args, **kwargs):
+        return original(*args, **kwargs)[:, :-1]
+
+    case.model.generate = generate_dropping_the_last_token
+    with pytest.warns(RuntimeWarning, match="5 decode steps ran for 5 new tokens"):
+        with stagetrace.trace(case.model) as tracer:
+            case.model.generate(**gen_kwargs(case, 6))
+    (rec,) = tracer.records
+    assert_partition(rec)
+    assert rec.output_tokens == 5 and len(rec.decode_step_ms) == 5
+    assert any("did not return" in w for w in rec.warnings)
+    del case.model.generate  # generate() as transformers wrote it: no such warning
+    with stagetrace.trace(case.model) as tracer:
+        case.model.generate(**gen_kwargs(case, 6))
+    assert tracer.records[0].warnings == []
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_generate_from_inputs_embeds_only(device):
     case = build_on("llama", device)

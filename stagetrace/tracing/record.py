@@ -94,6 +94,11 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
         if placement is not None:
             rec.spans = placement.place(rec.spans)
         rec.warnings = [why for kind, why in (expect or {}).items() if not rec.spans.has_kind(kind)]
+        steps = len(rec.decode_step_ms)
+        if 0 < rec.output_tokens <= steps:  # each token after the first is one decode step at most
+            rec.warnings.append(f"{steps} decode steps ran for {rec.output_tokens} new tokens: generate() ran forwards "
+                                "whose tokens it did not return (e.g. a stopping check deferred by a step); their "
+                                "time is in decode, and decode_step_ms has more steps than tokens")
         for why in rec.warnings:
             warnings.warn(f"stagetrace: call {rec.call_index}: {why}", RuntimeWarning, stacklevel=4)
     if keep_marks:
