@@ -10,7 +10,9 @@ one copy: GPU µs per stamp, per copy; host µs of one eager stamp; %globaltimer
 Part 2, compiled decode: ``generate()`` with a static cache, so transformers compiles the
 decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetitions of
   plain               the compiled run untraced (baseline; plain_again is the A/A row)
-  stagetrace          stage level (events from the generate loop, outside the graph)
+  stagetrace          stage level (events from the generate loop, outside the graph); the lead's
+                      mark (the forward's return) on every 8th step, the default
+  stagetrace_lead_every1  stage level with the lead's mark on every step (lead_every=1)
   stagetrace_layers   plus stamps around every decoder layer inside the graph: one per boundary
                       (a layer's end and the next one's begin are one point of the graph), so
                       since session 6 the same stamps and graph as _shared (before: two per boundary)
@@ -19,6 +21,10 @@ decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetit
                       pass (layer_marks="matmul"): the compiler fuses across layers again
   stagetrace_layers_every8  stamps on every 8th step only (layer_every=8): the stamped graph
                       runs on those steps, the bare one on the others
+  host_clock          stage level's hooks and wrappers marking the host clock, no CUDA event:
+                      stagetrace - host_clock is what the events add, host_clock - plain the Python
+  stagetrace_no_lead  stage level without the FORWARD_RETURN mark (a probe, not an option: what
+                      the lead's one mark per step costs)
 Wall overhead is paired per repetition; beside it, stage level's direct in-context cost
 (``--direct-calls``: every native mark timed around itself, per kind) and with what the call
 does after generate() returns (``resolve_ms``); the GPU-side cost of the stamps is also read off
@@ -30,12 +36,15 @@ end (``layer_stack_us``: the graph replays its stamps back to back, host noise s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import TimedTimeline, bootstrap_median_ci, environment, quantile, save, table, timed_ms  # noqa: E402
@@ -126,8 +135,8 @@ def stamp_cost(cuda: bool, n: int, replays: int) -> dict[str, Any]:
     return out
 
 
-METHODS = ("plain", "stagetrace", "stagetrace_layers", "stagetrace_layers_shared", "stagetrace_layers_matmul",
-           "stagetrace_layers_every8", "plain_again")
+METHODS = ("plain", "stagetrace", "stagetrace_lead_every1", "stagetrace_layers", "stagetrace_layers_shared",
+           "stagetrace_layers_matmul", "stagetrace_layers_every8", "host_clock", "stagetrace_no_lead", "plain_again")
 
 
 def layer_stack_us(rec: Any) -> list[float]:
@@ -175,7 +184,7 @@ def direct_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int) -> dict[
 
 
 def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int,
-                    only: tuple[str, ...] = METHODS, direct_calls: int = 0) -> dict[str, Any]:
+                    only: tuple[str, ...] = METHODS, direct_calls: int = 0, step_clock: bool = False) -> dict[str, Any]:
     import torch
 
     import stagetrace
@@ -194,7 +203,13 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
     def timed(fn: Callable[[], Any]) -> float:
         return timed_ms(fn, cuda)
 
+    from stagetrace.testing.reference import HostClockTimeline
+    from stagetrace.tracing import forward_return
+
     tracers = {"stagetrace": stagetrace.trace(model, keep_marks=False),
+               "stagetrace_lead_every1": stagetrace.trace(model, keep_marks=False, lead_every=1),
+               "host_clock": stagetrace.trace(model, keep_marks=False, timeline=HostClockTimeline()),
+               "stagetrace_no_lead": stagetrace.trace(model, keep_marks=False),
                "stagetrace_layers": stagetrace.trace(model, layer_detail="all", keep_marks=False),
                "stagetrace_layers_shared": stagetrace.trace(model, layer_detail="all", layer_marks="shared",
                                                             keep_marks=False),
@@ -205,21 +220,48 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                                                             keep_marks=False)}
     outputs: dict[str, Any] = {}
 
+    step_entries_ns: list[int] = []  # --step-clock: host time at each prepare_inputs_for_generation
+    if step_clock:
+        # On the class, below the tracer's own wrapper, so every method (plain too) pays it alike.
+        inner = type(model).prepare_inputs_for_generation
+
+        @functools.wraps(inner)
+        def clocked(*args: Any, **kwargs: Any) -> Any:
+            step_entries_ns.append(time.perf_counter_ns())
+            return inner(*args, **kwargs)
+
+        type(model).prepare_inputs_for_generation = clocked
+
+    def generate_clocked(res: dict[str, Any]) -> Any:
+        step_entries_ns.clear()
+        t_in = time.perf_counter_ns()
+        out = res.setdefault("out", model.generate(**kw))
+        if step_clock and len(step_entries_ns) > 2:  # [prefill, decode step 0, 1, ...]
+            e = step_entries_ns
+            res["host"] = {"head_ms": (e[1] - t_in) / 1e6, "tail_ms": (time.perf_counter_ns() - e[-1]) / 1e6,
+                           "step_ms": statistics.median(b - a for a, b in zip(e[1:], e[2:])) / 1e6}
+        return out
+
     def method(m: str) -> Callable[[], dict]:
         def run() -> dict:
             tr = tracers.get(m)
             if tr is None:
                 res: dict[str, Any] = {}
-                wall = timed(lambda: res.setdefault("out", model.generate(**kw)))
+                wall = timed(lambda: generate_clocked(res))
                 outputs.setdefault(m, res["out"].cpu())
-                return {"wall_ms": wall}
-            with tr:
+                return {"wall_ms": wall, **res.get("host", {})}
+            with contextlib.ExitStack() as stack:
+                if m == "stagetrace_no_lead":  # the probe: the lead's mark never installed
+                    stack.enter_context(mock.patch.object(forward_return.ForwardReturnMarks, "install",
+                                                          lambda self: None))
+                stack.enter_context(tr)
                 res = {}
-                wall = timed(lambda: res.setdefault("out", model.generate(**kw)))
+                wall = timed(lambda: generate_clocked(res))
             outputs.setdefault(m, res["out"].cpu())
             rec = tr.records[-1]
             tr.clear()
-            return {"wall_ms": wall, "record": rec.to_dict(), "layer_stack_us": layer_stack_us(rec)}
+            return {"wall_ms": wall, "record": rec.to_dict(), "layer_stack_us": layer_stack_us(rec),
+                    **res.get("host", {})}
         return run
 
     names = [m for m in METHODS if m in only or m in ("plain", "plain_again", "stagetrace")]
@@ -236,6 +278,8 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             samples[m].append(methods[m]())
     same_tokens = {m: bool(torch.equal(outputs[m], outputs["plain"])) for m in names}
     direct = direct_cost(model, kw, cuda, direct_calls) if direct_calls > 0 else None
+    if step_clock:
+        type(model).prepare_inputs_for_generation = inner
     plain = [s["wall_ms"] for s in samples["plain"]]
     base = statistics.median(plain)
     summary: dict[str, Any] = {}
@@ -245,6 +289,13 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
         lo, hi = bootstrap_median_ci(paired)
         row: dict[str, Any] = {"median_ms": statistics.median(walls), "paired_overhead_pct": statistics.median(paired),
                                "paired_overhead_ci95_pct": [lo, hi], "walls_ms": walls}
+        if step_clock and all("step_ms" in s for s in ss):
+            # the host's own clock, paired per repetition against plain: where the difference lies
+            for part in ("head_ms", "step_ms", "tail_ms"):
+                diffs_us = [1e3 * (s[part] - p[part]) for s, p in zip(ss, samples["plain"])]
+                row[f"host_{part}"] = statistics.median(s[part] for s in ss)
+                row[f"host_{part[:-3]}_paired_us"] = statistics.median(diffs_us)
+                row[f"host_{part[:-3]}_paired_ci95_us"] = list(bootstrap_median_ci(diffs_us))
         recs = [s["record"] for s in ss if "record" in s]
         if recs:
             errors = [r["error"] for r in recs if r["error"]]
@@ -301,6 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-stamp-cost", action="store_true", help="skip part 1")
     ap.add_argument("--direct-calls", type=int, default=5,
                     help="stage-level calls with every native mark timed (the direct in-context cost); 0: none")
+    ap.add_argument("--step-clock", action="store_true",
+                    help="host clock at each prepare_inputs_for_generation (every method alike): the paired "
+                         "difference split into before the first decode step, per step, and after the last")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -329,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
             case = tiny.build(family, batch=int(batch))
         case.model.eval()
         payload["results"].append(decode_overhead(cfg, case, cuda, args.reps, args.warmup, args.new_tokens,
-                                                  tuple(args.methods.split(",")), args.direct_calls))
+                                                  tuple(args.methods.split(",")), args.direct_calls, args.step_clock))
         path = save(name, payload, args.out)  # survives a cut-off
         del case
         if cuda:
@@ -351,6 +405,13 @@ def main(argv: list[str] | None = None) -> dict:
                  len(v.get("errors", []))] for m, v in r["methods"].items()]
         print(table(rows, ["method", "median ms", "paired %", "95% interval", "step ms", "layer stack µs", "marks",
                            "after matmul", "resolve µs (% of call)", "build µs (% of call)", "errors"]))
+        clocked = [(m, v) for m, v in r["methods"].items() if "host_step_paired_us" in v]
+        if clocked:
+            print("host clock, paired against plain (median µs [95% interval]): before the first decode step | "
+                  "a decode step | after the last")
+            for m, v in clocked:
+                print(f"  {m:20s} " + " | ".join("{:+.1f} [{:+.1f}, {:+.1f}]".format(
+                    v[f"host_{p}_paired_us"], *v[f"host_{p}_paired_ci95_us"]) for p in ("head", "step", "tail")))
         st = r["methods"]["stagetrace"]
         if "direct" in st:
             d = st["direct"]

@@ -22,7 +22,7 @@ SCRIPTS = {
     "stamp_fusion": ["--cpu-tiny"],
     "lead": ["--cpu-tiny", "--reps", "1", "--warmup", "1", "--new-tokens", "4"],
     "compiled": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--stamps", "100",
-                 "--configs", "llama_b1"],
+                 "--configs", "llama_b1", "--step-clock"],
     "fit_validation": ["--cpu-tiny", "--samples", "30", "--ab-samples", "6", "--warmup", "2"],
 }
 
@@ -51,7 +51,17 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
             assert r["methods"][m]["layer_stack_median_us"] > 0, m  # read off the stamps of every step
         d = r["methods"]["stagetrace"]["direct"]  # every native mark of a stage-level call, timed
         assert sum(d["by_kind_per_call"].values()) == r["methods"]["stagetrace"]["n_marks"]
-        assert d["by_kind_per_call"]["DECODE_FORWARD"] == d["by_kind_per_call"]["FORWARD_RETURN"] - 1 > 0
+        # the prefill's return, then the lead's on every COMPILED_LEAD_EVERY-th step (the default)
+        from stagetrace.tracing.tracer import COMPILED_LEAD_EVERY
+
+        steps = d["by_kind_per_call"]["DECODE_FORWARD"]
+        assert steps > 0 and d["by_kind_per_call"]["FORWARD_RETURN"] == 1 + -(-steps // COMPILED_LEAD_EVERY)
+        for m in ("stagetrace_lead_every1", "host_clock", "stagetrace_no_lead"):  # every step's lead; the probes
+            assert r["methods"][m]["compiled_decode"] and not r["methods"][m]["errors"], m
+        assert (r["methods"]["stagetrace_lead_every1"]["n_marks"] - r["methods"]["stagetrace"]["n_marks"]
+                == steps - -(-steps // COMPILED_LEAD_EVERY))
+        for m, row in r["methods"].items():  # --step-clock: the paired host-clock split of every method
+            assert {"host_head_paired_us", "host_step_paired_us", "host_tail_paired_us"} <= set(row), m
     if script == "in_context":
         assert {"plain", "noop", "event_mark", "plain_again"} <= set(payload["results"])
         assert payload["marks_per_call"] == 2 * 2 * 2  # 2 layers, prefill + 1 step, begin + end
