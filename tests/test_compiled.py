@@ -2,6 +2,7 @@
 by hand, traced without graph breaks or recompiles, or refused with the reason."""
 from __future__ import annotations
 
+import contextlib
 
 import pytest
 import torch
@@ -80,6 +81,31 @@ def test_a_compiled_decode_marks_the_lead_on_every_nth_step_and_the_record_says_
         assert all(verdicts[k] in ({"n/a"} if device == "cpu" else {"host-bound", "gpu-bound", "mixed"})
                    for k in _returns_marked(rec))
         assert rec.lead["decode"]["verdict"] in ({"n/a"} if device == "cpu" else {"host-bound", "gpu-bound", "mixed"})
+
+
+@pytest.mark.parametrize("detail, per_call", [("off", 1), ("all", 4)])
+def test_a_stage_level_compiled_step_does_nothing_but_its_mark_after_the_first(detail, per_call, monkeypatch):
+    """The module hooks come off once per call, before its first compiled step; only a call
+    that stamps switches graphs (stamped or bare) before every step."""
+    from stagetrace.tracing.tracer import Tracer
+
+    seen: list[bool] = []
+    switch = Tracer._before_compiled_step
+    monkeypatch.setattr(Tracer, "_before_compiled_step", lambda self, stamped: seen.append(stamped) or switch(
+        self, stamped))
+    case = tiny.build("llama")
+    kw = gen_kwargs(case, 5, **static_compiled(case))
+    plain = tokens(case.model.generate(**kw))
+    before = hook_state(case.model)
+    with pytest.warns(UserWarning) if detail == "all" else contextlib.nullcontext():
+        with stagetrace.trace(case.model, layer_detail=detail, layer_every=2) as tracer:
+            for _ in range(2):
+                assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    assert len(seen) == 2 * per_call and hook_state(case.model) == before
+    assert seen == [False, False] if detail == "off" else seen == [True, False, True, False] * 2
+    for rec in tracer.records:
+        assert_partition(rec)
+        assert rec.compiled_decode and rec.layer_steps == ([0, 2] if detail == "all" else [])
 
 
 def test_a_decode_step_first_compiled_under_tracing_serves_untraced_calls_too():

@@ -42,6 +42,7 @@ class CallState:
     # 0, N, 2N, ... only; ``compiled_lead_every`` replaces it once the decode is compiled
     lead_every: int = 1
     compiled_lead_every: int = 1
+    module_hooks_off: bool = False  # a compiled step took the module hooks off (back after the call)
 
     @property
     def compiled(self) -> bool:

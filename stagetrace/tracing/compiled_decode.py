@@ -27,10 +27,12 @@ _DECODE = label(Kind.DECODE_FORWARD)
 
 class CompiledDecodeMarks:
     """The two wrappers of one tracer. ``refusal(generation_config)`` says why a compiled
-    decode cannot be timed (None: it can); ``before_step(stamped)`` runs before each compiled
-    step (it takes the module hooks off once, and puts the layer stamps in place exactly for
-    the steps that carry layers: with ``layer_every`` N, steps 0, N, 2N, … run the stamped
-    graph and the others the bare one — dynamo keeps both after its first use of each);
+    decode cannot be timed (None: it can); ``before_step(stamped)`` runs before the first
+    compiled step of a call, and before every one when the call stamps (it takes the module
+    hooks off, and puts the layer stamps in place exactly for the steps that carry layers:
+    with ``layer_every`` N, steps 0, N, 2N, … run the stamped graph and the others the bare
+    one — dynamo keeps both after its first use of each); a stage-level step after the first
+    calls nothing but its mark;
     ``calibrate(label)`` stamps the GPU-side ring right after each step's event (every step
     when the call stamps: the merge anchors on one calibration stamp per step event)."""
 
@@ -79,8 +81,9 @@ class CompiledDecodeMarks:
         def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
             c = slot.call
             if c is not None and c.compiled_decode and c.forwards > 0 and c.fed >= c.prompt_len:
-                stamped = c.stamping and c.decode_forwards % c.layer_every == 0
-                self._before_step(stamped)  # the graph sees the bare model, or its stamps
+                if c.stamping or not c.module_hooks_off:  # else nothing to change: the hooks are off, no stamps
+                    self._before_step(c.stamping and c.decode_forwards % c.layer_every == 0)
+                    c.module_hooks_off = True  # the graph sees the bare model, or its stamps
                 c.in_prefill = False
                 c.layers_now = False  # the graph's own stamps mark its layers, if any
                 c.decoding = True
