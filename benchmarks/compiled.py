@@ -230,7 +230,9 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             step_entries_ns.append(time.perf_counter_ns())
             return inner(*args, **kwargs)
 
-        type(model).prepare_inputs_for_generation = clocked
+        # mock.patch puts back exactly what was there (the class may inherit the method); see finally below
+        clock_patch = mock.patch.object(type(model), "prepare_inputs_for_generation", clocked)
+        clock_patch.start()
 
     def generate_clocked(res: dict[str, Any]) -> Any:
         step_entries_ns.clear()
@@ -264,22 +266,24 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                     **res.get("host", {})}
         return run
 
-    names = [m for m in METHODS if m in only or m in ("plain", "plain_again", "stagetrace")]
-    methods = {m: method(m) for m in names}
-    t_compile = time.perf_counter()
-    for _ in range(warmup):
-        for fn in methods.values():
-            fn()
-    compile_and_warmup_s = time.perf_counter() - t_compile
-    samples: dict[str, list[dict]] = {m: [] for m in names}
-    for rep in range(reps):
-        gc.collect()
-        for m in names[rep % len(names):] + names[: rep % len(names)]:
-            samples[m].append(methods[m]())
-    same_tokens = {m: bool(torch.equal(outputs[m], outputs["plain"])) for m in names}
-    direct = direct_cost(model, kw, cuda, direct_calls) if direct_calls > 0 else None
-    if step_clock:
-        type(model).prepare_inputs_for_generation = inner
+    try:
+        names = [m for m in METHODS if m in only or m in ("plain", "plain_again", "stagetrace")]
+        methods = {m: method(m) for m in names}
+        t_compile = time.perf_counter()
+        for _ in range(warmup):
+            for fn in methods.values():
+                fn()
+        compile_and_warmup_s = time.perf_counter() - t_compile
+        samples: dict[str, list[dict]] = {m: [] for m in names}
+        for rep in range(reps):
+            gc.collect()
+            for m in names[rep % len(names):] + names[: rep % len(names)]:
+                samples[m].append(methods[m]())
+        same_tokens = {m: bool(torch.equal(outputs[m], outputs["plain"])) for m in names}
+        direct = direct_cost(model, kw, cuda, direct_calls) if direct_calls > 0 else None
+    finally:
+        if step_clock:
+            clock_patch.stop()
     plain = [s["wall_ms"] for s in samples["plain"]]
     base = statistics.median(plain)
     summary: dict[str, Any] = {}
