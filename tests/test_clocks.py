@@ -106,7 +106,7 @@ def test_a_stamp_past_the_next_event_is_held_at_it():
 
 
 @pytest.mark.parametrize("stamps,match", [
-    ([DECODE, LB0], "1 calibration stamps for 2 step events"),
+    ([DECODE, LB0], "1 calibration stamps for 2 calibrated step events"),
     ([LB0, DECODE, DECODE], "before the first calibration stamp"),
 ])
 def test_stamps_that_do_not_line_up_with_the_events_are_refused(stamps, match):
@@ -120,10 +120,12 @@ def test_drops_in_the_ring_fail_the_record_like_drops_in_the_timeline():
     assert merge_stamps(marks, [DECODE], [0], DECODE, dropped=4).dropped == 4
 
 
-def _reference_merge(marks, labels, t_ns, anchors):
+def _reference_merge(marks, labels, t_ns, anchors, anchored=None):
     """The per-step loop the vectorized merge replaced: its executable description."""
     labels, t_ns = np.asarray(labels, np.int32), np.asarray(t_ns, np.int64)
     event_idx = np.flatnonzero(np.isin(marks.labels, anchors))
+    if anchored is not None:
+        event_idx = event_idx[np.asarray(anchored, bool)]
     anchor_idx = list(np.flatnonzero(np.isin(labels, anchors))) + [len(labels)]
     rows, start = [], 0
     for k, ev in enumerate(event_idx):
@@ -138,20 +140,39 @@ def _reference_merge(marks, labels, t_ns, anchors):
     return rows
 
 
+@pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("seed", range(20))
-def test_the_vectorized_stamp_merge_equals_the_reference_loop(seed):
+def test_the_vectorized_stamp_merge_equals_the_reference_loop(seed, sampled):
+    """``sampled``: only some forwards were calibrated (and stamped), as a sampled compiled decode."""
     rng = np.random.default_rng(seed)
     prefill, anchors = label(Kind.PREFILL_FORWARD), (label(Kind.PREFILL_FORWARD), DECODE)
     n_steps = int(rng.integers(1, 6))
     events = [label(Kind.CALL_BEGIN), prefill] + [DECODE] * n_steps + [label(Kind.CALL_END)]
     marks = _marks(events, np.cumsum(rng.integers(1, 1_000, size=len(events))))
+    anchored = rng.random(len(events) - 2) < 0.5 if sampled else np.ones(len(events) - 2, bool)
     stamps, t = [], []
-    for ev in events[1:-1]:
+    for ev, calibrated in zip(events[1:-1], anchored):
+        if not calibrated:
+            continue
         stamps.append(ev)
         stamps += [label(Kind.LAYER_BEGIN + int(rng.integers(0, 2)), int(rng.integers(0, 4)))
                    for _ in range(int(rng.integers(0, 5)))]
     t = np.cumsum(rng.integers(1, 800, size=len(stamps))) + 10**9
-    merged = merge_stamps(marks, stamps, t, anchors)
+    merged = merge_stamps(marks, stamps, t, anchors, anchored=anchored if sampled else None)
     got = list(zip(merged.labels.tolist(), merged.device_ns.tolist(), merged.host_ns.tolist()))
-    want = [(int(a), int(b), int(c)) for a, b, c in _reference_merge(marks, stamps, t, anchors)]
+    want = [(int(a), int(b), int(c)) for a, b, c in _reference_merge(marks, stamps, t, anchors,
+                                                                     anchored if sampled else None)]
     assert got == want
+
+
+def test_sampled_steps_place_their_stamps_from_their_own_calibration_and_bare_steps_stand():
+    begin, end = label(Kind.CALL_BEGIN), label(Kind.CALL_END)
+    marks = _marks([begin, DECODE, DECODE, DECODE, end], [0, 1_000, 5_000, 7_000, 9_000])
+    stamps, t = [DECODE, LB0, LE0, DECODE, LB0, LE0], [10, 110, 900, 50_000, 50_100, 50_700]
+    merged = merge_stamps(marks, stamps, t, DECODE, anchored=[True, False, True])
+    assert merged.labels.tolist() == [begin, DECODE, LB0, LE0, DECODE, DECODE, LB0, LE0, end]
+    assert merged.device_ns.tolist() == [0, 1_000, 1_100, 1_890, 5_000, 7_000, 7_100, 7_700, 9_000]
+    with pytest.raises(StampMergeError, match="2 calibration flags for 3 step events"):
+        merge_stamps(marks, stamps, t, DECODE, anchored=[True, True])
+    with pytest.raises(StampMergeError, match="2 calibration stamps for 1 calibrated step events"):
+        merge_stamps(marks, stamps, t, DECODE, anchored=[True, False, False])

@@ -83,29 +83,65 @@ def test_a_compiled_decode_marks_the_lead_on_every_nth_step_and_the_record_says_
         assert rec.lead["decode"]["verdict"] in ({"n/a"} if device == "cpu" else {"host-bound", "gpu-bound", "mixed"})
 
 
-@pytest.mark.parametrize("detail, per_call", [("off", 1), ("all", 4)])
-def test_a_stage_level_compiled_step_does_nothing_but_its_mark_after_the_first(detail, per_call, monkeypatch):
-    """The module hooks come off once per call, before its first compiled step; only a call
-    that stamps switches graphs (stamped or bare) before every step."""
+@pytest.mark.parametrize("detail, every, switches, layer_steps", [
+    ("off", 2, [False], []),
+    ("all", 2, [True, False] * 3, [0, 2, 4]),  # 7 new tokens: decode steps 0-5
+    ("all", 3, [True, False, True, False], [0, 3]),
+    ("all", 1, [True], [0, 1, 2, 3, 4, 5]),
+])
+def test_a_compiled_step_switches_graphs_only_where_the_graph_changes(detail, every, switches, layer_steps,
+                                                                      monkeypatch):
+    """The module hooks come off once per call, before its first compiled step; after it the
+    layers' forwards change only on a step into or out of the stamped graph, and only a
+    stamped step is calibrated. A step that keeps its graph (stage level after the first, a
+    bare step after a bare one) calls nothing but its mark."""
+    from stagetrace.tracing.stamps import LayerStamps
     from stagetrace.tracing.tracer import Tracer
 
     seen: list[bool] = []
-    switch = Tracer._before_compiled_step
+    calibrated: list[int] = []
+    switch, calibrate = Tracer._before_compiled_step, LayerStamps.calibrate
     monkeypatch.setattr(Tracer, "_before_compiled_step", lambda self, stamped: seen.append(stamped) or switch(
         self, stamped))
+    monkeypatch.setattr(LayerStamps, "calibrate", lambda self, lab: calibrated.append(lab) or calibrate(self, lab))
     case = tiny.build("llama")
-    kw = gen_kwargs(case, 5, **static_compiled(case))
+    kw = gen_kwargs(case, 7, **static_compiled(case))
     plain = tokens(case.model.generate(**kw))
     before = hook_state(case.model)
     with pytest.warns(UserWarning) if detail == "all" else contextlib.nullcontext():
-        with stagetrace.trace(case.model, layer_detail=detail, layer_every=2) as tracer:
+        with stagetrace.trace(case.model, layer_detail=detail, layer_every=every) as tracer:
             for _ in range(2):
                 assert torch.equal(tokens(case.model.generate(**kw)), plain)
-    assert len(seen) == 2 * per_call and hook_state(case.model) == before
-    assert seen == [False, False] if detail == "off" else seen == [True, False, True, False] * 2
+    assert seen == switches * 2 and hook_state(case.model) == before
+    assert len(calibrated) == 2 * len(layer_steps)
+    n_layers = len(tracer.layout.layers)
     for rec in tracer.records:
         assert_partition(rec)
-        assert rec.compiled_decode and rec.layer_steps == ([0, 2] if detail == "all" else [])
+        assert rec.compiled_decode and rec.layer_steps == layer_steps and not rec.error
+        steps = [s for s in rec.spans if s.kind == "step"]
+        for k, step in enumerate(steps):  # each stamped step's layers sit inside it, the bare ones have none
+            inside = [s for s in rec.spans if s.kind == "layer" and s.depth == 3
+                      and step.start_ns <= s.start_ns and s.end_ns <= step.end_ns]
+            assert len(inside) == (n_layers if k in layer_steps else 0), k
+
+
+def test_a_bare_step_that_stamps_fails_its_record_instead_of_lending_its_stamps(monkeypatch):
+    """Sampled, a bare step has no calibration: stamps it took would be counted to the
+    stamped step before it. If the graph switch fails (here: the stamps never come off), the
+    record says the stamps do not line up, and places none."""
+    from stagetrace.tracing.stamps import LayerStamps
+
+    monkeypatch.setattr(LayerStamps, "remove", lambda self: None)
+    case = tiny.build("llama")
+    kw = gen_kwargs(case, 7, **static_compiled(case))
+    with pytest.warns(UserWarning):
+        with stagetrace.trace(case.model, layer_detail="all", layer_every=3) as tracer:
+            case.model.generate(**kw)
+    monkeypatch.undo()
+    tracer._stamps.remove()  # what the patched remove() left behind
+    (rec,) = tracer.records
+    assert rec.error and "a step that ran the bare graph stamped" in rec.error
+    assert rec.layer_steps == []
 
 
 def test_a_decode_step_first_compiled_under_tracing_serves_untraced_calls_too():

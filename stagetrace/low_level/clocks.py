@@ -114,24 +114,31 @@ def place_on_one_clock(per_device: Sequence[Resolved], max_held_ns: int = 50_000
 
 
 def merge_stamps(marks: Marks, labels: np.ndarray, t_ns: np.ndarray, anchor_label: int | tuple[int, ...],
-                 dropped: int = 0) -> Marks:
+                 dropped: int = 0, anchored: np.ndarray | None = None) -> Marks:
     """Marks with the stamps placed on the events' timeline.
 
     Every stamp labelled with an anchor label is a calibration stamp taken right after the
-    event mark of the same label (one per compiled forward, in order); the stamps after it
-    belong to that forward and are placed at ``event + (stamp - calibration stamp)``, right
-    after that event in the merged order. The clocks are compared only within a step, so
-    drift between them never accumulates; what remains is the calibration stamp's own delay
-    after its event (a few µs, which moves a step's stamps earlier, never across the step's
-    start). A stamp is never placed after the next event.
+    event mark of the same label (one per compiled forward that stamps, in order); the stamps
+    after it belong to that forward and are placed at ``event + (stamp - calibration stamp)``,
+    right after that event in the merged order. ``anchored``: one flag per event of an anchor
+    label, in order — True where that forward was calibrated (a sampled compiled decode
+    calibrates only the steps that run the stamped graph; None: every one was). The clocks are
+    compared only within a step, so drift between them never accumulates; what remains is the
+    calibration stamp's own delay after its event (a few µs, which moves a step's stamps
+    earlier, never across the step's start). A stamp is never placed after the next event.
     """
     labels = np.asarray(labels, dtype=np.int32)
     t_ns = np.asarray(t_ns, dtype=np.int64)
     anchors = np.asarray([anchor_label] if isinstance(anchor_label, int) else list(anchor_label), dtype=np.int32)
     event_idx = np.flatnonzero(np.isin(marks.labels, anchors))
+    if anchored is not None:
+        anchored = np.asarray(anchored, dtype=bool)
+        if len(anchored) != len(event_idx):
+            raise StampMergeError(f"{len(anchored)} calibration flags for {len(event_idx)} step events")
+        event_idx = event_idx[anchored]
     anchor_idx = np.flatnonzero(np.isin(labels, anchors))
     if len(anchor_idx) != len(event_idx):
-        raise StampMergeError(f"{len(anchor_idx)} calibration stamps for {len(event_idx)} step events")
+        raise StampMergeError(f"{len(anchor_idx)} calibration stamps for {len(event_idx)} calibrated step events")
     if not np.array_equal(labels[anchor_idx], marks.labels[event_idx]):
         raise StampMergeError("calibration stamps and step events differ in kind or order")
     if len(labels) and (not len(anchor_idx) or anchor_idx[0] != 0):

@@ -5,7 +5,7 @@ flight (through a :class:`CallSlot`, a single attribute read on the hot path).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +43,11 @@ class CallState:
     lead_every: int = 1
     compiled_lead_every: int = 1
     module_hooks_off: bool = False  # a compiled step took the module hooks off (back after the call)
+    # a stamping compiled decode: whether the last step ran the stamped graph (the layers'
+    # forwards are switched only when the next step needs the other one), and the decode
+    # steps whose event has a calibration stamp (only those that ran the stamped graph)
+    stamped_graph: bool = False
+    calibrated_steps: list[int] = field(default_factory=list)
 
     @property
     def compiled(self) -> bool:

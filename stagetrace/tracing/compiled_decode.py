@@ -28,13 +28,15 @@ _DECODE = label(Kind.DECODE_FORWARD)
 class CompiledDecodeMarks:
     """The two wrappers of one tracer. ``refusal(generation_config)`` says why a compiled
     decode cannot be timed (None: it can); ``before_step(stamped)`` runs before the first
-    compiled step of a call, and before every one when the call stamps (it takes the module
-    hooks off, and puts the layer stamps in place exactly for the steps that carry layers:
-    with ``layer_every`` N, steps 0, N, 2N, … run the stamped graph and the others the bare
-    one — dynamo keeps both after its first use of each); a stage-level step after the first
-    calls nothing but its mark;
-    ``calibrate(label)`` stamps the GPU-side ring right after each step's event (every step
-    when the call stamps: the merge anchors on one calibration stamp per step event)."""
+    compiled step of a call and before each step that needs the other graph than the step
+    before it (it takes the module hooks off, and puts the layer stamps in place exactly for
+    the steps that carry layers: with ``layer_every`` N, steps 0, N, 2N, … run the stamped
+    graph and the others the bare one — dynamo keeps both after its first use of each);
+    ``calibrate(label)`` stamps the GPU-side ring right after the event of each step that
+    runs the stamped graph (``CallState.calibrated_steps`` lists them for the merge). A
+    step that keeps the graph of the step before it and carries no layers — every
+    stage-level step after the first, the bare steps between sampled ones — calls nothing
+    but its mark."""
 
     def __init__(self, model: nn.Module, slot: CallSlot, mark: Callable[[int], None],
                  refusal: Callable[[Any], str | None], stamps_layers: bool, before_step: Callable[[bool], None],
@@ -81,17 +83,22 @@ class CompiledDecodeMarks:
         def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
             c = slot.call
             if c is not None and c.compiled_decode and c.forwards > 0 and c.fed >= c.prompt_len:
-                if c.stamping or not c.module_hooks_off:  # else nothing to change: the hooks are off, no stamps
-                    self._before_step(c.stamping and c.decode_forwards % c.layer_every == 0)
+                stamped = c.stamping and c.decode_forwards % c.layer_every == 0
+                # the layers' forwards change only where the graph does: the first step (the
+                # module hooks come off) and, sampled, the steps into and out of the stamped graph
+                if not c.module_hooks_off or stamped != c.stamped_graph:
+                    self._before_step(stamped)
                     c.module_hooks_off = True  # the graph sees the bare model, or its stamps
+                    c.stamped_graph = stamped
                 c.in_prefill = False
                 c.layers_now = False  # the graph's own stamps mark its layers, if any
                 c.decoding = True
                 c.forwards += 1
                 c.decode_forwards += 1
                 mark(_DECODE)
-                if c.stamping:  # calibration: the step's event and the stamps' clock, side by side
+                if stamped:  # calibration: the step's event and the stamps' clock, side by side
                     self._calibrate(_DECODE)
+                    c.calibrated_steps.append(c.decode_forwards - 1)
             return inner(*args, **kwargs)
 
         return prepare_inputs_for_generation

@@ -48,6 +48,7 @@ class LayerStamps:
         self.ring: Any = None
         self.stream = 0  # the stream of the call in flight
         self._wrappers: list[tuple[torch.nn.Module, Callable[..., Any]]] = []
+        self.per_forward = 0  # stamps one forward of the stamped graph takes (its wrappers' labels)
         self._shadows = Shadows()
 
     def unavailable_reason(self) -> str | None:
@@ -88,6 +89,7 @@ class LayerStamps:
 
                 labels = [tuple(lab | MAY_MOVE_TO_MATMUL if lab is not None and movable_label(lab) else lab
                                 for lab in pair) for pair in labels]
+            self.per_forward = sum(lab is not None for pair in labels for lab in pair)
             for (name, layer), (begin, end) in zip(self.layout.layers, labels):
                 self._wrappers.append((layer, _stamping_forward(layer.forward, op, rid, begin, end, name)))
         for layer, forward in self._wrappers:
@@ -96,16 +98,42 @@ class LayerStamps:
     def remove(self) -> None:
         self._shadows.restore()
 
-    def merge(self, marks: Marks, stream: int, anchors: tuple[int, ...]) -> tuple[Marks, str | None, int]:
+    def merge(self, marks: Marks, stream: int, anchors: tuple[int, ...],
+              calibrated_steps: list[int] | None = None) -> tuple[Marks, str | None, int]:
         """The call's marks with its stamps placed among them, or the marks and why not; and
         how many stamps were taken after their layer's last matmul (their labels keep the flag:
-        the stage math marks the layer spans they bound)."""
+        the stage math marks the layer spans they bound).
+
+        ``calibrated_steps``: the steps (the k-th event of an anchor label is step k) that ran
+        the stamped graph and were calibrated; None: every one. Sampled, a bare step has no
+        calibration of its own, so stamps it took would be counted to the stamped step before
+        it: every calibrated step must then have taken exactly the stamped graph's stamps, or
+        nothing is placed."""
         labels, t_ns, dropped = self.ring.read(stream)
         labels = np.asarray(labels, dtype=np.int32)
         try:
-            return merge_stamps(marks, labels, t_ns, anchors, dropped), None, int(after_matmul(labels).sum())
+            anchored = None
+            if calibrated_steps is not None:
+                n_events = int(np.isin(marks.labels, anchors).sum())
+                anchored = np.isin(np.arange(n_events), calibrated_steps)
+                if not dropped:  # a ring that dropped stamps fails the record as such (merge_stamps)
+                    _stamps_per_step(labels, anchors, self.per_forward)
+            return (merge_stamps(marks, labels, t_ns, anchors, dropped, anchored), None,
+                    int(after_matmul(labels).sum()))
         except StampMergeError as exc:
             return marks, f"the GPU-side layer stamps do not line up with the step events: {exc}", 0
+
+
+def _stamps_per_step(labels: np.ndarray, anchors: tuple[int, ...], per_forward: int) -> None:
+    """Every calibrated step took the stamped graph's stamps, no more: a bare step that
+    stamped (its graph switch failed) shows as a step with too many."""
+    cuts = np.flatnonzero(np.isin(labels, anchors))
+    taken = np.diff(np.append(cuts, len(labels))) - 1
+    wrong = np.flatnonzero(taken != per_forward)
+    if len(wrong):
+        k = int(wrong[0])
+        raise StampMergeError(f"calibrated step {k} took {int(taken[k])} stamps where its graph has {per_forward}: "
+                              "a step that ran the bare graph stamped, or a stamped one did not")
 
 
 def _stamping_forward(inner: Callable[..., Any], op: Any, ring: int, begin: int, end: int | None,

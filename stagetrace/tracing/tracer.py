@@ -339,8 +339,10 @@ class Tracer:
         marks = Marks.from_timeline(tl)  # the one sync of the call
         error, after_matmul = None, 0
         if call.stamping:  # the stamps' ring is the next call's to write: read now
-            anchors = (_PREFILL, _DECODE) if call.forward_compiled else (_DECODE,)
-            marks, error, after_matmul = self._stamps.merge(marks, stream, anchors)
+            if call.forward_compiled:  # every forward runs the stamped graph, each one calibrated
+                marks, error, after_matmul = self._stamps.merge(marks, stream, (_PREFILL, _DECODE))
+            else:  # generate()'s compiled decode: only the steps that ran the stamped graph
+                marks, error, after_matmul = self._stamps.merge(marks, stream, (_DECODE,), call.calibrated_steps)
         finished = FinishedCall(
             marks=marks, call=call, inputs=inputs, output_tokens=new_token_count(out, inputs, call),
             call_index=self._next_call_index, sample_id=self.sample_id, unix_start=unix_start,
