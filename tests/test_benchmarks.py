@@ -23,6 +23,7 @@ SCRIPTS = {
     "lead": ["--cpu-tiny", "--reps", "1", "--warmup", "1", "--new-tokens", "4"],
     "compiled": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--stamps", "100",
                  "--configs", "llama_b1", "--step-clock"],
+    "compiled_switch": ["--cpu-tiny", "--reps", "3", "--warmup", "1", "--new-tokens", "14", "--every", "4"],
     "fit_validation": ["--cpu-tiny", "--samples", "30", "--ab-samples", "6", "--warmup", "2"],
 }
 
@@ -62,6 +63,12 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
                 == steps - -(-steps // COMPILED_LEAD_EVERY))
         for m, row in r["methods"].items():  # --step-clock: the paired host-clock split of every method
             assert {"host_head_paired_us", "host_step_paired_us", "host_tail_paired_us"} <= set(row), m
+    if script == "compiled_switch":
+        r = payload["results"]
+        assert r["compiled_decode"] and not r["errors"]
+        # 13 decode steps, the last without a next entry: periods start at 0, 4, 8 (12 has no end)
+        assert [r["within_call_host_us"][p]["n"] for p in ("stamped", "first_bare", "later_bare")] == [9, 9, 9]
+        assert all(len(s["step_us"]) == 12 for ss in r["samples"].values() for s in ss)
     if script == "in_context":
         assert {"plain", "noop", "event_mark", "plain_again"} <= set(payload["results"])
         assert payload["marks_per_call"] == 2 * 2 * 2  # 2 layers, prefill + 1 step, begin + end
