@@ -196,6 +196,26 @@ def test_a_forward_compiled_by_hand_is_traced_without_recompiles():
         assert _returns_marked(rec) == [0] and rec.lead_every == COMPILED_LEAD_EVERY  # compiled: sampled by default
 
 
+def test_a_forward_compiled_by_hand_keeps_its_stamps_across_calls_under_a_compiled_decode():
+    """A forward compiled by hand with a static cache: generate() compiles its decode step
+    too, whose guard takes the module hooks off; after the call the hooks come back and the
+    forward's own stamps stay, so every call's prefill keeps its layer spans (they were lost
+    from the second call on)."""
+    case = tiny.build("llama")
+    case.model.forward = torch.compile(case.model.forward, backend="eager")
+    kw = gen_kwargs(case, 5, **static_compiled(case))
+    plain = tokens(case.model.generate(**kw))
+    with pytest.warns(UserWarning, match="stamp"):
+        with stagetrace.trace(case.model, layer_detail="all") as tracer:
+            for _ in range(3):
+                assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    n_layers = len(tracer.layout.layers)
+    for rec in tracer.records:
+        assert_partition(rec)
+        assert rec.compiled_decode and not rec.error and rec.layer_steps == [0, 1, 2, 3]
+        assert len([s for s in rec.spans if s.kind == "layer" and s.depth == 2]) == n_layers, rec.call_index
+
+
 @pytest.mark.parametrize("case_name", ["vlm", "prefill_layers", "no_stamps", "unvalidated_device"])
 def test_a_forward_compiled_by_hand_is_refused_where_it_cannot_be_timed(case_name, monkeypatch):
     from stagetrace.low_level import graph_stamps

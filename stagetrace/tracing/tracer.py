@@ -220,7 +220,7 @@ class Tracer:
                                "trace the eager model")
         self._forward_compiled = bool(compiled)
         self._stamps = LayerStamps(self.layout, self._devices[0], self.layer_marks)
-        stamps_in_forward = self._forward_compiled and self.layer_detail == "all"
+        stamps_in_forward = self._stamps_in_forward = self._forward_compiled and self.layer_detail == "all"
         mark = tl.mark
         if stamps_in_forward:
             self._stamps.ensure_ring()  # it exists before the forward mark that stamps into it
@@ -271,9 +271,12 @@ class Tracer:
             self._stamps.remove()
 
     def _after_call(self) -> None:
-        """A compiled decode took the module hooks off for its steps: back as they were."""
+        """A compiled decode took the module hooks off for its steps: back as they were as
+        installed — with a forward compiled by hand that stamps, its stamps stay (the next
+        call's prefill runs that forward too)."""
         if self._active and not self._hooks.installed:
-            self._stamps.remove()
+            if not self._stamps_in_forward:
+                self._stamps.remove()
             self._hooks.install()
 
     # ------------------------------------------------------------------ one call
