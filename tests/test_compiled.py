@@ -6,6 +6,7 @@ import contextlib
 
 import pytest
 import torch
+from torch import nn
 
 import stagetrace
 from stagetrace.testing import tiny
@@ -123,6 +124,34 @@ def test_a_compiled_step_switches_graphs_only_where_the_graph_changes(detail, ev
             inside = [s for s in rec.spans if s.kind == "layer" and s.depth == 3
                       and step.start_ns <= s.start_ns and s.end_ns <= step.end_ns]
             assert len(inside) == (n_layers if k in layer_steps else 0), k
+
+
+def test_the_hooks_a_compiled_decode_takes_off_come_back_as_the_same_objects():
+    """A compiled call takes the module hooks and wrappers off before its first step and puts
+    them back after; they are made once and placed again as they are (no new closures per
+    call), with exactly the hooks of the first install in place between calls."""
+    case = tiny.build("llava")
+    kw = gen_kwargs(case, 4, **static_compiled(case))
+    case.model.generate(**kw)  # compiles; transformers places its own output-capture hooks on a first call
+    before = hook_state(case.model)
+
+    def placed(model):  # every hook function and instance-level wrapper of ours, by identity
+        hooks = {(name, d, id(fn)) for name, m in model.named_modules()
+                 for d in ("_forward_hooks", "_forward_pre_hooks") for fn in getattr(m, d).values()
+                 if fn.__module__.startswith("stagetrace")}  # transformers adds its own on a first call
+        wrappers = {(name, a, id(v)) for name, m in model.named_modules() for a, v in vars(m).items()
+                    if callable(v) and not isinstance(v, nn.Module)
+                    and str(getattr(v, "__module__", "")).startswith("stagetrace")}
+        return hooks, wrappers
+
+    with stagetrace.trace(case.model) as tracer:
+        first = placed(case.model)
+        assert first[0] and first[1]
+        for _ in range(2):
+            case.model.generate(**kw)
+            assert placed(case.model) == first
+    assert hook_state(case.model) == before
+    assert all(rec.compiled_decode and rec.vision_ms > 0 for rec in tracer.records)
 
 
 def test_a_bare_step_that_stamps_fails_its_record_instead_of_lending_its_stamps(monkeypatch):
