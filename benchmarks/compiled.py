@@ -183,6 +183,21 @@ def direct_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int) -> dict[
             "by_kind_per_call": {k: len(v) / calls for k, v in sorted(by_kind.items())}}
 
 
+def compiled_decode_kwargs(case: Any, cuda: bool, new_tokens: int) -> dict[str, Any]:
+    """generate() kwargs under which transformers compiles the decode step itself (a static
+    cache): its default on CUDA (inductor, CUDA graphs), dynamo's eager backend on the CPU."""
+    case.model.generation_config.cache_implementation = "static"
+    kw = dict(case.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              **case.generate_kwargs)
+    if not cuda:
+        from transformers import CompileConfig
+
+        cc = CompileConfig(backend="eager", mode=None)
+        cc._compile_all_devices = True  # what a CUDA device gets by default
+        kw["compile_config"] = cc
+    return kw
+
+
 def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int,
                     only: tuple[str, ...] = METHODS, direct_calls: int = 0, step_clock: bool = False) -> dict[str, Any]:
     import torch
@@ -190,15 +205,7 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
     import stagetrace
 
     model = case.model
-    model.generation_config.cache_implementation = "static"
-    kw = dict(case.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-              **case.generate_kwargs)
-    if not cuda:
-        from transformers import CompileConfig
-
-        cc = CompileConfig(backend="eager", mode=None)
-        cc._compile_all_devices = True
-        kw["compile_config"] = cc
+    kw = compiled_decode_kwargs(case, cuda, new_tokens)
 
     def timed(fn: Callable[[], Any]) -> float:
         return timed_ms(fn, cuda)

@@ -35,6 +35,7 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import bootstrap_median_ci, environment, save, table  # noqa: E402
+from compiled import compiled_decode_kwargs  # noqa: E402
 
 
 def _ci_row(xs: list[float]) -> dict[str, Any]:
@@ -65,15 +66,7 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
     import stagetrace
 
     model = case.model
-    model.generation_config.cache_implementation = "static"
-    kw = dict(case.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-              **case.generate_kwargs)
-    if not cuda:
-        from transformers import CompileConfig
-
-        cc = CompileConfig(backend="eager", mode=None)
-        cc._compile_all_devices = True
-        kw["compile_config"] = cc
+    kw = compiled_decode_kwargs(case, cuda, new_tokens)
 
     entries_ns: list[int] = []  # host clock at each prepare_inputs_for_generation: [prefill, step 0, 1, ...]
     inner = type(model).prepare_inputs_for_generation
