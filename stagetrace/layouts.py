@@ -121,8 +121,12 @@ def _forward_entry(path: str, mod: nn.Module) -> tuple[str, nn.Module]:
 
 
 def _looks_multimodal(model: nn.Module) -> list[str]:
-    """Top-most modules whose names suggest a vision part."""
+    """Top-most modules whose names suggest a vision part — where an image can reach the model at all:
+    its config names a vision part, or its forward takes an argument named like an image (a text-only
+    model's modules can be named so: BLT's byte "patches" are no vision stage)."""
     cfg = getattr(model, "config", None)
+    if getattr(cfg, "vision_config", None) is None and structure.takes_images(model) is False:
+        return []
     hits = []
     for name, _ in model.named_modules():
         last = name.rsplit(".", 1)[-1]

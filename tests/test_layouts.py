@@ -9,7 +9,7 @@ import stagetrace
 from stagetrace.testing import tiny
 from stagetrace.layouts import LayoutError
 
-from helpers import assert_partition, gen_kwargs
+from helpers import assert_partition, gen_kwargs, zoo_case
 
 FAMILIES = list(tiny.FAMILIES)
 
@@ -79,6 +79,27 @@ def test_a_multimodal_model_is_never_taken_for_text_only():
         stagetrace.trace(case.model, vision=["model.no_such_tower"])
 
 
+
+
+def test_modules_named_like_vision_are_no_vision_stage_where_no_image_can_arrive():
+    """BLT, a byte-level text LM: its byte "patcher" and "patch" projections are named like vision
+    parts, but neither its config nor its forward takes an image. They were timed as a vision stage
+    (vision_ms for a text-only call, and prefill cut after them); now it is the text-only layout."""
+    case = zoo_case("blt")
+    with stagetrace.trace(case.model, layer_detail="all") as tracer:
+        case.generate()
+    (rec,) = tracer.records
+    assert tracer.layout.describe()["vision"] == [] and tracer.layout.name == "causal-lm"
+    assert rec.vision_ms is None and rec.warnings == []
+    assert_partition(rec)
+
+
+def test_a_forward_that_takes_pixels_keeps_its_modules_named_like_vision():
+    """OddVLM has no config: its forward's `pixels` argument is what says an image can arrive."""
+    from stagetrace.structure import takes_images
+
+    assert takes_images(OddVLM()) is True
+    assert takes_images(nn.Linear(2, 2)) is False  # forward(input): nothing named like an image
 
 
 def test_a_layout_error_suggests_only_real_module_paths():
