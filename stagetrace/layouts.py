@@ -137,6 +137,17 @@ def _looks_multimodal(model: nn.Module) -> list[str]:
     return hits
 
 
+def _decoder_layers(model: nn.Module, lm_path: str, decoder: str | None) -> str | None:
+    """The decoder layer list: looked for first inside the decoder transformers' accessor names,
+    where that lies inside the language model (the other block lists of a multimodal base model, an
+    audio tower's, are no decoder layers), else anywhere in the language model."""
+    if decoder is not None and decoder != lm_path and (lm_path == "" or decoder.startswith(lm_path + ".")):
+        found = structure.find_layers(model, decoder)
+        if found:
+            return found
+    return structure.find_layers(model, lm_path)
+
+
 def _as_paths(value: str | Sequence[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
@@ -191,7 +202,7 @@ def resolve_layout(model: nn.Module, vision: str | Sequence[str] | None = None,
         raise LayoutError(_failure_message(model, multimodal, probe, v_paths, lm_path, head_path, missing))
 
     if layers_path is None or get_module(model, layers_path) is None:
-        layers_path = structure.find_layers(model, lm_path)
+        layers_path = _decoder_layers(model, lm_path, probe["language_model"])
     layer_list = get_module(model, layers_path) if layers_path else None
     vision_mods = [(p, get_module(model, p)) for p in v_paths]
     home = vision_mods[0][1] if vision_mods else (get_module(model, probe["vision"]) if probe["vision"] else None)

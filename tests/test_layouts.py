@@ -102,6 +102,21 @@ def test_a_forward_that_takes_pixels_keeps_its_modules_named_like_vision():
     assert takes_images(nn.Linear(2, 2)) is False  # forward(input): nothing named like an image
 
 
+def test_decoder_layers_are_the_decoders_not_an_audio_towers():
+    """MOSS transcribe-diarize: its base model holds an audio tower's layer list beside the language
+    model's, and "audio_tower.layers" sorts first. The audio layers were taken for decoder layers (no
+    layer span in a text-only call; with audio, the tower's layers as "layer 0, 1"); the decoder
+    transformers' accessor names holds the right list."""
+    case = zoo_case("moss_transcribe_diarize")
+    with stagetrace.trace(case.model, layer_detail="all") as tracer:
+        case.generate()
+    (rec,) = tracer.records
+    assert [p for p, _ in tracer.layout.layers] == ["model.language_model.layers.0", "model.language_model.layers.1"]
+    assert rec.warnings == []
+    assert len(rec.spans.of_kind("layer")) == 2 * case.new_tokens  # both layers, in the prefill and every step
+    assert_partition(rec)
+
+
 def test_a_layout_error_suggests_only_real_module_paths():
     """pix2struct-like: the config names a vision part, no module is named like one."""
     model = OddVLM()
