@@ -9,7 +9,8 @@ the model ``generate()`` is called on:
   where the model has no vision entry (or its entries are not what generate() runs);
 * ``language_model``: the module whose forward start is the start of prefill (a
   ModuleList of blocks means its first block);
-* ``lm_head``: the module whose forward end is the end of prefill;
+* ``lm_head``: the module whose forward end is the end of prefill (a ModuleList of heads means its
+  last head);
 * ``layers``: the ModuleList of decoder layers (for layer detail; optional).
 """
 from __future__ import annotations
@@ -120,6 +121,15 @@ def _forward_entry(path: str, mod: nn.Module) -> tuple[str, nn.Module]:
     return path, mod
 
 
+def _forward_exit(path: str, mod: nn.Module) -> tuple[str, nn.Module]:
+    """A ModuleList/ModuleDict of heads has no forward of its own: its last child ends it (MusicGen's
+    one head per codebook, run in order)."""
+    while isinstance(mod, (nn.ModuleList, nn.ModuleDict)) and len(mod) > 0:
+        name, mod = list(mod.named_children())[-1]
+        path = f"{path}.{name}"
+    return path, mod
+
+
 def _looks_multimodal(model: nn.Module) -> list[str]:
     """Top-most modules whose names suggest a vision part — where an image can reach the model at all:
     its config names a vision part, or its forward takes an argument named like an image (a text-only
@@ -210,7 +220,7 @@ def resolve_layout(model: nn.Module, vision: str | Sequence[str] | None = None,
         name=name,
         vision=vision_mods,  # type: ignore[arg-type]
         language_model=_forward_entry(lm_path, get_module(model, lm_path)),  # type: ignore[arg-type]
-        lm_head=(head_path, get_module(model, head_path)),  # type: ignore[arg-type]
+        lm_head=_forward_exit(head_path, get_module(model, head_path)),  # type: ignore[arg-type]
         layers=([(f"{layers_path}.{i}", m) for i, m in enumerate(layer_list)]
                 if isinstance(layer_list, nn.ModuleList) else []),
         vision_calls=entries, prefill_encoder=prefill_encoder, inner_generators=inner, vision_home=home,

@@ -117,6 +117,22 @@ def test_decoder_layers_are_the_decoders_not_an_audio_towers():
     assert_partition(rec)
 
 
+def test_a_list_of_heads_ends_the_prefill_at_its_last_head():
+    """MusicGen: one lm head per codebook in a ModuleList, which has no forward of its own. Its
+    wrapped forward never ran, so prefill silently ran on to the first decode step (the prefill's
+    sampling counted as prefill); the last head's end is the end of prefill."""
+    from stagetrace.labels import Kind, kind_of
+
+    case = zoo_case("musicgen")
+    with stagetrace.trace(case.model) as tracer:
+        case.generate()
+    (rec,) = tracer.records
+    heads = len(case.model.lm_heads)
+    assert tracer.layout.lm_head[0] == f"lm_heads.{heads - 1}"
+    kinds = [Kind(int(k)) for k in kind_of(rec.marks.labels)]
+    assert Kind.LM_HEAD_END in kinds[:kinds.index(Kind.DECODE_FORWARD)]
+
+
 def test_a_layout_error_suggests_only_real_module_paths():
     """pix2struct-like: the config names a vision part, no module is named like one."""
     model = OddVLM()
