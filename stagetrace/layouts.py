@@ -9,7 +9,8 @@ the model ``generate()`` is called on:
   where the model has no vision entry (or its entries are not what generate() runs);
 * ``language_model``: the module whose forward start is the start of prefill (a
   ModuleList of blocks means its first block);
-* ``lm_head``: the module whose forward end is the end of prefill;
+* ``lm_head``: the module whose forward end is the end of prefill (a ModuleList of heads means its
+  last head);
 * ``layers``: the ModuleList of decoder layers (for layer detail; optional).
 """
 from __future__ import annotations
@@ -120,9 +121,22 @@ def _forward_entry(path: str, mod: nn.Module) -> tuple[str, nn.Module]:
     return path, mod
 
 
+def _forward_exit(path: str, mod: nn.Module) -> tuple[str, nn.Module]:
+    """A ModuleList/ModuleDict of heads has no forward of its own: its last child ends it (MusicGen's
+    one head per codebook, run in order)."""
+    while isinstance(mod, (nn.ModuleList, nn.ModuleDict)) and len(mod) > 0:
+        name, mod = list(mod.named_children())[-1]
+        path = f"{path}.{name}"
+    return path, mod
+
+
 def _looks_multimodal(model: nn.Module) -> list[str]:
-    """Top-most modules whose names suggest a vision part."""
+    """Top-most modules whose names suggest a vision part — where an image can reach the model at all:
+    its config names a vision part, or its forward takes an argument named like an image (a text-only
+    model's modules can be named so: BLT's byte "patches" are no vision stage)."""
     cfg = getattr(model, "config", None)
+    if getattr(cfg, "vision_config", None) is None and structure.takes_images(model) is False:
+        return []
     hits = []
     for name, _ in model.named_modules():
         last = name.rsplit(".", 1)[-1]
@@ -131,6 +145,17 @@ def _looks_multimodal(model: nn.Module) -> list[str]:
     if not hits and getattr(cfg, "vision_config", None) is not None:
         hits.append("")  # the config names a vision part whose module has no telling name
     return hits
+
+
+def _decoder_layers(model: nn.Module, lm_path: str, decoder: str | None) -> str | None:
+    """The decoder layer list: looked for first inside the decoder transformers' accessor names,
+    where that lies inside the language model (the other block lists of a multimodal base model, an
+    audio tower's, are no decoder layers), else anywhere in the language model."""
+    if decoder is not None and decoder != lm_path and (lm_path == "" or decoder.startswith(lm_path + ".")):
+        found = structure.find_layers(model, decoder)
+        if found:
+            return found
+    return structure.find_layers(model, lm_path)
 
 
 def _as_paths(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -187,7 +212,7 @@ def resolve_layout(model: nn.Module, vision: str | Sequence[str] | None = None,
         raise LayoutError(_failure_message(model, multimodal, probe, v_paths, lm_path, head_path, missing))
 
     if layers_path is None or get_module(model, layers_path) is None:
-        layers_path = structure.find_layers(model, lm_path)
+        layers_path = _decoder_layers(model, lm_path, probe["language_model"])
     layer_list = get_module(model, layers_path) if layers_path else None
     vision_mods = [(p, get_module(model, p)) for p in v_paths]
     home = vision_mods[0][1] if vision_mods else (get_module(model, probe["vision"]) if probe["vision"] else None)
@@ -195,7 +220,7 @@ def resolve_layout(model: nn.Module, vision: str | Sequence[str] | None = None,
         name=name,
         vision=vision_mods,  # type: ignore[arg-type]
         language_model=_forward_entry(lm_path, get_module(model, lm_path)),  # type: ignore[arg-type]
-        lm_head=(head_path, get_module(model, head_path)),  # type: ignore[arg-type]
+        lm_head=_forward_exit(head_path, get_module(model, head_path)),  # type: ignore[arg-type]
         layers=([(f"{layers_path}.{i}", m) for i, m in enumerate(layer_list)]
                 if isinstance(layer_list, nn.ModuleList) else []),
         vision_calls=entries, prefill_encoder=prefill_encoder, inner_generators=inner, vision_home=home,

@@ -51,7 +51,7 @@ class StageRecord:
     # what the call did
     batch_size: int
     prompt_tokens: int
-    output_tokens: int
+    output_tokens: int | None  # None: generate() returned no (batch, tokens) sequences to count (warnings say)
     # what it was given, for latency models (None where the inputs do not tell)
     images: int | None = None            # images (or videos) in the call
     image_sizes: list[list[int]] = field(default_factory=list)  # (height, width) in pixels of each
@@ -221,7 +221,7 @@ class JsonlWriter:
 _FIELD_KINDS: dict[str, str] = {
     **dict.fromkeys(("total_ms", "vision_ms", "prefill_ms", "decode_ms", "other_ms", "ttft_ms"), "number?"),
     **dict.fromkeys(("unix_start", "unix_time", "resolve_ms", "build_ms"), "number"),
-    **dict.fromkeys(("batch_size", "prompt_tokens", "output_tokens", "call_index", "stream", "rank",
+    **dict.fromkeys(("batch_size", "prompt_tokens", "call_index", "stream", "rank",
                      "host_start_ns", "n_marks", "schema", "layer_every", "lead_every",
                      "layer_marks_after_matmul"), "int"),
     **dict.fromkeys(("model_class", "model_name", "device", "backend", "layout", "layer_detail", "layer_marks"),
@@ -230,7 +230,7 @@ _FIELD_KINDS: dict[str, str] = {
     "compiled_decode": "bool", "decode_step_ms": "numbers", "devices": "strs", "device_streams": "ints",
     "warnings": "strs", "lead": "lead_map", "decode_step_lead_us": "numbers?s",
     "decode_step_gpu_bound_ms": "numbers?s", "decode_step_verdict": "strs", "images": "int?", "image_tokens": "int?",
-    "text_tokens": "int?", "image_sizes": "int_lists", "layer_steps": "ints",
+    "text_tokens": "int?", "output_tokens": "int?", "image_sizes": "int_lists", "layer_steps": "ints",
     "sweep_point": "point?", "versions": "str_map", "spans": "spans", "host_spans": "spans",
 }
 # A span as written: its identity in kind + index (schema 2) or in its name (schema 1).

@@ -23,7 +23,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["VISION_ENTRIES", "PIXEL_ARGS", "VISION_WORDS", "vision_entries", "encoder_of", "encoder_takes_images", "inner_generators",
+__all__ = ["VISION_ENTRIES", "PIXEL_ARGS", "VISION_WORDS", "takes_images", "vision_entries", "encoder_of",
+           "encoder_takes_images", "inner_generators",
            "find_layers", "path_of", "probe_accessors"]
 
 VISION_ENTRIES = ("get_image_features", "get_video_features", "get_image_tokens")
@@ -34,6 +35,18 @@ PIXEL_ARGS = ("pixel_values", "pixel_values_images", "pixel_values_videos", "pix
 # Module names that say "vision part".
 VISION_WORDS = re.compile(r"(vision|visual|image|img|vit|pixel|patch)", re.I)
 _LAYER_NAMES = ("layers", "layer", "blocks", "block", "h")
+
+
+def takes_images(model: nn.Module) -> bool | None:
+    """Whether the model's forward takes an argument named like an image (``pixel_values``,
+    ``image_pixel_values``, ``flattened_patches``, remote code's ``images`` ...); None where its
+    signature does not say (only ``*args``/``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    named = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return any(VISION_WORDS.search(n) for n in named) if named else None
 
 
 def path_of(root: nn.Module, target: Any) -> str | None:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from stagetrace.tracing.call import CallState, new_token_count, next_forward_is_prefill, read_call_inputs
+from stagetrace.tracing.call import (CallState, new_token_count, next_forward_is_prefill, read_call_inputs,
+                                    uncounted_output)
 
 
 def _state(prompt_len: int, cache_len: int = 0) -> CallState:
@@ -64,4 +65,13 @@ def test_new_tokens_are_counted_after_the_prompt_or_alone_for_inputs_embeds():
     assert new_token_count(torch.ones(1, 9), ids) == 4
     embeds = read_call_inputs((), {"inputs_embeds": torch.zeros(1, 5, 4)})
     assert new_token_count(torch.ones(1, 4), embeds) == 4
-    assert new_token_count(object(), ids) == 0
+
+
+def test_an_output_that_is_no_batch_of_token_sequences_is_not_counted():
+    """MusicGen returns (batch, codebooks, frames) with its delay pattern undone: its length is not
+    the tokens generated, so none is read off it (0 would be a plausible wrong count)."""
+    ids = read_call_inputs((torch.ones(4, 1, dtype=torch.long),), {})
+    assert new_token_count(torch.ones(1, 4, 4), ids) is None
+    assert "shape (1, 4, 4), not (batch, tokens)" in uncounted_output(torch.ones(1, 4, 4))
+    assert new_token_count(object(), ids) is None and "no tensor of sequences" in uncounted_output(object())
+    assert uncounted_output(torch.ones(1, 9)) is None

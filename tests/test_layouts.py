@@ -9,7 +9,7 @@ import stagetrace
 from stagetrace.testing import tiny
 from stagetrace.layouts import LayoutError
 
-from helpers import assert_partition, gen_kwargs
+from helpers import assert_partition, gen_kwargs, zoo_case
 
 FAMILIES = list(tiny.FAMILIES)
 
@@ -79,6 +79,58 @@ def test_a_multimodal_model_is_never_taken_for_text_only():
         stagetrace.trace(case.model, vision=["model.no_such_tower"])
 
 
+
+
+def test_modules_named_like_vision_are_no_vision_stage_where_no_image_can_arrive():
+    """BLT, a byte-level text LM: its byte "patcher" and "patch" projections are named like vision
+    parts, but neither its config nor its forward takes an image. They were timed as a vision stage
+    (vision_ms for a text-only call, and prefill cut after them); now it is the text-only layout."""
+    case = zoo_case("blt")
+    with stagetrace.trace(case.model, layer_detail="all") as tracer:
+        case.generate()
+    (rec,) = tracer.records
+    assert tracer.layout.describe()["vision"] == [] and tracer.layout.name == "causal-lm"
+    assert rec.vision_ms is None and rec.warnings == []
+    assert_partition(rec)
+
+
+def test_a_forward_that_takes_pixels_keeps_its_modules_named_like_vision():
+    """OddVLM has no config: its forward's `pixels` argument is what says an image can arrive."""
+    from stagetrace.structure import takes_images
+
+    assert takes_images(OddVLM()) is True
+    assert takes_images(nn.Linear(2, 2)) is False  # forward(input): nothing named like an image
+
+
+def test_decoder_layers_are_the_decoders_not_an_audio_towers():
+    """MOSS transcribe-diarize: its base model holds an audio tower's layer list beside the language
+    model's, and "audio_tower.layers" sorts first. The audio layers were taken for decoder layers (no
+    layer span in a text-only call; with audio, the tower's layers as "layer 0, 1"); the decoder
+    transformers' accessor names holds the right list."""
+    case = zoo_case("moss_transcribe_diarize")
+    with stagetrace.trace(case.model, layer_detail="all") as tracer:
+        case.generate()
+    (rec,) = tracer.records
+    assert [p for p, _ in tracer.layout.layers] == ["model.language_model.layers.0", "model.language_model.layers.1"]
+    assert rec.warnings == []
+    assert len(rec.spans.of_kind("layer")) == 2 * case.new_tokens  # both layers, in the prefill and every step
+    assert_partition(rec)
+
+
+def test_a_list_of_heads_ends_the_prefill_at_its_last_head():
+    """MusicGen: one lm head per codebook in a ModuleList, which has no forward of its own. Its
+    wrapped forward never ran, so prefill silently ran on to the first decode step (the prefill's
+    sampling counted as prefill); the last head's end is the end of prefill."""
+    from stagetrace.labels import Kind, kind_of
+
+    case = zoo_case("musicgen")
+    with stagetrace.trace(case.model) as tracer:
+        case.generate()
+    (rec,) = tracer.records
+    heads = len(case.model.lm_heads)
+    assert tracer.layout.lm_head[0] == f"lm_heads.{heads - 1}"
+    kinds = [Kind(int(k)) for k in kind_of(rec.marks.labels)]
+    assert Kind.LM_HEAD_END in kinds[:kinds.index(Kind.DECODE_FORWARD)]
 
 
 def test_a_layout_error_suggests_only_real_module_paths():

@@ -60,7 +60,7 @@ def test_json_that_is_not_a_record_object_is_skipped_with_its_reason(tmp_path, l
 @pytest.mark.parametrize("field, value", [
     ("total_ms", "12.5"), ("total_ms", float("nan")), ("prefill_ms", float("inf")), ("decode_ms", -float("inf")),
     ("decode_step_ms", [1.0, "2"]), ("decode_step_ms", [float("nan")]), ("batch_size", "1"), ("batch_size", 1.5),
-    ("batch_size", True), ("output_tokens", None), ("versions", 5), ("sample_id", 7), ("spans", [1, 2]),
+    ("batch_size", True), ("output_tokens", "3"), ("versions", 5), ("sample_id", 7), ("spans", [1, 2]),
     ("spans", [{"name": "x", "start_ns": "0", "end_ns": 1, "depth": 0}]), ("schema", "1"),
     ("images", "2"), ("image_tokens", 1.5), ("image_sizes", [[1, "2"]]), ("lead", {"prefill": 3}),
     ("sweep_point", {"dtype": None}), ("sweep_point", {"max_new_tokens": float("nan")}), ("sweep_point", [1]),
@@ -72,6 +72,14 @@ def test_a_wrong_typed_or_non_finite_number_is_rejected_not_averaged(tmp_path, f
     recs, msgs = _load(path)
     assert len(recs) == 2 and summarize(recs)["total_ms"]["mean"] == 10.0
     assert len(msgs) == 1 and "skipped 2 unreadable" in msgs[0] and field in msgs[0], msgs
+
+
+def test_output_tokens_none_is_a_record_whose_output_could_not_be_counted(tmp_path):
+    """The tracer writes None where generate() returned no (batch, tokens) sequences (MusicGen)."""
+    path = tmp_path / "r.jsonl"
+    _write(path, _good(output_tokens=None), _good())
+    recs, msgs = _load(path)
+    assert [r.output_tokens for r in recs] == [None, 3] and msgs == []
 
 
 def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path):

@@ -12,7 +12,8 @@ from stagetrace.labels import Kind, kind_of
 from stagetrace.testing import tiny
 from stagetrace.tracing import TracingError
 
-from helpers import DEVICES, assert_partition, build_on, gen_kwargs, hook_state, stagetrace_leftovers, tokens, trace_once
+from helpers import (DEVICES, assert_partition, build_on, gen_kwargs, hook_state, stagetrace_leftovers, tokens, trace_once,
+                     zoo_case)
 
 FAMILIES = list(tiny.FAMILIES)
 VLMS = [f for f in FAMILIES if f != "llama"]
@@ -337,6 +338,25 @@ def test_decode_forwards_whose_tokens_generate_drops_are_said_not_hidden():
     with stagetrace.trace(case.model) as tracer:
         case.model.generate(**gen_kwargs(case, 6))
     assert tracer.records[0].warnings == []
+
+
+def test_an_output_that_is_no_token_sequences_is_not_counted_and_says_so(tmp_path):
+    """MusicGen's generate() returns (batch, codebooks, frames) with its delay pattern undone, whose
+    length is not the tokens it generated: its records said output_tokens 0 (or 3 of 4) with no word.
+    Now output_tokens is None and the record says why; the stages stand, and the record round-trips."""
+    from stagetrace.records import load_records
+
+    case = zoo_case("musicgen")
+    with pytest.warns(RuntimeWarning, match=r"not \(batch, tokens\).*output_tokens is None"):
+        with stagetrace.trace(case.model, jsonl=tmp_path / "r.jsonl") as tracer:
+            out = case.generate()
+    (rec,) = tracer.records
+    assert out.dim() == 3 and rec.output_tokens is None
+    assert len(rec.decode_step_ms) == case.new_tokens - 1  # one decode forward per token after the first
+    assert len(rec.warnings) == 1 and "cannot be counted" in rec.warnings[0]
+    assert_partition(rec)
+    (back,) = load_records(tmp_path / "r.jsonl")
+    assert back.output_tokens is None and back.warnings == rec.warnings
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stagetrace.testing.survey import ENTRIES, survey
-from stagetrace.testing.zoo import SHAPES, Unbuildable, build, model_types
+from stagetrace.testing.zoo import SHAPES, Unbuildable, build, lm_types, make_config, model_types, spec_of
 
 from helpers import other_transformers_release, zoo_case
 
@@ -83,3 +83,24 @@ def test_survey_leaves_no_hook_behind():
     assert all(before[n][0].keys() == after[n][0].keys() and before[n][1].keys() == after[n][1].keys()
                for n in before)
     assert "generate" not in case.model.__dict__ and "get_image_features" not in case.model.model.__dict__
+
+
+def test_text_only_lm_types_are_the_causal_lm_mapping_less_the_vision_language_one():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+
+    assert set(lm_types()) == set(causal) - set(model_types()) and len(lm_types()) == len(set(lm_types()))
+    assert all(spec_of(t).style == "text" for t in lm_types() if not spec_of(t).unbuildable)
+
+
+@pytest.mark.parametrize("model_type, derived", [
+    # mamba_d_head ("auto") is mamba_expand * hidden_size // mamba_n_heads, both shrunk
+    ("bamba", lambda c: c.mamba_d_head * c.mamba_n_heads == c.mamba_expand * c.hidden_size),
+    # num_hidden_layers is num_layers_per_stack (None: the value given) times the cycles
+    ("hrm_text", lambda c: c.num_hidden_layers == c.num_layers_per_stack * c.H_cycles * (c.L_cycles + 1)),
+    # head_dim is no field of the class: set from qk_rope_head_dim
+    ("deepseek_v3", lambda c: c.head_dim == c.qk_rope_head_dim),
+    ("rwkv", lambda c: c.attention_hidden_size == c.hidden_size),
+])
+def test_what_a_config_derives_is_derived_again_from_the_shrunk_sizes(model_type, derived):
+    config = make_config(model_type, spec_of(model_type))
+    assert derived(config), config

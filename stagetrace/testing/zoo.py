@@ -1,14 +1,18 @@
-"""A zoo of tiny random-weight models: one per model type of transformers' image-text-to-text mapping.
+"""A zoo of tiny random-weight models: one per model type of transformers' image-text-to-text mapping
+(``model_types()``) and one per text-only causal LM type (``lm_types()``: the causal-LM mapping less
+the image-text-to-text one).
 
-``build(model_type)`` takes the family's own config class with its defaults, shrinks every
-text and vision sub-config generically (layers, widths, heads, experts, vocabulary), applies the
-few per-family overrides of :mod:`.zoo_specs`, builds the model in float32 on the CPU and makes
-inputs that reach its vision path (:mod:`.zoo_inputs`). A type that cannot be built or generated
-offline raises :class:`Unbuildable` with the reason.
+``build(model_type)`` takes the family's own config class with its defaults, gives back as unset
+what the config derives itself (so it derives it again from the shrunk sizes), shrinks every text
+and vision sub-config generically (layers, widths, heads, experts, vocabulary), applies the few
+per-family overrides of :mod:`.zoo_specs`, builds the model in float32 on the CPU and makes inputs
+that reach its vision path, or a text prompt alone for a text-only LM (:mod:`.zoo_inputs`). A type
+that cannot be built or generated offline raises :class:`Unbuildable` with the reason.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,9 +20,9 @@ from typing import Any
 import torch
 
 from .zoo_inputs import STYLES, count_features, prompt_ids
-from .zoo_specs import SPECS, Spec
+from .zoo_specs import SPECS, TEXT, Spec
 
-__all__ = ["ZooCase", "Unbuildable", "build", "model_types", "SHAPES", "NEW_TOKENS"]
+__all__ = ["ZooCase", "Unbuildable", "build", "model_types", "lm_types", "spec_of", "SHAPES", "NEW_TOKENS"]
 
 # The transformers release whose configs the specs below were written and checked against
 # (the CPU machine's and CI's). Elsewhere a tiny model may not build or run; callers then
@@ -71,26 +75,38 @@ def model_types() -> list[str]:
     return list(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
+def lm_types() -> list[str]:
+    """Every text-only causal LM type of the installed transformers: its causal-LM mapping less the
+    image-text-to-text one (a type in both is a vision-language model, built and tested as one)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    return [t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES]
+
+
 # ---------------------------------------------------------------------------------------------
 # Generic shrinking of a config dict (sub-configs are nested dicts).
 
 _SIZES: dict[int, str] = {  # the size each config key is capped at, by groups
-    2: "num_hidden_layers num_layers depth encoder_layers decoder_layers num_decoder_layers layers n_layers "
-       "conf_num_hidden_layers num_global_layers num_experts_per_tok moe_k moe_topk linear_num_key_heads",
-    4: "num_attention_heads num_heads attention_heads encoder_attention_heads decoder_attention_heads "
+    2: "num_hidden_layers num_layers depth encoder_layers decoder_layers num_decoder_layers layers n_layers n_layer "
+       "conf_num_hidden_layers num_global_layers num_experts_per_tok num_experts_per_token moe_k moe_topk "
+       "n_group num_expert_group topk_group linear_num_key_heads",  # expert groups: at most the 4 experts
+    4: "num_attention_heads num_heads n_head n_heads attention_heads encoder_attention_heads decoder_attention_heads "
        "num_sliding_attention_heads index_n_heads linear_num_heads linear_num_value_heads num_query_tokens "
-       "n_routed_experts num_experts num_local_experts moe_num_experts qk_rope_head_dim qk_nope_head_dim",
-    8: "head_dim d_kv v_head_dim qk_head_dim index_head_dim linear_head_dim linear_key_head_dim "
+       "n_routed_experts num_experts num_local_experts moe_num_experts zero_expert_num qk_rope_head_dim "
+       "qk_nope_head_dim mamba_n_heads",
+    8: "head_dim d_kv d_head rotary_dim v_head_dim qk_head_dim index_head_dim linear_head_dim linear_key_head_dim "
        "linear_value_head_dim hc_lowrank hidden_size_per_layer_input",
     16: "kv_lora_rank q_lora_rank",
-    32: "hidden_size d_model embed_dim out_hidden_size text_hidden_size projector_hidden_size vision_hidden_size "
-        "projection_dim word_embed_proj_dim encoder_hidden_size output_dim moe_intermediate_size "
+    32: "hidden_size d_model n_embd emb_dim embed_dim out_hidden_size text_hidden_size projector_hidden_size "
+        "vision_hidden_size projection_dim word_embed_proj_dim encoder_hidden_size output_dim moe_intermediate_size "
         "shared_expert_intermediate_size shared_intermediate_size shared_experts_intermediate_size moe_hidden_size "
         "share_expert_dim projection_hidden_size adapter_in_dim adapter_out_dim adapter_input_size "
         "vision_output_dim projector_input_dim projector_output_dim image_token_embed_dim base_channels "
-        "latent_channels mm_embed_dim output_proj_dims pooler_output_size",
-    64: "intermediate_size d_ff ffn_dim encoder_ffn_dim decoder_ffn_dim mlp_dim intermediate_size_mlp "
-        "dense_intermediate_size projection_intermediate_size",
+        "latent_channels mm_embed_dim output_proj_dims pooler_output_size shape_embed_dim pronunciation_embed_dim "
+        "hidden_size_global",
+    64: "intermediate_size d_ff dff n_inner ffn_hidden_size ffn_dim encoder_ffn_dim decoder_ffn_dim mlp_dim "
+        "intermediate_size_mlp dense_intermediate_size projection_intermediate_size expert_ffn_hidden_size",
 }
 SIZES = {key: size for size, keys in _SIZES.items() for key in keys.split()}
 LIST_SIZES = {"hidden_sizes": 32, "depths": 1}
@@ -109,17 +125,25 @@ def shrink(d: dict[str, Any]) -> dict[str, Any]:
             out[key] = shrink(value)
         elif key in SIZES and isinstance(value, int) and not isinstance(value, bool) and value > 0:
             out[key] = min(value, SIZES[key])
+        elif key in SIZES and isinstance(value, list) and value and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            out[key] = [min(v, SIZES[key]) for v in value]  # one per layer (Gemma 3n's MLP widths)
         elif key in LIST_SIZES and isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
             out[key] = [min(v, LIST_SIZES[key]) for v in value]  # per-stage widths and depths
         else:
             out[key] = copy.deepcopy(value)
-    heads = next((k for k in ("num_attention_heads", "num_heads") if isinstance(d.get(k), int)), None)
+    heads = next((k for k in ("num_attention_heads", "num_heads", "n_head") if isinstance(d.get(k), int)), None)
     if heads and isinstance(d.get("num_key_value_heads"), int):
         out["num_key_value_heads"] = out[heads] if d["num_key_value_heads"] == d[heads] else 2
+    if isinstance(d.get("qk_rope_head_dim"), int) and d.get("head_dim") == d["qk_rope_head_dim"]:
+        out["qk_rope_head_dim"] = out["head_dim"]  # MLA: the rotary embedding is made for the rotary part of a head
+    if heads and "num_key_value_heads" in d and d["num_key_value_heads"] is None:
+        out["num_key_value_heads"] = out[heads]  # unset: multi-head attention (what most configs derive)
     if heads and "head_dim" in d and d["head_dim"] is None:
         out["head_dim"] = SIZES["head_dim"]
-    for key in ("vocab_size", "unpadded_vocab_size", "vocab_size_per_layer_input"):
-        if isinstance(out.get(key), int) and out[key] > VOCAB:
+    for key, value in out.items():  # every vocabulary: text, per-layer inputs, a decoder's, hashed bytes ...
+        if (key.endswith(("vocab_size", "_vocab")) or key.startswith("vocab_size")) and isinstance(value, int) \
+                and not isinstance(value, bool) and value > VOCAB:
             out[key] = VOCAB
     if out.get("sliding_window", 0) is None and "sliding_attention" in (out.get("layer_types") or ()):
         out["sliding_window"] = 16
@@ -130,6 +154,38 @@ def shrink(d: dict[str, Any]) -> dict[str, Any]:
                 out[key] = _layers_subset(list(value), n)  # layer_types, mlp_layer_types, kv sources ...
             elif key == "per_layer_config" and isinstance(value, dict):
                 out[key] = {k: v for k, v in value.items() if int(k) < n}
+    return out
+
+
+def underive(d: dict[str, Any], config_cls: Any) -> dict[str, Any]:
+    """Default config dict ``d`` of ``config_cls`` with what the config derives itself given back as
+    unset, so that it derives it again from the shrunk sizes (a head dim from the width, a layer
+    count from the stacks ...): a key that is no field of the class (``config_cls()`` got no
+    arguments, so the class set it) is dropped, a scalar field whose default is None or "auto" is
+    reset to it. Aliases of fields (``attribute_map``), per-layer lists (``shrink`` keeps them
+    hybrid) and sub-configs' ``model_type`` stay."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not dataclasses.is_dataclass(config_cls):
+        return d
+    fields = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    keep = {"model_type", *getattr(config_cls, "attribute_map", {}).values()}
+    subs = getattr(config_cls, "sub_configs", {})
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if _is_config(key, value):
+            sub = subs.get(key)
+            if sub is None or sub is AutoConfig:
+                sub = CONFIG_MAPPING.get(value.get("model_type")) if value.get("model_type") else None
+            out[key] = underive(value, sub) if sub is not None else value
+        elif key not in fields:
+            if key in keep:
+                out[key] = value
+        elif fields[key] in (None, "auto") and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            out[key] = fields[key]
+        else:
+            out[key] = value
     return out
 
 
@@ -207,14 +263,20 @@ def set_path(d: dict[str, Any], path: str, value: Any) -> None:
 def _classes(model_type: str) -> tuple[Any, Any]:
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as names
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
+    # a type in both mappings is a vision-language model: its image-text-to-text class
+    names = {**MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, **MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES}
     if model_type not in names:
         raise Unbuildable(f"not in transformers {transformers.__version__}")
     try:
-        return CONFIG_MAPPING[model_type], getattr(transformers, names[model_type])
+        config_cls, model_cls = CONFIG_MAPPING[model_type], getattr(transformers, names[model_type])
     except (ImportError, AttributeError, KeyError) as e:  # a family whose import needs a missing package
         raise Unbuildable(f"cannot import {names[model_type]}: {e}".split("\n")[0]) from e
+    if model_cls.config_class in getattr(config_cls, "sub_configs", {}).values():
+        config_cls = model_cls.config_class  # a composite's decoder (MusicGen's): the causal LM is built from it
+    return config_cls, model_cls
 
 
 def make_config(model_type: str, spec: Spec) -> Any:
@@ -223,7 +285,9 @@ def make_config(model_type: str, spec: Spec) -> Any:
     for key, sub in getattr(config_cls, "sub_configs", {}).items():  # a vision tower the defaults leave out
         if key == "vision_config" and d.get(key) is None and sub.__name__ != "AutoConfig":
             d[key] = sub().to_dict()
-    d = shrink(d)
+    d = shrink(underive(d, config_cls))
+    if "is_decoder" in d and model_type in lm_types():  # a causal LM decodes: BERT-style families default to encoders
+        d["is_decoder"] = True
     remap_tokens(d)
     vision: Any = d
     for part in filter(None, (spec.vision_config if spec.vision_config is not None else "vision_config").split(".")):
@@ -252,8 +316,9 @@ def _check_size(model_cls: Any, config: Any, model_type: str) -> None:
 
 
 def build(model_type: str, batch: int = 1, seed: int = 0, new_tokens: int = NEW_TOKENS) -> ZooCase:
-    """A tiny random-weight ``model_type`` model and inputs for ``generate()`` that reach its vision path."""
-    spec = SPECS.get(model_type, Spec())
+    """A tiny random-weight ``model_type`` model and inputs for ``generate()`` that reach its vision path
+    (a text-only LM: a prompt)."""
+    spec = spec_of(model_type)
     _, model_cls = _classes(model_type)
     reason = spec.unbuildable or (spec.broken() if spec.broken else None)
     if reason:
@@ -268,11 +333,12 @@ def build(model_type: str, batch: int = 1, seed: int = 0, new_tokens: int = NEW_
                           f"{str(e).strip().split(' but ')[0]}") from e
     gen = torch.Generator().manual_seed(seed)
     vision = STYLES[spec.style](model, batch, gen, spec)
-    if spec.text:
-        n_tokens = spec.image_tokens(model, vision) if spec.image_tokens else count_features(model, vision, batch)
-        ids, token_id = prompt_ids(model, batch, n_tokens, gen, spec, vision.modality)
-    else:
+    if not spec.text:
         n_tokens, ids = 0, {}
+    else:
+        n_tokens = (0 if not vision.inputs else  # a text-only prompt
+                    spec.image_tokens(model, vision) if spec.image_tokens else count_features(model, vision, batch))
+        ids, token_id = prompt_ids(model, batch, n_tokens, gen, spec, vision.modality)
     inputs = {**ids, **vision.inputs}
     if spec.finish is not None:
         spec.finish(model, inputs)
@@ -280,11 +346,16 @@ def build(model_type: str, batch: int = 1, seed: int = 0, new_tokens: int = NEW_
     prompt_len = int(inputs["input_ids"].shape[-1]) if "input_ids" in inputs else 0
     start = inputs.get("decoder_input_ids")
     out_prompt = (1 if start is None else int(start.shape[-1])) if shape == "encoder-decoder" else prompt_len
-    gen_kw = _generate_kwargs(model, new_tokens)
+    gen_kw = {**_generate_kwargs(model, new_tokens), **spec.generate}
     if not spec.token_ids:
         gen_kw = {k: v for k, v in gen_kw.items() if k not in ("pad_token_id", "eos_token_id")}
     return ZooCase(model_type, model, inputs, gen_kw, shape, prompt_len,
                    [token_id] if n_tokens else [], new_tokens, out_prompt + spec.prompt_offset)
+
+
+def spec_of(model_type: str) -> Spec:
+    """The family's spec; by default pixels for a vision-language type, a text prompt for a text-only LM."""
+    return SPECS.get(model_type) or (TEXT if model_type in lm_types() else Spec())
 
 
 def _missing(e: ImportError) -> str:

@@ -21,7 +21,7 @@ CROPS = 2  # crops per image given as crops
 @dataclass
 class Vision:
     inputs: dict[str, Any]
-    modality: str = "image"  # which get_<modality>_features consumes them
+    modality: str = "image"  # which get_<modality>_features consumes them ("text": none, a text-only prompt)
 
 
 def vcfg(model: Any, spec: Spec | None = None) -> Any:
@@ -91,7 +91,13 @@ def crops(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
     return Vision({"pixel_values": pv, "pixel_attention_mask": mask})
 
 
-STYLES: dict[str, Callable[..., Vision]] = {"pixels": pixels, "tiles": tiles, "grid": grid, "crops": crops}
+def text(model: Any, batch: int, gen: torch.Generator, spec: Spec) -> Vision:
+    """No vision input: a text-only causal LM gets its prompt alone."""
+    return Vision({}, modality="text")
+
+
+STYLES: dict[str, Callable[..., Vision]] = {"pixels": pixels, "tiles": tiles, "grid": grid, "crops": crops,
+                                            "text": text}
 
 
 def register(fn: Callable[..., Vision]) -> Callable[..., Vision]:
@@ -177,6 +183,8 @@ def prompt_ids(model: Any, batch: int, n_tokens: int, gen: torch.Generator, spec
     ids = torch.tensor(rows)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     params = inspect.signature(model.forward).parameters
+    if modality == "text":  # token types mark image tokens: a text-only prompt has none (XLNet's would go stale)
+        return out, img
     if "token_type_ids" in params:
         out["token_type_ids"] = (ids == img).long()
     if "mm_token_type_ids" in params:

@@ -30,6 +30,7 @@ class Spec:
     prompt_offset: int = 0  # generate() returns the prompt this much longer (or shorter) than given
     image_tokens: Callable[[Any, Any], int] | None = None  # image tokens per row, when not counted
     finish: Callable[[Any, dict[str, Any]], None] | None = None  # last edits of the inputs
+    generate: dict[str, Any] = field(default_factory=dict)  # generate() kwargs the family needs
 
 
 def _llama4_bug() -> str | None:
@@ -103,6 +104,13 @@ KOSMOS_IMAGE = 4  # kosmos-2 has no image token: any id marks the latent-query p
 
 
 GRID = Spec(style="grid", image=None, mrope=True)
+TEXT = Spec(style="text", image=None)  # a text-only causal LM: a prompt and nothing else
+
+
+def text(**kw: Any) -> Spec:
+    """A text-only LM's spec with what its family needs besides."""
+    return Spec(style="text", image=None, **kw)
+
 
 SPECS: dict[str, Spec] = {
     "evolla": Spec(unbuildable="not a vision-language model: EvollaForProteinText2Text generates text conditioned "
@@ -204,7 +212,7 @@ SPECS.update({
         "image_token_offset": CODE_BASE - CODES, "vision_config.codebook_size": CODES,
         "vision_config.num_res_blocks": 1, "audio_token_offset": CODE_BASE, "audio_config.codebook_size": CODES,
         "audio_config.codebook_dim": 32}),
-    "kimi_k25": Spec(style="grid", image=None, patch_layout="chw", over={"text_config.head_dim": 4}),
+    "kimi_k25": Spec(style="grid", image=None, patch_layout="chw"),
     "paddleocr_vl": Spec(style="grid", image=None, mrope=True, patch_layout="chw"),
     "cohere_compass": Spec(style="grid", image=None, over={"text_config.rope_parameters": {
         "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}}),
@@ -222,3 +230,84 @@ SPECS["granite4_vision"] = Spec(style="tiles", image=(8, 2), over={
     image_tokens=lambda m, v: count_features(m, v, len(v.inputs["image_sizes"]),
                                              lambda out: out.deepstack_features[0][1]))
 SPECS["granite_docling"] = Spec(style="crops", tile_mask=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-only causal LMs (zoo.lm_types): a prompt and nothing else. Only what the generic shrink
+# cannot give a family is here: configs whose defaults do not run, constraints between sizes.
+
+
+def _kv_sharing(d: dict[str, Any]) -> None:
+    """Gemma 3n: the last ``num_kv_shared_layers`` layers reuse the keys and values of the last earlier layer
+    of their type. The shrunk layers are doubled and the second half shares, so each type has a producer."""
+    n = d["num_hidden_layers"]
+    for key, value in list(d.items()):
+        if isinstance(value, list) and len(value) == n:
+            d[key] = value * 2  # layer_types, activation_sparsity_pattern, intermediate_size (per layer)
+    d["num_hidden_layers"], d["num_kv_shared_layers"] = 2 * n, n
+
+
+def _codebooks(model: Any, inputs: dict[str, Any]) -> None:
+    """MusicGen's decoder generates from its start token, one row per codebook: (batch x codebooks, 1). A longer
+    prompt is not fed whole (its prepare_inputs_for_generation keeps the last token once a cache exists, which
+    transformers 5 passes from the first forward on). Its delay pattern pads with the start token, which its
+    checkpoints' generation config sets to the pad id."""
+    start = model.config.pad_token_id
+    model.generation_config.decoder_start_token_id = start
+    model.generation_config.num_return_sequences = 1  # its generate() expands by it; transformers 5 leaves it None
+    rows = inputs["input_ids"].shape[0] * model.config.num_codebooks
+    inputs["input_ids"] = torch.full((rows, 1), start, dtype=torch.long)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+
+
+def _gemma_drafter(name: str) -> str:
+    return (f"not a standalone generator: {name} is the multi-token-prediction drafter of Gemma 4's assisted "
+            "decoding; its forward requires the target model's hidden states (inputs_embeds) and shared KV states, "
+            "so generate() cannot run it alone")
+
+
+SPECS.update({
+    # Their configs leave the MoE's routed experts or top-k unset (None): the gate cannot route.
+    "deepseek_v2": text(over={"num_experts_per_tok": 2}),
+    "dots1": text(over={"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1}),
+    # No default layer types (checkpoints carry them): one short-convolution and one attention layer.
+    "lfm2_moe": text(over={"layer_types": ["conv", "full_attention"]}),
+    # The indexer's sizes default to None (QSA off), which its attention divides by.
+    "qwen4_exp_text": text(over={"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8,
+                                 "indexer_budget": 8, "indexer_compress_ratio": 2}),
+    # Per-layer-type rope (its attention reads rope_parameters["full_attention"]).
+    "cohere_compass_text": text(over={"rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+    # Its attention reads attn_config.rope_theta, which DBRX checkpoints carry and the config class lacks,
+    # and clamps q/k/v to clip_qkv, which defaults to None (torch.clamp then has no bound).
+    "dbrx": text(over={"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0}),
+    # Attention types are given as (pattern, repeats): one global and one local layer for the 2 layers.
+    "gpt_neo": text(over={"attention_types": [[["global", "local"], 1]]}),
+    # Hybrids of 2 layers must keep an attention layer: generate() reads the cache length from one.
+    "jamba": text(over={"attn_layer_period": 2, "attn_layer_offset": 1}),
+    "recurrent_gemma": text(over={"block_types": ["recurrent", "attention"]}),
+    "bamba": text(over={"attn_layer_indices": [1]}),
+    "granitemoehybrid": text(over={"layer_types": ["linear_attention", "full_attention"]}),
+    # Zamba's hybrid layers share one attention block, tied from the first hybrid layer to the others: two of them.
+    "zamba": text(over={"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]}),
+    # Its 4 heads of 8 must span hidden_size x expand (32 x 1), in groups that divide the heads.
+    "mamba2": text(over={"expand": 1, "n_groups": 1}),
+    # Its cache rounds the q/k and v widths (width x 0.5, width x 1) up to multiples of 64 and its layers do
+    # not: they agree only for a width that is a multiple of 128.
+    "xlstm": text(over={"hidden_size": 128}),
+    # Axial position embeddings: their widths must add up to hidden_size; one local and one LSH layer.
+    "reformer": text(over={"axial_pos_embds_dim": [16, 16], "attn_layers": ["local", "lsh"]}),
+    # Its language adapters need a language: the config names "en_XX" but leaves the default unset.
+    "xmod": text(over={"default_language": "en_XX"}),
+    "gemma3n_text": text(fix=_kv_sharing),
+    # transformers bug: with a cache its forward builds DynamicCache(config=) from the top-level BltConfig, which
+    # has no num_hidden_layers (AttributeError); generate() runs without one (every forward re-reads the prompt).
+    "blt": text(generate={"use_cache": False}),
+    # An input, a recurrent (run n_recurrent_loops times) and an output stack, one layer each. Given without
+    # "mlp" entries: its config halves every count of the checkpoints' (attention, mlp)-pair layout.
+    "dory": text(over={"num_hidden_layers": 3, "n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1,
+                       "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    "musicgen": text(finish=_codebooks), "musicgen_melody": text(finish=_codebooks),
+    "gemma4_assistant": Spec(unbuildable=_gemma_drafter("Gemma4AssistantForCausalLM")),
+    "gemma4_unified_assistant": Spec(unbuildable=_gemma_drafter("Gemma4UnifiedAssistantForCausalLM")),
+})

@@ -13,7 +13,7 @@ import torch
 from ..structure import PIXEL_ARGS
 
 __all__ = ["CallSlot", "CallState", "CallInputs", "next_forward_is_prefill", "forward_input_len", "read_call_inputs",
-           "prompt_ids", "new_token_count"]
+           "prompt_ids", "new_token_count", "uncounted_output"]
 
 
 @dataclass
@@ -156,11 +156,24 @@ def read_call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], encoder_deco
                       has_pixels=any(isinstance(kwargs.get(k), torch.Tensor) for k in PIXEL_ARGS))
 
 
-def new_token_count(out: Any, inputs: CallInputs, call: CallState | None = None) -> int:
-    """Tokens generate() produced per sequence, from what it returned (for a delegating
-    generate(), counted after the prompt its inner generate() was given)."""
+def uncounted_output(out: Any) -> str | None:
+    """Why the new tokens cannot be read off what generate() returned (None: they can): it returned
+    no tensor of sequences, or one that is not (batch, tokens) — MusicGen returns (batch, codebooks,
+    frames) with its delay pattern undone, whose length is not the tokens it generated."""
     seq = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
     if not isinstance(seq, torch.Tensor):
-        return 0
+        return f"generate() returned {type(out).__name__}, which holds no tensor of sequences"
+    if seq.dim() != 2:
+        return f"generate() returned sequences of shape {tuple(seq.shape)}, not (batch, tokens)"
+    return None
+
+
+def new_token_count(out: Any, inputs: CallInputs, call: CallState | None = None) -> int | None:
+    """Tokens generate() produced per sequence, from what it returned (for a delegating
+    generate(), counted after the prompt its inner generate() was given); None where what it
+    returned does not tell (:func:`uncounted_output` says why)."""
+    if uncounted_output(out) is not None:
+        return None
+    seq = out if isinstance(out, torch.Tensor) else out.sequences
     inner = call.inner_output_prompt_len if call is not None else None
     return int(seq.shape[-1]) - (inputs.output_prompt_len if inner is None else inner)

@@ -36,7 +36,7 @@ class FinishedCall:
     marks: Marks
     call: CallState          # the call's own state object (no later call writes it)
     inputs: CallInputs
-    output_tokens: int
+    output_tokens: int | None  # None: what generate() returned does not tell (``uncounted`` says why)
     call_index: int
     sample_id: str | None
     unix_start: float
@@ -46,6 +46,7 @@ class FinishedCall:
     error: str | None        # why its marks cannot be timed (stamps that did not merge), or None
     after_matmul: int        # layer marks placed after their layer's last matmul
     resolve_ms: float        # host time the call spent after generate() returned (all of the above read)
+    uncounted: str | None = None  # why its new tokens cannot be read off what generate() returned
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,11 +67,11 @@ def layer_steps(spans: SpanTable) -> list[int]:
 
 
 def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | None, error: str | None,
-                 keep_marks: bool, expect: dict[str, str] | None = None) -> StageRecord:
+                 keep_marks: bool, expect: dict[str, str] | None = None, uncounted: str | None = None) -> StageRecord:
     """The record of one call: its stages, or why the call was not timed (``error``, or marks
     that were dropped or out of order), with a RuntimeWarning then. ``expect`` maps a span kind
     the call must have to what to say when it has none: said in the record's ``warnings`` and
-    as a RuntimeWarning, never silently."""
+    as a RuntimeWarning, never silently; so is ``uncounted``, why ``output_tokens`` is None."""
     if error is None and marks.dropped:
         error = (f"{marks.dropped} marks were dropped (the event pool could not grow); "
                  "this call's stages are unknown")
@@ -95,7 +96,10 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
             rec.spans = placement.place(rec.spans)
         rec.warnings = [why for kind, why in (expect or {}).items() if not rec.spans.has_kind(kind)]
         steps = len(rec.decode_step_ms)
-        if 0 < rec.output_tokens <= steps:  # each token after the first is one decode step at most
+        if uncounted is not None:
+            rec.warnings.append(f"{uncounted}: the tokens it generated cannot be counted from it, so output_tokens "
+                                f"is None ({steps} decode steps ran)")
+        elif steps and rec.output_tokens <= steps:  # each token after the first is one decode step at most
             rec.warnings.append(f"{steps} decode steps ran for {rec.output_tokens} new tokens: generate() ran forwards "
                                 "whose tokens it did not return (e.g. a stopping check deferred by a step); their "
                                 "time is in decode, and decode_step_ms has more steps than tokens")

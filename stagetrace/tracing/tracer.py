@@ -41,7 +41,8 @@ from ..labels import Kind, label
 from ..layouts import ResolvedLayout, resolve_layout
 from ..low_level import Marks, Timeline
 from ..records import JsonlWriter, StageRecord, write_jsonl
-from .call import CallInputs, CallSlot, CallState, new_token_count, prompt_ids, read_call_inputs
+from .call import (CallInputs, CallSlot, CallState, new_token_count, prompt_ids, read_call_inputs,
+                   uncounted_output)
 from .compiled import compiled_decode_refusal, hand_compiled_forwards, hand_compiled_refusal
 from .compiled_decode import CompiledDecodeMarks
 from .devices import SpanPlacement, bind_call_streams, layer_mark_callables, model_devices, new_model_timeline
@@ -348,6 +349,7 @@ class Tracer:
                 marks, error, after_matmul = self._stamps.merge(marks, stream, (_DECODE,), call.calibrated_steps)
         finished = FinishedCall(
             marks=marks, call=call, inputs=inputs, output_tokens=new_token_count(out, inputs, call),
+            uncounted=uncounted_output(out),
             call_index=self._next_call_index, sample_id=self.sample_id, unix_start=unix_start,
             unix_time=time.time(), features=pending.hold(), error=error, after_matmul=after_matmul,
             device_streams=list(tl.device_streams) if len(self._devices) > 1 else [],
@@ -378,7 +380,8 @@ class Tracer:
                 finished = self._unbuilt[0]
                 t0 = time.perf_counter_ns()
                 rec = build_record(finished.marks, self._meta(finished), self._placement, finished.error,
-                                   self.keep_marks, expect=self._expectations(finished.inputs))
+                                   self.keep_marks, expect=self._expectations(finished.inputs),
+                                   uncounted=finished.uncounted)
                 rec.resolve_ms = finished.resolve_ms
                 rec.build_ms = (time.perf_counter_ns() - t0) / 1e6
                 self._unbuilt.popleft()  # only once built: a failure leaves it to be built again

@@ -1,0 +1,116 @@
+"""The coverage matrix of text-only causal LMs: every model type of the installed transformers'
+causal-LM mapping that is not in its image-text-to-text one (``zoo.lm_types()``), tiny and random,
+traced with layer detail.
+
+Per type: the same tokens traced and untraced; the stages partition the call exactly; no vision
+stage; ``output_tokens`` the tokens really generated, as many as asked (greedy, ``min_new_tokens``
+so EOS cannot stop it early); one decode step per token after the first; no warning in the record;
+layer spans in the prefill and in every decode step; nothing left on the model (the autouse
+fixture). A type that cannot be built offline is skipped with its reason. A type whose record
+cannot hold a number honestly (``REFUSED``) is checked to say so instead.
+
+Each test records what the table in README's "Model coverage" shows (``record_property``):
+``python -m stagetrace.testing.matrix`` runs this file and writes that table from the results.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+
+import pytest
+import torch
+
+import stagetrace
+from stagetrace.testing.zoo import lm_types
+
+from helpers import DEVICES, assert_partition, other_transformers_release, tokens, zoo_case
+
+TYPES = lm_types()
+
+# Types whose generate() returns no (batch, tokens) sequences: the tracer cannot count their new
+# tokens from the output, so output_tokens is None and the record says why (the stages stand).
+REFUSED = {
+    "musicgen": r"returned sequences of shape \(1, 4, \d+\), not \(batch, tokens\)",
+    "musicgen_melody": r"returned sequences of shape \(1, 4, \d+\), not \(batch, tokens\)",
+}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _build(model_type: str, device: str):
+    case = zoo_case(model_type)
+    case.model.to(device)
+    case.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.inputs.items()}
+    return case
+
+
+def _untraced(case) -> torch.Tensor:
+    try:
+        return tokens(case.generate())
+    except Exception as e:  # noqa: BLE001 - only on a transformers release the zoo was not written for
+        if not other_transformers_release():
+            raise
+        pytest.skip(f"{case.model_type}: the zoo's tiny model does not run untraced on this transformers "
+                    f"({type(e).__name__}: {str(e)[:120]})")
+
+
+def _layers_in_every_forward(rec, n_layers: int) -> None:
+    """Layer spans in the prefill (at least one per layer: a recurrent stack runs its layers again)
+    and in every decode step."""
+    prefill_layers = [s for s in rec.spans.of_kind("layer") if s.depth == 2]
+    assert len(prefill_layers) >= n_layers > 0, f"{len(prefill_layers)} layer spans in the prefill, {n_layers} layers"
+    assert rec.layer_steps == list(range(len(rec.decode_step_ms))), f"layer spans in steps {rec.layer_steps}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model_type", TYPES)
+def test_every_text_only_lm_is_traced_truthfully(model_type, device, record_property):
+    case = _build(model_type, device)
+    plain = _untraced(case)
+    refused = REFUSED.get(model_type)
+    with pytest.warns(RuntimeWarning, match=refused) if refused else contextlib.nullcontext():
+        with stagetrace.trace(case.model, layer_detail="all") as tracer:
+            out = case.generate()
+    layout = tracer.layout.describe()
+    layers = tracer.layout.layers[0][0].rsplit(".", 1)[0] if tracer.layout.layers else None
+    record_property("layout", f"{layout['layout']}: `{layout['language_model']}` → `{tracer.layout.lm_head[0]}`, "
+                              f"layers `{layers}` ({layout['layers']})")
+    assert torch.equal(plain, tokens(out)), "tracing changed the generated tokens"
+    (rec,) = tracer.records
+    assert_partition(rec)
+    assert rec.vision_ms is None and not rec.spans.of_kind("vision"), f"a vision stage in a text-only call: {layout}"
+    assert len(rec.decode_step_ms) == case.new_tokens - 1  # one decode forward per token after the first
+    _layers_in_every_forward(rec, len(tracer.layout.layers))
+    if refused:
+        assert rec.output_tokens is None
+        assert len(rec.warnings) == 1 and re.search(refused, rec.warnings[0]), rec.warnings
+        record_property("refused", rec.warnings[0])
+        return
+    assert rec.warnings == [], rec.warnings
+    assert rec.output_tokens == case.generated(out) == case.new_tokens
+    assert len(rec.decode_step_ms) == rec.output_tokens - 1
+
+
+def test_the_refused_types_are_text_only_lm_types():
+    assert set(REFUSED) <= set(TYPES)
+
+
+def test_the_table_is_written_from_outcomes_and_replaces_only_its_own_lines(tmp_path):
+    """``python -m stagetrace.testing.matrix``: each outcome in its own words, counted in the summary,
+    put between the README's markers and nowhere else."""
+    from stagetrace.testing.matrix import BEGIN, END, Row, _after_type, markdown, replace_in
+
+    rows = [Row("a", "passes", "causal-lm: `model` → `lm_head`, 2 layers"),
+            Row("b", "refused", "probe", "shape (1, 4, 4)"),
+            Row("c", "unbuildable", reason=_after_type("c: cannot be built here (needs x (y))", "c")),
+            Row("d", "fails", "probe", "assert 3 == 4")]
+    table = markdown(rows)
+    assert "2 types pass, 1 of them with output_tokens refused honestly, 1 cannot be built here, 1 fail" in table
+    assert "| a | causal-lm: `model` → `lm_head`, 2 layers | passes |" in table
+    assert "| b | probe | passes, output_tokens refused: shape (1, 4, 4) |" in table
+    assert "| c | — | cannot be built here (needs x (y)) |" in table
+    assert "| d | probe | fails: assert 3 == 4 |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{BEGIN}\nold table\n{END}\nafter\n")
+    replace_in(readme, table)
+    assert readme.read_text() == f"intro\n{table.rstrip()}\nafter\n"
