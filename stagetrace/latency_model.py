@@ -54,10 +54,15 @@ OUTPUTS = ("total_ms", "vision_ms", "prefill_ms", "decode_ms", "other_ms", "ttft
 
 def feature_values(name: str, q: Quantities) -> np.ndarray:
     if name in FEATURES:
-        return np.asarray(FEATURES[name](q), dtype=np.float64)
-    if name not in q:
+        values = np.asarray(FEATURES[name](q), dtype=np.float64)
+    elif name not in q:
         raise ValueError(f"feature {name!r} needs {name}= (a quantity records do not carry)")
-    return np.asarray(q[name], dtype=np.float64)
+    else:
+        values = np.asarray(q[name], dtype=np.float64)
+    if not np.all(np.isfinite(values)):  # a fit on NaN columns would fail far from here, or quietly
+        raise ValueError(f"feature {name!r} is not a number for every call (output_tokens is None where "
+                         "generate() returned no (batch, tokens) sequences to count)")
+    return values
 
 
 def raw_names(names: Iterable[str]) -> list[str]:

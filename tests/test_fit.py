@@ -379,3 +379,16 @@ def main_format_ok(m):
     from stagetrace.cli.fit import format_model
 
     return "prefill_ms" in format_model(m)
+
+
+def test_records_without_a_token_count_fit_on_decode_steps_and_refuse_a_feature_on_output_tokens():
+    """output_tokens is None where generate() returned no (batch, tokens) sequences (MusicGen):
+    the default features read decode steps, so such records still fit; a feature asked on
+    output_tokens is refused with the reason, never fitted on NaN."""
+    recs = latency_records(60, seed=4)
+    for r in recs[::3]:
+        r.output_tokens = None
+    m = fit(recs)
+    assert m.quality["total_ms"].r2 > 0.99
+    with pytest.raises(ValueError, match="'output_tokens' is not a number for every call"):
+        fit(recs, features={"total_ms": ["output_tokens"]})
