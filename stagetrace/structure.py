@@ -144,7 +144,8 @@ def inner_generators(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def find_layers(model: nn.Module, lm_path: str) -> str | None:
     """The decoder layer list inside the language model: a ModuleList of blocks, preferring
-    (in order) one outside any vision part, outside an encoder (BERT-style decoders keep
+    (in order) one outside any vision or audio part (an audio LM's audio tower has layers of its
+    own, inside what the causal-lm row calls the language model), outside an encoder (BERT-style decoders keep
     theirs under ``bert.encoder``, so that only lowers the rank), the shallowest, of one
     block type (mllama interleaves two), named like a layer list, under a decoder."""
     lm = model.get_submodule(lm_path) if lm_path else model
@@ -153,14 +154,15 @@ def find_layers(model: nn.Module, lm_path: str) -> str | None:
         if not isinstance(sub, nn.ModuleList) or not len(sub):
             continue
         parts = name.split(".") if name else []
-        candidates.append((any(VISION_WORDS.search(p) for p in parts), "encoder" in parts, len(parts),
+        candidates.append((any(VISION_WORDS.search(p) or AUDIO_WORDS.search(p) for p in parts), "encoder" in parts,
+                           len(parts),
                            len({type(k) for k in sub.children()}) > 1, bool(parts) and parts[-1] not in _LAYER_NAMES,
                            "decoder" not in name, name))
     if not candidates:
         return None
     best = min(candidates)
     if best[0]:
-        return None  # only vision lists: no decoder layers here
+        return None  # only vision or audio lists: no decoder layers here
     return ".".join(p for p in (lm_path, best[-1]) if p)
 
 

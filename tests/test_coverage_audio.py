@@ -38,18 +38,11 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),  # the audio notes ar
               pytest.mark.filterwarnings("ignore:stagetrace. call .*(non-vision encoder|audio inputs):RuntimeWarning")]
 
 # ------------------------------------------------------------------------------ current truth
-_AUDIO_LAYERS = ("the decoder layer list found is the audio encoder's ({path}): layer detail marks the audio "
-                 "encoder's layers as decoder layers (in prefill; in no decode step unless the encoder runs in "
-                 "every step) and never the language model's, with no warning")
 _SEAMLESS = ("the text encoder is taken for the vision part (model.get_encoder(modality='image') returns it): a "
              "text-to-text call reports vision_ms, its encoder time is counted as vision instead of prefill")
 
 # (test, type) -> why the tracer is silently wrong there today
 KNOWN: dict[tuple[str, str], str] = {}
-for _t in ("fun_asr_nano", "glmasr", "omniasr", "qwen2_audio", "qwen3_asr", "voxtral", "voxtral_realtime",
-           "audioflamingo3", "musicflamingo"):
-    KNOWN[("layers", _t)] = _AUDIO_LAYERS.format(path="model.audio_tower.layers")
-KNOWN[("layers", "qwen3_omni_moe")] = _AUDIO_LAYERS.format(path="thinker.model.audio_tower.layers")
 for _t in ("seamless_m4t", "seamless_m4t_v2"):
     KNOWN[("stages", _t)] = KNOWN[("encoder", _t)] = _SEAMLESS
 KNOWN[("prefill", "fsmt")] = (
