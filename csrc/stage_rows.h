@@ -31,6 +31,8 @@ enum MarkKind : int32_t {
   kLayerBegin = 9,
   kLayerEnd = 10,
   kForwardReturn = 11,
+  kAudioBegin = 12,  // a non-vision (audio) encoder's run: no stage; the stage walk passes over it
+  kAudioEnd = 13,
 };
 
 // spans.SPAN_KINDS positions

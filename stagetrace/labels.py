@@ -39,6 +39,8 @@ class Kind(enum.IntEnum):
     LAYER_BEGIN = 9       # decoder layer <index> starts (layer detail)
     LAYER_END = 10        # decoder layer <index> ends (layer detail)
     FORWARD_RETURN = 11   # a top-level forward returned to generate(): its work is issued, maybe not run
+    AUDIO_BEGIN = 12      # a non-vision (audio) encoder starts: no stage of its own, the record says where it ran
+    AUDIO_END = 13        # a non-vision (audio) encoder ends
 
 
 def label(kind: Kind, index: int = 0) -> int:

@@ -12,6 +12,10 @@ the model ``generate()`` is called on:
 * ``lm_head``: the module whose forward end is the end of prefill (a ModuleList of heads means its
   last head);
 * ``layers``: the ModuleList of decoder layers (for layer detail; optional).
+
+A non-vision (audio) encoder has no stage: its entries (``get_audio_features``) or, where the
+model has none, its modules named like audio are found here only so that their runs are
+marked and the record can say in which stage that time is counted (``ResolvedLayout.audio``).
 """
 from __future__ import annotations
 
@@ -84,6 +88,10 @@ class ResolvedLayout:
     # submodules with a generate() of their own: a delegating generate() runs their forwards
     inner_generators: list[tuple[str, nn.Module]] = field(default_factory=list)
     vision_home: nn.Module | None = None         # where vision's weights live (device placement)
+    # a non-vision (audio) encoder: its entries, wrapped, or else its modules, hooked; no stage of
+    # its own: its runs are marked so that the record says in which stage that time is counted
+    audio_calls: list[tuple[str, nn.Module, str]] = field(default_factory=list)
+    audio: list[tuple[str, nn.Module]] = field(default_factory=list)
 
     @property
     def has_vision(self) -> bool:
@@ -93,7 +101,8 @@ class ResolvedLayout:
         return {"layout": self.name, "vision": [p for p, _ in self.vision] + [p for p, _, _ in self.vision_calls],
                 "language_model": self.language_model[0], "lm_head": self.lm_head[0],
                 "layers": len(self.layers), "prefill_encoder": self.prefill_encoder[0] if self.prefill_encoder else None,
-                "inner_generators": [p for p, _ in self.inner_generators]}
+                "inner_generators": [p for p, _ in self.inner_generators],
+                "audio": [p for p, _ in self.audio] + [p for p, _, _ in self.audio_calls]}
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module | None:
@@ -216,6 +225,7 @@ def resolve_layout(model: nn.Module, vision: str | Sequence[str] | None = None,
     layer_list = get_module(model, layers_path) if layers_path else None
     vision_mods = [(p, get_module(model, p)) for p in v_paths]
     home = vision_mods[0][1] if vision_mods else (get_module(model, probe["vision"]) if probe["vision"] else None)
+    audio_calls, audio_mods = _audio_parts(model, inner, prefill_encoder, lm_path, head_path, v_paths)
     return ResolvedLayout(
         name=name,
         vision=vision_mods,  # type: ignore[arg-type]
@@ -224,7 +234,25 @@ def resolve_layout(model: nn.Module, vision: str | Sequence[str] | None = None,
         layers=([(f"{layers_path}.{i}", m) for i, m in enumerate(layer_list)]
                 if isinstance(layer_list, nn.ModuleList) else []),
         vision_calls=entries, prefill_encoder=prefill_encoder, inner_generators=inner, vision_home=home,
+        audio_calls=audio_calls, audio=audio_mods,
     )
+
+
+def _audio_parts(model: nn.Module, inner: list[tuple[str, nn.Module]], prefill_encoder: tuple[str, nn.Module] | None,
+                 lm_path: str, head_path: str, v_paths: Sequence[str]
+                 ) -> tuple[list[tuple[str, nn.Module, str]], list[tuple[str, nn.Module]]]:
+    """The audio entries, or else the modules whose runs are the audio encoder's: an
+    encoder–decoder's encoder that takes audio (it also starts prefill), else modules named like
+    audio that hold neither the language model, lm_head nor a vision part (one may lie inside
+    what the layout calls the language model: the causal-lm row takes a whole base model)."""
+    calls = structure.audio_entries(model, inner)
+    if calls:
+        return calls, []
+    if prefill_encoder is not None and structure.encoder_takes_audio(prefill_encoder[1]):
+        return [], [prefill_encoder]
+    inside = lambda a, b: a == b or b.startswith(a + ".")  # noqa: E731 - b is a or lies inside it
+    return [], [(p, m) for p, m in structure.audio_modules(model)
+                if not any(inside(p, x) for x in (lm_path, head_path, *v_paths) if x)]
 
 
 def _vision_paths(vision: str | Sequence[str] | None, row: Layout | None, entries: list[Any],

@@ -12,6 +12,11 @@
   that delegates to one (BLIP-2, InstructBLIP, Kosmos-2 …) never calls the top forward:
   the inner model's forwards are then the call's prefill and decode steps.
 * **Decoder layers**: the block list inside the language model, found by shape.
+* **Audio entries**: ``get_audio_features`` (an audio encoder and its projector in one call) on
+  the top model, its ``base_model`` and its inner generators (an omni model's thinker); where
+  a model has none, its top-most modules named like an audio part. stagetrace has no audio
+  stage: their runs are marked only so that the record can say in which stage that time is
+  counted.
 
 Every probe here only reads the model; none runs it.
 """
@@ -24,8 +29,8 @@ from typing import Any
 from torch import nn
 
 __all__ = ["VISION_ENTRIES", "PIXEL_ARGS", "VISION_WORDS", "takes_images", "vision_entries", "encoder_of",
-           "encoder_takes_images", "inner_generators",
-           "find_layers", "path_of", "probe_accessors"]
+           "encoder_takes_images", "inner_generators", "find_layers", "path_of", "probe_accessors",
+           "AUDIO_ENTRIES", "AUDIO_ARGS", "AUDIO_WORDS", "audio_entries", "audio_modules", "encoder_takes_audio"]
 
 VISION_ENTRIES = ("get_image_features", "get_video_features", "get_image_tokens")
 # Arguments that carry pixels (fuyu's image_patches, pix2struct's flattened_patches, ...), to a
@@ -35,6 +40,11 @@ PIXEL_ARGS = ("pixel_values", "pixel_values_images", "pixel_values_videos", "pix
 # Module names that say "vision part".
 VISION_WORDS = re.compile(r"(vision|visual|image|img|vit|pixel|patch)", re.I)
 _LAYER_NAMES = ("layers", "layer", "blocks", "block", "h")
+AUDIO_ENTRIES = ("get_audio_features",)
+# Arguments that carry audio (mel features, waveforms), to a forward or to generate().
+AUDIO_ARGS = ("input_features", "input_values", "audio_values", "input_audio_embeds")
+# Module names that say "audio part".
+AUDIO_WORDS = re.compile(r"(audio|speech|acoustic|codec|whisper)", re.I)
 
 
 def takes_images(model: nn.Module) -> bool | None:
@@ -72,6 +82,46 @@ def vision_entries(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return found
 
 
+def audio_entries(model: nn.Module,
+                  inner: list[tuple[str, nn.Module]] | None = None) -> list[tuple[str, nn.Module, str]]:
+    """(dotted path of the method, its owner, its name) for each audio entry of the model, its
+    base model and its inner generators (``inner``: :func:`inner_generators`) and theirs."""
+    owners: list[tuple[str, nn.Module]] = []
+    for prefix, top in [("", model), *(inner or [])]:
+        owners.append((prefix, top))
+        base = getattr(top, "base_model", None)
+        if isinstance(base, nn.Module) and base is not top:
+            sub = path_of(top, base) or ""
+            owners.append((".".join(p for p in (prefix, sub) if p), base))
+    found, seen = [], set()
+    for prefix, owner in owners:
+        for name in AUDIO_ENTRIES:
+            if callable(getattr(type(owner), name, None)) and (id(owner), name) not in seen:
+                seen.add((id(owner), name))
+                found.append((f"{prefix}.{name}" if prefix else name, owner, name))
+    return found
+
+
+def audio_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Top-most modules named like an audio part (outside any vision part), with parameters."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, sub in model.named_modules():
+        parts = name.split(".") if name else []
+        if (parts and AUDIO_WORDS.search(parts[-1]) and not any(VISION_WORDS.search(p) for p in parts)
+                and not any(name.startswith(p + ".") for p, _ in found)
+                and next(sub.parameters(), None) is not None):
+            found.append((name, sub))
+    return found
+
+
+def encoder_takes_audio(encoder: nn.Module) -> bool:
+    try:
+        params = inspect.signature(encoder.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(p in params for p in AUDIO_ARGS)
+
+
 def encoder_of(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The encoder generate() runs first, for an encoder–decoder model (else None)."""
     if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
@@ -106,7 +156,8 @@ def inner_generators(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def find_layers(model: nn.Module, lm_path: str) -> str | None:
     """The decoder layer list inside the language model: a ModuleList of blocks, preferring
-    (in order) one outside any vision part, outside an encoder (BERT-style decoders keep
+    (in order) one outside any vision or audio part (an audio LM's audio tower has layers of its
+    own, inside what the causal-lm row calls the language model), outside an encoder (BERT-style decoders keep
     theirs under ``bert.encoder``, so that only lowers the rank), the shallowest, of one
     block type (mllama interleaves two), named like a layer list, under a decoder."""
     lm = model.get_submodule(lm_path) if lm_path else model
@@ -115,14 +166,15 @@ def find_layers(model: nn.Module, lm_path: str) -> str | None:
         if not isinstance(sub, nn.ModuleList) or not len(sub):
             continue
         parts = name.split(".") if name else []
-        candidates.append((any(VISION_WORDS.search(p) for p in parts), "encoder" in parts, len(parts),
+        candidates.append((any(VISION_WORDS.search(p) or AUDIO_WORDS.search(p) for p in parts), "encoder" in parts,
+                           len(parts),
                            len({type(k) for k in sub.children()}) > 1, bool(parts) and parts[-1] not in _LAYER_NAMES,
                            "decoder" not in name, name))
     if not candidates:
         return None
     best = min(candidates)
     if best[0]:
-        return None  # only vision lists: no decoder layers here
+        return None  # only vision or audio lists: no decoder layers here
     return ".".join(p for p in (lm_path, best[-1]) if p)
 
 

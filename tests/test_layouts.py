@@ -161,3 +161,17 @@ def test_layer_detail_without_a_layer_list_is_said_out_loud():
         with stagetrace.trace(case.model, layer_detail="all", layers="lm_head") as tracer:  # not a layer list
             case.model.generate(**gen_kwargs(case, 3))
     assert any("no decoder layer ran" in w for w in tracer.records[0].warnings)
+
+
+# ---------------------------------------------------------------- audio LMs: the decoder's layers
+@pytest.mark.parametrize("model_type, layers", [
+    ("qwen2_audio", "model.language_model.layers"),  # beside model.audio_tower.layers, first by name
+    ("qwen3_omni_moe", "thinker.model.language_model.layers"),
+])
+def test_the_audio_towers_layers_are_not_the_decoders(model_type, layers):
+    """The causal-lm row takes a whole base model as the language model, audio tower included: the
+    decoder layer list is found outside any audio part, as it is outside any vision part."""
+    from stagetrace.testing.zoo_audio import build
+
+    layout = stagetrace.trace(build(model_type).model).layout
+    assert {p.rsplit(".", 1)[0] for p, _ in layout.layers} == {layers}

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..structure import PIXEL_ARGS
+from ..structure import AUDIO_ARGS, PIXEL_ARGS
 
 __all__ = ["CallSlot", "CallState", "CallInputs", "next_forward_is_prefill", "forward_input_len", "read_call_inputs",
            "prompt_ids", "new_token_count", "uncounted_output"]
@@ -111,6 +111,7 @@ class CallInputs:
     cache_len: int        # tokens already in a cache passed in
     output_prompt_len: int  # leading tokens of generate()'s output that are not new
     has_pixels: bool      # pixel inputs reached generate()
+    audio_args: tuple[str, ...] = ()  # the audio inputs that reached generate() (mel features, waveforms)
 
 
 def _cache_len(cache: Any) -> int:
@@ -153,7 +154,8 @@ def read_call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], encoder_deco
                       batch=int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.dim() >= 1 else 1,
                       cache_len=_cache_len(kwargs.get("past_key_values", kwargs.get("cache"))),
                       output_prompt_len=output_prompt_len,
-                      has_pixels=any(isinstance(kwargs.get(k), torch.Tensor) for k in PIXEL_ARGS))
+                      has_pixels=any(isinstance(kwargs.get(k), torch.Tensor) for k in PIXEL_ARGS),
+                      audio_args=tuple(k for k in AUDIO_ARGS if isinstance(kwargs.get(k), torch.Tensor)))
 
 
 def uncounted_output(out: Any) -> str | None:

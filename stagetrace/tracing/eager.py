@@ -1,5 +1,6 @@
 """Marks placed by hooks and wrappers on eager modules: the call's forwards, vision, the
-language model's start, lm_head's end, and decoder layers (layer detail).
+language model's start, lm_head's end, decoder layers (layer detail), and the runs of a
+non-vision (audio) encoder, which has no stage: the record says where they ran.
 
 What must stay true:
 
@@ -36,6 +37,7 @@ __all__ = ["EagerHooks", "layer_forward"]
 _PREFILL, _DECODE = label(Kind.PREFILL_FORWARD), label(Kind.DECODE_FORWARD)
 _VISION_BEGIN, _VISION_END = label(Kind.VISION_BEGIN), label(Kind.VISION_END)
 _LM_BEGIN, _HEAD_END = label(Kind.LM_BEGIN), label(Kind.LM_HEAD_END)
+_AUDIO_BEGIN, _AUDIO_END = label(Kind.AUDIO_BEGIN), label(Kind.AUDIO_END)
 
 
 class _Placements:
@@ -108,6 +110,13 @@ class EagerHooks:
         if self.layout.prefill_encoder is not None:  # its start is the start of prefill
             out.hook(self.layout.prefill_encoder[1],
                      lambda m, a: mark(_LM_BEGIN) if slot.call is not None and slot.call.forwards == 0 else None)
+        # after the prefill encoder's hook: an encoder that takes audio (Whisper's) starts prefill, then its run
+        if not self.inside_compiled_forward:  # inside a hand-compiled forward they would enter the graph
+            for _, owner, name in self.layout.audio_calls:
+                out.wrap(owner, name, _marking_call(getattr(owner, name), slot, mark, _AUDIO_BEGIN, _AUDIO_END))
+            for _, mod in self.layout.audio:
+                out.hook(mod, lambda m, a: None if slot.call is None else mark(_AUDIO_BEGIN))
+                out.hook(mod, lambda m, a, o: None if slot.call is None else mark(_AUDIO_END), post=True)
         for _, mod in self.layout.vision:
             out.hook(mod, lambda m, a: None if slot.call is None else mark(_VISION_BEGIN))
             out.hook(mod, lambda m, a, o: None if slot.call is None else mark(_VISION_END), post=True)
@@ -195,16 +204,18 @@ class EagerHooks:
         return on_forward
 
 
-def _marking_call(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[int], None]) -> Callable[..., Any]:
-    """A vision entry (``get_image_features`` …) whose run is marked as vision. Its signature is
-    kept (``functools.wraps``): generate() inspects it to decide what to pass."""
+def _marking_call(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[int], None],
+                  begin: int = _VISION_BEGIN, end: int = _VISION_END) -> Callable[..., Any]:
+    """A vision entry (``get_image_features`` …) whose run is marked as vision (or an audio entry,
+    with the audio labels). Its signature is kept (``functools.wraps``): generate() inspects it to
+    decide what to pass."""
     @functools.wraps(inner)
     def entry(*args: Any, **kwargs: Any) -> Any:
         if slot.call is None:
             return inner(*args, **kwargs)
-        mark(_VISION_BEGIN)
+        mark(begin)
         out = inner(*args, **kwargs)
-        mark(_VISION_END)
+        mark(end)
         return out
 
     return entry

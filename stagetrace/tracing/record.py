@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
+from ..labels import Kind, kind_of
 from ..lead import call_leads
 from ..low_level import Marks
 from ..records import StageRecord
@@ -24,7 +26,9 @@ from .call import CallInputs, CallState
 from .devices import SpanPlacement
 from .features import HeldFeatures
 
-__all__ = ["FinishedCall", "build_record", "versions"]
+__all__ = ["FinishedCall", "build_record", "versions", "audio_runs", "audio_note"]
+
+_AUDIO_BEGIN, _AUDIO_END = int(Kind.AUDIO_BEGIN), int(Kind.AUDIO_END)
 
 
 @dataclass(frozen=True)
@@ -66,12 +70,49 @@ def layer_steps(spans: SpanTable) -> list[int]:
     return sorted({int(spans.index[step_rows[k]]) for k in owner[owner >= 0]})
 
 
+def audio_runs(labels: np.ndarray, t: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) on clock ``t`` of each outermost run of the audio encoder (an entry that calls
+    another, e.g. the top model's ``get_audio_features`` calling its base model's, is one run)."""
+    kinds = kind_of(labels)
+    runs: list[tuple[int, int]] = []
+    depth, start = 0, 0
+    for p in np.flatnonzero((kinds == _AUDIO_BEGIN) | (kinds == _AUDIO_END)).tolist():
+        if kinds[p] == _AUDIO_BEGIN:
+            if depth == 0:
+                start = int(t[p])
+            depth += 1
+        elif depth:
+            depth -= 1
+            if depth == 0:
+                runs.append((start, int(t[p])))
+    return runs
+
+
+def audio_note(runs: list[tuple[int, int]], spans: SpanTable, parts: Sequence[str]) -> str:
+    """Where the audio encoder's runs (on the spans' clock) are counted, stage by stage, measured:
+    stagetrace has no audio stage, so the record says it in words."""
+    counted = {"vision": 0, "prefill": 0, "decode": 0}
+    total = sum(b - a for a, b in runs)
+    for kind, key in (("vision", "vision"), ("prefill", "prefill"), ("step", "decode")):
+        for i in np.flatnonzero(spans.kind == KIND_CODE[kind]).tolist():
+            s0, s1 = int(spans.start_ns[i]), int(spans.end_ns[i])
+            counted[key] += sum(max(0, min(b, s1) - max(a, s0)) for a, b in runs)
+    counted["other"] = total - sum(counted.values())
+    where = ", ".join(f"{k}_ms ({v / 1e6:.3f} ms)" for k, v in counted.items() if v > 0) or "no stage (0 ms)"
+    return (f"a non-vision encoder (audio: {', '.join(parts) or '?'}) ran {len(runs)} time(s) for "
+            f"{total / 1e6:.3f} ms; stagetrace has no audio stage, so that time is counted in {where}")
+
+
 def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | None, error: str | None,
-                 keep_marks: bool, expect: dict[str, str] | None = None, uncounted: str | None = None) -> StageRecord:
+                 keep_marks: bool, expect: dict[str, str] | None = None, uncounted: str | None = None,
+                 audio_parts: Sequence[str] = ()) -> StageRecord:
     """The record of one call: its stages, or why the call was not timed (``error``, or marks
     that were dropped or out of order), with a RuntimeWarning then. ``expect`` maps a span kind
     the call must have to what to say when it has none: said in the record's ``warnings`` and
-    as a RuntimeWarning, never silently; so is ``uncounted``, why ``output_tokens`` is None."""
+    as a RuntimeWarning, never silently; so is ``uncounted``, why ``output_tokens`` is None. Its
+    ``"audio"`` entry is what to say when audio reached the call and no audio run was marked;
+    where runs of the audio encoder (``audio_parts``) were marked, the record says in which
+    stages their time is counted."""
     if error is None and marks.dropped:
         error = (f"{marks.dropped} marks were dropped (the event pool could not grow); "
                  "this call's stages are unknown")
@@ -94,7 +135,18 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
         rec.layer_steps = layer_steps(rec.spans)
         if placement is not None:
             rec.spans = placement.place(rec.spans)
-        rec.warnings = [why for kind, why in (expect or {}).items() if not rec.spans.has_kind(kind)]
+        expect = dict(expect or {})
+        unmarked_audio = expect.pop("audio", None)
+        rec.warnings = [why for kind, why in expect.items() if not rec.spans.has_kind(kind)]
+        t = np.asarray(marks.device_ns, dtype=np.int64)
+        # on the spans' clock: the call's span (the first row) starts at its first mark
+        runs = audio_runs(marks.labels, t - t[0] + int(rec.spans.start_ns[0]))
+        if runs:  # a compiled decode's steps run with the hooks off: a run inside one is not marked
+            rec.warnings.append(audio_note(runs, rec.spans, audio_parts) + (
+                "; the decode steps were compiled, and runs inside them are not marked, so decode_ms may hold "
+                "more of it" if rec.compiled_decode else ""))
+        elif unmarked_audio:
+            rec.warnings.append(unmarked_audio)
         steps = len(rec.decode_step_ms)
         if uncounted is not None:
             rec.warnings.append(f"{uncounted}: the tokens it generated cannot be counted from it, so output_tokens "

@@ -381,7 +381,7 @@ class Tracer:
                 t0 = time.perf_counter_ns()
                 rec = build_record(finished.marks, self._meta(finished), self._placement, finished.error,
                                    self.keep_marks, expect=self._expectations(finished.inputs),
-                                   uncounted=finished.uncounted)
+                                   uncounted=finished.uncounted, audio_parts=self.layout.describe()["audio"])
                 rec.resolve_ms = finished.resolve_ms
                 rec.build_ms = (time.perf_counter_ns() - t0) / 1e6
                 self._unbuilt.popleft()  # only once built: a failure leaves it to be built again
@@ -413,6 +413,13 @@ class Tracer:
             expect["vision"] = ("pixel inputs reached generate() but no vision stage was marked: the model ran its "
                                 "vision part where stagetrace did not look, so that time is inside prefill or other; "
                                 "pass vision=[...] (the vision modules' paths) to trace()")
+        if inputs.audio_args:  # said only where no run of an audio encoder was marked (else where it ran is said)
+            found = self.layout.describe()["audio"]
+            expect["audio"] = (f"audio inputs ({', '.join(inputs.audio_args)}) reached generate() but no run of an "
+                               "audio encoder was marked"
+                               + (f" ({', '.join(found)} did not run under a mark)" if found else "")
+                               + ": stagetrace has no audio stage, and this model encoded its audio where stagetrace "
+                               "did not look, so that time is inside prefill, other or decode, unseparated")
         if self.layer_detail != "off":
             expect["layer"] = (f"layer_detail={self.layer_detail!r} but no decoder layer ran under a mark"
                                + ("" if self.layout.layers else " (no layer list was found: pass layers='...')"))
