@@ -178,12 +178,41 @@ def find_layers(model: nn.Module, lm_path: str) -> str | None:
     return ".".join(p for p in (lm_path, best[-1]) if p)
 
 
+def _image_encoder(model: nn.Module) -> nn.Module | None:
+    """``get_encoder(modality="image")``, unless it is the model's text encoder: an override that
+    ignores the modality (Seamless M4T's) returns that, and a text-only call would then be timed
+    as vision. An encoder that takes pixels stays (t5gemma2's one encoder reads both)."""
+    enc = model.get_encoder(modality="image")
+    if enc is model.get_encoder() and not encoder_takes_images(enc):
+        return None
+    return enc
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """``get_output_embeddings()``, unless that is an embedding: FSMT's returns the decoder's
+    ``embed_tokens`` (its ``output_projection`` is declared tied to it, though not tied by
+    default) — an embedding's forward is the lookup at the start of the decoder, not the
+    projection that ends the forward. The head is then the ``nn.Linear`` that shares its
+    weight, else the one ``nn.Linear`` of its shape transposed (hidden → vocabulary); None
+    where there is not exactly one."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Embedding):
+        return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for same in (lambda m: m.weight is head.weight,
+                 lambda m: (m.out_features, m.in_features) == (head.num_embeddings, head.embedding_dim)):
+        found = [m for m in linears if same(m)]
+        if found:
+            return found[0] if len(found) == 1 else None
+    return None
+
+
 def probe_accessors(model: nn.Module) -> dict[str, str | None]:
     """Paths of what transformers' own accessors return (None where absent or failing)."""
     found: dict[str, str | None] = {}
-    for key, call in (("vision", lambda: model.get_encoder(modality="image")),
+    for key, call in (("vision", lambda: _image_encoder(model)),
                       ("language_model", lambda: model.get_decoder()),
-                      ("lm_head", lambda: model.get_output_embeddings())):
+                      ("lm_head", lambda: _output_head(model))):
         try:
             found[key] = path_of(model, call())
         except Exception:  # noqa: BLE001 - accessors differ across models; absence is the answer

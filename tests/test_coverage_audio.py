@@ -38,17 +38,10 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),  # the audio notes ar
               pytest.mark.filterwarnings("ignore:stagetrace. call .*(non-vision encoder|audio inputs):RuntimeWarning")]
 
 # ------------------------------------------------------------------------------ current truth
-_SEAMLESS = ("the text encoder is taken for the vision part (model.get_encoder(modality='image') returns it): a "
-             "text-to-text call reports vision_ms, its encoder time is counted as vision instead of prefill")
-
-# (test, type) -> why the tracer is silently wrong there today
+# (test, type) -> why the tracer is silently wrong there today (none since session 10: Seamless M4T's
+# text encoder was taken for vision, FSMT's prefill ended at the decoder's embedding — fixed in
+# structure.probe_accessors, and these tests now hold them)
 KNOWN: dict[tuple[str, str], str] = {}
-for _t in ("seamless_m4t", "seamless_m4t_v2"):
-    KNOWN[("stages", _t)] = KNOWN[("encoder", _t)] = _SEAMLESS
-KNOWN[("prefill", "fsmt")] = (
-    "lm_head is taken to be model.decoder.embed_tokens (FSMT's get_output_embeddings returns the embedding its "
-    "output_projection is tied to): prefill ends when the decoder's first forward embeds its input, and the "
-    "decoder's layers and output projection in that forward are silently counted as other")
 
 
 def _cases(test: str, types: list[str]) -> list[Any]:
@@ -193,15 +186,17 @@ def test_prefill_holds_the_first_decoder_forward(model_type):
     """Prefill ends at lm_head's end in the first forward: the language model's (decoder's) first run
     lies inside prefill, and its later runs are decode steps."""
     case = _case(model_type)
-    rec, runs, _, _ = _traced(case, [case.decoder_module])
+    rec, runs, _, tracer = _traced(case, [case.decoder_module])
     (lm,) = runs.values()
     assert len(lm) == case.new_tokens, f"{case.decoder_module} ran {len(lm)} times for {case.new_tokens} tokens"
     (prefill,) = rec.spans.of_kind("prefill")
     p0, p1 = rec.host_start_ns + prefill.start_ns, rec.host_start_ns + prefill.end_ns
     a, b = lm[0]
+    # a head inside the decoder (FSMT's output_projection) ends prefill before the decoder returns
+    head_inside = tracer.layout.lm_head[0].startswith(case.decoder_module + ".")
     # where the timed module is the one whose start the tracer marks, its pre-hook fires a few µs
     # before that mark: its end, and nearly all of its run, must be inside prefill
-    assert p0 <= b <= p1 and (min(b, p1) - max(a, p0)) >= 0.9 * (b - a), (
+    assert p0 <= b and (head_inside or b <= p1) and (min(b, p1) - max(a, p0)) >= 0.9 * (b - a), (
         f"its first run [{(a - p0) / 1e6:.3f}, {(b - p0) / 1e6:.3f}] ms is not inside prefill "
         f"[0, {(p1 - p0) / 1e6:.3f}] ms; it lies in {_stage_of(rec, a, b)}")
     assert [_stage_of(rec, a, b) for a, b in lm[1:]] == [f"step {i}" for i in range(len(lm) - 1)]

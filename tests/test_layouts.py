@@ -175,3 +175,37 @@ def test_the_audio_towers_layers_are_not_the_decoders(model_type, layers):
 
     layout = stagetrace.trace(build(model_type).model).layout
     assert {p.rsplit(".", 1)[0] for p, _ in layout.layers} == {layers}
+
+
+def test_an_embedding_returned_as_output_embeddings_is_not_the_head():
+    """FSMT's get_output_embeddings() returns the decoder's embedding (its projection is declared
+    tied to it): the head is the Linear sharing its weight, else the one of its shape transposed;
+    an encoder returned for any modality (Seamless M4T's text encoder) is no vision part."""
+    from stagetrace.structure import probe_accessors
+
+    class Decoder(nn.Module):
+        def __init__(self, tied: bool):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(11, 4)
+            self.output_projection = nn.Linear(4, 11, bias=False)
+            self.other = nn.Linear(4, 4)
+            if tied:
+                self.output_projection.weight = self.embed_tokens.weight
+
+    class Seq2Seq(nn.Module):
+        def __init__(self, tied: bool):
+            super().__init__()
+            self.encoder, self.decoder = nn.Linear(4, 4), Decoder(tied)
+
+        def get_output_embeddings(self):
+            return self.decoder.embed_tokens
+
+        def get_decoder(self):
+            return self.decoder
+
+        def get_encoder(self, modality=None):  # ignores the modality, as Seamless M4T's does
+            return self.encoder
+
+    for tied in (True, False):
+        found = probe_accessors(Seq2Seq(tied))
+        assert found == {"vision": None, "language_model": "decoder", "lm_head": "decoder.output_projection"}, tied
