@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from stagetrace.tracing.call import (CallState, new_token_count, next_forward_is_prefill, read_call_inputs,
-                                    uncounted_output)
+from stagetrace.tracing.call import (CallState, InputNames, new_token_count, next_forward_is_prefill,
+                                    read_call_inputs, uncounted_output)
 
 
 def _state(prompt_len: int, cache_len: int = 0) -> CallState:
@@ -58,6 +58,36 @@ def test_an_encoder_decoders_prompt_is_its_decoders():
     assert new_token_count(torch.ones(1, 7), given) == 4
     only_pixels = read_call_inputs((), {"flattened_patches": torch.zeros(2, 16, 8)}, encoder_decoder=True)
     assert only_pixels.batch == 2 and only_pixels.has_pixels
+
+
+def test_features_given_positionally_or_as_inputs_are_read_under_the_models_name_for_them():
+    """generate(features) and generate(inputs=features): the tensor is what the model reads it as
+    (Whisper's generate() takes input_features first; GenerationMixin's ``inputs`` is the main input,
+    an encoder–decoder's encoder's where that differs), never a prompt of token ids: the mel bins
+    (Whisper, 80) or the samples of a waveform (16000) were read as prompt tokens, and a call given
+    audio alone by keyword counted batch 1."""
+    feats, wave = torch.zeros(2, 80, 100), torch.zeros(2, 16000)
+    for args, kwargs, names in (((feats,), {}, InputNames("input_features", "input_features")),
+                                ((feats,), {}, InputNames("inputs", "input_features")),
+                                ((), {"inputs": feats}, InputNames("inputs", "input_features")),
+                                ((), {"input_features": feats}, InputNames())):
+        got = read_call_inputs(args, kwargs, encoder_decoder=True, names=names)
+        assert (got.input_len, got.prompt_len, got.batch, got.audio_args) == (0, 1, 2, ("input_features",))
+    for names in (InputNames("inputs", "input_values"), InputNames("inputs", "inputs")):  # a waveform
+        got = read_call_inputs((), {"inputs": wave}, encoder_decoder=True, names=names)
+        assert (got.input_len, got.batch) == (0, 2)
+    pixels = read_call_inputs((torch.zeros(3, 3, 8, 8),), {}, True, InputNames("inputs", "pixel_values"))
+    assert pixels.has_pixels and (pixels.input_len, pixels.batch) == (0, 3)
+    ids = torch.ones(2, 5, dtype=torch.long)  # token ids given as `inputs` to a model whose main input is `inputs`
+    assert read_call_inputs((), {"inputs": ids}, True, InputNames("inputs", "inputs")).input_len == 5
+
+
+def test_input_names_are_read_off_the_model_as_generate_reads_them():
+    from stagetrace.testing.zoo_s2s import build
+
+    assert InputNames.of(build("whisper").model) == InputNames("input_features", "input_features")
+    assert InputNames.of(build("bart").model) == InputNames("inputs", "input_ids")
+    assert InputNames.of(build("speech-encoder-decoder").model) == InputNames("inputs", "input_values")
 
 
 def test_new_tokens_are_counted_after_the_prompt_or_alone_for_inputs_embeds():

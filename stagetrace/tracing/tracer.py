@@ -41,7 +41,7 @@ from ..labels import Kind, label
 from ..layouts import ResolvedLayout, resolve_layout
 from ..low_level import Marks, Timeline
 from ..records import JsonlWriter, StageRecord, write_jsonl
-from .call import (CallInputs, CallSlot, CallState, new_token_count, prompt_ids, read_call_inputs,
+from .call import (CallInputs, CallSlot, CallState, InputNames, named_inputs, new_token_count, read_call_inputs,
                    uncounted_output)
 from .compiled import compiled_decode_refusal, hand_compiled_forwards, hand_compiled_refusal
 from .compiled_decode import CompiledDecodeMarks
@@ -155,6 +155,7 @@ class Tracer:
                                "tracer: stop it before starting a new one (nested tracing is not supported)")
         self._devices = model_devices(self.model)
         self._encoder_decoder = bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+        self._input_names = InputNames.of(self.model)  # read before generate() is shadowed: its own signature
         self._placement = SpanPlacement.of(self.layout, self._devices)
         if self._timeline is None:
             self._timeline = new_model_timeline(self._devices, self._capacity)
@@ -312,8 +313,9 @@ class Tracer:
     def _traced_call(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         tl = self._timeline
         assert tl is not None
-        inputs = read_call_inputs(args, kwargs, self._encoder_decoder)
-        pending = queue_features(kwargs, prompt_ids(args, kwargs), getattr(self.model, "config", None))
+        given = named_inputs(args, kwargs, self._input_names)  # a positional input under the model's name for it
+        inputs = read_call_inputs((), given, self._encoder_decoder)
+        pending = queue_features(given, given.get("input_ids"), getattr(self.model, "config", None))
         tl.reset()
         stream = bind_call_streams(tl, self._devices)
         stamping = self._forward_compiled and self.layer_detail == "all"
