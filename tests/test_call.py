@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from stagetrace.tracing.call import (CallState, InputNames, new_token_count, next_forward_is_prefill,
-                                    read_call_inputs, uncounted_output)
+from stagetrace.tracing.call import (CallState, DecoderPromptCheck, InputNames, decoder_prompt_check,
+                                    new_token_count, next_forward_is_prefill, read_call_inputs, uncounted_output)
 
 
 def _state(prompt_len: int, cache_len: int = 0) -> CallState:
@@ -105,3 +105,30 @@ def test_an_output_that_is_no_batch_of_token_sequences_is_not_counted():
     assert "shape (1, 4, 4), not (batch, tokens)" in uncounted_output(torch.ones(1, 4, 4))
     assert new_token_count(object(), ids) is None and "no tensor of sequences" in uncounted_output(object())
     assert uncounted_output(torch.ones(1, 9)) is None
+
+
+def _decoder(prompt: list[list[int]], last: list[list[int]]) -> CallState:
+    call = _state(1)
+    call.decoder_prompt, call.decoder_ids = torch.tensor(prompt), torch.tensor(last)
+    return call
+
+
+def test_an_encoder_decoders_output_is_counted_after_its_decoder_prompt_where_it_holds_it():
+    """GenerationMixin's generate() returns the decoder prompt it began with, then the new tokens;
+    Whisper's own generate() returns the new tokens alone: 4 tokens returned were counted as 3, with
+    a warning that generate() had dropped one. Told by the decoder sequence the last forward was
+    prepared from, not by the prompt alone: a random Whisper's first new token was its start token."""
+    whisper = _decoder([[50258, 50259, 50360, 50364]] * 2, [[50258, 50259, 50360, 50364, 7, 8, 9]] * 2)
+    assert decoder_prompt_check(torch.tensor([[7, 8, 9, 10]] * 2), whisper).new_tokens() == 4
+    assert decoder_prompt_check(torch.tensor([[7, 8, 9]] * 2), whisper).new_tokens() == 3  # a final EOS dropped
+    standard = torch.tensor([[50258, 50259, 50360, 50364, 7, 8, 9, 10]] * 2)
+    assert decoder_prompt_check(standard, whisper).new_tokens() == 4
+    start_first = _decoder([[1]], [[1, 1, 257, 257]])  # the first new token is the start token itself
+    assert decoder_prompt_check(torch.tensor([[1, 257, 257, 257]]), start_first).new_tokens() == 4
+    assert decoder_prompt_check(torch.tensor([[1, 1, 257, 257, 257]]), start_first).new_tokens() == 4
+    # beam search: a hypothesis that finished early is held by no running beam; the prompt decides
+    beams = _decoder([[2], [2], [2]], [[2, 5, 6, 7], [2, 5, 8, 7], [2, 4, 6, 7]])
+    assert decoder_prompt_check(torch.tensor([[2, 9, 1]]), beams).new_tokens() == 2
+    assert isinstance(decoder_prompt_check(standard, whisper), DecoderPromptCheck)
+    assert decoder_prompt_check(torch.ones(1, 4, 9), whisper) is None  # no (batch, tokens) output: refused elsewhere
+    assert decoder_prompt_check(standard, _state(1)) is None  # no decoder sequence seen

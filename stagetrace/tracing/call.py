@@ -13,7 +13,8 @@ import torch
 from ..structure import AUDIO_ARGS, PIXEL_ARGS
 
 __all__ = ["CallSlot", "CallState", "CallInputs", "InputNames", "next_forward_is_prefill", "forward_input_len",
-           "read_call_inputs", "named_inputs", "new_token_count", "uncounted_output"]
+           "read_call_inputs", "named_inputs", "new_token_count", "uncounted_output", "DecoderPromptCheck",
+           "decoder_prompt_check"]
 
 
 @dataclass
@@ -31,6 +32,11 @@ class CallState:
     decoding: bool = False
     outer_depth: int = 0  # top-level forwards in flight (a delegating generate() runs inner ones outside them)
     inner_output_prompt_len: int | None = None  # a delegating generate() returns its inner generate()'s output
+    # an encoder–decoder's decoder sequence as generate() prepared its first and its last forward from
+    # (references, ``decoder_ids.py``): the prompt it began with (a start token, Whisper's start, language
+    # and task tokens), then the prompt and every new token but the last
+    decoder_prompt: Any = None
+    decoder_ids: Any = None
     # layer detail: "off" | "prefill" | "all"; with "all", layers on every N-th decode step
     # (0, N, 2N, ...). ``layers_now``: the forward in flight carries layer marks (the one
     # flag the layer wrappers read on the hot path).
@@ -213,6 +219,49 @@ def uncounted_output(out: Any) -> str | None:
     if seq.dim() != 2:
         return f"generate() returned sequences of shape {tuple(seq.shape)}, not (batch, tokens)"
     return None
+
+
+@dataclass(frozen=True)
+class DecoderPromptCheck:
+    """Whether an encoder–decoder's output holds the decoder prompt it began with: GenerationMixin's
+    generate() returns it, a model's own generate() may return the new tokens alone (Whisper's). Read
+    off the running decoder sequence of the last forward (``last``: the prompt, then every new token
+    but the last): the output begins with it (the prompt returned), or with its part after the prompt
+    (new tokens alone). Where neither holds (beam search returns hypotheses no running beam holds any
+    more) the prompt alone decides. Rows are matched as sets (beams and returned sequences repeat
+    them). Copies made after the call's sync where the tensors live (no second sync), read on the host
+    when the record is built."""
+
+    returned: int          # tokens per returned sequence
+    head: torch.Tensor     # each returned sequence's first len(last) tokens (fewer where it is shorter)
+    last: torch.Tensor     # the decoder sequence the last forward was prepared from
+    prompt_len: int        # the decoder prompt's length: the first len(prompt) tokens of ``last``
+
+    def new_tokens(self) -> int:
+        head, last, n = self.head.numpy(force=True), self.last.numpy(force=True), self.prompt_len
+
+        def begins(rows: Any) -> bool:  # every returned row begins with one of ``rows``
+            k = min(rows.shape[-1], head.shape[-1])
+            return k > 0 and bool((head[:, None, :k] == rows[None, :, :k]).all(-1).any(-1).all())
+
+        if begins(last):
+            return self.returned - n
+        if last.shape[-1] > n and begins(last[:, n:]):
+            return self.returned
+        return self.returned - (n if begins(last[:, :n]) else 0)
+
+
+def decoder_prompt_check(out: Any, call: CallState) -> DecoderPromptCheck | None:
+    """For an encoder–decoder's call, the check to run when its record is built; None where there is
+    nothing to check (no 2-d decoder sequence seen, an output :func:`uncounted_output` refuses, or a
+    delegating generate(), counted after its inner generate()'s prompt)."""
+    prompt, last = call.decoder_prompt, call.decoder_ids
+    if (not isinstance(prompt, torch.Tensor) or not isinstance(last, torch.Tensor) or prompt.dim() != 2
+            or last.dim() != 2 or uncounted_output(out) is not None or call.inner_output_prompt_len is not None):
+        return None
+    seq = out if isinstance(out, torch.Tensor) else out.sequences
+    return DecoderPromptCheck(int(seq.shape[-1]), seq[:, :last.shape[-1]].detach().clone(), last.detach().clone(),
+                              int(prompt.shape[-1]))
 
 
 def new_token_count(out: Any, inputs: CallInputs, call: CallState | None = None) -> int | None:

@@ -22,7 +22,7 @@ from ..low_level import Marks
 from ..records import StageRecord
 from ..spans import KIND_CODE, SpanTable
 from ..stages import StageOrderError, stages_from_marks
-from .call import CallInputs, CallState
+from .call import CallInputs, CallState, DecoderPromptCheck
 from .devices import SpanPlacement
 from .features import HeldFeatures
 
@@ -51,6 +51,12 @@ class FinishedCall:
     after_matmul: int        # layer marks placed after their layer's last matmul
     resolve_ms: float        # host time the call spent after generate() returned (all of the above read)
     uncounted: str | None = None  # why its new tokens cannot be read off what generate() returned
+    # an encoder–decoder's: whether its output begins with the decoder prompt, read when the record is
+    # built (its new tokens then replace ``output_tokens``)
+    prompt_check: DecoderPromptCheck | None = None
+
+    def new_tokens(self) -> int | None:
+        return self.prompt_check.new_tokens() if self.prompt_check is not None else self.output_tokens
 
 
 @functools.lru_cache(maxsize=1)
