@@ -205,6 +205,32 @@ def test_layer_detail_marks_decoder_layers(case_id):
     assert rec.layer_steps == list(range(len(rec.decode_step_ms)))
 
 
+def test_whispers_language_detection_is_no_prefill_and_is_said():
+    """Whisper's own generate() with no language given (a multilingual checkpoint's usual call) first
+    runs one forward of the whole model to detect it, then its decoding loop. That forward was taken
+    for the prefill, the loop's real prefill for decode step 0 (4 steps for 4 tokens, with a false
+    'tokens dropped' warning) and the loop's encoder run for other. Now: a forward the loop did not
+    prepare is none of its steps, marked and said, measured; prefill is the loop's encoder and first
+    decoder forward."""
+    case = whisper_forced(build("whisper"))
+    del case.generate_kwargs["language"]
+    plain = tokens(case.generate())
+    rec, runs, out, tracer = traced_with_runs(case, ["model.encoder", "model.decoder"], layer_detail="all")
+    assert torch.equal(plain, tokens(out))
+    assert_partition(rec)
+    assert rec.output_tokens == case.generated(out) == 4 and len(rec.decode_step_ms) == 3
+    encoder, decoder = ([stage_of(rec, a, b) for a, b in runs[p]] for p in ("model.encoder", "model.decoder"))
+    assert encoder == ["other", "prefill"] and decoder == ["other", "prefill", "step 0", "step 1", "step 2"]
+    (prefill,) = rec.spans.of_kind("prefill")  # it starts at the loop's encoder run
+    assert 0 <= runs["model.encoder"][1][0] - (rec.host_start_ns + prefill.start_ns) < 1_000_000
+    assert rec.layer_steps == [0, 1, 2]
+    assert len([s for s in rec.spans.of_kind("layer") if s.depth == 2]) == len(tracer.layout.layers)
+    audio, aux = rec.warnings
+    assert "ran 2 time(s)" in audio and "prefill_ms (" in audio and "other_ms (" in audio, audio
+    assert aux.startswith("1 forward(s) of the model ran outside generate()'s decoding loop"), aux
+    assert re.search(r"counted in other_ms \([\d.]+ ms\)$", aux), aux
+
+
 @pytest.mark.parametrize("model_type", sorted(OVERRIDES))
 def test_a_head_no_accessor_names_is_refused_with_the_override_to_pass(model_type):
     """Dia's head (``logits_dense``, channels x vocabulary) is not what get_output_embeddings() returns

@@ -37,6 +37,11 @@ class CallState:
     # and task tokens), then the prompt and every new token but the last
     decoder_prompt: Any = None
     decoder_ids: Any = None
+    # an encoder–decoder: generate()'s decoding loop prepared the next top-level forward's inputs
+    # (prepare_inputs_for_generation ran since the last one); a forward it did not prepare is no
+    # prefill or decode step (Whisper's language detection), and runs with ``in_aux`` set
+    prepared: bool = False
+    in_aux: bool = False
     # layer detail: "off" | "prefill" | "all"; with "all", layers on every N-th decode step
     # (0, N, 2N, ...). ``layers_now``: the forward in flight carries layer marks (the one
     # flag the layer wrappers read on the hot path).

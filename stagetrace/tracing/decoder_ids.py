@@ -1,4 +1,10 @@
-"""An encoder–decoder's decoder sequence as generate() runs it: what its output is counted against.
+"""An encoder–decoder's decoding loop as generate() runs it: which top-level forwards are its, and
+the decoder sequence its output is counted against.
+
+The loop prepares every forward's inputs in ``prepare_inputs_for_generation`` (on the host loop,
+outside any graph); a top-level forward it did not prepare is none of its prefill or decode steps —
+Whisper's own generate() runs one to detect the language (encoder included) before the loop starts —
+and is marked as such by the eager hooks (``CallState.prepared``).
 
 GenerationMixin's generate() returns the decoder prompt it began with (a start token, or
 ``decoder_input_ids``) and then the new tokens; a model's own generate() may return the new tokens
@@ -12,7 +18,7 @@ the output is compared with them after the call (``call.DecoderPromptCheck``).
 
 What must stay true: placed on encoder–decoders only (the top model's own loop: an inner model's
 generate() prepares with its own method), it records only while a call is in flight, and costs a
-step one Python frame and two attribute writes; :meth:`remove` undoes exactly what :meth:`install`
+step one Python frame and three attribute writes; :meth:`remove` undoes exactly what :meth:`install`
 did.
 """
 from __future__ import annotations
@@ -47,6 +53,7 @@ def _recording(inner: Callable[..., Any], slot: CallSlot) -> Callable[..., Any]:
     def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
         c = slot.call
         if c is not None:
+            c.prepared = True  # the next top-level forward is the loop's
             ids = args[0] if args else kwargs.get("input_ids")
             if c.decoder_prompt is None:
                 c.decoder_prompt = ids

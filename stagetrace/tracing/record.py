@@ -26,9 +26,10 @@ from .call import CallInputs, CallState, DecoderPromptCheck
 from .devices import SpanPlacement
 from .features import HeldFeatures
 
-__all__ = ["FinishedCall", "build_record", "versions", "audio_runs", "audio_note"]
+__all__ = ["FinishedCall", "build_record", "versions", "audio_runs", "audio_note", "aux_forward_note"]
 
 _AUDIO_BEGIN, _AUDIO_END = int(Kind.AUDIO_BEGIN), int(Kind.AUDIO_END)
+_AUX_BEGIN, _AUX_END = int(Kind.AUX_FORWARD_BEGIN), int(Kind.AUX_FORWARD_END)
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,16 @@ def layer_steps(spans: SpanTable) -> list[int]:
     return sorted({int(spans.index[step_rows[k]]) for k in owner[owner >= 0]})
 
 
-def audio_runs(labels: np.ndarray, t: np.ndarray) -> list[tuple[int, int]]:
+def audio_runs(labels: np.ndarray, t: np.ndarray, begin: int = _AUDIO_BEGIN,
+               end: int = _AUDIO_END) -> list[tuple[int, int]]:
     """(start, end) on clock ``t`` of each outermost run of the audio encoder (an entry that calls
-    another, e.g. the top model's ``get_audio_features`` calling its base model's, is one run)."""
+    another, e.g. the top model's ``get_audio_features`` calling its base model's, is one run); with
+    ``begin``/``end`` the runs of another pair of kinds (forwards outside generate()'s loop)."""
     kinds = kind_of(labels)
     runs: list[tuple[int, int]] = []
     depth, start = 0, 0
-    for p in np.flatnonzero((kinds == _AUDIO_BEGIN) | (kinds == _AUDIO_END)).tolist():
-        if kinds[p] == _AUDIO_BEGIN:
+    for p in np.flatnonzero((kinds == begin) | (kinds == end)).tolist():
+        if kinds[p] == begin:
             if depth == 0:
                 start = int(t[p])
             depth += 1
@@ -94,9 +97,8 @@ def audio_runs(labels: np.ndarray, t: np.ndarray) -> list[tuple[int, int]]:
     return runs
 
 
-def audio_note(runs: list[tuple[int, int]], spans: SpanTable, parts: Sequence[str]) -> str:
-    """Where the audio encoder's runs (on the spans' clock) are counted, stage by stage, measured:
-    stagetrace has no audio stage, so the record says it in words."""
+def _counted_in(runs: list[tuple[int, int]], spans: SpanTable) -> str:
+    """Where runs (on the spans' clock) are counted, stage by stage, measured."""
     counted = {"vision": 0, "prefill": 0, "decode": 0}
     total = sum(b - a for a, b in runs)
     for kind, key in (("vision", "vision"), ("prefill", "prefill"), ("step", "decode")):
@@ -104,9 +106,26 @@ def audio_note(runs: list[tuple[int, int]], spans: SpanTable, parts: Sequence[st
             s0, s1 = int(spans.start_ns[i]), int(spans.end_ns[i])
             counted[key] += sum(max(0, min(b, s1) - max(a, s0)) for a, b in runs)
     counted["other"] = total - sum(counted.values())
-    where = ", ".join(f"{k}_ms ({v / 1e6:.3f} ms)" for k, v in counted.items() if v > 0) or "no stage (0 ms)"
+    return ", ".join(f"{k}_ms ({v / 1e6:.3f} ms)" for k, v in counted.items() if v > 0) or "no stage (0 ms)"
+
+
+def audio_note(runs: list[tuple[int, int]], spans: SpanTable, parts: Sequence[str]) -> str:
+    """Where the audio encoder's runs (on the spans' clock) are counted, stage by stage, measured:
+    stagetrace has no audio stage, so the record says it in words."""
+    total = sum(b - a for a, b in runs)
     return (f"a non-vision encoder (audio: {', '.join(parts) or '?'}) ran {len(runs)} time(s) for "
-            f"{total / 1e6:.3f} ms; stagetrace has no audio stage, so that time is counted in {where}")
+            f"{total / 1e6:.3f} ms; stagetrace has no audio stage, so that time is counted in "
+            f"{_counted_in(runs, spans)}")
+
+
+def aux_forward_note(runs: list[tuple[int, int]], spans: SpanTable) -> str:
+    """Top-level forwards generate()'s decoding loop did not prepare (Whisper's language detection):
+    none is a prefill or decode step, and the record says, measured, where their time is counted."""
+    total = sum(b - a for a, b in runs)
+    return (f"{len(runs)} forward(s) of the model ran outside generate()'s decoding loop (its inputs not "
+            f"prepared by prepare_inputs_for_generation: e.g. Whisper's language detection) for "
+            f"{total / 1e6:.3f} ms; none is a prefill or decode step, so that time is counted in "
+            f"{_counted_in(runs, spans)}")
 
 
 def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | None, error: str | None,
@@ -153,6 +172,9 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
                 "more of it" if rec.compiled_decode else ""))
         elif unmarked_audio:
             rec.warnings.append(unmarked_audio)
+        aux = audio_runs(marks.labels, t - t[0] + int(rec.spans.start_ns[0]), _AUX_BEGIN, _AUX_END)
+        if aux:
+            rec.warnings.append(aux_forward_note(aux, rec.spans))
         steps = len(rec.decode_step_ms)
         if uncounted is not None:
             rec.warnings.append(f"{uncounted}: the tokens it generated cannot be counted from it, so output_tokens "
