@@ -231,6 +231,33 @@ def test_whispers_language_detection_is_no_prefill_and_is_said():
     assert re.search(r"counted in other_ms \([\d.]+ ms\)$", aux), aux
 
 
+@pytest.mark.parametrize("how", ["temperature fallback", "long-form"])
+def test_whisper_running_its_loop_again_is_said(how):
+    """Whisper's own generate() starts its decoding loop over: at the next temperature when a result
+    fails its thresholds, and per 30 s segment of long-form audio (here 100 frames a segment). Each
+    later loop's encoder run and prefill forward are counted in decode: said, with the loops counted
+    (long-form had one step per token returned, and nothing but the audio note said so)."""
+    case = whisper_forced(build("whisper"))
+    if how == "long-form":  # 2.5 segments; timestamps are what long-form transcription runs on
+        case.inputs = {"input_features": torch.randn(1, 80, 250, generator=torch.Generator().manual_seed(0)),
+                       "attention_mask": torch.ones(1, 250, dtype=torch.long)}
+        case.generate_kwargs.update(return_timestamps=True)
+        case.model.generation_config.max_initial_timestamp_index = 5
+    else:  # an unreachable log-probability threshold: the greedy result always falls back to sampling
+        case.generate_kwargs.update(temperature=(0.0, 0.2), logprob_threshold=1e9)
+    loops = 3 if how == "long-form" else 2
+    rec, runs, out, _ = traced_with_runs(case, ["model.encoder", "model.decoder"])
+    assert_partition(rec)
+    assert len(runs["model.decoder"]) == loops * case.new_tokens == len(rec.decode_step_ms) + 1
+    assert [stage_of(rec, a, b) for a, b in runs["model.encoder"]][0] == "prefill"
+    said = [w for w in rec.warnings if w.startswith("generate() ran its decoding loop")]
+    assert said == [f"generate() ran its decoding loop {loops} times (a model's own generate() starting over: "
+                    "Whisper's temperature fallback, long-form segments): each later loop's prefill forward, and "
+                    "the encoder run before it, are counted in decode, so decode_step_ms has "
+                    f"{len(rec.decode_step_ms)} steps for the {rec.output_tokens} new tokens returned"], rec.warnings
+    assert rec.output_tokens == case.generated(out)
+
+
 @pytest.mark.parametrize("model_type", sorted(OVERRIDES))
 def test_a_head_no_accessor_names_is_refused_with_the_override_to_pass(model_type):
     """Dia's head (``logits_dense``, channels x vocabulary) is not what get_output_embeddings() returns

@@ -42,6 +42,10 @@ class CallState:
     # prefill or decode step (Whisper's language detection), and runs with ``in_aux`` set
     prepared: bool = False
     in_aux: bool = False
+    # decoding loops an encoder–decoder's generate() ran: a model's own generate() may start over
+    # (Whisper's temperature fallback, long-form segments), each loop with its own encoder run and prefill
+    loops: int = 0
+    loop_prefill: bool = False  # the last preparation was a prefill's (is_first_iteration)
     # layer detail: "off" | "prefill" | "all"; with "all", layers on every N-th decode step
     # (0, N, 2N, ...). ``layers_now``: the forward in flight carries layer marks (the one
     # flag the layer wrappers read on the hot path).

@@ -4,7 +4,10 @@ the decoder sequence its output is counted against.
 The loop prepares every forward's inputs in ``prepare_inputs_for_generation`` (on the host loop,
 outside any graph); a top-level forward it did not prepare is none of its prefill or decode steps —
 Whisper's own generate() runs one to detect the language (encoder included) before the loop starts —
-and is marked as such by the eager hooks (``CallState.prepared``).
+and is marked as such by the eager hooks (``CallState.prepared``). Each loop's prefill prepares
+with ``is_first_iteration`` (GenerationMixin's ``_prefill``), so loops are counted
+(``CallState.loops``): Whisper's own generate() runs one per temperature it falls back to and per
+30 s segment of long-form audio.
 
 GenerationMixin's generate() returns the decoder prompt it began with (a start token, or
 ``decoder_input_ids``) and then the new tokens; a model's own generate() may return the new tokens
@@ -18,7 +21,7 @@ the output is compared with them after the call (``call.DecoderPromptCheck``).
 
 What must stay true: placed on encoder–decoders only (the top model's own loop: an inner model's
 generate() prepares with its own method), it records only while a call is in flight, and costs a
-step one Python frame and three attribute writes; :meth:`remove` undoes exactly what :meth:`install`
+step one Python frame and a few attribute reads and writes; :meth:`remove` undoes exactly what :meth:`install`
 did.
 """
 from __future__ import annotations
@@ -55,7 +58,15 @@ def _recording(inner: Callable[..., Any], slot: CallSlot) -> Callable[..., Any]:
         if c is not None:
             c.prepared = True  # the next top-level forward is the loop's
             ids = args[0] if args else kwargs.get("input_ids")
-            if c.decoder_prompt is None:
+            # generate()'s prefill prepares with is_first_iteration (each chunk of one prefill: one start)
+            if kwargs.get("is_first_iteration"):
+                if not c.loop_prefill:
+                    c.loops += 1
+                    c.decoder_prompt = ids
+                c.loop_prefill = True
+            else:
+                c.loop_prefill = False
+            if c.decoder_prompt is None:  # a loop that does not say where it starts
                 c.decoder_prompt = ids
             c.decoder_ids = ids
         return inner(*args, **kwargs)

@@ -130,14 +130,15 @@ def aux_forward_note(runs: list[tuple[int, int]], spans: SpanTable) -> str:
 
 def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | None, error: str | None,
                  keep_marks: bool, expect: dict[str, str] | None = None, uncounted: str | None = None,
-                 audio_parts: Sequence[str] = ()) -> StageRecord:
+                 audio_parts: Sequence[str] = (), loops: int = 0) -> StageRecord:
     """The record of one call: its stages, or why the call was not timed (``error``, or marks
     that were dropped or out of order), with a RuntimeWarning then. ``expect`` maps a span kind
     the call must have to what to say when it has none: said in the record's ``warnings`` and
     as a RuntimeWarning, never silently; so is ``uncounted``, why ``output_tokens`` is None. Its
     ``"audio"`` entry is what to say when audio reached the call and no audio run was marked;
     where runs of the audio encoder (``audio_parts``) were marked, the record says in which
-    stages their time is counted."""
+    stages their time is counted. ``loops``: decoding loops the call ran (an encoder–decoder's; 0
+    where not counted): each loop after the first is said, its prefill being in decode."""
     if error is None and marks.dropped:
         error = (f"{marks.dropped} marks were dropped (the event pool could not grow); "
                  "this call's stages are unknown")
@@ -179,6 +180,11 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
         if uncounted is not None:
             rec.warnings.append(f"{uncounted}: the tokens it generated cannot be counted from it, so output_tokens "
                                 f"is None ({steps} decode steps ran)")
+        elif loops > 1:
+            rec.warnings.append(f"generate() ran its decoding loop {loops} times (a model's own generate() starting "
+                                "over: Whisper's temperature fallback, long-form segments): each later loop's prefill "
+                                "forward, and the encoder run before it, are counted in decode, so decode_step_ms has "
+                                f"{steps} steps for the {rec.output_tokens} new tokens returned")
         elif steps and rec.output_tokens <= steps:  # each token after the first is one decode step at most
             rec.warnings.append(f"{steps} decode steps ran for {rec.output_tokens} new tokens: generate() ran forwards "
                                 "whose tokens it did not return (e.g. a stopping check deferred by a step); their "

@@ -388,7 +388,8 @@ class Tracer:
                 t0 = time.perf_counter_ns()
                 rec = build_record(finished.marks, self._meta(finished), self._placement, finished.error,
                                    self.keep_marks, expect=self._expectations(finished.inputs),
-                                   uncounted=finished.uncounted, audio_parts=self.layout.describe()["audio"])
+                                   uncounted=finished.uncounted, audio_parts=self.layout.describe()["audio"],
+                                   loops=finished.call.loops)
                 rec.resolve_ms = finished.resolve_ms
                 rec.build_ms = (time.perf_counter_ns() - t0) / 1e6
                 self._unbuilt.popleft()  # only once built: a failure leaves it to be built again
