@@ -21,8 +21,8 @@ the output is compared with them after the call (``call.DecoderPromptCheck``).
 
 What must stay true: placed on encoder–decoders only (the top model's own loop: an inner model's
 generate() prepares with its own method), it records only while a call is in flight, and costs a
-step one Python frame and a few attribute reads and writes; :meth:`remove` undoes exactly what :meth:`install`
-did.
+step one Python frame and a few attribute reads and writes; :meth:`remove` undoes exactly what
+:meth:`install` did.
 """
 from __future__ import annotations
 

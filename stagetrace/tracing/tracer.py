@@ -355,7 +355,8 @@ class Tracer:
         # an encoder–decoder's output may or may not hold its decoder prompt: told by the decoder sequence
         check = decoder_prompt_check(out, call) if self._encoder_decoder else None
         finished = FinishedCall(
-            marks=marks, call=call, inputs=inputs, output_tokens=new_token_count(out, inputs, call), prompt_check=check,
+            marks=marks, call=call, inputs=inputs, output_tokens=new_token_count(out, inputs, call),
+            prompt_check=check,
             uncounted=uncounted_output(out),
             call_index=self._next_call_index, sample_id=self.sample_id, unix_start=unix_start,
             unix_time=time.time(), features=pending.hold(), error=error, after_matmul=after_matmul,
