@@ -97,6 +97,7 @@ PYBIND11_MODULE(_C, m) {
     marks["LAYER_BEGIN"] = int(kLayerBegin); marks["LAYER_END"] = int(kLayerEnd);
     marks["FORWARD_RETURN"] = int(kForwardReturn);
     marks["AUDIO_BEGIN"] = int(kAudioBegin); marks["AUDIO_END"] = int(kAudioEnd);
+    marks["AUX_FORWARD_BEGIN"] = int(kAuxForwardBegin); marks["AUX_FORWARD_END"] = int(kAuxForwardEnd);
     spans["call"] = int(kSpanCall); spans["vision"] = int(kSpanVision); spans["prefill"] = int(kSpanPrefill);
     spans["decode"] = int(kSpanDecode); spans["step"] = int(kSpanStep); spans["layer"] = int(kSpanLayer);
     return py::make_tuple(marks, spans);

@@ -33,6 +33,8 @@ enum MarkKind : int32_t {
   kForwardReturn = 11,
   kAudioBegin = 12,  // a non-vision (audio) encoder's run: no stage; the stage walk passes over it
   kAudioEnd = 13,
+  kAuxForwardBegin = 14,  // a top-level forward outside generate()'s decoding loop: no stage; passed over too
+  kAuxForwardEnd = 15,
 };
 
 // spans.SPAN_KINDS positions

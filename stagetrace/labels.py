@@ -41,6 +41,10 @@ class Kind(enum.IntEnum):
     FORWARD_RETURN = 11   # a top-level forward returned to generate(): its work is issued, maybe not run
     AUDIO_BEGIN = 12      # a non-vision (audio) encoder starts: no stage of its own, the record says where it ran
     AUDIO_END = 13        # a non-vision (audio) encoder ends
+    # a top-level forward that generate()'s decoding loop did not prepare (Whisper's language
+    # detection): no prefill or decode step, no stage of its own; the record says where it ran
+    AUX_FORWARD_BEGIN = 14
+    AUX_FORWARD_END = 15
 
 
 def label(kind: Kind, index: int = 0) -> int:

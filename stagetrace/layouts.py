@@ -285,10 +285,11 @@ def _failure_message(model: nn.Module, multimodal: list[str], probe: dict[str, A
     top = [n for n, _ in model.named_children()]
     inner = [f"{n}.{c}" for n, m in model.named_children() for c, _ in m.named_children()][:12]
     named = [h for h in multimodal if h]
-    guesses = {"vision": list(v_paths) if v_paths else named or None,
+    # vision () was found: no vision stage (a text or audio model) — neither to pass nor to add
+    guesses = {"vision": list(v_paths) if v_paths is not None else named or None,
                "language_model": lm_path or probe["language_model"], "lm_head": head_path or probe["lm_head"]}
     known = ", ".join(f"{k}={v!r}" for k, v in guesses.items() if v)
-    unknown = [k for k, v in guesses.items() if not v]
+    unknown = [k for k, v in guesses.items() if v is None]
     lines = [f"stagetrace could not find the stages of {cls}: its structure and the known layouts "
              f"({', '.join(r.name for r in LAYOUTS)}) do not say where they are."]
     lines += [f"  - {m}" for m in missing]

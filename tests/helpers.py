@@ -1,6 +1,8 @@
 """Helpers shared by the tests (no fixtures; plain functions and constants)."""
 from __future__ import annotations
 
+import functools
+import time
 from typing import Any
 
 import pytest
@@ -127,6 +129,71 @@ def trace_once(case: tiny.TinyCase, kw: dict[str, Any], **trace_kw: Any) -> Any:
     (rec,) = tracer.records
     assert_partition(rec)
     return rec
+
+
+# ---------------------------------------------------------------- where a module ran (coverage surveys)
+def time_runs(model: torch.nn.Module, paths: list[str]) -> tuple[dict[str, list[list[int]]], list[Any]]:
+    """Host-clock start/end of every run of each module's forward (``path``) or method (``path:method``)."""
+    from stagetrace.layouts import get_module
+
+    runs: dict[str, list[list[int]]] = {p: [] for p in paths}
+    undo: list[Any] = []
+    for p in paths:
+        path, _, method = p.partition(":")
+        mod = get_module(model, path) if path else model
+        if method:
+            inner = getattr(mod, method)
+
+            def timed(*a: Any, _inner: Any = inner, _p: str = p, **k: Any) -> Any:
+                runs[_p].append([time.monotonic_ns(), 0])
+                out = _inner(*a, **k)
+                runs[_p][-1][1] = time.monotonic_ns()
+                return out
+
+            setattr(mod, method, timed)
+            undo.append(functools.partial(delattr, mod, method))
+            continue
+        h1 = mod.register_forward_pre_hook(lambda m, a, p=p: runs[p].append([time.monotonic_ns(), 0]))
+        h2 = mod.register_forward_hook(lambda m, a, o, p=p: runs[p][-1].__setitem__(1, time.monotonic_ns()),
+                                       prepend=True)
+        undo += [h1.remove, h2.remove]
+    return runs, undo
+
+
+def traced_with_runs(case: Any, paths: list[str], **trace_kw: Any) -> tuple[Any, dict[str, list[list[int]]], Any, Any]:
+    """One traced generate() with ``paths`` timed inside the tracer's marks: (record, runs, output, tracer)."""
+    import stagetrace
+
+    with stagetrace.trace(case.model, **trace_kw) as tracer:
+        runs, undo = time_runs(case.model, paths)
+        try:
+            out = case.generate()
+        finally:
+            for u in undo:
+                u()
+    (rec,) = tracer.records
+    return rec, runs, out, tracer
+
+
+def stage_of(rec: Any, a: int, b: int) -> str:
+    """The stage whose span holds the host-clock interval [a, b]: vision, prefill, "step i", or
+    other (inside the call, in none of them)."""
+    h = rec.host_start_ns
+    for kind in ("vision", "prefill", "step"):
+        for s in rec.spans.of_kind(kind):
+            if h + s.start_ns <= a and b <= h + s.end_ns:
+                return kind if kind != "step" else f"step {s.index}"
+    return "other"
+
+
+def first_step_ns(rec: Any) -> int:
+    steps = rec.spans.of_kind("step")
+    return rec.host_start_ns + steps[0].start_ns if steps else rec.host_start_ns + rec.spans.of_kind("call")[0].end_ns
+
+
+def before_first_step(rec: Any, runs: dict[str, list[list[int]]]) -> dict[str, list[tuple[int, int]]]:
+    first = first_step_ns(rec)
+    return {p: [(a, b) for a, b in r if a < first] for p, r in runs.items() if any(a < first for a, _ in r)}
 
 
 # ---------------------------------------------------------------- compiled runs

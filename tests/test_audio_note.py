@@ -139,8 +139,9 @@ def test_an_encoder_that_takes_audio_starts_prefill_and_is_said():
     model = WhisperForConditionalGeneration(cfg).eval()
     case = AudioCase("whisper", model, {"input_features": torch.randn(1, 80, 100)},
                      dict(max_new_tokens=4, min_new_tokens=4, do_sample=False), "encoder-decoder", 0)
-    # Whisper's generate() returns one token fewer than the forwards it ran (the record says so too)
-    tracer, rec = _traced(case, one_step_per_token=False)
+    # Whisper's generate() returns the tokens after its decoder prompt: all 4 are new, one step each
+    tracer, rec = _traced(case)
+    assert rec.output_tokens == 4
     assert tracer.layout.describe()["audio"] == ["model.encoder"] == [tracer.layout.describe()["prefill_encoder"]]
     notes = [w for w in rec.warnings if "audio" in w]
     assert len(notes) == 1 and notes[0].endswith(" ms)") and "counted in prefill_ms (" in notes[0]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from stagetrace.tracing.call import (CallState, new_token_count, next_forward_is_prefill, read_call_inputs,
-                                    uncounted_output)
+from stagetrace.tracing.call import (CallState, DecoderPromptCheck, InputNames, decoder_prompt_check,
+                                    new_token_count, next_forward_is_prefill, read_call_inputs, uncounted_output)
 
 
 def _state(prompt_len: int, cache_len: int = 0) -> CallState:
@@ -60,6 +60,36 @@ def test_an_encoder_decoders_prompt_is_its_decoders():
     assert only_pixels.batch == 2 and only_pixels.has_pixels
 
 
+def test_features_given_positionally_or_as_inputs_are_read_under_the_models_name_for_them():
+    """generate(features) and generate(inputs=features): the tensor is what the model reads it as
+    (Whisper's generate() takes input_features first; GenerationMixin's ``inputs`` is the main input,
+    an encoder–decoder's encoder's where that differs), never a prompt of token ids: the mel bins
+    (Whisper, 80) or the samples of a waveform (16000) were read as prompt tokens, and a call given
+    audio alone by keyword counted batch 1."""
+    feats, wave = torch.zeros(2, 80, 100), torch.zeros(2, 16000)
+    for args, kwargs, names in (((feats,), {}, InputNames("input_features", "input_features")),
+                                ((feats,), {}, InputNames("inputs", "input_features")),
+                                ((), {"inputs": feats}, InputNames("inputs", "input_features")),
+                                ((), {"input_features": feats}, InputNames())):
+        got = read_call_inputs(args, kwargs, encoder_decoder=True, names=names)
+        assert (got.input_len, got.prompt_len, got.batch, got.audio_args) == (0, 1, 2, ("input_features",))
+    for names in (InputNames("inputs", "input_values"), InputNames("inputs", "inputs")):  # a waveform
+        got = read_call_inputs((), {"inputs": wave}, encoder_decoder=True, names=names)
+        assert (got.input_len, got.batch) == (0, 2)
+    pixels = read_call_inputs((torch.zeros(3, 3, 8, 8),), {}, True, InputNames("inputs", "pixel_values"))
+    assert pixels.has_pixels and (pixels.input_len, pixels.batch) == (0, 3)
+    ids = torch.ones(2, 5, dtype=torch.long)  # token ids given as `inputs` to a model whose main input is `inputs`
+    assert read_call_inputs((), {"inputs": ids}, True, InputNames("inputs", "inputs")).input_len == 5
+
+
+def test_input_names_are_read_off_the_model_as_generate_reads_them():
+    from stagetrace.testing.zoo_s2s import build
+
+    assert InputNames.of(build("whisper").model) == InputNames("input_features", "input_features")
+    assert InputNames.of(build("bart").model) == InputNames("inputs", "input_ids")
+    assert InputNames.of(build("speech-encoder-decoder").model) == InputNames("inputs", "input_values")
+
+
 def test_new_tokens_are_counted_after_the_prompt_or_alone_for_inputs_embeds():
     ids = read_call_inputs((torch.ones(1, 5, dtype=torch.long),), {})
     assert new_token_count(torch.ones(1, 9), ids) == 4
@@ -75,3 +105,30 @@ def test_an_output_that_is_no_batch_of_token_sequences_is_not_counted():
     assert "shape (1, 4, 4), not (batch, tokens)" in uncounted_output(torch.ones(1, 4, 4))
     assert new_token_count(object(), ids) is None and "no tensor of sequences" in uncounted_output(object())
     assert uncounted_output(torch.ones(1, 9)) is None
+
+
+def _decoder(prompt: list[list[int]], last: list[list[int]]) -> CallState:
+    call = _state(1)
+    call.decoder_prompt, call.decoder_ids = torch.tensor(prompt), torch.tensor(last)
+    return call
+
+
+def test_an_encoder_decoders_output_is_counted_after_its_decoder_prompt_where_it_holds_it():
+    """GenerationMixin's generate() returns the decoder prompt it began with, then the new tokens;
+    Whisper's own generate() returns the new tokens alone: 4 tokens returned were counted as 3, with
+    a warning that generate() had dropped one. Told by the decoder sequence the last forward was
+    prepared from, not by the prompt alone: a random Whisper's first new token was its start token."""
+    whisper = _decoder([[50258, 50259, 50360, 50364]] * 2, [[50258, 50259, 50360, 50364, 7, 8, 9]] * 2)
+    assert decoder_prompt_check(torch.tensor([[7, 8, 9, 10]] * 2), whisper).new_tokens() == 4
+    assert decoder_prompt_check(torch.tensor([[7, 8, 9]] * 2), whisper).new_tokens() == 3  # a final EOS dropped
+    standard = torch.tensor([[50258, 50259, 50360, 50364, 7, 8, 9, 10]] * 2)
+    assert decoder_prompt_check(standard, whisper).new_tokens() == 4
+    start_first = _decoder([[1]], [[1, 1, 257, 257]])  # the first new token is the start token itself
+    assert decoder_prompt_check(torch.tensor([[1, 257, 257, 257]]), start_first).new_tokens() == 4
+    assert decoder_prompt_check(torch.tensor([[1, 1, 257, 257, 257]]), start_first).new_tokens() == 4
+    # beam search: a hypothesis that finished early is held by no running beam; the prompt decides
+    beams = _decoder([[2], [2], [2]], [[2, 5, 6, 7], [2, 5, 8, 7], [2, 4, 6, 7]])
+    assert decoder_prompt_check(torch.tensor([[2, 9, 1]]), beams).new_tokens() == 2
+    assert isinstance(decoder_prompt_check(standard, whisper), DecoderPromptCheck)
+    assert decoder_prompt_check(torch.ones(1, 4, 9), whisper) is None  # no (batch, tokens) output: refused elsewhere
+    assert decoder_prompt_check(standard, _state(1)) is None  # no decoder sequence seen

@@ -17,18 +17,15 @@ test is a strict xfail whose reason says exactly how (``KNOWN``).
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 import pytest
 import torch
 
-import stagetrace
-from stagetrace.layouts import get_module
 from stagetrace.testing.zoo import Unbuildable
 from stagetrace.testing.zoo_audio import build, kind_of, model_types
 
-from helpers import assert_partition, tokens
+from helpers import assert_partition, before_first_step, stage_of, tokens, traced_with_runs
 
 TYPES = model_types()
 AUDIO = [t for t in TYPES if kind_of(t) == "audio-lm"]
@@ -64,67 +61,6 @@ def _case(model_type: str) -> Any:
     return case
 
 
-# ------------------------------------------------------------------------------ helpers
-def _time_runs(model: torch.nn.Module, paths: list[str]) -> tuple[dict[str, list[list[int]]], list[Any]]:
-    """Host-clock start/end of every run of each module's forward (``path``) or method (``path:method``)."""
-    runs: dict[str, list[list[int]]] = {p: [] for p in paths}
-    undo: list[Any] = []
-    for p in paths:
-        path, _, method = p.partition(":")
-        mod = get_module(model, path) if path else model
-        if method:
-            inner = getattr(mod, method)
-
-            def timed(*a: Any, _inner: Any = inner, _p: str = p, **k: Any) -> Any:
-                runs[_p].append([time.monotonic_ns(), 0])
-                out = _inner(*a, **k)
-                runs[_p][-1][1] = time.monotonic_ns()
-                return out
-
-            setattr(mod, method, timed)
-            undo.append(functools.partial(delattr, mod, method))
-            continue
-        h1 = mod.register_forward_pre_hook(lambda m, a, p=p: runs[p].append([time.monotonic_ns(), 0]))
-        h2 = mod.register_forward_hook(lambda m, a, o, p=p: runs[p][-1].__setitem__(1, time.monotonic_ns()),
-                                       prepend=True)
-        undo += [h1.remove, h2.remove]
-    return runs, undo
-
-
-def _traced(case: Any, paths: list[str], **trace_kw: Any) -> tuple[Any, dict[str, list[list[int]]], Any, Any]:
-    """One traced generate() with ``paths`` timed inside the tracer's marks: (record, runs, output, tracer)."""
-    with stagetrace.trace(case.model, **trace_kw) as tracer:
-        runs, undo = _time_runs(case.model, paths)
-        try:
-            out = case.generate()
-        finally:
-            for u in undo:
-                u()
-    (rec,) = tracer.records
-    return rec, runs, out, tracer
-
-
-def _stage_of(rec: Any, a: int, b: int) -> str:
-    """The stage whose span holds the host-clock interval [a, b]: vision, prefill, "step i", or
-    other (inside the call, in none of them)."""
-    h = rec.host_start_ns
-    for kind in ("vision", "prefill", "step"):
-        for s in rec.spans.of_kind(kind):
-            if h + s.start_ns <= a and b <= h + s.end_ns:
-                return kind if kind != "step" else f"step {s.index}"
-    return "other"
-
-
-def _first_step_ns(rec: Any) -> int:
-    steps = rec.spans.of_kind("step")
-    return rec.host_start_ns + steps[0].start_ns if steps else rec.host_start_ns + rec.spans.of_kind("call")[0].end_ns
-
-
-def _before_first_step(rec: Any, runs: dict[str, list[list[int]]]) -> dict[str, list[tuple[int, int]]]:
-    first = _first_step_ns(rec)
-    return {p: [(a, b) for a, b in r if a < first] for p, r in runs.items() if any(a < first for a, _ in r)}
-
-
 # ------------------------------------------------------------------------------ the tests
 def test_the_survey_is_the_mappings():
     """The types come from the mappings' structure, not from a hand list; every one is classified."""
@@ -143,7 +79,7 @@ def test_stages_are_exact(model_type):
     first, no vision stage for a call that was given no image, and no warning but the audio note."""
     case = _case(model_type)
     plain = tokens(case.generate())
-    rec, _, out, _ = _traced(case, [])
+    rec, _, out, _ = traced_with_runs(case, [])
     assert torch.equal(plain, tokens(out)), "tracing changed the generated tokens"
     assert_partition(rec)
     assert rec.output_tokens == case.generated(out) == case.new_tokens
@@ -160,10 +96,10 @@ def test_encoder_time_is_where_the_record_says(model_type):
     stages the audio encoder's runs before the first decode step are counted — exactly those where
     the hooks find them — or that it ran unmarked; never silently part of another stage."""
     case = _case(model_type)
-    rec, runs, _, _ = _traced(case, case.encoder_modules)
-    ran = _before_first_step(rec, runs)
+    rec, runs, _, _ = traced_with_runs(case, case.encoder_modules)
+    ran = before_first_step(rec, runs)
     assert ran, f"none of {case.encoder_modules} ran before the first decode step"
-    where = {p: sorted({_stage_of(rec, a, b) for a, b in r}) for p, r in ran.items()}
+    where = {p: sorted({stage_of(rec, a, b) for a, b in r}) for p, r in ran.items()}
     if case.kind == "text-seq2seq":
         assert all(w == ["prefill"] for w in where.values()), where
         (prefill,) = rec.spans.of_kind("prefill")
@@ -172,7 +108,7 @@ def test_encoder_time_is_where_the_record_says(model_type):
         assert 0 <= first - (rec.host_start_ns + prefill.start_ns) < 1_000_000
         return
     # every run, decode steps included (a streaming encoder runs in each step)
-    stages = {_stage_of(rec, a, b).split()[0].replace("step", "decode") for r in runs.values() for a, b in r}
+    stages = {stage_of(rec, a, b).split()[0].replace("step", "decode") for r in runs.values() for a, b in r}
     (said,) = [w for w in rec.warnings if "audio" in w]
     if "was marked" in said:  # encoded where stagetrace does not look (Kyutai's codec): said, not measured
         assert "no audio stage" in said and "unseparated" in said, said
@@ -186,7 +122,7 @@ def test_prefill_holds_the_first_decoder_forward(model_type):
     """Prefill ends at lm_head's end in the first forward: the language model's (decoder's) first run
     lies inside prefill, and its later runs are decode steps."""
     case = _case(model_type)
-    rec, runs, _, tracer = _traced(case, [case.decoder_module])
+    rec, runs, _, tracer = traced_with_runs(case, [case.decoder_module])
     (lm,) = runs.values()
     assert len(lm) == case.new_tokens, f"{case.decoder_module} ran {len(lm)} times for {case.new_tokens} tokens"
     (prefill,) = rec.spans.of_kind("prefill")
@@ -198,8 +134,8 @@ def test_prefill_holds_the_first_decoder_forward(model_type):
     # before that mark: its end, and nearly all of its run, must be inside prefill
     assert p0 <= b and (head_inside or b <= p1) and (min(b, p1) - max(a, p0)) >= 0.9 * (b - a), (
         f"its first run [{(a - p0) / 1e6:.3f}, {(b - p0) / 1e6:.3f}] ms is not inside prefill "
-        f"[0, {(p1 - p0) / 1e6:.3f}] ms; it lies in {_stage_of(rec, a, b)}")
-    assert [_stage_of(rec, a, b) for a, b in lm[1:]] == [f"step {i}" for i in range(len(lm) - 1)]
+        f"[0, {(p1 - p0) / 1e6:.3f}] ms; it lies in {stage_of(rec, a, b)}")
+    assert [stage_of(rec, a, b) for a, b in lm[1:]] == [f"step {i}" for i in range(len(lm) - 1)]
 
 
 @pytest.mark.filterwarnings("ignore:stagetrace.*no decoder layer ran:RuntimeWarning")
@@ -208,7 +144,7 @@ def test_layer_detail_marks_decoder_layers(model_type):
     """layer_detail="all": the layers marked are the language model's (decoder's), and every decode
     step carries their spans — or the record says that no decoder layer ran under a mark."""
     case = _case(model_type)
-    rec, _, _, tracer = _traced(case, [], layer_detail="all")
+    rec, _, _, tracer = traced_with_runs(case, [], layer_detail="all")
     assert_partition(rec)
     if any("no decoder layer ran" in w for w in rec.warnings):
         return  # said out loud (an omni model whose layer list is the talker's, which never runs for text)

@@ -145,6 +145,23 @@ def test_a_layout_error_suggests_only_real_module_paths():
     assert "config.vision_config is set" in msg
 
 
+def test_a_layout_error_on_a_model_without_vision_asks_only_for_what_is_missing():
+    """A text (or audio) model has no vision stage, which structure found: the message must not ask
+    for vision paths (it did, for Dia: "adding vision and lm_head")."""
+
+    class OddTextLM(OddVLM):
+        def forward(self, input_ids):
+            return super().forward(input_ids)
+
+    model = OddTextLM()
+    del model.pixel_encoder
+    with pytest.raises(LayoutError) as err:
+        stagetrace.trace(model)
+    msg = str(err.value)
+    assert "stagetrace.trace(model, ...), adding language_model and lm_head (dotted module paths" in msg, msg
+    assert "vision" not in msg.split("pass the paths yourself")[1], msg
+
+
 def test_images_that_reach_generate_without_a_vision_stage_are_said_out_loud():
     case = tiny.build("llava")
     with pytest.warns(RuntimeWarning, match="no vision stage was marked"):

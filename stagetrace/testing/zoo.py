@@ -94,9 +94,9 @@ _SIZES: dict[int, str] = {  # the size each config key is capped at, by groups
     4: "num_attention_heads num_heads n_head n_heads attention_heads encoder_attention_heads decoder_attention_heads "
        "num_sliding_attention_heads index_n_heads linear_num_heads linear_num_value_heads num_query_tokens "
        "n_routed_experts num_experts num_local_experts moe_num_experts zero_expert_num qk_rope_head_dim "
-       "qk_nope_head_dim mamba_n_heads",
+       "qk_nope_head_dim mamba_n_heads cross_num_attention_heads cross_num_key_value_heads",
     8: "head_dim d_kv d_head rotary_dim v_head_dim qk_head_dim index_head_dim linear_head_dim linear_key_head_dim "
-       "linear_value_head_dim hc_lowrank hidden_size_per_layer_input",
+       "linear_value_head_dim hc_lowrank hidden_size_per_layer_input cross_head_dim",
     16: "kv_lora_rank q_lora_rank",
     32: "hidden_size d_model n_embd emb_dim embed_dim out_hidden_size text_hidden_size projector_hidden_size "
         "vision_hidden_size projection_dim word_embed_proj_dim encoder_hidden_size output_dim moe_intermediate_size "
@@ -104,9 +104,10 @@ _SIZES: dict[int, str] = {  # the size each config key is capped at, by groups
         "share_expert_dim projection_hidden_size adapter_in_dim adapter_out_dim adapter_input_size "
         "vision_output_dim projector_input_dim projector_output_dim image_token_embed_dim base_channels "
         "latent_channels mm_embed_dim output_proj_dims pooler_output_size shape_embed_dim pronunciation_embed_dim "
-        "hidden_size_global",
+        "hidden_size_global cross_hidden_size",
     64: "intermediate_size d_ff dff n_inner ffn_hidden_size ffn_dim encoder_ffn_dim decoder_ffn_dim mlp_dim "
-        "intermediate_size_mlp dense_intermediate_size projection_intermediate_size expert_ffn_hidden_size",
+        "intermediate_size_mlp dense_intermediate_size projection_intermediate_size expert_ffn_hidden_size "
+        "speech_encoder_intermediate_size",
 }
 SIZES = {key: size for size, keys in _SIZES.items() for key in keys.split()}
 LIST_SIZES = {"hidden_sizes": 32, "depths": 1}
@@ -213,7 +214,8 @@ def _layers_subset(values: list[Any], n: int) -> list[Any]:
     (the first of each kind, in order), so that a hybrid model stays hybrid."""
     if all(isinstance(v, int) for v in values):
         return values[:n]
-    firsts = sorted({v: i for i, v in reversed(list(enumerate(values)))}.values())[:n]
+    # kinds compared by their repr: a layer's entry may be a list (Moonshine Streaming's sliding windows)
+    firsts = sorted({repr(v): i for i, v in reversed(list(enumerate(values)))}.values())[:n]
     rest = [i for i in range(len(values)) if i not in firsts]
     return [values[i] for i in sorted(firsts + rest[: n - len(firsts)])]
 

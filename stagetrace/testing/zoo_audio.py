@@ -29,7 +29,7 @@ import torch
 
 from .zoo import SPECIAL_BASE, VOCAB, Unbuildable, ZooCase, fit_mrope, remap_tokens, set_path, shrink, special_ids
 
-__all__ = ["AudioCase", "AudioSpec", "SPECS", "build", "model_types", "kind_of", "NEW_TOKENS"]
+__all__ = ["AudioCase", "AudioSpec", "SPECS", "build", "build_as", "model_types", "kind_of", "NEW_TOKENS"]
 
 NEW_TOKENS = 4
 MAX_PARAMS = 12_000_000
@@ -92,6 +92,9 @@ class AudioSpec:
     encoder: tuple[str, ...] = ()  # the encoder's module paths, where not found by name
     generate: dict[str, Any] = field(default_factory=dict)  # extra generate() arguments
     finish: Callable[[Any], None] | None = None  # last edits of the built model
+    # leading tokens of generate()'s output that are not new, where not the decoder's start (an
+    # encoder–decoder's own generate() may return only the tokens after its decoder prompt: Whisper's)
+    output_prompt: int | None = None
 
 
 def _whisper(positions: int = 50) -> dict[str, Any]:
@@ -222,19 +225,20 @@ class AudioCase(ZooCase):
     audio_token_ids: list[int] = field(default_factory=list)
 
 
-def _classes(model_type: str) -> tuple[Any, Any]:
+def _classes(model_type: str, name: str | None = None) -> tuple[Any, Any]:
+    """The type's config class and model class (``name``: another class of the type than this survey's)."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    name = class_name(model_type)
+    name = name or class_name(model_type)
     try:
         return CONFIG_MAPPING[model_type], getattr(transformers, name)
     except (ImportError, AttributeError, KeyError) as e:
         raise Unbuildable(f"cannot import {name}: {e}".split("\n")[0]) from e
 
 
-def make_config(model_type: str, spec: AudioSpec) -> Any:
-    config_cls, _ = _classes(model_type)
+def make_config(model_type: str, spec: AudioSpec, name: str | None = None) -> Any:
+    config_cls, _ = _classes(model_type, name)
     d = shrink(config_cls().to_dict())
     remap_tokens(d)
     for path, value in spec.over.items():
@@ -253,11 +257,13 @@ def inner_lm(model: Any) -> Any:
 
 
 def _audio_sub(config: Any) -> Any:
+    """The audio encoder's config: a sub-config, else the model's own where its encoder's sizes are
+    keys of it (Whisper's ``num_mel_bins``, ``max_source_positions``)."""
     for name in ("audio_config", "encoder_config"):
         sub = getattr(config, name, None)
         if sub is not None:
             return sub
-    return None
+    return config if getattr(config, "is_encoder_decoder", False) else None
 
 
 def _mels(config: Any) -> int | None:
@@ -279,7 +285,10 @@ def extracted_audio(model_type: str, model: Any, spec: AudioSpec, gen: torch.Gen
     import transformers
     from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
 
-    name = spec.extractor_class or FEATURE_EXTRACTOR_MAPPING_NAMES.get(model_type)
+    # a composite (SpeechEncoderDecoderModel) has none of its own: its encoder's
+    encoder_type = getattr(getattr(model.config, "encoder", None), "model_type", None)
+    name = (spec.extractor_class or FEATURE_EXTRACTOR_MAPPING_NAMES.get(model_type)
+            or FEATURE_EXTRACTOR_MAPPING_NAMES.get(encoder_type or ""))
     if name is None:
         raise Unbuildable("no feature extractor is named for this type")
     try:
@@ -362,13 +371,20 @@ def count_audio_tokens(model: Any, audio: dict[str, torch.Tensor], ids_hint: tor
 def build(model_type: str, batch: int = 1, seed: int = 0, new_tokens: int = NEW_TOKENS) -> AudioCase:
     if model_type not in model_types():
         raise Unbuildable("not a non-vision generative type of this transformers")
-    spec = SPECS.get(model_type, AudioSpec())
+    return build_as(model_type, class_name(model_type), kind_of(model_type), SPECS.get(model_type, AudioSpec()),
+                    batch, seed, new_tokens)
+
+
+def build_as(model_type: str, name: str, kind: str, spec: AudioSpec, batch: int = 1, seed: int = 0,
+             new_tokens: int = NEW_TOKENS) -> AudioCase:
+    """Model class ``name`` of ``model_type``, tiny, and inputs for its ``kind``: "text-seq2seq" (a text
+    prompt to the encoder), "audio-seq2seq" (audio to the encoder, the decoder started by generate()),
+    "audio-lm" (audio and a prompt with its placeholders)."""
     if spec.unbuildable:
         raise Unbuildable(spec.unbuildable)
-    _, model_cls = _classes(model_type)
-    kind = kind_of(model_type)
+    _, model_cls = _classes(model_type, name)
     try:
-        config = make_config(model_type, spec)
+        config = make_config(model_type, spec, name)
     except Exception as e:  # noqa: BLE001 - a shrink the config's own validation refuses
         raise Unbuildable(f"the shrunk config does not validate: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1][:200]}") from e
@@ -399,6 +415,17 @@ def build(model_type: str, batch: int = 1, seed: int = 0, new_tokens: int = NEW_
         audio = spec.audio(model, gen) if spec.audio else extracted_audio(model_type, model, spec, gen)
         if batch > 1:
             audio = {k: v.expand(batch, *v.shape[1:]).clone() for k, v in audio.items()}
+        if kind == "audio-seq2seq":  # the audio is the encoder's whole input; generate() starts the decoder
+            inputs = dict(audio)
+            if model.main_input_name == "inputs":  # a composite (SpeechEncoderDecoderModel): generate(inputs=...)
+                (key,) = [k for k in inputs if k in ("input_values", "input_features")]
+                inputs["inputs"] = inputs.pop(key)
+            encoder = list(spec.encoder) or [p for p in [_path(model, model.get_encoder())] if p]
+            return AudioCase(model_type=model_type, model=model, inputs=inputs,
+                             generate_kwargs=_generate_kwargs(model, new_tokens, spec), shape=kind, prompt_len=0,
+                             image_token_ids=[], new_tokens=new_tokens,  # no text prompt; the decoder's start token
+                             output_prompt_len=1 if spec.output_prompt is None else spec.output_prompt, kind=kind,
+                             encoder_modules=encoder, decoder_module=_path(model, model.get_decoder()) or "")
         if spec.prompt is not None:
             ids = torch.tensor([spec.prompt(model) for _ in range(batch)])
         else:

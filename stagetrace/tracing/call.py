@@ -12,8 +12,9 @@ import torch
 
 from ..structure import AUDIO_ARGS, PIXEL_ARGS
 
-__all__ = ["CallSlot", "CallState", "CallInputs", "next_forward_is_prefill", "forward_input_len", "read_call_inputs",
-           "prompt_ids", "new_token_count", "uncounted_output"]
+__all__ = ["CallSlot", "CallState", "CallInputs", "InputNames", "next_forward_is_prefill", "forward_input_len",
+           "read_call_inputs", "named_inputs", "new_token_count", "uncounted_output", "DecoderPromptCheck",
+           "decoder_prompt_check"]
 
 
 @dataclass
@@ -31,6 +32,20 @@ class CallState:
     decoding: bool = False
     outer_depth: int = 0  # top-level forwards in flight (a delegating generate() runs inner ones outside them)
     inner_output_prompt_len: int | None = None  # a delegating generate() returns its inner generate()'s output
+    # an encoder–decoder's decoder sequence as generate() prepared its first and its last forward from
+    # (references, ``decoder_ids.py``): the prompt it began with (a start token, Whisper's start, language
+    # and task tokens), then the prompt and every new token but the last
+    decoder_prompt: Any = None
+    decoder_ids: Any = None
+    # an encoder–decoder: generate()'s decoding loop prepared the next top-level forward's inputs
+    # (prepare_inputs_for_generation ran since the last one); a forward it did not prepare is no
+    # prefill or decode step (Whisper's language detection), and runs with ``in_aux`` set
+    prepared: bool = False
+    in_aux: bool = False
+    # decoding loops an encoder–decoder's generate() ran: a model's own generate() may start over
+    # (Whisper's temperature fallback, long-form segments), each loop with its own encoder run and prefill
+    loops: int = 0
+    loop_prefill: bool = False  # the last preparation was a prefill's (is_first_iteration)
     # layer detail: "off" | "prefill" | "all"; with "all", layers on every N-th decode step
     # (0, N, 2N, ...). ``layers_now``: the forward in flight carries layer marks (the one
     # flag the layer wrappers read on the hot path).
@@ -128,34 +143,79 @@ def _len(x: Any) -> int:
     return int(x.shape[-1]) if isinstance(x, torch.Tensor) and x.dim() >= 1 else 0
 
 
-def prompt_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The input_ids generate() was given, however it was given them (None: none)."""
-    input_ids = kwargs.get("input_ids", kwargs.get("inputs"))  # `inputs` is generate()'s own name
-    if input_ids is None and args and isinstance(args[0], torch.Tensor):
-        input_ids = args[0]
-    return input_ids
+@dataclass(frozen=True)
+class InputNames:
+    """How a model's generate() names what it is given positionally: its first parameter (``inputs``
+    for GenerationMixin's; Whisper's and Pop2Piano's own generate() take ``input_features``, BLIP-2's
+    ``pixel_values``), and the main input ``inputs`` stands for, read as generate() reads it: the
+    model's ``main_input_name`` (input_ids, input_features, pixel_values …), or an encoder–decoder's
+    encoder's where the two differ (SpeechEncoderDecoderModel's ``inputs`` is its encoder's
+    ``input_values``)."""
+
+    first: str = "inputs"
+    main: str = "input_ids"
+
+    @classmethod
+    def of(cls, model: Any) -> "InputNames":
+        import inspect
+
+        main = getattr(model, "main_input_name", None)
+        encoder = getattr(model, "encoder", None)
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and isinstance(
+                getattr(encoder, "main_input_name", None), str):
+            main = encoder.main_input_name
+        try:
+            params = [p for p in inspect.signature(model.generate).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            params = []
+        return cls(first=params[0].name if params else "inputs", main=main if isinstance(main, str) else "input_ids")
 
 
-def read_call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], encoder_decoder: bool = False) -> CallInputs:
+def named_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], names: InputNames = InputNames()) -> dict[str, Any]:
+    """What generate() was given, each under the name the model reads it by: the first positional
+    argument under generate()'s first parameter, ``inputs`` under the model's main input name — where
+    that is ``inputs`` itself (SpeechEncoderDecoderModel's), token ids are ``input_ids`` and anything
+    else (a waveform) stays ``inputs``: features are never read as a prompt."""
+    given = dict(kwargs)
+    if args:
+        given.setdefault(names.first, args[0])
+    x = given.pop("inputs", None)
+    if x is not None:
+        main = names.main
+        if main == "inputs":
+            main = "input_ids" if isinstance(x, torch.Tensor) and not x.is_floating_point() else "inputs"
+        given.setdefault(main, x)
+    return given
+
+
+# where the batch is read, in order, where no prompt tells it
+_BATCHED = ("inputs_embeds", *PIXEL_ARGS, *AUDIO_ARGS, "inputs")
+
+
+def read_call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], encoder_decoder: bool = False,
+                     names: InputNames = InputNames()) -> CallInputs:
     """An encoder–decoder's prompt is its decoder's (``decoder_input_ids``, else the one start
-    token generate() begins the decoder with); its output holds the decoder's tokens only."""
-    input_ids = prompt_ids(args, kwargs)
-    prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    token generate() begins the decoder with); its output holds the decoder's tokens only. A call
+    given no prompt (audio or pixels alone) has a prompt of 0 tokens and its batch from those."""
+    given = named_inputs(args, kwargs, names)
+    input_ids = given.get("input_ids")
+    prompt = input_ids if input_ids is not None else given.get("inputs_embeds")
     is_2d = isinstance(prompt, torch.Tensor) and prompt.dim() >= 2
     prompt_len = input_len = int(prompt.shape[1]) if is_2d else 0
     if encoder_decoder:
-        prompt_len = _len(kwargs.get("decoder_input_ids")) or 1
+        prompt_len = _len(given.get("decoder_input_ids")) or 1
         output_prompt_len = prompt_len
     else:  # inputs_embeds only: generate() returns the new tokens only
         output_prompt_len = prompt_len if input_ids is not None else 0
     batch = prompt if isinstance(prompt, torch.Tensor) else next(
-        (v for k, v in kwargs.items() if k in PIXEL_ARGS and isinstance(v, torch.Tensor)), None)
+        (given[k] for k in _BATCHED if isinstance(given.get(k), torch.Tensor) and given[k].dim() >= 1), None)
     return CallInputs(prompt_len=prompt_len, input_len=input_len,
                       batch=int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.dim() >= 1 else 1,
-                      cache_len=_cache_len(kwargs.get("past_key_values", kwargs.get("cache"))),
+                      cache_len=_cache_len(given.get("past_key_values", given.get("cache"))),
                       output_prompt_len=output_prompt_len,
-                      has_pixels=any(isinstance(kwargs.get(k), torch.Tensor) for k in PIXEL_ARGS),
-                      audio_args=tuple(k for k in AUDIO_ARGS if isinstance(kwargs.get(k), torch.Tensor)))
+                      has_pixels=any(isinstance(given.get(k), torch.Tensor) for k in PIXEL_ARGS),
+                      audio_args=tuple(k for k in AUDIO_ARGS if isinstance(given.get(k), torch.Tensor)))
 
 
 def uncounted_output(out: Any) -> str | None:
@@ -168,6 +228,49 @@ def uncounted_output(out: Any) -> str | None:
     if seq.dim() != 2:
         return f"generate() returned sequences of shape {tuple(seq.shape)}, not (batch, tokens)"
     return None
+
+
+@dataclass(frozen=True)
+class DecoderPromptCheck:
+    """Whether an encoder–decoder's output holds the decoder prompt it began with: GenerationMixin's
+    generate() returns it, a model's own generate() may return the new tokens alone (Whisper's). Read
+    off the running decoder sequence of the last forward (``last``: the prompt, then every new token
+    but the last): the output begins with it (the prompt returned), or with its part after the prompt
+    (new tokens alone). Where neither holds (beam search returns hypotheses no running beam holds any
+    more) the prompt alone decides. Rows are matched as sets (beams and returned sequences repeat
+    them). Copies made after the call's sync where the tensors live (no second sync), read on the host
+    when the record is built."""
+
+    returned: int          # tokens per returned sequence
+    head: torch.Tensor     # each returned sequence's first len(last) tokens (fewer where it is shorter)
+    last: torch.Tensor     # the decoder sequence the last forward was prepared from
+    prompt_len: int        # the decoder prompt's length: the first len(prompt) tokens of ``last``
+
+    def new_tokens(self) -> int:
+        head, last, n = self.head.numpy(force=True), self.last.numpy(force=True), self.prompt_len
+
+        def begins(rows: Any) -> bool:  # every returned row begins with one of ``rows``
+            k = min(rows.shape[-1], head.shape[-1])
+            return k > 0 and bool((head[:, None, :k] == rows[None, :, :k]).all(-1).any(-1).all())
+
+        if begins(last):
+            return self.returned - n
+        if last.shape[-1] > n and begins(last[:, n:]):
+            return self.returned
+        return self.returned - (n if begins(last[:, :n]) else 0)
+
+
+def decoder_prompt_check(out: Any, call: CallState) -> DecoderPromptCheck | None:
+    """For an encoder–decoder's call, the check to run when its record is built; None where there is
+    nothing to check (no 2-d decoder sequence seen, an output :func:`uncounted_output` refuses, or a
+    delegating generate(), counted after its inner generate()'s prompt)."""
+    prompt, last = call.decoder_prompt, call.decoder_ids
+    if (not isinstance(prompt, torch.Tensor) or not isinstance(last, torch.Tensor) or prompt.dim() != 2
+            or last.dim() != 2 or uncounted_output(out) is not None or call.inner_output_prompt_len is not None):
+        return None
+    seq = out if isinstance(out, torch.Tensor) else out.sequences
+    return DecoderPromptCheck(int(seq.shape[-1]), seq[:, :last.shape[-1]].detach().clone(), last.detach().clone(),
+                              int(prompt.shape[-1]))
 
 
 def new_token_count(out: Any, inputs: CallInputs, call: CallState | None = None) -> int | None:

@@ -38,6 +38,7 @@ _PREFILL, _DECODE = label(Kind.PREFILL_FORWARD), label(Kind.DECODE_FORWARD)
 _VISION_BEGIN, _VISION_END = label(Kind.VISION_BEGIN), label(Kind.VISION_END)
 _LM_BEGIN, _HEAD_END = label(Kind.LM_BEGIN), label(Kind.LM_HEAD_END)
 _AUDIO_BEGIN, _AUDIO_END = label(Kind.AUDIO_BEGIN), label(Kind.AUDIO_END)
+_AUX_BEGIN, _AUX_END = label(Kind.AUX_FORWARD_BEGIN), label(Kind.AUX_FORWARD_END)
 
 
 class _Placements:
@@ -103,13 +104,17 @@ class EagerHooks:
         slot, mark = self.slot, self._mark
         out = _Placements()
         out.hook(self.model, self._on_forward(), with_kwargs=True)
+        if self._loop_prepares():  # a forward outside generate()'s loop is marked from start to end
+            out.hook(self.model, lambda m, a, o: _end_aux(slot.call, mark), post=True, always_call=True)
         if self.layout.inner_generators:
             self._inner_forwards(out)
         for _, owner, name in self.layout.vision_calls:
             out.wrap(owner, name, _marking_call(getattr(owner, name), slot, mark))
         if self.layout.prefill_encoder is not None:  # its start is the start of prefill
+            # ... of the loop's: not a run inside a forward outside it (Whisper's language detection)
             out.hook(self.layout.prefill_encoder[1],
-                     lambda m, a: mark(_LM_BEGIN) if slot.call is not None and slot.call.forwards == 0 else None)
+                     lambda m, a: mark(_LM_BEGIN) if slot.call is not None and slot.call.forwards == 0
+                     and not slot.call.in_aux else None)
         # after the prefill encoder's hook: an encoder that takes audio (Whisper's) starts prefill, then its run
         if not self.inside_compiled_forward:  # inside a hand-compiled forward they would enter the graph
             for _, owner, name in self.layout.audio_calls:
@@ -190,18 +195,37 @@ class EagerHooks:
         self._wrappers.restore()
         self.installed = False  # what was made stays, to be placed again as it is
 
+    def _loop_prepares(self) -> bool:
+        """An encoder–decoder whose generate() loop prepares each forward's inputs (``decoder_ids.py``
+        records it): a top-level forward it did not prepare is none of its steps."""
+        return bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)) and callable(
+            getattr(self.model, "prepare_inputs_for_generation", None))
+
     def _on_forward(self) -> Callable[..., None]:
-        slot, forward_mark, layers_for = self.slot, self._forward_mark, self.layers_for
+        slot, forward_mark, layers_for, mark = self.slot, self._forward_mark, self.layers_for, self._mark
+        loop_prepares = self._loop_prepares()
 
         def on_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             call = slot.call
             if call is None:
                 return
+            if loop_prepares:
+                if not call.prepared:  # run outside generate()'s loop: no prefill or decode step, no layers
+                    call.in_aux, call.in_prefill, call.layers_now = True, False, False
+                    mark(_AUX_BEGIN)
+                    return
+                call.prepared = False
             prefill = next_forward_is_prefill(call, forward_input_len(args, kwargs))
             layers_for(call.layers_now)
             forward_mark(_PREFILL if prefill else _DECODE)
 
         return on_forward
+
+
+def _end_aux(call: Any, mark: Callable[[int], None]) -> None:
+    if call is not None and call.in_aux:
+        call.in_aux = False
+        mark(_AUX_END)
 
 
 def _marking_call(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[int], None],

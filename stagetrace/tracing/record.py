@@ -22,13 +22,14 @@ from ..low_level import Marks
 from ..records import StageRecord
 from ..spans import KIND_CODE, SpanTable
 from ..stages import StageOrderError, stages_from_marks
-from .call import CallInputs, CallState
+from .call import CallInputs, CallState, DecoderPromptCheck
 from .devices import SpanPlacement
 from .features import HeldFeatures
 
-__all__ = ["FinishedCall", "build_record", "versions", "audio_runs", "audio_note"]
+__all__ = ["FinishedCall", "build_record", "versions", "audio_runs", "audio_note", "aux_forward_note"]
 
 _AUDIO_BEGIN, _AUDIO_END = int(Kind.AUDIO_BEGIN), int(Kind.AUDIO_END)
+_AUX_BEGIN, _AUX_END = int(Kind.AUX_FORWARD_BEGIN), int(Kind.AUX_FORWARD_END)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ class FinishedCall:
     after_matmul: int        # layer marks placed after their layer's last matmul
     resolve_ms: float        # host time the call spent after generate() returned (all of the above read)
     uncounted: str | None = None  # why its new tokens cannot be read off what generate() returned
+    # an encoder–decoder's: whether its output begins with the decoder prompt, read when the record is
+    # built (its new tokens then replace ``output_tokens``)
+    prompt_check: DecoderPromptCheck | None = None
+
+    def new_tokens(self) -> int | None:
+        return self.prompt_check.new_tokens() if self.prompt_check is not None else self.output_tokens
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,14 +77,16 @@ def layer_steps(spans: SpanTable) -> list[int]:
     return sorted({int(spans.index[step_rows[k]]) for k in owner[owner >= 0]})
 
 
-def audio_runs(labels: np.ndarray, t: np.ndarray) -> list[tuple[int, int]]:
+def audio_runs(labels: np.ndarray, t: np.ndarray, begin: int = _AUDIO_BEGIN,
+               end: int = _AUDIO_END) -> list[tuple[int, int]]:
     """(start, end) on clock ``t`` of each outermost run of the audio encoder (an entry that calls
-    another, e.g. the top model's ``get_audio_features`` calling its base model's, is one run)."""
+    another, e.g. the top model's ``get_audio_features`` calling its base model's, is one run); with
+    ``begin``/``end`` the runs of another pair of kinds (forwards outside generate()'s loop)."""
     kinds = kind_of(labels)
     runs: list[tuple[int, int]] = []
     depth, start = 0, 0
-    for p in np.flatnonzero((kinds == _AUDIO_BEGIN) | (kinds == _AUDIO_END)).tolist():
-        if kinds[p] == _AUDIO_BEGIN:
+    for p in np.flatnonzero((kinds == begin) | (kinds == end)).tolist():
+        if kinds[p] == begin:
             if depth == 0:
                 start = int(t[p])
             depth += 1
@@ -88,9 +97,8 @@ def audio_runs(labels: np.ndarray, t: np.ndarray) -> list[tuple[int, int]]:
     return runs
 
 
-def audio_note(runs: list[tuple[int, int]], spans: SpanTable, parts: Sequence[str]) -> str:
-    """Where the audio encoder's runs (on the spans' clock) are counted, stage by stage, measured:
-    stagetrace has no audio stage, so the record says it in words."""
+def _counted_in(runs: list[tuple[int, int]], spans: SpanTable) -> str:
+    """Where runs (on the spans' clock) are counted, stage by stage, measured."""
     counted = {"vision": 0, "prefill": 0, "decode": 0}
     total = sum(b - a for a, b in runs)
     for kind, key in (("vision", "vision"), ("prefill", "prefill"), ("step", "decode")):
@@ -98,21 +106,39 @@ def audio_note(runs: list[tuple[int, int]], spans: SpanTable, parts: Sequence[st
             s0, s1 = int(spans.start_ns[i]), int(spans.end_ns[i])
             counted[key] += sum(max(0, min(b, s1) - max(a, s0)) for a, b in runs)
     counted["other"] = total - sum(counted.values())
-    where = ", ".join(f"{k}_ms ({v / 1e6:.3f} ms)" for k, v in counted.items() if v > 0) or "no stage (0 ms)"
+    return ", ".join(f"{k}_ms ({v / 1e6:.3f} ms)" for k, v in counted.items() if v > 0) or "no stage (0 ms)"
+
+
+def audio_note(runs: list[tuple[int, int]], spans: SpanTable, parts: Sequence[str]) -> str:
+    """Where the audio encoder's runs (on the spans' clock) are counted, stage by stage, measured:
+    stagetrace has no audio stage, so the record says it in words."""
+    total = sum(b - a for a, b in runs)
     return (f"a non-vision encoder (audio: {', '.join(parts) or '?'}) ran {len(runs)} time(s) for "
-            f"{total / 1e6:.3f} ms; stagetrace has no audio stage, so that time is counted in {where}")
+            f"{total / 1e6:.3f} ms; stagetrace has no audio stage, so that time is counted in "
+            f"{_counted_in(runs, spans)}")
+
+
+def aux_forward_note(runs: list[tuple[int, int]], spans: SpanTable) -> str:
+    """Top-level forwards generate()'s decoding loop did not prepare (Whisper's language detection):
+    none is a prefill or decode step, and the record says, measured, where their time is counted."""
+    total = sum(b - a for a, b in runs)
+    return (f"{len(runs)} forward(s) of the model ran outside generate()'s decoding loop (its inputs not "
+            f"prepared by prepare_inputs_for_generation: e.g. Whisper's language detection) for "
+            f"{total / 1e6:.3f} ms; none is a prefill or decode step, so that time is counted in "
+            f"{_counted_in(runs, spans)}")
 
 
 def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | None, error: str | None,
                  keep_marks: bool, expect: dict[str, str] | None = None, uncounted: str | None = None,
-                 audio_parts: Sequence[str] = ()) -> StageRecord:
+                 audio_parts: Sequence[str] = (), loops: int = 0) -> StageRecord:
     """The record of one call: its stages, or why the call was not timed (``error``, or marks
     that were dropped or out of order), with a RuntimeWarning then. ``expect`` maps a span kind
     the call must have to what to say when it has none: said in the record's ``warnings`` and
     as a RuntimeWarning, never silently; so is ``uncounted``, why ``output_tokens`` is None. Its
     ``"audio"`` entry is what to say when audio reached the call and no audio run was marked;
     where runs of the audio encoder (``audio_parts``) were marked, the record says in which
-    stages their time is counted."""
+    stages their time is counted. ``loops``: decoding loops the call ran (an encoder–decoder's; 0
+    where not counted): each loop after the first is said, its prefill being in decode."""
     if error is None and marks.dropped:
         error = (f"{marks.dropped} marks were dropped (the event pool could not grow); "
                  "this call's stages are unknown")
@@ -147,10 +173,18 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
                 "more of it" if rec.compiled_decode else ""))
         elif unmarked_audio:
             rec.warnings.append(unmarked_audio)
+        aux = audio_runs(marks.labels, t - t[0] + int(rec.spans.start_ns[0]), _AUX_BEGIN, _AUX_END)
+        if aux:
+            rec.warnings.append(aux_forward_note(aux, rec.spans))
         steps = len(rec.decode_step_ms)
         if uncounted is not None:
             rec.warnings.append(f"{uncounted}: the tokens it generated cannot be counted from it, so output_tokens "
                                 f"is None ({steps} decode steps ran)")
+        elif loops > 1:
+            rec.warnings.append(f"generate() ran its decoding loop {loops} times (a model's own generate() starting "
+                                "over: Whisper's temperature fallback, long-form segments): each later loop's prefill "
+                                "forward, and the encoder run before it, are counted in decode, so decode_step_ms has "
+                                f"{steps} steps for the {rec.output_tokens} new tokens returned")
         elif steps and rec.output_tokens <= steps:  # each token after the first is one decode step at most
             rec.warnings.append(f"{steps} decode steps ran for {rec.output_tokens} new tokens: generate() ran forwards "
                                 "whose tokens it did not return (e.g. a stopping check deferred by a step); their "

@@ -41,10 +41,11 @@ from ..labels import Kind, label
 from ..layouts import ResolvedLayout, resolve_layout
 from ..low_level import Marks, Timeline
 from ..records import JsonlWriter, StageRecord, write_jsonl
-from .call import (CallInputs, CallSlot, CallState, new_token_count, prompt_ids, read_call_inputs,
-                   uncounted_output)
+from .call import (CallInputs, CallSlot, CallState, InputNames, decoder_prompt_check, named_inputs, new_token_count,
+                   read_call_inputs, uncounted_output)
 from .compiled import compiled_decode_refusal, hand_compiled_forwards, hand_compiled_refusal
 from .compiled_decode import CompiledDecodeMarks
+from .decoder_ids import DecoderIds
 from .devices import SpanPlacement, bind_call_streams, layer_mark_callables, model_devices, new_model_timeline
 from .eager import EagerHooks
 from .features import queue_features
@@ -155,6 +156,7 @@ class Tracer:
                                "tracer: stop it before starting a new one (nested tracing is not supported)")
         self._devices = model_devices(self.model)
         self._encoder_decoder = bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+        self._input_names = InputNames.of(self.model)  # read before generate() is shadowed: its own signature
         self._placement = SpanPlacement.of(self.layout, self._devices)
         if self._timeline is None:
             self._timeline = new_model_timeline(self._devices, self._capacity)
@@ -241,7 +243,8 @@ class Tracer:
             refusal=lambda gen_config: compiled_decode_refusal(self._devices, self.layer_detail, gen_config),
             before_step=self._before_compiled_step, calibrate=self._stamps.calibrate)
         returns = ForwardReturnMarks(model, self.layout, self._slot, mark)
-        self._parts = [self._hooks, self._stamps, decode, returns]
+        decoder_ids = DecoderIds(model, self._slot)  # wraps generate()'s input preparation after `decode` does
+        self._parts = [self._hooks, self._stamps, decode, returns, decoder_ids]
         if self.layer_marks == "matmul":  # compiled graphs made while tracing get the pass that moves stamps
             from .stamp_placement import StampPassSlot  # imports inductor: only where it is needed
 
@@ -251,6 +254,7 @@ class Tracer:
         self._shadows.set(model, "generate", self._wrap_generate(model.generate))
         decode.install()
         returns.install()
+        decoder_ids.install()
         self._hooks.install()
         if stamps_in_forward:
             self._stamps.install()  # dynamo recompiles the forward once with them
@@ -312,8 +316,9 @@ class Tracer:
     def _traced_call(self, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         tl = self._timeline
         assert tl is not None
-        inputs = read_call_inputs(args, kwargs, self._encoder_decoder)
-        pending = queue_features(kwargs, prompt_ids(args, kwargs), getattr(self.model, "config", None))
+        given = named_inputs(args, kwargs, self._input_names)  # a positional input under the model's name for it
+        inputs = read_call_inputs((), given, self._encoder_decoder)
+        pending = queue_features(given, given.get("input_ids"), getattr(self.model, "config", None))
         tl.reset()
         stream = bind_call_streams(tl, self._devices)
         stamping = self._forward_compiled and self.layer_detail == "all"
@@ -347,8 +352,11 @@ class Tracer:
                 marks, error, after_matmul = self._stamps.merge(marks, stream, (_PREFILL, _DECODE))
             else:  # generate()'s compiled decode: only the steps that ran the stamped graph
                 marks, error, after_matmul = self._stamps.merge(marks, stream, (_DECODE,), call.calibrated_steps)
+        # an encoder–decoder's output may or may not hold its decoder prompt: told by the decoder sequence
+        check = decoder_prompt_check(out, call) if self._encoder_decoder else None
         finished = FinishedCall(
             marks=marks, call=call, inputs=inputs, output_tokens=new_token_count(out, inputs, call),
+            prompt_check=check,
             uncounted=uncounted_output(out),
             call_index=self._next_call_index, sample_id=self.sample_id, unix_start=unix_start,
             unix_time=time.time(), features=pending.hold(), error=error, after_matmul=after_matmul,
@@ -381,7 +389,8 @@ class Tracer:
                 t0 = time.perf_counter_ns()
                 rec = build_record(finished.marks, self._meta(finished), self._placement, finished.error,
                                    self.keep_marks, expect=self._expectations(finished.inputs),
-                                   uncounted=finished.uncounted, audio_parts=self.layout.describe()["audio"])
+                                   uncounted=finished.uncounted, audio_parts=self.layout.describe()["audio"],
+                                   loops=finished.call.loops)
                 rec.resolve_ms = finished.resolve_ms
                 rec.build_ms = (time.perf_counter_ns() - t0) / 1e6
                 self._unbuilt.popleft()  # only once built: a failure leaves it to be built again
@@ -394,7 +403,7 @@ class Tracer:
         split = len(self._devices) > 1
         call, inputs, marks = done.call, done.inputs, done.marks
         return dict(batch_size=inputs.batch, prompt_tokens=inputs.input_len,
-                    output_tokens=done.output_tokens, call_index=done.call_index,
+                    output_tokens=done.new_tokens(), call_index=done.call_index,
                     sample_id=done.sample_id, model_class=type(self.model).__name__,
                     model_name=str(getattr(cfg, "_name_or_path", "") or ""), device=str(self._devices[0]),
                     backend=marks.backend, layout=self.layout.name, layer_detail=call.layer_detail,
