@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -34,6 +34,47 @@ def other_transformers_release() -> bool:
     from stagetrace.testing.zoo import WRITTEN_FOR
 
     return transformers.__version__ != WRITTEN_FOR
+
+
+def cached_cases(build_one: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``case(case_id)``: each case built once per session (tests of one survey share it); one that
+    cannot be built here skips its test with the reason."""
+    from stagetrace.testing.zoo import Unbuildable
+
+    @functools.lru_cache(maxsize=None)
+    def built(case_id: str) -> Any:
+        try:
+            return build_one(case_id)
+        except Unbuildable as e:
+            return e
+
+    def case(case_id: str) -> Any:
+        found = built(case_id)
+        if isinstance(found, Unbuildable):
+            pytest.skip(f"{case_id}: cannot be built here ({found.reason})")
+        return found
+
+    return case
+
+
+def zoo_case_on(model_type: str, device: str) -> Any:
+    """A zoo model and its inputs on ``device`` (skipped as :func:`zoo_case` says)."""
+    case = zoo_case(model_type)
+    case.model.to(device)
+    case.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.inputs.items()}
+    return case
+
+
+def zoo_untraced_tokens(case: Any) -> torch.Tensor:
+    """The tokens of an untraced generate(); on a transformers release the zoo was not written
+    for, a tiny model that does not run is skipped with the error, never blamed on the tracer."""
+    try:
+        return tokens(case.generate())
+    except Exception as e:  # noqa: BLE001 - only on a transformers release the zoo was not written for
+        if not other_transformers_release():
+            raise
+        pytest.skip(f"{case.model_type}: the zoo's tiny model does not run untraced on this transformers "
+                    f"({type(e).__name__}: {str(e)[:120]})")
 
 
 def zoo_case(model_type: str, **kw: Any) -> Any:

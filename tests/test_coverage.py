@@ -21,29 +21,12 @@ from stagetrace.testing.survey import survey
 from stagetrace.tracing.features import _placeholder_ids
 from stagetrace.testing.zoo import model_types
 
-from helpers import DEVICES, assert_partition, other_transformers_release, tokens, zoo_case
+from helpers import DEVICES, assert_partition, tokens, zoo_case_on, zoo_untraced_tokens
 
 TYPES = model_types()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _build(model_type: str, device: str):
-    case = zoo_case(model_type)
-    case.model.to(device)
-    case.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.inputs.items()}
-    return case
-
-
-def _untraced(case):
-    try:
-        return tokens(case.generate())
-    except Exception as e:  # noqa: BLE001 - only on a transformers release the zoo was not written for
-        if not other_transformers_release():
-            raise
-        pytest.skip(f"{case.model_type}: the zoo's tiny model does not run untraced on this transformers "
-                    f"({type(e).__name__}: {str(e)[:120]})")
 
 
 def _time_modules(model: torch.nn.Module, paths: list[str]) -> tuple[dict[str, list[list[int]]], list]:
@@ -61,8 +44,8 @@ def _time_modules(model: torch.nn.Module, paths: list[str]) -> tuple[dict[str, l
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model_type", TYPES)
 def test_every_type_is_traced_truthfully(model_type, device):
-    case = _build(model_type, device)
-    plain = _untraced(case)
+    case = zoo_case_on(model_type, device)
+    plain = zoo_untraced_tokens(case)
     vision_modules = survey(case)["vision_modules"]
     with stagetrace.trace(case.model, layer_detail="all") as tracer:
         runs, handles = _time_modules(case.model, vision_modules)

@@ -11,21 +11,19 @@ record's stages.
 What holds everywhere: the same tokens traced and untraced, an exact partition, one decode step
 per token after the first. An audio encoder has no stage: its runs are marked and the record says,
 measured, in which stages that time is counted (or, where it ran unmarked, that it is unseparated).
-What each test then asks is what the README promises; where the tracer is silently wrong today the
-test is a strict xfail whose reason says exactly how (``KNOWN``).
+What each test then asks is what the README promises; none is silently wrong today (two were,
+fixed in session 10: Seamless M4T's text encoder taken for vision, FSMT's prefill ended at the
+decoder's embedding).
 """
 from __future__ import annotations
 
-import functools
-from typing import Any
 
 import pytest
 import torch
 
-from stagetrace.testing.zoo import Unbuildable
 from stagetrace.testing.zoo_audio import build, kind_of, model_types
 
-from helpers import assert_partition, before_first_step, stage_of, tokens, traced_with_runs
+from helpers import assert_partition, cached_cases, before_first_step, stage_of, tokens, traced_with_runs
 
 TYPES = model_types()
 AUDIO = [t for t in TYPES if kind_of(t) == "audio-lm"]
@@ -34,31 +32,8 @@ TEXT = [t for t in TYPES if kind_of(t) == "text-seq2seq"]
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),  # the audio notes are RuntimeWarnings too: read here
               pytest.mark.filterwarnings("ignore:stagetrace. call .*(non-vision encoder|audio inputs):RuntimeWarning")]
 
-# ------------------------------------------------------------------------------ current truth
-# (test, type) -> why the tracer is silently wrong there today (none since session 10: Seamless M4T's
-# text encoder was taken for vision, FSMT's prefill ended at the decoder's embedding — fixed in
-# structure.probe_accessors, and these tests now hold them)
-KNOWN: dict[tuple[str, str], str] = {}
-
-
-def _cases(test: str, types: list[str]) -> list[Any]:
-    return [pytest.param(t, marks=pytest.mark.xfail(strict=True, reason=KNOWN[(test, t)]))
-            if (test, t) in KNOWN else t for t in types]
-
-
-@functools.lru_cache(maxsize=None)
-def _built(model_type: str) -> Any:
-    try:
-        return build(model_type)
-    except Unbuildable as e:
-        return e
-
-
-def _case(model_type: str) -> Any:
-    case = _built(model_type)
-    if isinstance(case, Unbuildable):
-        pytest.skip(f"{model_type}: cannot be built here ({case.reason})")
-    return case
+# ------------------------------------------------------------------------------ the cases
+_case = cached_cases(build)
 
 
 # ------------------------------------------------------------------------------ the tests
@@ -73,7 +48,7 @@ def test_the_survey_is_the_mappings():
     assert {"t5", "qwen2_audio", "voxtral"} <= set(TYPES)
 
 
-@pytest.mark.parametrize("model_type", _cases("stages", TYPES))
+@pytest.mark.parametrize("model_type", TYPES)
 def test_stages_are_exact(model_type):
     """Same tokens traced and untraced, an exact partition, one decode step per token after the
     first, no vision stage for a call that was given no image, and no warning but the audio note."""
@@ -89,7 +64,7 @@ def test_stages_are_exact(model_type):
     assert len(rec.warnings) == (case.kind == "audio-lm"), rec.warnings
 
 
-@pytest.mark.parametrize("model_type", _cases("encoder", TYPES))
+@pytest.mark.parametrize("model_type", TYPES)
 def test_encoder_time_is_where_the_record_says(model_type):
     """Text encoder–decoders: the encoder's run is the start of prefill (README: "an encoder that
     does not take the image starts prefill") and lies inside it. Audio LMs: the record says in which
@@ -117,7 +92,7 @@ def test_encoder_time_is_where_the_record_says(model_type):
     assert named == stages, f"the record counts the audio encoder in {named}, its runs lie in {stages}: {said}"
 
 
-@pytest.mark.parametrize("model_type", _cases("prefill", TYPES))
+@pytest.mark.parametrize("model_type", TYPES)
 def test_prefill_holds_the_first_decoder_forward(model_type):
     """Prefill ends at lm_head's end in the first forward: the language model's (decoder's) first run
     lies inside prefill, and its later runs are decode steps."""
@@ -139,7 +114,7 @@ def test_prefill_holds_the_first_decoder_forward(model_type):
 
 
 @pytest.mark.filterwarnings("ignore:stagetrace.*no decoder layer ran:RuntimeWarning")
-@pytest.mark.parametrize("model_type", _cases("layers", TYPES))
+@pytest.mark.parametrize("model_type", TYPES)
 def test_layer_detail_marks_decoder_layers(model_type):
     """layer_detail="all": the layers marked are the language model's (decoder's), and every decode
     step carries their spans — or the record says that no decoder layer ran under a mark."""

@@ -23,7 +23,7 @@ import torch
 import stagetrace
 from stagetrace.testing.zoo import lm_types
 
-from helpers import DEVICES, assert_partition, other_transformers_release, tokens, zoo_case
+from helpers import DEVICES, assert_partition, tokens, zoo_case_on, zoo_untraced_tokens
 
 TYPES = lm_types()
 
@@ -37,23 +37,6 @@ REFUSED = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _build(model_type: str, device: str):
-    case = zoo_case(model_type)
-    case.model.to(device)
-    case.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.inputs.items()}
-    return case
-
-
-def _untraced(case) -> torch.Tensor:
-    try:
-        return tokens(case.generate())
-    except Exception as e:  # noqa: BLE001 - only on a transformers release the zoo was not written for
-        if not other_transformers_release():
-            raise
-        pytest.skip(f"{case.model_type}: the zoo's tiny model does not run untraced on this transformers "
-                    f"({type(e).__name__}: {str(e)[:120]})")
-
-
 def _layers_in_every_forward(rec, n_layers: int) -> None:
     """Layer spans in the prefill (at least one per layer: a recurrent stack runs its layers again)
     and in every decode step."""
@@ -65,8 +48,8 @@ def _layers_in_every_forward(rec, n_layers: int) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model_type", TYPES)
 def test_every_text_only_lm_is_traced_truthfully(model_type, device, record_property):
-    case = _build(model_type, device)
-    plain = _untraced(case)
+    case = zoo_case_on(model_type, device)
+    plain = zoo_untraced_tokens(case)
     refused = REFUSED.get(model_type)
     with pytest.warns(RuntimeWarning, match=refused) if refused else contextlib.nullcontext():
         with stagetrace.trace(case.model, layer_detail="all") as tracer:

@@ -14,12 +14,12 @@ in the record's stages. Asked everywhere: the same tokens traced and untraced, a
 ``output_tokens`` the new tokens generate() really returned, one decode step per token after the
 first, ``prompt_tokens`` and ``batch_size`` what the call was given; a text encoder's run starts and
 lies in prefill; an audio encoder's run is marked and the record says, measured, where it is counted
-(or that it ran unmarked); layer detail marks the decoder's layers in every step. Where the tracer
-is silently wrong today the test is a strict xfail whose reason says exactly how (``KNOWN``).
+(or that it ran unmarked); layer detail marks the decoder's layers in every step. None is silently
+wrong today (four were, fixed in session 10: Whisper's output_tokens, audio given as ``inputs=``,
+Whisper's language detection taken for prefill, repeated decoding loops unsaid).
 """
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any
 
@@ -28,10 +28,9 @@ import torch
 
 import stagetrace
 from stagetrace.layouts import LayoutError
-from stagetrace.testing.zoo import Unbuildable
 from stagetrace.testing.zoo_s2s import build, class_name, kind_of, model_types, whisper_forced
 
-from helpers import assert_partition, before_first_step, stage_of, tokens, traced_with_runs
+from helpers import assert_partition, cached_cases, before_first_step, stage_of, tokens, traced_with_runs
 
 WHISPER_FORCED = "whisper+forced"  # Whisper's own generate() with its language and task tokens
 TYPES = model_types()
@@ -47,32 +46,9 @@ OVERRIDES = {"dia": {"lm_head": "logits_dense"}}
 # Types whose generate() returns no (batch, tokens) sequences: output_tokens None, and the record says why.
 REFUSED = {"dia": r"returned sequences of shape \(1, \d+, 9\), not \(batch, tokens\)"}
 
-# ------------------------------------------------------------------------------ current truth
-# (test, case) -> how the tracer is silently wrong there today. None since the two it was: Whisper's
-# output_tokens was 3 for the 4 tokens its own generate() returned (after its decoder prompt), with a
-# false "tokens dropped" warning; a waveform given as generate(inputs=...) was read as 16000 prompt and
-# text tokens — fixed in tracing/call.py, and these tests now hold them.
-KNOWN: dict[tuple[str, str], str] = {}
-
-
-def _cases(test: str, ids: list[str]) -> list[Any]:
-    return [pytest.param(t, marks=pytest.mark.xfail(strict=True, reason=KNOWN[(test, t)]))
-            if (test, t) in KNOWN else t for t in ids]
-
-
-@functools.lru_cache(maxsize=None)
-def _built(case_id: str) -> Any:
-    try:
-        return whisper_forced(build("whisper")) if case_id == WHISPER_FORCED else build(case_id)
-    except Unbuildable as e:
-        return e
-
-
-def _case(case_id: str) -> Any:
-    case = _built(case_id)
-    if isinstance(case, Unbuildable):
-        pytest.skip(f"{case_id}: cannot be built here ({case.reason})")
-    return case
+# ------------------------------------------------------------------------------ the cases
+_case = cached_cases(lambda case_id: whisper_forced(build("whisper")) if case_id == WHISPER_FORCED
+                      else build(case_id))
 
 
 def _type(case_id: str) -> str:
@@ -102,7 +78,7 @@ def test_the_survey_is_the_mappings():
     assert kind_of("whisper") == kind_of("speech-encoder-decoder") == kind_of("pop2piano") == "audio-seq2seq"
 
 
-@pytest.mark.parametrize("case_id", _cases("stages", CASES))
+@pytest.mark.parametrize("case_id", CASES)
 def test_stages_are_exact(case_id):
     """Same tokens traced and untraced, an exact partition, output_tokens the new tokens returned and
     one decode step per token after the first, prompt_tokens and batch_size what the call was given,
@@ -147,7 +123,7 @@ def test_an_audio_call_is_read_as_the_model_names_its_input(model_type, how):
     assert any("counted in prefill_ms" in w for w in rec.warnings), rec.warnings
 
 
-@pytest.mark.parametrize("case_id", _cases("encoder", CASES))
+@pytest.mark.parametrize("case_id", CASES)
 def test_encoder_time_is_where_the_record_says(case_id):
     """The encoder generate() runs first starts prefill and lies inside it. An audio encoder's run is
     also marked, and the record says its time is counted in prefill_ms — or, where the audio reached
@@ -174,7 +150,7 @@ def test_encoder_time_is_where_the_record_says(case_id):
     assert re.search(r"counted in prefill_ms \([\d.]+ ms\)$", said), said  # prefill alone, measured
 
 
-@pytest.mark.parametrize("case_id", _cases("prefill", CASES))
+@pytest.mark.parametrize("case_id", CASES)
 def test_prefill_holds_the_first_decoder_forward(case_id):
     """Prefill ends at lm_head's end in the first forward: the decoder's first run lies inside
     prefill, and its later runs are decode steps."""
@@ -192,7 +168,7 @@ def test_prefill_holds_the_first_decoder_forward(case_id):
     assert [stage_of(rec, a, b) for a, b in dec[1:]] == [f"step {i}" for i in range(len(dec) - 1)]
 
 
-@pytest.mark.parametrize("case_id", _cases("layers", CASES))
+@pytest.mark.parametrize("case_id", CASES)
 def test_layer_detail_marks_decoder_layers(case_id):
     """layer_detail="all": the layers marked are the decoder's, in the prefill and in every step."""
     case = _case(case_id)

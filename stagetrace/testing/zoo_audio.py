@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .zoo import SPECIAL_BASE, VOCAB, Unbuildable, ZooCase, fit_mrope, remap_tokens, set_path, shrink, special_ids
+from .zoo import _generate_kwargs as zoo_generate_kwargs
 
 __all__ = ["AudioCase", "AudioSpec", "SPECS", "build", "build_as", "model_types", "kind_of", "NEW_TOKENS"]
 
@@ -475,19 +476,13 @@ def _audio_modules(model: Any, lm: Any) -> list[str]:
 
 
 def _generate_kwargs(model: Any, new_tokens: int, spec: AudioSpec) -> dict[str, Any]:
-    cfg = model.config
-    text = cfg.get_text_config(decoder=True)
-    pad = getattr(text, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(cfg, "pad_token_id", None)
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    kw: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=0 if pad is None else pad)
-    if eos is None:
-        kw["eos_token_id"] = 2
-    kw["suppress_tokens"] = [i for i in special_ids(cfg) if i not in (kw.get("eos_token_id"), eos) and i < VOCAB]
-    if getattr(cfg, "is_encoder_decoder", False) and getattr(model.generation_config, "decoder_start_token_id",
-                                                            None) is None:
+    """The vision zoo's greedy kwargs; special ids past the capped vocabulary are not suppressed
+    (an audio model's may lie outside it), and an encoder–decoder without a start token starts
+    from its pad id."""
+    kw = zoo_generate_kwargs(model, new_tokens)
+    kw["suppress_tokens"] = [i for i in kw["suppress_tokens"] if i < VOCAB]
+    if getattr(model.config, "is_encoder_decoder", False) and getattr(model.generation_config,
+                                                                     "decoder_start_token_id", None) is None:
         kw["decoder_start_token_id"] = kw["pad_token_id"]  # what T5-style checkpoints set (their pad id)
     kw.update(spec.generate)
     return kw
