@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from stagetrace.tracing.call import (CallState, DecoderPromptCheck, InputNames, decoder_prompt_check,
-                                    new_token_count, next_forward_is_prefill, read_call_inputs, uncounted_output)
+                                    forward_input_len, new_token_count, next_forward_is_prefill, read_call_inputs, uncounted_output)
 
 
 def _state(prompt_len: int, cache_len: int = 0) -> CallState:
@@ -132,3 +132,16 @@ def test_an_encoder_decoders_output_is_counted_after_its_decoder_prompt_where_it
     assert isinstance(decoder_prompt_check(standard, whisper), DecoderPromptCheck)
     assert decoder_prompt_check(torch.ones(1, 4, 9), whisper) is None  # no (batch, tokens) output: refused elsewhere
     assert decoder_prompt_check(standard, _state(1)) is None  # no decoder sequence seen
+
+
+def test_a_forward_is_fed_the_tokens_of_its_second_dimension():
+    """input_ids of (batch, tokens, codebooks) (Kyutai's speech-to-text) feed their tokens, not
+    their codebooks: a 5-token prompt over 8 codebooks is 5 tokens, and the rule then counts a
+    second prompt forward as prefill until the 5 are fed."""
+    assert forward_input_len((), {"input_ids": torch.zeros(1, 5, 8, dtype=torch.long)}) == 5
+    assert forward_input_len((torch.zeros(2, 7, dtype=torch.long),), {}) == 7
+    assert forward_input_len((), {"inputs_embeds": torch.zeros(1, 3, 16)}) == 3
+    assert forward_input_len((), {"input_ids": torch.zeros(4, dtype=torch.long)}) == 4
+    call = CallState(prompt_len=5, fed=0, forward_compiled=False, stamping=False)
+    fed = [forward_input_len((), {"input_ids": torch.zeros(1, n, 8, dtype=torch.long)}) for n in (3, 2, 1, 1)]
+    assert [next_forward_is_prefill(call, n) for n in fed] == [True, True, False, False]

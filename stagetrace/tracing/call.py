@@ -112,7 +112,11 @@ def forward_input_len(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | No
     if x is None:
         x = kwargs.get("inputs_embeds")
         return int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
-    return int(x.shape[-1]) if isinstance(x, torch.Tensor) else None
+    if not isinstance(x, torch.Tensor):
+        return None
+    # (batch, tokens), or (batch, tokens, codebooks) where each token is several ids (Kyutai's
+    # speech-to-text): the tokens are the second dimension, never the last
+    return int(x.shape[1]) if x.dim() >= 2 else int(x.shape[-1])
 
 
 
