@@ -30,6 +30,7 @@ __all__ = ["FinishedCall", "build_record", "versions", "audio_runs", "audio_note
 
 _AUDIO_BEGIN, _AUDIO_END = int(Kind.AUDIO_BEGIN), int(Kind.AUDIO_END)
 _AUX_BEGIN, _AUX_END = int(Kind.AUX_FORWARD_BEGIN), int(Kind.AUX_FORWARD_END)
+_RUN_KINDS = (_AUDIO_BEGIN, _AUDIO_END, _AUX_BEGIN, _AUX_END)  # marked runs that are no stage: said in words
 
 
 @dataclass(frozen=True)
@@ -164,16 +165,19 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
         expect = dict(expect or {})
         unmarked_audio = expect.pop("audio", None)
         rec.warnings = [why for kind, why in expect.items() if not rec.spans.has_kind(kind)]
-        t = np.asarray(marks.device_ns, dtype=np.int64)
-        # on the spans' clock: the call's span (the first row) starts at its first mark
-        runs = audio_runs(marks.labels, t - t[0] + int(rec.spans.start_ns[0]))
+        runs: list[tuple[int, int]] = []
+        aux: list[tuple[int, int]] = []
+        if np.isin(kind_of(marks.labels), _RUN_KINDS).any():  # most calls have neither: no clock to shift
+            t = np.asarray(marks.device_ns, dtype=np.int64)
+            on_spans = t - t[0] + int(rec.spans.start_ns[0])  # the call's span (the first row) starts at its first mark
+            runs = audio_runs(marks.labels, on_spans)
+            aux = audio_runs(marks.labels, on_spans, _AUX_BEGIN, _AUX_END)
         if runs:  # a compiled decode's steps run with the hooks off: a run inside one is not marked
             rec.warnings.append(audio_note(runs, rec.spans, audio_parts) + (
                 "; the decode steps were compiled, and runs inside them are not marked, so decode_ms may hold "
                 "more of it" if rec.compiled_decode else ""))
         elif unmarked_audio:
             rec.warnings.append(unmarked_audio)
-        aux = audio_runs(marks.labels, t - t[0] + int(rec.spans.start_ns[0]), _AUX_BEGIN, _AUX_END)
         if aux:
             rec.warnings.append(aux_forward_note(aux, rec.spans))
         steps = len(rec.decode_step_ms)
