@@ -114,12 +114,17 @@ def audio_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def encoder_takes_audio(encoder: nn.Module) -> bool:
+def _forward_takes(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """Whether the module's forward names one of ``names`` as a parameter."""
     try:
-        params = inspect.signature(encoder.forward).parameters
+        params = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
-    return any(p in params for p in AUDIO_ARGS)
+    return any(p in params for p in names)
+
+
+def encoder_takes_audio(encoder: nn.Module) -> bool:
+    return _forward_takes(encoder, AUDIO_ARGS)
 
 
 def encoder_of(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -135,11 +140,7 @@ def encoder_of(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def encoder_takes_images(encoder: nn.Module) -> bool:
-    try:
-        params = inspect.signature(encoder.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return any(p in params for p in PIXEL_ARGS)
+    return _forward_takes(encoder, PIXEL_ARGS)
 
 
 def inner_generators(model: nn.Module) -> list[tuple[str, nn.Module]]:
