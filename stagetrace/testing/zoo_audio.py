@@ -69,7 +69,17 @@ def kind_of(model_type: str) -> str:
     cfg_cls = CONFIG_MAPPING[model_type]
     subs = " ".join(getattr(cfg_cls, "sub_configs", {}) or {})
     audio = any(w in subs for w in ("audio", "speech", "codec", "acoustic", "thinker"))
-    return "text-seq2seq" if getattr(cfg_cls(), "is_encoder_decoder", False) and not audio else "audio-lm"
+    return "text-seq2seq" if _is_encoder_decoder(cfg_cls, subs) and not audio else "audio-lm"
+
+
+def _is_encoder_decoder(cfg_cls: Any, subs: str) -> bool:
+    """From a default config where one can be made; a composite config that must be given its
+    parts (``encoder-decoder`` on transformers 5.17 refuses a default) is one when it is made
+    of an encoder and a decoder."""
+    try:
+        return bool(getattr(cfg_cls(), "is_encoder_decoder", False))
+    except (ValueError, TypeError):
+        return {"encoder", "decoder"} <= set(subs.split())
 
 
 # ---------------------------------------------------------------------------------------------
