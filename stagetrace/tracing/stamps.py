@@ -92,8 +92,8 @@ class LayerStamps:
             self.per_forward = sum(lab is not None for pair in labels for lab in pair)
             for (name, layer), (begin, end) in zip(self.layout.layers, labels):
                 self._wrappers.append((layer, _stamping_forward(layer.forward, op, rid, begin, end, name)))
-        for layer, forward in self._wrappers:
-            self._shadows.set(layer, "forward", forward)
+        for layer, forward in self._wrappers:  # a plain instance attribute, switched per sampled step
+            self._shadows.set(layer, "forward", forward, direct=True)
 
     def remove(self) -> None:
         self._shadows.restore()
