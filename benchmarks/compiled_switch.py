@@ -15,12 +15,19 @@ Within a call of ``layer_every`` N, each period of N steps is paired with itself
 stamped step, the first bare step after it (the switch back) and the other bare steps, each
 minus the period's last bare step — so drift between calls stays out. Beside them, per
 repetition (interleaved): a stage-level call's median step and an every-step call's median
-step against the sampled call's bare-after-bare steps. ``--profile`` adds one cProfile'd
-call of each method: host functions by own time (where a switching step's time goes).
+step against the sampled call's bare-after-bare steps. ``--profile`` adds cProfile of the
+compiled call of steps N, 2N, … of each method: host functions by own time (where the sampled
+call's stamped step spends what the same step of an every-step call does not).
+
+Each step's host time is also split: the time inside the compiled call (dynamo's guards and
+cache lookup, the graph's wrapper, CUDA-graph trees' replay) and, of that, inside the CUDA-graph
+tree manager's ``run`` (on CUDA); the rest of a step is generate()'s loop and the tracer's marks.
+So a bare step that costs more than a stage-level one says where: dynamo, the tree, or outside.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import functools
 import gc
@@ -36,6 +43,36 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import bootstrap_median_ci, environment, save, table  # noqa: E402
 from compiled import compiled_decode_kwargs  # noqa: E402
+
+
+def step_kinds(n_steps: int, layer_steps: list[int]) -> list[str]:
+    """Each decode step's kind: ``stamped``, ``first_bare`` (right after a stamped step: the
+    switch back), ``last_bare`` (right before one: its host interval holds the switch in),
+    ``bare`` (the others); step 0 is ``first`` (the hooks come off there)."""
+    stamped = set(layer_steps)
+    kinds = []
+    for k in range(n_steps):
+        kinds.append("first" if k == 0 else "stamped" if k in stamped else "first_bare" if k - 1 in stamped
+                     else "last_bare" if k + 1 in stamped else "bare")
+    return kinds
+
+
+def split_by_kind(samples: list[dict]) -> dict[str, dict[str, float]]:
+    """Median host µs per step kind: the whole step, inside the compiled call, inside the
+    CUDA-graph tree's runs (None where no tree ran); and the median number of tree runs per
+    step (more than one: the compiled call is split into several graphs)."""
+    parts: dict[str, dict[str, list[float]]] = {}
+    for s in samples:
+        kinds = step_kinds(len(s["compiled_us"]), s["layer_steps"])
+        for k, kind in enumerate(kinds):
+            d = parts.setdefault(kind, {"step": [], "compiled": [], "tree": [], "tree_runs": []})
+            if k < len(s["step_us"]):
+                d["step"].append(s["step_us"][k])
+            d["compiled"].append(s["compiled_us"][k])
+            if s["tree_runs"][k]:
+                d["tree"].append(s["tree_us"][k])
+            d["tree_runs"].append(s["tree_runs"][k])
+    return {kind: {p: (statistics.median(xs) if xs else None) for p, xs in d.items()} for kind, d in parts.items()}
 
 
 def _ci_row(xs: list[float]) -> dict[str, Any]:
@@ -60,7 +97,8 @@ def within_call(step_us: list[float], layer_steps: list[int], every: int) -> dic
     return out
 
 
-def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: int, profile: bool) -> dict[str, Any]:
+def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: int, profile: bool,
+        mark_step: bool = False, touch_layer_dicts: bool = False) -> dict[str, Any]:
     import torch
 
     import stagetrace
@@ -69,11 +107,68 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
     kw = compiled_decode_kwargs(case, cuda, new_tokens)
 
     entries_ns: list[int] = []  # host clock at each prepare_inputs_for_generation: [prefill, step 0, 1, ...]
+    compiled_ns: list[int] = []  # host time inside each call of the compiled forward (the decode steps)
+    tree_ns: list[int] = []  # of that, inside the CUDA-graph tree manager's run (CUDA only), per replay
+    trees_per_call: list[tuple[int, int]] = []  # per compiled call: (tree runs, host ns inside them)
     inner = type(model).prepare_inputs_for_generation
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)][0] if touch_layer_dicts else []
+
+    def timed_compiled_call(inner_compiled_call: Any) -> Any:
+        """The model's get_compiled_call as the traced model has it (the tracer may route stamped
+        steps to a compiled call of its own), each call it returns timed."""
+        @functools.wraps(inner_compiled_call)
+        def get_compiled_call(*args: Any, **kwargs: Any) -> Any:
+            return timed(inner_compiled_call(*args, **kwargs))
+
+        return get_compiled_call
+
+    step_profiler: list[cProfile.Profile] = []  # while set: profile the compiled call of steps every, 2·every, …
+
+    def timed(fn: Any) -> Any:
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            before = len(tree_ns)
+            k = len(compiled_ns)
+            prof = step_profiler[0] if step_profiler and k and k % every == 0 else None
+            t0 = time.perf_counter_ns()
+            if prof is not None:
+                prof.enable()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if prof is not None:
+                    prof.disable()
+                compiled_ns.append(time.perf_counter_ns() - t0)
+                trees_per_call.append((len(tree_ns) - before, sum(tree_ns[before:])))
+
+        return timed_call
+
+    tree_patch: Any = contextlib.nullcontext()
+    if cuda:
+        from torch._inductor import cudagraph_trees
+
+        # _run, not run: the compiled graph holds a partial of the manager's bound run, made at
+        # compile time; run calls self._run, looked up on the class at each call
+        tree_run = cudagraph_trees.CUDAGraphTreeManager._run
+
+        def timed_tree_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            try:
+                return tree_run(self, *args, **kwargs)
+            finally:
+                tree_ns.append(time.perf_counter_ns() - t0)
+
+        tree_patch = mock.patch.object(cudagraph_trees.CUDAGraphTreeManager, "_run", timed_tree_run)
 
     @functools.wraps(inner)
     def clocked(*args: Any, **kwargs: Any) -> Any:
         entries_ns.append(time.perf_counter_ns())
+        if mark_step and cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        if touch_layer_dicts:
+            for layer in layers:  # a new dict version, the same contents
+                d = layer.__dict__
+                d["_stagetrace_touch"] = None
+                del d["_stagetrace_touch"]
         return inner(*args, **kwargs)
 
     tracers = {"stage_level": stagetrace.trace(model, keep_marks=False),
@@ -81,19 +176,18 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
                "layers_every1": stagetrace.trace(model, layer_detail="all", keep_marks=False)}
     sampled = f"layers_every{every}"
 
-    def call(name: str, profiler: cProfile.Profile | None = None) -> dict[str, Any]:
+    def call(name: str) -> dict[str, Any]:
         tr = tracers[name]
         entries_ns.clear()
+        compiled_ns.clear()
+        tree_ns.clear()
+        trees_per_call.clear()
         gc.disable()
         try:
-            with tr:
+            with tr, mock.patch.object(model, "get_compiled_call", timed_compiled_call(model.get_compiled_call)):
                 if cuda:
                     torch.cuda.synchronize()
-                if profiler is not None:
-                    profiler.enable()
                 model.generate(**kw)
-                if profiler is not None:
-                    profiler.disable()
         finally:
             gc.enable()
         rec = tr.records[-1]
@@ -102,10 +196,12 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
         # decode step k's host time: from its prepare_inputs to the next one (the last step has no next)
         step_us = [(b - a) / 1e3 for a, b in zip(e[1:], e[2:])]
         return {"step_us": step_us, "gpu_step_us": [1e3 * x for x in rec.decode_step_ms],
+                "compiled_us": [x / 1e3 for x in compiled_ns], "tree_us": [ns / 1e3 for _, ns in trees_per_call],
+                "tree_runs": [n for n, _ in trees_per_call],
                 "layer_steps": list(rec.layer_steps or []), "error": rec.error,
                 "compiled_decode": rec.compiled_decode}
 
-    with mock.patch.object(type(model), "prepare_inputs_for_generation", clocked):
+    with mock.patch.object(type(model), "prepare_inputs_for_generation", clocked), tree_patch:
         for _ in range(warmup):
             for name in tracers:
                 call(name)
@@ -116,13 +212,15 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
             for name in names[rep % len(names):] + names[:rep % len(names)]:
                 samples[name].append(call(name))
         profiles: dict[str, str] = {}
-        if profile:
+        if profile:  # the compiled call of steps every, 2·every, … (stamped in the sampled call), 3 calls each
             for name in names:
-                prof = cProfile.Profile()
-                call(name, prof)
+                step_profiler[:] = [cProfile.Profile()]
+                for _ in range(3):
+                    call(name)
                 buf = io.StringIO()
-                pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+                pstats.Stats(step_profiler[0], stream=buf).sort_stats("tottime").print_stats(30)
                 profiles[name] = buf.getvalue()
+                step_profiler.clear()
 
     errors = [s["error"] for ss in samples.values() for s in ss if s["error"]]
     within = {"stamped": [], "first_bare": [], "later_bare": []}
@@ -150,9 +248,35 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
             "within_call_host_us": {p: _ci_row(xs) for p, xs in within.items()},
             "within_call_gpu_us": {p: _ci_row(xs) for p, xs in gpu_within.items()},
             "step_median_minus_sampled_bare_after_bare_us": across,
+            "host_split_median_us": {n: split_by_kind(ss) for n, ss in samples.items()},
+            "cudagraph_trees": _tree_facts() if cuda else None,
             "profiles": profiles,
             "samples": {n: [{"step_us": s["step_us"], "gpu_step_us": s["gpu_step_us"]} for s in ss]
                         for n, ss in samples.items()}}
+
+
+def _tree_facts() -> dict[str, Any]:
+    """How many CUDA graphs the tree holds and how often it re-recorded: more nodes than the
+    compiled graphs in use means the tree keeps paths per switch pattern."""
+    import torch
+    from torch._inductor import cudagraph_trees
+
+    try:
+        mgr = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
+    except Exception as exc:  # a private API: say so, do not fail the run
+        return {"error": repr(exc)}
+    if mgr is None:
+        return {"tree": None}
+    nodes, todo = 0, [n for ns in mgr.roots.values() for n in ns]
+    while todo:
+        node = todo.pop()
+        nodes += 1
+        todo.extend(c for cs in node.children.values() for c in cs)
+    return {"roots": sum(len(v) for v in mgr.roots.values()), "nodes": nodes,
+            "recordings": getattr(mgr, "debug_fail_counter", None),
+            "inductor": dict(torch._dynamo.utils.counters.get("inductor", {})),
+            "graph_breaks": dict(torch._dynamo.utils.counters.get("graph_break", {})),
+            "dynamo_stats": dict(torch._dynamo.utils.counters.get("stats", {}))}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -163,7 +287,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--every", type=int, default=4, help="layer_every of the sampled call (at least 3)")
     ap.add_argument("--config", default="llama_b1", choices=["llama_b1", "llava_b1"])
-    ap.add_argument("--profile", action="store_true", help="one cProfile'd call of each method")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile the compiled call of decode steps every, 2·every, … (the sampled call's stamped "
+                         "steps; the same steps of the other methods), over 3 calls of each method")
+    ap.add_argument("--mark-step", action="store_true",
+                    help="call torch.compiler.cudagraph_mark_step_begin() before every step, every method alike "
+                         "(each step then starts a new CUDA-graph tree generation)")
+    ap.add_argument("--touch-layer-dicts", action="store_true",
+                    help="before every step, every method alike, give each decoder layer's __dict__ a new version "
+                         "with the same contents (does a step pay for the layer dicts the stamp switch writes?)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.every < 3:
@@ -184,8 +316,11 @@ def main(argv: list[str] | None = None) -> dict:
     payload: dict[str, Any] = {
         "benchmark": "compiled_switch", "env": environment(), "device": "cuda" if cuda else "cpu",
         "config": args.config, "params": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": run(case, cuda, args.reps, args.warmup, args.new_tokens, args.every, args.profile)}
-    path = save("compiled_switch" if cuda else "compiled_switch-cpu-tiny", payload, args.out)
+        "results": run(case, cuda, args.reps, args.warmup, args.new_tokens, args.every, args.profile,
+                       args.mark_step, args.touch_layer_dicts)}
+    path = save(("compiled_switch" if cuda else "compiled_switch-cpu-tiny") + ("-markstep" if args.mark_step else "")
+                + ("-touch" if args.touch_layer_dicts else ""),
+                payload, args.out)
     r = payload["results"]
     print(f"{args.config}, layer_every={r['every']}, {r['reps']} reps, compiled decode {r['compiled_decode']}, "
           f"errors {len(r['errors'])}")
@@ -199,8 +334,14 @@ def main(argv: list[str] | None = None) -> dict:
     print("a call's median step minus the sampled call's bare-after-bare steps, paired per rep (µs):")
     print(table([[n, "{:+.1f} [{:+.1f}, {:+.1f}]".format(v["median"], *v["ci95"])]
                  for n, v in r["step_median_minus_sampled_bare_after_bare_us"].items()], ["method", "host"]))
+    print("host µs per step kind (median): step | inside the compiled call | inside the CUDA-graph tree | "
+          "tree runs")
+    for n, kinds in r["host_split_median_us"].items():
+        print(f"  {n}: " + "; ".join(f"{k} " + " | ".join("-" if v is None else f"{v:.0f}" for v in d.values())
+                                    for k, d in kinds.items()))
+    print("CUDA-graph trees:", r["cudagraph_trees"])
     for n, text in r["profiles"].items():
-        print(f"\n--- cProfile, one call of {n} (by own time) ---\n{text}")
+        print(f"\n--- cProfile of {n}'s compiled call at steps every, 2·every, … (by own time) ---\n{text}")
     print(f"wrote {path}")
     return payload
 
