@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from stagetrace.tracing.call import (CallState, DecoderPromptCheck, InputNames, decoder_prompt_check,
-                                    forward_input_len, new_token_count, next_forward_is_prefill, read_call_inputs, uncounted_output)
+                                    forward_input_len, new_token_count, next_forward_is_prefill, read_call_inputs,
+                                    unclosed_prefill, uncounted_output)
 
 
 def _state(prompt_len: int, cache_len: int = 0) -> CallState:
@@ -35,6 +36,28 @@ def test_a_call_continuing_from_a_returned_cache_starts_with_a_prefill_of_its_ne
 def test_once_decoding_no_forward_is_prefill_again_even_without_input_lengths():
     call = _state(6)
     assert [next_forward_is_prefill(call, n) for n in (None, None, None)] == [True, False, False]
+
+
+def test_a_call_that_never_fed_its_prompt_says_its_split_is_unknown():
+    """MusicGen's decoder keeps a longer prompt's last token only: four one-token forwards of a
+    7-token prompt all stay prefill by the rule, and the call says so instead of a decode of 0."""
+    call = _state(7)
+    assert [next_forward_is_prefill(call, n) for n in (1, 1, 1, 1)] == [True, True, True, True]
+    why = unclosed_prefill(call)
+    assert why is not None and "fed 4 of the prompt's 7 tokens" in why and "split of this call is unknown" in why
+
+
+def test_a_closed_prefill_or_a_single_forward_says_nothing():
+    for lengths, prompt in (((6, 1, 1), 6), ((4, 4, 2), 10), ((3,), 9), ((4, 4), 10)):
+        call = _state(prompt)
+        for n in lengths:
+            next_forward_is_prefill(call, n)
+        expected_open = lengths == (4, 4)  # two chunks of a 10-token prompt, and nothing more
+        assert (unclosed_prefill(call) is not None) == expected_open, (lengths, prompt)
+    call = _state(prompt_len=9, cache_len=6)  # a continued call: the cache counts as fed
+    next_forward_is_prefill(call, 3)
+    next_forward_is_prefill(call, 1)
+    assert unclosed_prefill(call) is None
 
 
 def test_inputs_are_read_from_any_way_generate_is_given_them():

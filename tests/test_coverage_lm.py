@@ -97,3 +97,21 @@ def test_the_table_is_written_from_outcomes_and_replaces_only_its_own_lines(tmp_
     readme.write_text(f"intro\n{BEGIN}\nold table\n{END}\nafter\n")
     replace_in(readme, table)
     assert readme.read_text() == f"intro\n{table.rstrip()}\nafter\n"
+
+
+def test_a_prompt_the_model_never_feeds_whole_leaves_the_split_unknown_and_says_so():
+    """MusicGen's decoder feeds only a longer prompt's last token (its prepare_inputs_for_generation
+    keeps it once a cache exists, which transformers 5 passes from the first forward on): no
+    forward ever feeds the prompt, so none can be told a decode step. The record says the split
+    is unknown rather than show a decode of 0 ms."""
+    case = zoo_case_on("musicgen", "cpu")
+    ids = case.inputs["input_ids"]
+    prompt = torch.cat([torch.full((ids.shape[0], 6), 5, dtype=ids.dtype), ids], dim=1)
+    kw = dict(case.inputs, input_ids=prompt, attention_mask=torch.ones_like(prompt))
+    with pytest.warns(RuntimeWarning, match="split of this call is unknown"):
+        with stagetrace.trace(case.model) as tracer:
+            case.model.generate(**kw, **case.generate_kwargs)
+    (rec,) = tracer.records
+    assert_partition(rec)
+    assert rec.decode_step_ms == [] and rec.prefill_ms > 0
+    assert any("fed 4 of the prompt's 7 tokens" in w for w in rec.warnings), rec.warnings

@@ -12,7 +12,8 @@ import torch
 
 from ..structure import AUDIO_ARGS, PIXEL_ARGS
 
-__all__ = ["CallSlot", "CallState", "CallInputs", "InputNames", "next_forward_is_prefill", "forward_input_len",
+__all__ = ["CallSlot", "CallState", "CallInputs", "InputNames", "next_forward_is_prefill", "unclosed_prefill",
+           "forward_input_len",
            "read_call_inputs", "named_inputs", "new_token_count", "uncounted_output", "DecoderPromptCheck",
            "decoder_prompt_check"]
 
@@ -102,6 +103,19 @@ def next_forward_is_prefill(call: CallState, n_input: int | None) -> bool:
     call.layers_now = call.layer_detail == "all" and call.decode_forwards % call.layer_every == 0
     call.decode_forwards += 1
     return False
+
+
+def unclosed_prefill(call: CallState) -> str | None:
+    """Why the call's prefill/decode split is unknown, or None: by the rule above every forward
+    stays prefill until the prompt is fed, so a call of several forwards that never fed its
+    whole prompt (MusicGen's decoder keeps only a longer prompt's last token) counted its decode
+    steps as prefill. Said in the record, never folded in silently."""
+    if call.decoding or call.forwards < 2 or call.fed >= call.prompt_len:
+        return None
+    return (f"generate()'s {call.forwards} forwards fed {call.fed} of the prompt's {call.prompt_len} tokens (the "
+            "cache's included): the model never fed its whole prompt, so no forward could be told a decode step; "
+            "every forward is counted in prefill_ms (decode steps included) and decode_step_ms is empty: the "
+            "prefill/decode split of this call is unknown")
 
 
 def forward_input_len(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:

@@ -131,7 +131,7 @@ def aux_forward_note(runs: list[tuple[int, int]], spans: SpanTable) -> str:
 
 def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | None, error: str | None,
                  keep_marks: bool, expect: dict[str, str] | None = None, uncounted: str | None = None,
-                 audio_parts: Sequence[str] = (), loops: int = 0) -> StageRecord:
+                 audio_parts: Sequence[str] = (), loops: int = 0, unclosed: str | None = None) -> StageRecord:
     """The record of one call: its stages, or why the call was not timed (``error``, or marks
     that were dropped or out of order), with a RuntimeWarning then. ``expect`` maps a span kind
     the call must have to what to say when it has none: said in the record's ``warnings`` and
@@ -139,7 +139,8 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
     ``"audio"`` entry is what to say when audio reached the call and no audio run was marked;
     where runs of the audio encoder (``audio_parts``) were marked, the record says in which
     stages their time is counted. ``loops``: decoding loops the call ran (an encoder–decoder's; 0
-    where not counted): each loop after the first is said, its prefill being in decode."""
+    where not counted): each loop after the first is said, its prefill being in decode. ``unclosed``:
+    why the prefill never ended (``call.unclosed_prefill``), said likewise."""
     if error is None and marks.dropped:
         error = (f"{marks.dropped} marks were dropped (the event pool could not grow); "
                  "this call's stages are unknown")
@@ -180,6 +181,8 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
             rec.warnings.append(unmarked_audio)
         if aux:
             rec.warnings.append(aux_forward_note(aux, rec.spans))
+        if unclosed is not None:
+            rec.warnings.append(unclosed)
         steps = len(rec.decode_step_ms)
         if uncounted is not None:
             rec.warnings.append(f"{uncounted}: the tokens it generated cannot be counted from it, so output_tokens "

@@ -42,7 +42,7 @@ from ..layouts import ResolvedLayout, resolve_layout
 from ..low_level import Marks, Timeline
 from ..records import JsonlWriter, StageRecord, write_jsonl
 from .call import (CallInputs, CallSlot, CallState, InputNames, decoder_prompt_check, named_inputs, new_token_count,
-                   read_call_inputs, uncounted_output)
+                   read_call_inputs, unclosed_prefill, uncounted_output)
 from .compiled import compiled_decode_refusal, hand_compiled_forwards, hand_compiled_refusal
 from .compiled_decode import CompiledDecodeMarks
 from .decoder_ids import DecoderIds
@@ -390,7 +390,7 @@ class Tracer:
                 rec = build_record(finished.marks, self._meta(finished), self._placement, finished.error,
                                    self.keep_marks, expect=self._expectations(finished.inputs),
                                    uncounted=finished.uncounted, audio_parts=self.layout.describe()["audio"],
-                                   loops=finished.call.loops)
+                                   loops=finished.call.loops, unclosed=unclosed_prefill(finished.call))
                 rec.resolve_ms = finished.resolve_ms
                 rec.build_ms = (time.perf_counter_ns() - t0) / 1e6
                 self._unbuilt.popleft()  # only once built: a failure leaves it to be built again
