@@ -221,7 +221,11 @@ def resolve_layout(model: nn.Module, vision: str | Sequence[str] | None = None,
         raise LayoutError(_failure_message(model, multimodal, probe, v_paths, lm_path, head_path, missing))
 
     if layers_path is None or get_module(model, layers_path) is None:
-        layers_path = _decoder_layers(model, lm_path, probe["language_model"])
+        # a delegating model generates with the inner model whose head it times (Qwen2.5-Omni's
+        # thinker): the layers that run are that model's, not a sibling's (its talker's)
+        owner = next((p for p, _ in inner if head_path.startswith(p + ".")), None)
+        layers_path = ((structure.find_layers(model, owner) if owner else None)
+                       or _decoder_layers(model, lm_path, probe["language_model"]))
     layer_list = get_module(model, layers_path) if layers_path else None
     vision_mods = [(p, get_module(model, p)) for p in v_paths]
     home = vision_mods[0][1] if vision_mods else (get_module(model, probe["vision"]) if probe["vision"] else None)
