@@ -5,7 +5,7 @@ import torch
 
 from stagetrace.tracing.call import (CallState, DecoderPromptCheck, InputNames, decoder_prompt_check,
                                     forward_input_len, new_token_count, next_forward_is_prefill, read_call_inputs,
-                                    unclosed_prefill, uncounted_output)
+                                    returned_prompt_check, unclosed_prefill, uncounted_output)
 
 
 def _state(prompt_len: int, cache_len: int = 0) -> CallState:
@@ -118,6 +118,31 @@ def test_new_tokens_are_counted_after_the_prompt_or_alone_for_inputs_embeds():
     assert new_token_count(torch.ones(1, 9), ids) == 4
     embeds = read_call_inputs((), {"inputs_embeds": torch.zeros(1, 5, 4)})
     assert new_token_count(torch.ones(1, 4), embeds) == 4
+
+
+def test_a_decoder_only_output_must_begin_with_its_prompt_to_be_counted_after_it():
+    """The output less the prompt is the new tokens only where every returned row begins with a
+    prompt row: rows are matched as sets (num_return_sequences repeats them, beams reorder them)."""
+    prompt = torch.tensor([[5, 6, 7], [0, 8, 9]])  # the second left-padded
+    inputs = read_call_inputs((), {"input_ids": prompt})
+    call = _state(3)
+    new = torch.tensor([[1, 2], [3, 4]])
+
+    def check(out):
+        return returned_prompt_check(out, prompt, inputs, call)
+
+    assert check(torch.cat([prompt, new], 1)).holds()
+    repeated = torch.cat([prompt.repeat_interleave(2, 0), torch.ones(4, 2, dtype=torch.long)], 1)
+    assert check(repeated).holds() and check(repeated.flip(0)).holds()
+    alone = check(new)  # a model's own generate() returning its new tokens alone
+    assert not alone.holds() and "do not all begin with the 3-token prompt" in alone.why_not()
+    edited = torch.cat([torch.tensor([[5, 6, 0], [0, 8, 9]]), new], 1)
+    assert not check(edited).holds()
+    # nothing to check: no 2-d ids, inputs_embeds only (the output is the new tokens), a refused output
+    assert returned_prompt_check(new, None, inputs, call) is None
+    assert returned_prompt_check(new, prompt, read_call_inputs((), {"inputs_embeds": torch.zeros(2, 3, 4)}),
+                                 call) is None
+    assert returned_prompt_check(torch.ones(1, 4, 4), prompt, inputs, call) is None
 
 
 def test_an_output_that_is_no_batch_of_token_sequences_is_not_counted():

@@ -455,6 +455,22 @@ def test_nested_tracing_of_one_model_is_a_clear_error():
             stagetrace.trace(case.model).start()
 
 
+def test_a_generate_that_returns_new_tokens_alone_is_not_counted_as_prompt_and_says_so():
+    """A model's own generate() that returns its new tokens alone would read as ``length - prompt``
+    (here 3 - 6 < 0): the output does not begin with the prompt, so output_tokens is None, said."""
+    case = tiny.build("llama")
+    original = case.model.generate
+    n_prompt = case.inputs["input_ids"].shape[1]
+    case.model.generate = lambda **k: original(**k)[:, n_prompt:]
+    with pytest.warns(RuntimeWarning, match="do not all begin with the"):
+        with stagetrace.trace(case.model) as tracer:
+            out = case.model.generate(**gen_kwargs(case, 3))
+    (rec,) = tracer.records
+    assert out.shape[1] == 3 and rec.output_tokens is None and len(rec.decode_step_ms) == 2
+    assert_partition(rec)
+    assert any(f"{n_prompt}-token prompt" in w and "output_tokens is None" in w for w in rec.warnings), rec.warnings
+
+
 def test_a_user_patched_generate_is_restored():
     case = tiny.build("llama")
     calls = []

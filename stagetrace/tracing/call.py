@@ -15,7 +15,7 @@ from ..structure import AUDIO_ARGS, PIXEL_ARGS
 __all__ = ["CallSlot", "CallState", "CallInputs", "InputNames", "next_forward_is_prefill", "unclosed_prefill",
            "forward_input_len",
            "read_call_inputs", "named_inputs", "new_token_count", "uncounted_output", "DecoderPromptCheck",
-           "decoder_prompt_check"]
+           "decoder_prompt_check", "ReturnedPromptCheck", "returned_prompt_check"]
 
 
 @dataclass
@@ -289,6 +289,42 @@ def decoder_prompt_check(out: Any, call: CallState) -> DecoderPromptCheck | None
     seq = out if isinstance(out, torch.Tensor) else out.sequences
     return DecoderPromptCheck(int(seq.shape[-1]), seq[:, :last.shape[-1]].detach().clone(), last.detach().clone(),
                               int(prompt.shape[-1]))
+
+
+@dataclass(frozen=True)
+class ReturnedPromptCheck:
+    """A decoder-only call's: the prompt generate() was given, and as many leading tokens of what it
+    returned. Its new tokens are counted as the output's length less the prompt's, which holds only
+    where every returned row begins with a prompt row (rows matched as sets: beams and
+    ``num_return_sequences`` repeat them). A model's own generate() may return something else (its
+    new tokens alone, an edited prompt): then they cannot be counted from the output, and the record
+    says so. Copies made after the call's sync where the tensors live (no second sync), compared on
+    the host when the record is built."""
+
+    head: torch.Tensor    # each returned sequence's first len(prompt) tokens (fewer where it is shorter)
+    prompt: torch.Tensor  # the prompt's ids as generate() was given them
+
+    def holds(self) -> bool:
+        head, prompt = self.head.numpy(force=True), self.prompt.numpy(force=True)
+        if head.shape[-1] < prompt.shape[-1]:
+            return False
+        return bool((head[:, None, :] == prompt[None, :, :]).all(-1).any(-1).all())
+
+    def why_not(self) -> str:
+        return (f"generate() returned sequences that do not all begin with the {self.prompt.shape[-1]}-token prompt "
+                "it was given (the model's own generate() returned its new tokens alone, or an edited prompt)")
+
+
+def returned_prompt_check(out: Any, input_ids: Any, inputs: CallInputs,
+                          call: CallState) -> ReturnedPromptCheck | None:
+    """For a decoder-only call counted as the output less its prompt, the check to run when its record
+    is built; None where nothing is counted that way (no 2-d ``input_ids``, an output
+    :func:`uncounted_output` refuses, a delegating generate() counted after its inner one's prompt)."""
+    if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or inputs.output_prompt_len == 0
+            or uncounted_output(out) is not None or call.inner_output_prompt_len is not None):
+        return None
+    seq = out if isinstance(out, torch.Tensor) else out.sequences
+    return ReturnedPromptCheck(seq[:, :input_ids.shape[-1]].detach().clone(), input_ids.detach().clone())
 
 
 def new_token_count(out: Any, inputs: CallInputs, call: CallState | None = None) -> int | None:

@@ -22,7 +22,7 @@ from ..low_level import Marks
 from ..records import StageRecord
 from ..spans import KIND_CODE, SpanTable
 from ..stages import StageOrderError, stages_from_marks
-from .call import CallInputs, CallState, DecoderPromptCheck
+from .call import CallInputs, CallState, DecoderPromptCheck, ReturnedPromptCheck
 from .devices import SpanPlacement
 from .features import HeldFeatures
 
@@ -56,9 +56,24 @@ class FinishedCall:
     # an encoder–decoder's: whether its output begins with the decoder prompt, read when the record is
     # built (its new tokens then replace ``output_tokens``)
     prompt_check: DecoderPromptCheck | None = None
+    # a decoder-only call's: whether what it returned begins with its prompt (else its new tokens
+    # cannot be counted from it, and ``uncounted_reason`` says why)
+    returned_check: ReturnedPromptCheck | None = None
+
+    @functools.cached_property
+    def _returned_prompt(self) -> bool:
+        return self.returned_check is None or self.returned_check.holds()
 
     def new_tokens(self) -> int | None:
+        if not self._returned_prompt:
+            return None
         return self.prompt_check.new_tokens() if self.prompt_check is not None else self.output_tokens
+
+    def uncounted_reason(self) -> str | None:
+        if self.uncounted is None and not self._returned_prompt:
+            assert self.returned_check is not None
+            return self.returned_check.why_not()
+        return self.uncounted
 
 
 @functools.lru_cache(maxsize=1)

@@ -42,7 +42,7 @@ from ..layouts import ResolvedLayout, resolve_layout
 from ..low_level import Marks, Timeline
 from ..records import JsonlWriter, StageRecord, write_jsonl
 from .call import (CallInputs, CallSlot, CallState, InputNames, decoder_prompt_check, named_inputs, new_token_count,
-                   read_call_inputs, unclosed_prefill, uncounted_output)
+                   read_call_inputs, returned_prompt_check, unclosed_prefill, uncounted_output)
 from .compiled import compiled_decode_refusal, hand_compiled_forwards, hand_compiled_refusal
 from .compiled_decode import CompiledDecodeMarks
 from .decoder_ids import DecoderIds
@@ -354,9 +354,10 @@ class Tracer:
                 marks, error, after_matmul = self._stamps.merge(marks, stream, (_DECODE,), call.calibrated_steps)
         # an encoder–decoder's output may or may not hold its decoder prompt: told by the decoder sequence
         check = decoder_prompt_check(out, call) if self._encoder_decoder else None
+        returned = None if self._encoder_decoder else returned_prompt_check(out, given.get("input_ids"), inputs, call)
         finished = FinishedCall(
             marks=marks, call=call, inputs=inputs, output_tokens=new_token_count(out, inputs, call),
-            prompt_check=check,
+            prompt_check=check, returned_check=returned,
             uncounted=uncounted_output(out),
             call_index=self._next_call_index, sample_id=self.sample_id, unix_start=unix_start,
             unix_time=time.time(), features=pending.hold(), error=error, after_matmul=after_matmul,
@@ -389,7 +390,7 @@ class Tracer:
                 t0 = time.perf_counter_ns()
                 rec = build_record(finished.marks, self._meta(finished), self._placement, finished.error,
                                    self.keep_marks, expect=self._expectations(finished.inputs),
-                                   uncounted=finished.uncounted, audio_parts=self.layout.describe()["audio"],
+                                   uncounted=finished.uncounted_reason(), audio_parts=self.layout.describe()["audio"],
                                    loops=finished.call.loops, unclosed=unclosed_prefill(finished.call))
                 rec.resolve_ms = finished.resolve_ms
                 rec.build_ms = (time.perf_counter_ns() - t0) / 1e6
