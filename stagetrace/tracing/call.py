@@ -13,9 +13,8 @@ import torch
 from ..structure import AUDIO_ARGS, PIXEL_ARGS
 
 __all__ = ["CallSlot", "CallState", "CallInputs", "InputNames", "next_forward_is_prefill", "unclosed_prefill",
-           "forward_input_len",
-           "read_call_inputs", "named_inputs", "new_token_count", "uncounted_output", "DecoderPromptCheck",
-           "decoder_prompt_check", "ReturnedPromptCheck", "returned_prompt_check"]
+           "forward_input_len", "read_call_inputs", "named_inputs", "new_token_count", "uncounted_output",
+           "DecoderPromptCheck", "decoder_prompt_check", "ReturnedPromptCheck", "returned_prompt_check"]
 
 
 @dataclass
