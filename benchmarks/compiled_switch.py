@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--touch-layer-dicts", action="store_true",
                     help="before every step, every method alike, give each decoder layer's __dict__ a new version "
                          "with the same contents (does a step pay for the layer dicts the stamp switch writes?)")
+    ap.add_argument("--dynamo-config", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._dynamo.config.KEY (a probe: e.g. skip_tensor_guards_with_matching_dict_tags=0)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.every < 3:
@@ -306,6 +308,10 @@ def main(argv: list[str] | None = None) -> dict:
     import models
     from stagetrace.testing import tiny
 
+    for item in args.dynamo_config:
+        key, _, value = item.partition("=")
+        current = getattr(torch._dynamo.config, key)  # an unknown key fails here, by name
+        setattr(torch._dynamo.config, key, type(current)(int(value)) if isinstance(current, bool) else type(current)(value))
     cuda = torch.cuda.is_available() and not args.cpu_tiny
     family = args.config.split("_b")[0]
     if cuda:
@@ -319,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
         "results": run(case, cuda, args.reps, args.warmup, args.new_tokens, args.every, args.profile,
                        args.mark_step, args.touch_layer_dicts)}
     path = save(("compiled_switch" if cuda else "compiled_switch-cpu-tiny") + ("-markstep" if args.mark_step else "")
-                + ("-touch" if args.touch_layer_dicts else ""),
+                + ("-touch" if args.touch_layer_dicts else "")
+                + "".join(f"-{item.partition('=')[0]}" for item in args.dynamo_config),
                 payload, args.out)
     r = payload["results"]
     print(f"{args.config}, layer_every={r['every']}, {r['reps']} reps, compiled decode {r['compiled_decode']}, "
