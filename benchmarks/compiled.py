@@ -25,6 +25,9 @@ decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetit
                       stagetrace - host_clock is what the events add, host_clock - plain the Python
   stagetrace_no_lead  stage level without the FORWARD_RETURN mark (a probe, not an option: what
                       the lead's one mark per step costs)
+  stagetrace_prepare_mark  stage level with every step marked where generate() prepares its inputs,
+                      after the stop check's sync (the placement before session 12; a probe): the
+                      default marks a step where the step before it issued its stopping criteria
 Wall overhead is paired per repetition; beside it, stage level's direct in-context cost
 (``--direct-calls``: every native mark timed around itself, per kind) and with what the call
 does after generate() returns (``resolve_ms``); the GPU-side cost of the stamps is also read off
@@ -136,7 +139,7 @@ def stamp_cost(cuda: bool, n: int, replays: int) -> dict[str, Any]:
 
 
 METHODS = ("plain", "stagetrace", "stagetrace_lead_every1", "stagetrace_layers", "stagetrace_layers_shared",
-           "stagetrace_layers_matmul", "stagetrace_layers_every8", "host_clock", "stagetrace_no_lead", "plain_again")
+           "stagetrace_layers_matmul", "stagetrace_layers_every8", "host_clock", "stagetrace_no_lead", "stagetrace_prepare_mark", "plain_again")
 
 
 def layer_stack_us(rec: Any) -> list[float]:
@@ -168,17 +171,31 @@ def direct_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int) -> dict[
     from stagetrace.labels import Kind, kind_of
     from stagetrace.low_level import new_timeline
 
-    per_call, by_kind = [], {}
+    per_call, waited_per_call, by_kind, step_leads_us = [], [], {}, []
     for i in range(calls + 1):
         tl = TimedTimeline(new_timeline("cuda" if cuda else "cpu", capacity=1 << 12))
-        with stagetrace.trace(model, timeline=tl, keep_marks=False):
+        with stagetrace.trace(model, timeline=tl) as tracer:
             model.generate(**kw)
         if i == 0:
             continue
         per_call.append(sum(tl.cost_ns) / 1e3)
-        for lab, ns in zip(kind_of(np.asarray(tl.labels)).tolist(), tl.cost_ns):
+        kinds = kind_of(np.asarray(tl.labels)).tolist()
+        for lab, ns in zip(kinds, tl.cost_ns):
             by_kind.setdefault(Kind(lab).name, []).append(ns / 1e3)
+        # Which step marks the call waited for: a mark issued while the GPU still had more queued
+        # work than the mark's own cost (its lead: GPU time less issue time on the call's aligned
+        # clock) cost the call nothing; the others' cost is on its critical path.
+        marks = tracer.records[-1].marks
+        steps = kind_of(marks.labels) == Kind.DECODE_FORWARD
+        leads_us = ((marks.device_ns - (marks.host_ns - marks.host_ns[0]))[steps] / 1e3).tolist()
+        step_leads_us += leads_us
+        step_costs_us = [ns / 1e3 for lab, ns in zip(kinds, tl.cost_ns) if lab == Kind.DECODE_FORWARD]
+        hidden_us = sum(c for c, lead in zip(step_costs_us, leads_us) if lead > c + 20.0)  # 20 µs: launch latency
+        waited_per_call.append(sum(tl.cost_ns) / 1e3 - hidden_us)
     return {"calls": calls, "us_per_call": statistics.median(per_call),
+            "us_per_call_waited_for": statistics.median(waited_per_call),
+            "step_mark_lead_median_us": statistics.median(step_leads_us) if step_leads_us else None,
+            "step_mark_lead_p10_us": quantile(step_leads_us, 0.1) if step_leads_us else None,
             "by_kind_median_us": {k: statistics.median(v) for k, v in sorted(by_kind.items())},
             "by_kind_per_call": {k: len(v) / calls for k, v in sorted(by_kind.items())}}
 
@@ -211,12 +228,13 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
         return timed_ms(fn, cuda)
 
     from stagetrace.testing.reference import HostClockTimeline
-    from stagetrace.tracing import forward_return
+    from stagetrace.tracing import compiled_decode, forward_return
 
     tracers = {"stagetrace": stagetrace.trace(model, keep_marks=False),
                "stagetrace_lead_every1": stagetrace.trace(model, keep_marks=False, lead_every=1),
                "host_clock": stagetrace.trace(model, keep_marks=False, timeline=HostClockTimeline()),
                "stagetrace_no_lead": stagetrace.trace(model, keep_marks=False),
+               "stagetrace_prepare_mark": stagetrace.trace(model, keep_marks=False),
                "stagetrace_layers": stagetrace.trace(model, layer_detail="all", keep_marks=False),
                "stagetrace_layers_shared": stagetrace.trace(model, layer_detail="all", layer_marks="shared",
                                                             keep_marks=False),
@@ -262,6 +280,9 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             with contextlib.ExitStack() as stack:
                 if m == "stagetrace_no_lead":  # the probe: the lead's mark never installed
                     stack.enter_context(mock.patch.object(forward_return.ForwardReturnMarks, "install",
+                                                          lambda self: None))
+                if m == "stagetrace_prepare_mark":  # the probe: no step is marked at the stop check
+                    stack.enter_context(mock.patch.object(compiled_decode.CompiledDecodeMarks, "_after_stop_check",
                                                           lambda self: None))
                 stack.enter_context(tr)
                 res = {}
@@ -331,6 +352,8 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             # the call does after generate() returned
             row["direct"] = direct
             row["direct_pct"] = 100 * direct["us_per_call"] / 1e3 / base
+            # less the step marks issued while the GPU still ran the step before (not waited for)
+            row["direct_waited_pct"] = 100 * direct["us_per_call_waited_for"] / 1e3 / base
             row["accounted_pct"] = row["direct_pct"] + row["resolve_pct"]
         summary[m] = row
     layers = len(getattr(tracers["stagetrace"].layout, "layers"))

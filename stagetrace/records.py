@@ -79,6 +79,10 @@ class StageRecord:
     # prefill and on every N-th decode step: decode_step_lead_us is None on the others
     lead_every: int = 1
     compiled_decode: bool = False  # generate() compiled the decode step; steps were marked outside the graph
+    # compiled decode: the steps whose start was marked where the step before them (or the prefill)
+    # had its stopping criteria issued, before generate() waited for the GPU; the others start at
+    # their input preparation (compiled) or their forward (eager). See docs: how a step is bounded
+    decode_steps_from_stop_check: int = 0
     stream: int = 0          # handle of the stream the call's marks were recorded on
     devices: list[str] = field(default_factory=list)  # every GPU of a model split over several, `device` first
     device_streams: list[int] = field(default_factory=list)  # the stream marked on each of `devices`
@@ -223,7 +227,7 @@ _FIELD_KINDS: dict[str, str] = {
     **dict.fromkeys(("unix_start", "unix_time", "resolve_ms", "build_ms"), "number"),
     **dict.fromkeys(("batch_size", "prompt_tokens", "call_index", "stream", "rank",
                      "host_start_ns", "n_marks", "schema", "layer_every", "lead_every",
-                     "layer_marks_after_matmul"), "int"),
+                     "layer_marks_after_matmul", "decode_steps_from_stop_check"), "int"),
     **dict.fromkeys(("model_class", "model_name", "device", "backend", "layout", "layer_detail", "layer_marks"),
                     "str"),
     **dict.fromkeys(("sample_id", "error"), "str?"),

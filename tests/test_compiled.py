@@ -3,6 +3,7 @@ by hand, traced without graph breaks or recompiles, or refused with the reason."
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -264,3 +265,151 @@ def test_a_forward_compiled_by_hand_is_refused_where_it_cannot_be_timed(case_nam
     assert "generate" not in case.model.__dict__ and "forward" in case.model.__dict__
 
 
+
+
+# ---------------------------------------------------------------- where a compiled step's mark goes
+
+def test_a_compiled_step_begins_where_the_step_before_it_issued_its_stopping_criteria(monkeypatch):
+    """Greedy compiled decode: each step's mark is taken right after the stopping criteria of
+    the step before it (or of the prefill) are issued — before generate() reads whether to go
+    on, which waits for the GPU — and before that step's input preparation. The call's last stop
+    check begins no step: its mark is dropped, so there is one mark per step and the partition
+    holds; the record counts the steps that began there. Eager decode is unchanged."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    import time
+
+    stop_ns: list[int] = []
+    prepare_ns: list[int] = []
+
+    class Clock(StoppingCriteria):  # a user's own criterion: issued before the mark that follows the list
+        def __call__(self, input_ids, scores, **kwargs):
+            stop_ns.append(time.monotonic_ns())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    case = tiny.build("llava")
+    cls = type(case.model)
+    prepare = cls.prepare_inputs_for_generation
+    @functools.wraps(prepare)  # generate() reads this signature
+    def timed_prepare(self, *args, **kwargs):
+        prepare_ns.append(time.monotonic_ns())
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "prepare_inputs_for_generation", timed_prepare)
+    kw = gen_kwargs(case, 6, **static_compiled(case), stopping_criteria=StoppingCriteriaList([Clock()]))
+    plain = tokens(case.model.generate(**kw))
+    before = hook_state(case.model)
+    with stagetrace.trace(case.model) as tracer:
+        stop_ns.clear(), prepare_ns.clear()
+        assert torch.equal(tokens(case.model.generate(**kw)), plain)
+        compiled_stop, compiled_prepare = list(stop_ns), list(prepare_ns)
+        assert torch.equal(tokens(case.model.generate(**kw, disable_compile=True)), plain)
+    assert hook_state(case.model) == before
+    compiled, eager = tracer.records
+    for rec in tracer.records:
+        assert_partition(rec)
+        assert not rec.error and not rec.warnings and len(rec.decode_step_ms) == 5
+        assert int((kind_of(rec.marks.labels) == Kind.DECODE_FORWARD).sum()) == 5
+    assert compiled.compiled_decode and compiled.decode_steps_from_stop_check == 5
+    assert not eager.compiled_decode and eager.decode_steps_from_stop_check == 0
+    assert len(compiled_stop) == 6 and len(compiled_prepare) == 6  # the prefill's and each step's
+    step_marks = compiled.marks.host_ns[kind_of(compiled.marks.labels) == Kind.DECODE_FORWARD]
+    for k, t in enumerate(step_marks):  # between the stop check before step k and step k's preparation
+        assert compiled_stop[k] < t < compiled_prepare[k + 1], k
+    assert compiled.to_dict()["decode_steps_from_stop_check"] == 5
+
+
+def test_beam_search_takes_no_stop_check_marks():
+    """Beam search reorders its beams after the stopping criteria, so a mark there would not be
+    the next step's start: transformers decodes beams eagerly even with a static cache (its
+    steps are marked at their forwards), and were it to compile them the call's
+    ``stop_check_marks`` would be off (the unit test below). No stop-check mark is left."""
+    case = tiny.build("llama")
+    kw = gen_kwargs(case, 5, **static_compiled(case), num_beams=2)
+    plain = tokens(case.model.generate(**kw))
+    with stagetrace.trace(case.model) as tracer:
+        assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert rec.decode_steps_from_stop_check == 0 and not rec.error
+    assert int((kind_of(rec.marks.labels) == Kind.DECODE_FORWARD).sum()) == len(rec.decode_step_ms) == 4
+
+
+class _Loop:
+    """A decoding loop driven by hand: a model with generate()'s two methods the marks wrap."""
+
+    def __init__(self):
+        from stagetrace.low_level import PyHostTimeline
+        from stagetrace.tracing.call import CallSlot, CallState
+        from stagetrace.tracing.compiled_decode import CompiledDecodeMarks
+        from transformers import StoppingCriteriaList
+
+        class Model(nn.Module):
+            def prepare_inputs_for_generation(self, *args, **kwargs):
+                return {}
+
+            def _get_stopping_criteria(self, *args, **kwargs):
+                return StoppingCriteriaList()
+
+        self.model, self.tl, self.slot = Model(), PyHostTimeline(), CallSlot()
+        self.marks = CompiledDecodeMarks(self.model, self.slot, self.tl.mark, refusal=lambda cfg: None,
+                                         stamps_layers=False, before_step=lambda stamped: None,
+                                         calibrate=lambda lab: None, marks_so_far=self.tl.__len__)
+        self.marks.install()
+        self.call = self.slot.call = CallState(prompt_len=3, fed=3, forward_compiled=False, stamping=False,
+                                               forwards=1, compiled_decode=True, stop_check_marks=True)
+        self.stops = self.model._get_stopping_criteria()
+
+    def check(self):
+        self.stops(torch.zeros(1, 4, dtype=torch.long), None)
+
+    def step(self):
+        self.model.prepare_inputs_for_generation()
+
+    def kinds(self):
+        from stagetrace.labels import kind_of
+        return [Kind(int(k)).name for k in kind_of(self.tl.resolve()[0])]
+
+
+def test_a_stop_check_mark_begins_a_step_only_as_the_one_mark_right_before_it():
+    loop = _Loop()
+    loop.check(), loop.step()                  # used: one check, nothing marked after it
+    loop.check(), loop.check(), loop.step()    # two checks (a loop that checks twice): both stale, marked at the step
+    loop.check(), loop.tl.mark(int(Kind.FORWARD_RETURN)), loop.step()  # something marked after it: stale
+    loop.check()                               # the last check: no step follows
+    c = loop.call
+    assert c.steps_from_stop_check == 1 and c.decode_forwards == 3
+    assert loop.kinds() == ["DECODE_FORWARD", "DECODE_FORWARD", "DECODE_FORWARD", "DECODE_FORWARD",
+                            "DECODE_FORWARD", "FORWARD_RETURN", "DECODE_FORWARD", "DECODE_FORWARD"]
+    assert c.unused_marks() == [1, 2, 4, 7]
+    loop.marks.remove()
+    assert "_get_stopping_criteria" not in loop.model.__dict__
+
+
+@pytest.mark.parametrize("change", ["eager", "beams", "stamped", "prefill"])
+def test_a_stop_check_takes_no_mark_where_no_compiled_step_may_follow_it(change):
+    loop = _Loop()
+    c = loop.call
+    if change == "eager":
+        c.compiled_decode = False
+    elif change == "beams":
+        c.stop_check_marks = False
+    elif change == "stamped":  # the next step runs the stamped graph: its mark goes beside its calibration
+        c.stamping, c.layer_every = True, 2
+    else:
+        c.fed = 1  # the prompt is not fed yet
+    loop.check()
+    assert len(loop.tl) == 0 and c.early_step_mark == -1
+
+
+def test_the_criteria_generate_gets_keep_their_type_and_contents():
+    from transformers import MaxLengthCriteria, StoppingCriteriaList
+    from stagetrace.tracing.compiled_decode import _with_mark_after
+
+    called = []
+    given = StoppingCriteriaList([MaxLengthCriteria(max_length=5)])
+    wrapped = _with_mark_after(given, lambda: called.append(1))
+    assert isinstance(wrapped, StoppingCriteriaList) and list(wrapped) == list(given) and wrapped.max_length == 5
+    done = wrapped(torch.zeros(2, 5, dtype=torch.long), None)
+    assert done.tolist() == [True, True] and called == [1]
+    other = object()
+    assert _with_mark_after(other, lambda: None) is other

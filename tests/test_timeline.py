@@ -158,3 +158,14 @@ def test_host_timelines_implement_the_whole_protocol_with_no_op_streams_and_cloc
     assert tl.device_streams == [] and tl.dropped == 0 and tl.backend == "cpu"
     tl.mark(1)
     assert len(tl) == 1
+
+
+def test_marks_without_drops_rows_but_never_the_calls_origin():
+    labels = np.array([1, 6, 6, 2], dtype=np.int32)
+    m = Marks(labels, np.array([0, 5, 9, 12]), np.array([100, 104, 108, 111]), np.array([7, 7, 7, 7]), "cpu", 0,
+              np.array([False, True, False, False]))
+    kept = m.without([2, 0, 9])  # the first mark and positions past the end are ignored
+    assert kept.labels.tolist() == [1, 6, 2] and kept.device_ns.tolist() == [0, 5, 12]
+    assert kept.host_ns.tolist() == [100, 104, 111] and kept.streams.tolist() == [7, 7, 7]
+    assert kept.from_stamp.tolist() == [False, True, False] and kept.backend == "cpu"
+    assert m.without([]) is m and m.without([0]) is m

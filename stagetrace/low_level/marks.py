@@ -42,3 +42,15 @@ class Marks:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def without(self, positions: list[int]) -> "Marks":
+        """These marks less those at ``positions`` (marks that turned out to bound nothing). The
+        first mark is the call's origin (``device_ns`` is relative to it) and is never dropped;
+        positions past the end (marks the pool dropped) are ignored."""
+        drop = np.asarray([p for p in positions if 0 < p < len(self)], dtype=np.int64)
+        if not len(drop):
+            return self
+        keep = np.ones(len(self), dtype=bool)
+        keep[drop] = False
+        return Marks(self.labels[keep], self.device_ns[keep], self.host_ns[keep], self.streams[keep], self.backend,
+                     self.dropped, None if self.from_stamp is None else self.from_stamp[keep])

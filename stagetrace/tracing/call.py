@@ -63,6 +63,22 @@ class CallState:
     # steps whose event has a calibration stamp (only those that ran the stamped graph)
     stamped_graph: bool = False
     calibrated_steps: list[int] = field(default_factory=list)
+    # generate()'s compiled decode, greedy or sampled (one sequence per row, no assistant): the
+    # next step's mark is taken where the step before it had its stopping criteria issued,
+    # before generate() waits for the GPU to read whether to go on (``compiled_decode.py``).
+    # ``early_step_mark``: the position of that mark while its step has not begun (-1: none);
+    # ``early_marks``: such marks since the last step began; ``stale_marks``: the positions of
+    # those no step followed (the last stop check of a call; any but the one right before a
+    # step), dropped before the stage math; ``steps_from_stop_check``: steps that began there.
+    stop_check_marks: bool = False
+    early_step_mark: int = -1
+    early_marks: int = 0
+    stale_marks: list[int] = field(default_factory=list)
+    steps_from_stop_check: int = 0
+
+    def unused_marks(self) -> list[int]:
+        """Positions of the call's marks that begin no step (taken at a stop check no step followed)."""
+        return self.stale_marks + ([self.early_step_mark] if self.early_step_mark >= 0 else [])
 
     @property
     def compiled(self) -> bool:

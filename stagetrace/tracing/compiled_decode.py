@@ -5,8 +5,22 @@ device qualifies); that decision is ``_valid_auto_compile_criteria``, shadowed h
 the traced model only, so the call learns it once. Module hooks inside a compiled region
 would be traced by dynamo (marks that never fire, a recompile per call), so for such a
 call the coordinator takes the module hooks off before the first decode step
-(``before_step``), and each step is marked in ``prepare_inputs_for_generation``, which
-runs in the generate loop outside the graph.
+(``before_step``), and each step is marked outside the graph, in the generate loop (where: below).
+
+Where a step's mark goes. generate() ends every step by issuing its stopping criteria, then
+reads on the host whether to go on: a sync, after which the GPU waits, idle, for the host to
+prepare the next step. A mark taken in ``prepare_inputs_for_generation`` sits in that idle
+wait, so its host cost (10–11 µs in context, measured) is added to the call. For greedy and
+sampled decoding the next step's mark is taken instead right where the stopping criteria
+return: the same place in the stream up to the few small kernels generate() issues after them
+(the stop flag), but issued while the GPU still runs the step, off the call's critical path.
+The step then begins when the step before it finished its work on the GPU, the host's idle
+wait included, rather than partway into that wait. Each such mark is provisional until the
+step's input preparation: it is that step's start only if it is the one stop-check mark
+since the last step began and nothing was marked after it; every other one (the call's last
+stop check, a loop that checks twice) begins no step and is dropped before the stage math
+(``CallState.unused_marks``). A step that carries layer stamps keeps its mark at the input
+preparation, beside its calibration stamp.
 """
 from __future__ import annotations
 
@@ -40,8 +54,8 @@ class CompiledDecodeMarks:
 
     def __init__(self, model: nn.Module, slot: CallSlot, mark: Callable[[int], None],
                  refusal: Callable[[Any], str | None], stamps_layers: bool, before_step: Callable[[bool], None],
-                 calibrate: Callable[[int], None]):
-        self.model, self.slot, self._mark = model, slot, mark
+                 calibrate: Callable[[int], None], marks_so_far: Callable[[], int]):
+        self.model, self.slot, self._mark, self._marks_so_far = model, slot, mark, marks_so_far
         self._refusal, self._stamps_layers = refusal, stamps_layers
         self._before_step, self._calibrate = before_step, calibrate
         self._shadows = Shadows()
@@ -53,6 +67,9 @@ class CompiledDecodeMarks:
         prepare = getattr(self.model, "prepare_inputs_for_generation", None)
         if callable(prepare):
             self._shadows.set(self.model, "prepare_inputs_for_generation", self._step_marks(prepare))
+        stops = getattr(self.model, "_get_stopping_criteria", None)
+        if callable(stops):
+            self._shadows.set(self.model, "_get_stopping_criteria", self._marking_stops(stops))
 
     def remove(self) -> None:
         self._shadows.restore()
@@ -72,12 +89,15 @@ class CompiledDecodeMarks:
                 call.compiled_decode = True  # decided once per call
                 call.stamping = self._stamps_layers
                 call.lead_every = call.compiled_lead_every
+                # greedy or sampled: nothing but the stop flag is issued between a step's stopping
+                # criteria and the next step's inputs (beam search reorders its beams after them)
+                call.stop_check_marks = getattr(gen_config, "num_beams", 1) in (1, None)
             return compiles
 
         return guarded
 
     def _step_marks(self, inner: Callable[..., Any]) -> Callable[..., Any]:
-        slot, mark = self.slot, self._mark
+        slot, mark, marks_so_far = self.slot, self._mark, self._marks_so_far
 
         @functools.wraps(inner)  # generate() inspects this signature (e.g. for inputs_embeds)
         def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
@@ -95,10 +115,63 @@ class CompiledDecodeMarks:
                 c.decoding = True
                 c.forwards += 1
                 c.decode_forwards += 1
-                mark(_DECODE)
+                early = c.early_step_mark
+                if early >= 0 and c.early_marks == 1 and early == marks_so_far() - 1:
+                    c.steps_from_stop_check += 1  # this step began where the last one's stopping criteria returned
+                else:
+                    if early >= 0:
+                        c.stale_marks.append(early)
+                    mark(_DECODE)
+                c.early_step_mark, c.early_marks = -1, 0
                 if stamped:  # calibration: the step's event and the stamps' clock, side by side
                     self._calibrate(_DECODE)
                     c.calibrated_steps.append(c.decode_forwards - 1)
             return inner(*args, **kwargs)
 
         return prepare_inputs_for_generation
+
+    def _marking_stops(self, inner: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(inner)
+        def _get_stopping_criteria(*args: Any, **kwargs: Any) -> Any:
+            criteria = inner(*args, **kwargs)
+            return _with_mark_after(criteria, self._after_stop_check)
+
+        return _get_stopping_criteria
+
+    def _after_stop_check(self) -> None:
+        """The stopping criteria of a step (or of the prefill) were issued: the next step's mark,
+        provisionally, while the GPU still runs this one (see the module's docstring)."""
+        c = self.slot.call
+        if c is None or not c.compiled_decode or not c.stop_check_marks or c.forwards == 0 or c.fed < c.prompt_len:
+            return
+        if c.stamping and c.decode_forwards % c.layer_every == 0:
+            return  # the next step runs the stamped graph: its mark stays beside its calibration stamp
+        if c.early_step_mark >= 0:
+            c.stale_marks.append(c.early_step_mark)
+        c.early_step_mark = self._marks_so_far()
+        c.early_marks += 1
+        self._mark(_DECODE)
+
+
+_MARKING_TYPES: dict[type, type] = {}
+
+
+def _with_mark_after(criteria: Any, after: Callable[[], None]) -> Any:
+    """``criteria`` (a StoppingCriteriaList, a list subclass generate() calls once per step) as an
+    instance of a subclass of its own type that calls ``after`` once they have been issued.
+    Anything else comes back as it is: its steps are marked at their input preparation."""
+    cls = type(criteria)
+    if not isinstance(criteria, list) or not callable(getattr(cls, "__call__", None)):
+        return criteria
+    marking = _MARKING_TYPES.get(cls)
+    if marking is None:
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+            done = cls.__call__(self, *args, **kwargs)
+            self._stagetrace_after()
+            return done
+
+        marking = _MARKING_TYPES[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
+    wrapped = marking(criteria)
+    wrapped.__dict__.update(getattr(criteria, "__dict__", {}))
+    wrapped._stagetrace_after = after
+    return wrapped

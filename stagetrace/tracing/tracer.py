@@ -241,7 +241,7 @@ class Tracer:
         decode = CompiledDecodeMarks(
             model, self._slot, mark, stamps_layers=self.layer_detail == "all",
             refusal=lambda gen_config: compiled_decode_refusal(self._devices, self.layer_detail, gen_config),
-            before_step=self._before_compiled_step, calibrate=self._stamps.calibrate)
+            before_step=self._before_compiled_step, calibrate=self._stamps.calibrate, marks_so_far=tl.__len__)
         returns = ForwardReturnMarks(model, self.layout, self._slot, mark)
         decoder_ids = DecoderIds(model, self._slot)  # wraps generate()'s input preparation after `decode` does
         self._parts = [self._hooks, self._stamps, decode, returns, decoder_ids]
@@ -346,6 +346,8 @@ class Tracer:
             self._after_call()
         t_returned = time.perf_counter_ns()
         marks = Marks.from_timeline(tl)  # the one sync of the call
+        if call.compiled_decode:  # stop-check marks no step followed (compiled_decode.py) bound nothing
+            marks = marks.without(call.unused_marks())
         error, after_matmul = None, 0
         if call.stamping:  # the stamps' ring is the next call's to write: read now
             if call.forward_compiled:  # every forward runs the stamped graph, each one calibrated
@@ -414,7 +416,8 @@ class Tracer:
                     versions=versions(), n_marks=len(marks), compiled_decode=call.compiled,
                     devices=[str(d) for d in self._devices] if split else [],
                     device_streams=done.device_streams,
-                    layer_marks_after_matmul=done.after_matmul, **done.features.resolve())
+                    layer_marks_after_matmul=done.after_matmul,
+                    decode_steps_from_stop_check=call.steps_from_stop_check, **done.features.resolve())
 
     def _expectations(self, inputs: CallInputs) -> dict[str, str]:
         """What this call's record must show, and what to say where it does not."""
