@@ -318,6 +318,35 @@ def test_a_compiled_step_begins_where_the_step_before_it_issued_its_stopping_cri
     assert compiled.to_dict()["decode_steps_from_stop_check"] == 5
 
 
+def test_a_call_its_criteria_stop_early_drops_the_mark_of_its_last_stop_check():
+    """A call stopped by a criterion that reads the tokens (not its maximum length) took a mark
+    at its last stop check, which begins no step: it is dropped, and the steps are the tokens."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAt(StoppingCriteria):
+        def __init__(self, length):
+            self.length = length
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[-1] >= self.length, dtype=torch.bool,
+                              device=input_ids.device)
+
+    case = tiny.build("llama")
+    prompt = case.inputs["input_ids"].shape[-1]
+    kw = gen_kwargs(case, 8, **static_compiled(case))
+    kw.pop("min_new_tokens")
+    kw["stopping_criteria"] = StoppingCriteriaList([StopAt(prompt + 4)])
+    plain = tokens(case.model.generate(**kw))
+    assert plain.shape[-1] == prompt + 4
+    with stagetrace.trace(case.model) as tracer:
+        assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    rec = tracer.records[0]
+    assert_partition(rec)
+    assert not rec.error and not rec.warnings and rec.output_tokens == 4
+    assert rec.decode_steps_from_stop_check == len(rec.decode_step_ms) == 3
+    assert int((kind_of(rec.marks.labels) == Kind.DECODE_FORWARD).sum()) == 3 and rec.n_marks == len(rec.marks)
+
+
 def test_beam_search_takes_no_stop_check_marks():
     """Beam search reorders its beams after the stopping criteria, so a mark there would not be
     the next step's start: transformers decodes beams eagerly even with a static cache (its
@@ -337,7 +366,7 @@ def test_beam_search_takes_no_stop_check_marks():
 class _Loop:
     """A decoding loop driven by hand: a model with generate()'s two methods the marks wrap."""
 
-    def __init__(self):
+    def __init__(self, criteria=()):
         from stagetrace.low_level import PyHostTimeline
         from stagetrace.tracing.call import CallSlot, CallState
         from stagetrace.tracing.compiled_decode import CompiledDecodeMarks
@@ -348,7 +377,7 @@ class _Loop:
                 return {}
 
             def _get_stopping_criteria(self, *args, **kwargs):
-                return StoppingCriteriaList()
+                return StoppingCriteriaList(criteria)
 
         self.model, self.tl, self.slot = Model(), PyHostTimeline(), CallSlot()
         self.marks = CompiledDecodeMarks(self.model, self.slot, self.tl.mark, refusal=lambda cfg: None,
@@ -359,8 +388,8 @@ class _Loop:
                                                forwards=1, compiled_decode=True, stop_check_marks=True)
         self.stops = self.model._get_stopping_criteria()
 
-    def check(self):
-        self.stops(torch.zeros(1, 4, dtype=torch.long), None)
+    def check(self, length=4):
+        self.stops(torch.zeros(1, length, dtype=torch.long), torch.zeros(1, 8))
 
     def step(self):
         self.model.prepare_inputs_for_generation()
@@ -385,9 +414,11 @@ def test_a_stop_check_mark_begins_a_step_only_as_the_one_mark_right_before_it():
     assert "_get_stopping_criteria" not in loop.model.__dict__
 
 
-@pytest.mark.parametrize("change", ["eager", "beams", "stamped", "prefill"])
+@pytest.mark.parametrize("change", ["eager", "beams", "stamped", "prefill", "max_length"])
 def test_a_stop_check_takes_no_mark_where_no_compiled_step_may_follow_it(change):
-    loop = _Loop()
+    from transformers import MaxLengthCriteria
+
+    loop = _Loop([MaxLengthCriteria(max_length=4)] if change == "max_length" else [])
     c = loop.call
     if change == "eager":
         c.compiled_decode = False
@@ -395,10 +426,15 @@ def test_a_stop_check_takes_no_mark_where_no_compiled_step_may_follow_it(change)
         c.stop_check_marks = False
     elif change == "stamped":  # the next step runs the stamped graph: its mark goes beside its calibration
         c.stamping, c.layer_every = True, 2
-    else:
+    elif change == "prefill":
         c.fed = 1  # the prompt is not fed yet
-    loop.check()
+    loop.check(length=4)  # "max_length": the loop stops here whatever the GPU says
     assert len(loop.tl) == 0 and c.early_step_mark == -1
+    if change == "max_length":
+        loop.check(length=3)  # one token short of it: the next step may follow
+        assert len(loop.tl) == 1 and c.early_step_mark == 0
+        assert isinstance(loop.stops[0], MaxLengthCriteria)
+
 
 
 def test_the_criteria_generate_gets_keep_their_type_and_contents():
@@ -407,9 +443,9 @@ def test_the_criteria_generate_gets_keep_their_type_and_contents():
 
     called = []
     given = StoppingCriteriaList([MaxLengthCriteria(max_length=5)])
-    wrapped = _with_mark_after(given, lambda: called.append(1))
+    wrapped = _with_mark_after(given, lambda length, max_length: called.append((length, max_length)))
     assert isinstance(wrapped, StoppingCriteriaList) and list(wrapped) == list(given) and wrapped.max_length == 5
     done = wrapped(torch.zeros(2, 5, dtype=torch.long), None)
-    assert done.tolist() == [True, True] and called == [1]
+    assert done.tolist() == [True, True] and called == [(5, 5)]
     other = object()
     assert _with_mark_after(other, lambda: None) is other

@@ -18,8 +18,9 @@ The step then begins when the step before it finished its work on the GPU, the h
 wait included, rather than partway into that wait. Each such mark is provisional until the
 step's input preparation: it is that step's start only if it is the one stop-check mark
 since the last step began and nothing was marked after it; every other one (the call's last
-stop check, a loop that checks twice) begins no step and is dropped before the stage math
-(``CallState.unused_marks``). A step that carries layer stamps keeps its mark at the input
+stop check where it did not stop at its maximum length, a loop that checks twice) begins no
+step and is dropped before the stage math (``CallState.unused_marks``); at the maximum length
+no mark is taken. A step that carries layer stamps keeps its mark at the input
 preparation, beside its calibration stamp.
 """
 from __future__ import annotations
@@ -138,11 +139,15 @@ class CompiledDecodeMarks:
 
         return _get_stopping_criteria
 
-    def _after_stop_check(self) -> None:
-        """The stopping criteria of a step (or of the prefill) were issued: the next step's mark,
-        provisionally, while the GPU still runs this one (see the module's docstring)."""
+    def _after_stop_check(self, length: int, max_length: int | None) -> None:
+        """The stopping criteria of a step (or of the prefill) were issued on sequences of
+        ``length`` tokens: the next step's mark, provisionally, while the GPU still runs this one
+        (see the module's docstring). None where the sequences reached ``max_length``: the loop
+        stops there whatever the GPU says, so no step follows."""
         c = self.slot.call
         if c is None or not c.compiled_decode or not c.stop_check_marks or c.forwards == 0 or c.fed < c.prompt_len:
+            return
+        if max_length is not None and length >= max_length:
             return
         if c.stamping and c.decode_forwards % c.layer_every == 0:
             return  # the next step runs the stamped graph: its mark stays beside its calibration stamp
@@ -156,22 +161,26 @@ class CompiledDecodeMarks:
 _MARKING_TYPES: dict[type, type] = {}
 
 
-def _with_mark_after(criteria: Any, after: Callable[[], None]) -> Any:
+def _with_mark_after(criteria: Any, after: Callable[[int, int | None], None]) -> Any:
     """``criteria`` (a StoppingCriteriaList, a list subclass generate() calls once per step) as an
-    instance of a subclass of its own type that calls ``after`` once they have been issued.
-    Anything else comes back as it is: its steps are marked at their input preparation."""
+    instance of a subclass of its own type that calls ``after(length, max_length)`` once they have
+    been issued on sequences of ``length`` tokens (``max_length``: where its maximum-length
+    criterion stops the loop, None: none). Anything else comes back as it is: its steps are
+    marked at their input preparation."""
     cls = type(criteria)
     if not isinstance(criteria, list) or not callable(getattr(cls, "__call__", None)):
         return criteria
     marking = _MARKING_TYPES.get(cls)
     if marking is None:
-        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-            done = cls.__call__(self, *args, **kwargs)
-            self._stagetrace_after()
+        def __call__(self: Any, input_ids: Any, *args: Any, **kwargs: Any) -> Any:
+            done = cls.__call__(self, input_ids, *args, **kwargs)
+            self._stagetrace_after(int(input_ids.shape[-1]), self._stagetrace_max_length)
             return done
 
         marking = _MARKING_TYPES[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
     wrapped = marking(criteria)
     wrapped.__dict__.update(getattr(criteria, "__dict__", {}))
     wrapped._stagetrace_after = after
+    max_length = getattr(criteria, "max_length", None)  # read once: the property walks the list
+    wrapped._stagetrace_max_length = max_length if isinstance(max_length, int) else None
     return wrapped
