@@ -25,6 +25,7 @@ from ..stages import StageOrderError, stages_from_marks
 from .call import CallInputs, CallState, DecoderPromptCheck, ReturnedPromptCheck
 from .devices import SpanPlacement
 from .features import HeldFeatures
+from .stamps import StampsRead
 
 __all__ = ["FinishedCall", "build_record", "versions", "audio_runs", "audio_note", "aux_forward_note"]
 
@@ -49,9 +50,10 @@ class FinishedCall:
     unix_time: float
     features: HeldFeatures   # copies of the inputs it counts, on their device
     device_streams: list[int]  # the stream marked on each GPU of a split model ([] on one)
-    error: str | None        # why its marks cannot be timed (stamps that did not merge), or None
-    after_matmul: int        # layer marks placed after their layer's last matmul
     resolve_ms: float        # host time the call spent after generate() returned (all of the above read)
+    # the GPU-side layer stamps it took (read from their ring inside the call), placed among its
+    # marks when the record is built; None: none were taken
+    stamps: StampsRead | None = None
     uncounted: str | None = None  # why its new tokens cannot be read off what generate() returned
     # an encoder–decoder's: whether its output begins with the decoder prompt, read when the record is
     # built (its new tokens then replace ``output_tokens``)
@@ -59,6 +61,12 @@ class FinishedCall:
     # a decoder-only call's: whether what it returned begins with its prompt (else its new tokens
     # cannot be counted from it, and ``uncounted_reason`` says why)
     returned_check: ReturnedPromptCheck | None = None
+
+    @functools.cached_property
+    def placed(self) -> tuple[Marks, str | None, int]:
+        """The call's marks with its stamps placed among them; why its marks cannot be timed
+        (stamps that did not line up), or None; layer marks placed after their layer's last matmul."""
+        return (self.marks, None, 0) if self.stamps is None else self.stamps.place(self.marks)
 
     @functools.cached_property
     def _returned_prompt(self) -> bool:

@@ -3,8 +3,9 @@ merge onto the call's event timeline.
 
 Dynamo traces the stamp wrappers into the graph (CUDA-graph capture records the stamp
 kernels), so each replay stamps every layer boundary on the GPU. After the call the ring
-is read once and ``clocks.merge_stamps`` places each forward's stamps from the
-calibration stamp issued right after that forward's event mark.
+is read once (inside the call: the next call writes it); when the call's record is built,
+``clocks.merge_stamps`` places each forward's stamps from the calibration stamp issued right
+after that forward's event mark (``StampsRead.place``: host work the call need not wait for).
 
 What must stay true: the wrapper objects are made once per tracer (dynamo guards on
 them: new ones would recompile the decode step on every call), and :meth:`remove`
@@ -13,6 +14,7 @@ restores exactly what :meth:`install` shadowed.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -26,7 +28,7 @@ from ..low_level import graph_stamps
 from .errors import TracingError
 from .patch import Shadows
 
-__all__ = ["LayerStamps"]
+__all__ = ["LayerStamps", "StampsRead"]
 
 _FUSION_WARNING = ("stagetrace: layer detail inside compiled decode puts a stamp between layers, so the compiler "
                    "can no longer fuse across layer boundaries: the stamped decode step is compiled once more, "
@@ -98,27 +100,45 @@ class LayerStamps:
     def remove(self) -> None:
         self._shadows.restore()
 
-    def merge(self, marks: Marks, stream: int, anchors: tuple[int, ...],
-              calibrated_steps: list[int] | None = None) -> tuple[Marks, str | None, int]:
-        """The call's marks with its stamps placed among them, or the marks and why not; and
-        how many stamps were taken after their layer's last matmul (their labels keep the flag:
-        the stage math marks the layer spans they bound).
-
-        ``calibrated_steps``: the steps (the k-th event of an anchor label is step k) that ran
-        the stamped graph and were calibrated; None: every one. Sampled, a bare step has no
-        calibration of its own, so stamps it took would be counted to the stamped step before
-        it: every calibrated step must then have taken exactly the stamped graph's stamps, or
-        nothing is placed."""
+    def read(self, stream: int, anchors: tuple[int, ...], calibrated_steps: list[int] | None = None) -> "StampsRead":
+        """The call's stamps, read from the ring now (after the call's sync: the next call
+        writes the ring); they are placed among its marks when its record is built."""
         labels, t_ns, dropped = self.ring.read(stream)
-        labels = np.asarray(labels, dtype=np.int32)
+        return StampsRead(np.asarray(labels, dtype=np.int32), np.asarray(t_ns, dtype=np.int64), int(dropped),
+                          tuple(anchors), None if calibrated_steps is None else list(calibrated_steps),
+                          self.per_forward)
+
+
+@dataclass(frozen=True)
+class StampsRead:
+    """One call's GPU-side stamps as read from the ring, and how to place them.
+
+    ``anchors``: the event labels a calibration stamp follows. ``calibrated_steps``: the steps
+    (the k-th event of an anchor label is step k) that ran the stamped graph and were
+    calibrated; None: every one. Sampled, a bare step has no calibration of its own, so stamps
+    it took would be counted to the stamped step before it: every calibrated step must then have
+    taken exactly the stamped graph's stamps (``per_forward``), or nothing is placed."""
+
+    labels: np.ndarray
+    t_ns: np.ndarray
+    dropped: int
+    anchors: tuple[int, ...]
+    calibrated_steps: list[int] | None
+    per_forward: int
+
+    def place(self, marks: Marks) -> tuple[Marks, str | None, int]:
+        """The call's marks with its stamps placed among them, or the marks and why not; and how
+        many stamps were taken after their layer's last matmul (their labels keep the flag: the
+        stage math marks the layer spans they bound). Pure: run when the record is built."""
+        labels, anchors = self.labels, self.anchors
         try:
             anchored = None
-            if calibrated_steps is not None:
+            if self.calibrated_steps is not None:
                 n_events = int(np.isin(marks.labels, anchors).sum())
-                anchored = np.isin(np.arange(n_events), calibrated_steps)
-                if not dropped:  # a ring that dropped stamps fails the record as such (merge_stamps)
+                anchored = np.isin(np.arange(n_events), self.calibrated_steps)
+                if not self.dropped:  # a ring that dropped stamps fails the record as such (merge_stamps)
                     _stamps_per_step(labels, anchors, self.per_forward)
-            return (merge_stamps(marks, labels, t_ns, anchors, dropped, anchored), None,
+            return (merge_stamps(marks, labels, self.t_ns, anchors, self.dropped, anchored), None,
                     int(after_matmul(labels).sum()))
         except StampMergeError as exc:
             return marks, f"the GPU-side layer stamps do not line up with the step events: {exc}", 0

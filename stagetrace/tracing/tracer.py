@@ -10,8 +10,8 @@ What must stay true:
 * the hot path (a hook firing) only checks the call slot and calls ``timeline.mark``: no
   sync, no allocation beyond what Python does for the call itself;
 * the one sync per call is ``Marks.from_timeline`` after ``generate()`` returns;
-  ``resolve_ms`` covers everything the call does after it returned (the sync, the stamps'
-  merge, the copies of the inputs its features count); ``build_ms`` covers the record,
+  ``resolve_ms`` covers everything the call does after it returned (the sync, reading the
+  stamps' ring, the copies of the inputs its features count); ``build_ms`` covers the record,
   built later from what the call left (``FinishedCall``): when ``records`` is first read,
   at ``stop()``, or before the call hands back when records stream to ``jsonl=``. What a
   record says is fixed when its call ends: a later build reads nothing the caller or the
@@ -348,12 +348,12 @@ class Tracer:
         marks = Marks.from_timeline(tl)  # the one sync of the call
         if call.compiled_decode:  # stop-check marks no step followed (compiled_decode.py) bound nothing
             marks = marks.without(call.unused_marks())
-        error, after_matmul = None, 0
-        if call.stamping:  # the stamps' ring is the next call's to write: read now
+        stamps = None
+        if call.stamping:  # the stamps' ring is the next call's to write: read now, placed at the build
             if call.forward_compiled:  # every forward runs the stamped graph, each one calibrated
-                marks, error, after_matmul = self._stamps.merge(marks, stream, (_PREFILL, _DECODE))
+                stamps = self._stamps.read(stream, (_PREFILL, _DECODE))
             else:  # generate()'s compiled decode: only the steps that ran the stamped graph
-                marks, error, after_matmul = self._stamps.merge(marks, stream, (_DECODE,), call.calibrated_steps)
+                stamps = self._stamps.read(stream, (_DECODE,), call.calibrated_steps)
         # an encoder–decoder's output may or may not hold its decoder prompt: told by the decoder sequence
         check = decoder_prompt_check(out, call) if self._encoder_decoder else None
         returned = None if self._encoder_decoder else returned_prompt_check(out, given.get("input_ids"), inputs, call)
@@ -362,7 +362,7 @@ class Tracer:
             prompt_check=check, returned_check=returned,
             uncounted=uncounted_output(out),
             call_index=self._next_call_index, sample_id=self.sample_id, unix_start=unix_start,
-            unix_time=time.time(), features=pending.hold(), error=error, after_matmul=after_matmul,
+            unix_time=time.time(), features=pending.hold(), stamps=stamps,
             device_streams=list(tl.device_streams) if len(self._devices) > 1 else [],
             resolve_ms=(time.perf_counter_ns() - t_returned) / 1e6)
         self._next_call_index += 1
@@ -390,7 +390,8 @@ class Tracer:
             while self._unbuilt:
                 finished = self._unbuilt[0]
                 t0 = time.perf_counter_ns()
-                rec = build_record(finished.marks, self._meta(finished), self._placement, finished.error,
+                marks, error, _ = finished.placed
+                rec = build_record(marks, self._meta(finished), self._placement, error,
                                    self.keep_marks, expect=self._expectations(finished.inputs),
                                    uncounted=finished.uncounted_reason(), audio_parts=self.layout.describe()["audio"],
                                    loops=finished.call.loops, unclosed=unclosed_prefill(finished.call))
@@ -404,7 +405,7 @@ class Tracer:
     def _meta(self, done: FinishedCall) -> dict[str, Any]:
         cfg = getattr(self.model, "config", None)
         split = len(self._devices) > 1
-        call, inputs, marks = done.call, done.inputs, done.marks
+        call, inputs, (marks, _, after_matmul) = done.call, done.inputs, done.placed
         return dict(batch_size=inputs.batch, prompt_tokens=inputs.input_len,
                     output_tokens=done.new_tokens(), call_index=done.call_index,
                     sample_id=done.sample_id, model_class=type(self.model).__name__,
@@ -416,7 +417,7 @@ class Tracer:
                     versions=versions(), n_marks=len(marks), compiled_decode=call.compiled,
                     devices=[str(d) for d in self._devices] if split else [],
                     device_streams=done.device_streams,
-                    layer_marks_after_matmul=done.after_matmul,
+                    layer_marks_after_matmul=after_matmul,
                     decode_steps_from_stop_check=call.steps_from_stop_check, **done.features.resolve())
 
     def _expectations(self, inputs: CallInputs) -> dict[str, str]:
