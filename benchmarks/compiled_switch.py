@@ -171,7 +171,11 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
                 del d["_stagetrace_touch"]
         return inner(*args, **kwargs)
 
-    tracers = {"stage_level": stagetrace.trace(model, keep_marks=False),
+    # plain: the compiled call untraced; plain_hooks_touched: the same with a module hook registered
+    # and removed on the model before each call (what a tracer's module hooks do between its calls:
+    # the model's hook dicts get new versions) — whether that alone makes a call's first step dear
+    tracers: dict[str, Any] = {"plain": None, "plain_hooks_touched": None,
+               "stage_level": stagetrace.trace(model, keep_marks=False),
                f"layers_every{every}": stagetrace.trace(model, layer_detail="all", layer_every=every, keep_marks=False),
                "layers_every1": stagetrace.trace(model, layer_detail="all", keep_marks=False)}
     sampled = f"layers_every{every}"
@@ -182,24 +186,33 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
         compiled_ns.clear()
         tree_ns.clear()
         trees_per_call.clear()
+        if name == "plain_hooks_touched":
+            model.register_forward_pre_hook(lambda module, args: None).remove()
         gc.disable()
         try:
-            with tr, mock.patch.object(model, "get_compiled_call", timed_compiled_call(model.get_compiled_call)):
+            with tr or contextlib.nullcontext(), mock.patch.object(model, "get_compiled_call",
+                                                                   timed_compiled_call(model.get_compiled_call)):
                 if cuda:
                     torch.cuda.synchronize()
+                t_in = time.perf_counter_ns()
                 model.generate(**kw)
+                t_out = time.perf_counter_ns()
         finally:
             gc.enable()
-        rec = tr.records[-1]
-        tr.clear()
         e = entries_ns
         # decode step k's host time: from its prepare_inputs to the next one (the last step has no next)
         step_us = [(b - a) / 1e3 for a, b in zip(e[1:], e[2:])]
-        return {"step_us": step_us, "gpu_step_us": [1e3 * x for x in rec.decode_step_ms],
-                "compiled_us": [x / 1e3 for x in compiled_ns], "tree_us": [ns / 1e3 for _, ns in trees_per_call],
-                "tree_runs": [n for n, _ in trees_per_call],
-                "layer_steps": list(rec.layer_steps or []), "error": rec.error,
-                "compiled_decode": rec.compiled_decode}
+        # the call's host time before its first decode step (set-up, prefill) and after its last step began
+        row = {"step_us": step_us, "head_us": (e[1] - t_in) / 1e3, "tail_us": (t_out - e[-1]) / 1e3,
+               "compiled_us": [x / 1e3 for x in compiled_ns],
+               "tree_us": [ns / 1e3 for _, ns in trees_per_call], "tree_runs": [n for n, _ in trees_per_call],
+               "gpu_step_us": [], "layer_steps": [], "error": None, "compiled_decode": len(compiled_ns) > 0}
+        if tr is not None:
+            rec = tr.records[-1]
+            tr.clear()
+            row.update(gpu_step_us=[1e3 * x for x in rec.decode_step_ms], layer_steps=list(rec.layer_steps or []),
+                       error=rec.error, compiled_decode=rec.compiled_decode)
+        return row
 
     with mock.patch.object(type(model), "prepare_inputs_for_generation", clocked), tree_patch:
         for _ in range(warmup):
@@ -241,10 +254,15 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
         diffs = [statistics.median(s["step_us"]) - statistics.median(bare_after_bare(t))
                  for s, t in zip(samples[name], samples[sampled])]
         across[name] = _ci_row(diffs)
+    # the host's time before the first decode step and after the last began, paired per repetition with plain
+    head_tail = {name: {part: _ci_row([s[part] - p[part] for s, p in zip(samples[name], samples["plain"])])
+                        for part in ("head_us", "tail_us")} for name in names}
     return {"every": every, "new_tokens": new_tokens, "reps": reps, "errors": errors,
+            "head_tail_minus_plain_us": head_tail,
             "compiled_decode": all(s["compiled_decode"] for ss in samples.values() for s in ss),
             "host_step_median_us": {n: statistics.median(x for s in ss for x in s["step_us"]) for n, ss in samples.items()},
-            "gpu_step_median_us": {n: statistics.median(x for s in ss for x in s["gpu_step_us"]) for n, ss in samples.items()},
+            "gpu_step_median_us": {n: statistics.median(x for s in ss for x in s["gpu_step_us"]) for n, ss in samples.items()
+                                   if tracers[n] is not None},
             "within_call_host_us": {p: _ci_row(xs) for p, xs in within.items()},
             "within_call_gpu_us": {p: _ci_row(xs) for p, xs in gpu_within.items()},
             "step_median_minus_sampled_bare_after_bare_us": across,
@@ -332,7 +350,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.config}, layer_every={r['every']}, {r['reps']} reps, compiled decode {r['compiled_decode']}, "
           f"errors {len(r['errors'])}")
     print("median step µs, host | GPU: " + ", ".join(
-        f"{n} {r['host_step_median_us'][n]:.1f} | {r['gpu_step_median_us'][n]:.1f}" for n in r["host_step_median_us"]))
+        f"{n} {r['host_step_median_us'][n]:.1f} | {r['gpu_step_median_us'].get(n, float('nan')):.1f}"
+        for n in r["host_step_median_us"]))
     rows = [[part, "{:+.1f} [{:+.1f}, {:+.1f}]".format(h["median"], *h["ci95"]),
              "{:+.1f} [{:+.1f}, {:+.1f}]".format(g["median"], *g["ci95"]), h["n"]]
             for (part, h), g in zip(r["within_call_host_us"].items(), r["within_call_gpu_us"].values())]
@@ -346,6 +365,10 @@ def main(argv: list[str] | None = None) -> dict:
     for n, kinds in r["host_split_median_us"].items():
         print(f"  {n}: " + "; ".join(f"{k} " + " | ".join("-" if v is None else f"{v:.0f}" for v in d.values())
                                     for k, d in kinds.items()))
+    print("the call's host time before its first decode step | after its last step began, minus plain, paired (µs): "
+          + "; ".join(f"{n} " + " | ".join("{:+.1f} [{:+.1f}, {:+.1f}]".format(v[p]["median"], *v[p]["ci95"])
+                                           for p in ("head_us", "tail_us"))
+                      for n, v in r["head_tail_minus_plain_us"].items()))
     print("CUDA-graph trees:", r["cudagraph_trees"])
     for n, text in r["profiles"].items():
         print(f"\n--- cProfile of {n}'s compiled call at steps every, 2·every, … (by own time) ---\n{text}")
