@@ -42,6 +42,11 @@ _MATMUL_NOTE = ("stagetrace: layer_marks='matmul': inside compiled decode each s
                 "unstamped graph; stage-level tracing leaves the graph untouched")
 
 
+# False: every layer carries its stamps as an instance attribute, as before session 12 (a
+# benchmark probe: compiled_switch.py --stamps-by-dict; never a user option)
+_BY_CLASS = True
+
+
 class LayerStamps:
     """The stamp ring of the model's device and the stamp wrappers of its layers."""
 
@@ -101,7 +106,7 @@ class LayerStamps:
             self.per_forward = sum(lab is not None for pair in labels for lab in pair)
             # A layer whose forward is already an instance attribute (accelerate's hooks, a user's
             # wrapper) would bypass a class's forward: then every layer gets an instance attribute.
-            by_class = not any("forward" in vars(layer) for _, layer in self.layout.layers)
+            by_class = _BY_CLASS and not any("forward" in vars(layer) for _, layer in self.layout.layers)
             for (name, layer), (begin, end) in zip(self.layout.layers, labels):
                 self._wrappers.append((layer, _stamping_class(type(layer), op, rid, begin, end, name) if by_class
                                        else _stamping_forward(layer.forward, op, rid, begin, end, name)))
