@@ -317,13 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dynamo-config", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._dynamo.config.KEY (a probe: e.g. skip_tensor_guards_with_matching_dict_tags=0)")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--stamps-by-dict", action="store_true",
-                    help="probe: layers carry their stamps as instance attributes (before session 12), not by class")
     args = ap.parse_args(argv)
-    if args.stamps_by_dict:
-        from stagetrace.tracing import stamps
-
-        stamps._BY_CLASS = False
     if args.every < 3:
         ap.error("--every must be at least 3 (a period needs a bare step that follows a bare step)")
 
@@ -349,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": run(case, cuda, args.reps, args.warmup, args.new_tokens, args.every, args.profile,
                        args.mark_step, args.touch_layer_dicts)}
     path = save(("compiled_switch" if cuda else "compiled_switch-cpu-tiny") + ("-markstep" if args.mark_step else "")
-                + ("-touch" if args.touch_layer_dicts else "") + ("-bydict" if args.stamps_by_dict else "")
+                + ("-touch" if args.touch_layer_dicts else "")
                 + "".join(f"-{item.partition('=')[0]}" for item in args.dynamo_config),
                 payload, args.out)
     r = payload["results"]

@@ -42,11 +42,6 @@ _MATMUL_NOTE = ("stagetrace: layer_marks='matmul': inside compiled decode each s
                 "unstamped graph; stage-level tracing leaves the graph untouched")
 
 
-# False: every layer carries its stamps as an instance attribute, as before session 12 (a
-# benchmark probe: compiled_switch.py --stamps-by-dict; never a user option)
-_BY_CLASS = True
-
-
 class LayerStamps:
     """The stamp ring of the model's device and the stamp wrappers of its layers."""
 
@@ -54,9 +49,7 @@ class LayerStamps:
         self.layout, self.device, self.layer_marks = layout, device, layer_marks
         self.ring: Any = None
         self.stream = 0  # the stream of the call in flight
-        # per layer its stamping subclass (or, where its forward is an instance attribute, a stamping forward)
-        self._wrappers: list[tuple[torch.nn.Module, Any]] = []
-        self._classes: list[tuple[torch.nn.Module, type]] = []  # layers switched to their subclass: their own class
+        self._wrappers: list[tuple[torch.nn.Module, Callable[..., Any]]] = []
         self.per_forward = 0  # stamps one forward of the stamped graph takes (its wrappers' labels)
         self._shadows = Shadows()
 
@@ -81,12 +74,7 @@ class LayerStamps:
         self.ring.stamp(label, self.stream)
 
     def install(self) -> None:
-        """The layers stamp. Each becomes an instance of a subclass of its own class whose forward
-        stamps (``__class__`` is switched, its ``__dict__`` never written): dynamo reaches the
-        layer and its parameters by the same path with or without stamps, and a sampled call
-        that switches them per step leaves the layers' dicts, whose unchanged versions let dynamo
-        skip re-checking their tensors, untouched."""
-        if self.installed:
+        if self._shadows:
             return
         if not self._wrappers:
             warnings.warn(_MATMUL_NOTE if self.layer_marks == "matmul" else _FUSION_WARNING, UserWarning,
@@ -104,27 +92,12 @@ class LayerStamps:
                 labels = [tuple(lab | MAY_MOVE_TO_MATMUL if lab is not None and movable_label(lab) else lab
                                 for lab in pair) for pair in labels]
             self.per_forward = sum(lab is not None for pair in labels for lab in pair)
-            # A layer whose forward is already an instance attribute (accelerate's hooks, a user's
-            # wrapper) would bypass a class's forward: then every layer gets an instance attribute.
-            by_class = _BY_CLASS and not any("forward" in vars(layer) for _, layer in self.layout.layers)
             for (name, layer), (begin, end) in zip(self.layout.layers, labels):
-                self._wrappers.append((layer, _stamping_class(type(layer), op, rid, begin, end, name) if by_class
-                                       else _stamping_forward(layer.forward, op, rid, begin, end, name)))
-        for layer, stamped in self._wrappers:
-            if isinstance(stamped, type):  # the layer becomes an instance of its stamping subclass
-                self._classes.append((layer, type(layer)))
-                object.__setattr__(layer, "__class__", stamped)
-            else:  # a plain instance attribute
-                self._shadows.set(layer, "forward", stamped, direct=True)
-
-    @property
-    def installed(self) -> bool:
-        return bool(self._shadows) or bool(self._classes)
+                self._wrappers.append((layer, _stamping_forward(layer.forward, op, rid, begin, end, name)))
+        for layer, forward in self._wrappers:  # a plain instance attribute, switched per sampled step
+            self._shadows.set(layer, "forward", forward, direct=True)
 
     def remove(self) -> None:
-        for layer, base in reversed(self._classes):
-            object.__setattr__(layer, "__class__", base)
-        self._classes.clear()
         self._shadows.restore()
 
     def read(self, stream: int, anchors: tuple[int, ...], calibrated_steps: list[int] | None = None) -> "StampsRead":
@@ -183,25 +156,6 @@ def _stamps_per_step(labels: np.ndarray, anchors: tuple[int, ...], per_forward: 
                               "a step that ran the bare graph stamped, or a stamped one did not")
 
 
-def _stamp_input(args: tuple[Any, ...], kwargs: dict[str, Any], op: Any, ring: int, begin: int,
-                 name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if args and isinstance(args[0], torch.Tensor):
-        return (op(args[0], ring, begin),) + args[1:], kwargs
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        return args, dict(kwargs, hidden_states=op(kwargs["hidden_states"], ring, begin))
-    raise TracingError(f"layer {name} was called without a hidden-state tensor (first argument or "
-                       "hidden_states=): its stamps cannot be ordered; use layer_detail='prefill'")
-
-
-def _stamp_output(out: Any, op: Any, ring: int, end: int, name: str) -> Any:
-    if isinstance(out, torch.Tensor):
-        return op(out, ring, end)
-    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
-        return (op(out[0], ring, end),) + out[1:]
-    raise TracingError(f"layer {name} returned {type(out).__name__}, not a tensor or a tuple starting "
-                       "with one: its end stamp cannot be ordered; use layer_detail='prefill'")
-
-
 def _stamping_forward(inner: Callable[..., Any], op: Any, ring: int, begin: int, end: int | None,
                       name: str) -> Callable[..., Any]:
     """A layer forward with a stamp on its hidden-state input and on its output.
@@ -211,33 +165,21 @@ def _stamping_forward(inner: Callable[..., Any], op: Any, ring: int, begin: int,
     to the layer's boundaries in whatever order the compiler schedules the rest.
     """
     def forward(*args: Any, **kwargs: Any) -> Any:
-        args, kwargs = _stamp_input(args, kwargs, op, ring, begin, name)
+        if args and isinstance(args[0], torch.Tensor):
+            args = (op(args[0], ring, begin),) + args[1:]
+        elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            kwargs = dict(kwargs, hidden_states=op(kwargs["hidden_states"], ring, begin))
+        else:
+            raise TracingError(f"layer {name} was called without a hidden-state tensor (first argument or "
+                               "hidden_states=): its stamps cannot be ordered; use layer_detail='prefill'")
         out = inner(*args, **kwargs)
-        return out if end is None else _stamp_output(out, op, ring, end, name)
+        if end is None:
+            return out
+        if isinstance(out, torch.Tensor):
+            return op(out, ring, end)
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+            return (op(out[0], ring, end),) + out[1:]
+        raise TracingError(f"layer {name} returned {type(out).__name__}, not a tensor or a tuple starting "
+                           "with one: its end stamp cannot be ordered; use layer_detail='prefill'")
 
     return forward
-
-
-# (layer class, ring, labels, name) -> its stamping subclass. Made once per process: dynamo guards
-# on a module's class by identity, so a new class per tracer would compile the stamped step again.
-_STAMPING_CLASSES: dict[tuple[type, int, int, int | None, str], type] = {}
-
-
-def _stamping_class(base: type, op: Any, ring: int, begin: int, end: int | None, name: str) -> type:
-    """A subclass of a layer's class whose forward is the class's with the stamps of
-    :func:`_stamping_forward` (one subclass per layer: its labels are constants of its forward)."""
-    key = (base, ring, begin, end, name)
-    cls = _STAMPING_CLASSES.get(key)
-    if cls is None:
-        cls = _STAMPING_CLASSES[key] = _new_stamping_class(base, op, ring, begin, end, name)
-    return cls
-
-
-def _new_stamping_class(base: type, op: Any, ring: int, begin: int, end: int | None, name: str) -> type:
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        args, kwargs = _stamp_input(args, kwargs, op, ring, begin, name)
-        out = base.forward(self, *args, **kwargs)
-        return out if end is None else _stamp_output(out, op, ring, end, name)
-
-    return type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__,
-                                         "__qualname__": base.__qualname__, "_stagetrace_stamps_of": base})
