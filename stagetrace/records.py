@@ -81,7 +81,7 @@ class StageRecord:
     compiled_decode: bool = False  # generate() compiled the decode step; steps were marked outside the graph
     # compiled decode: the steps whose start was marked where the step before them (or the prefill)
     # had its stopping criteria issued, before generate() waited for the GPU; the others start at
-    # their input preparation (compiled) or their forward (eager). See docs: how a step is bounded
+    # their input preparation (compiled) or their forward (eager). See the README's Stage definitions
     decode_steps_from_stop_check: int = 0
     stream: int = 0          # handle of the stream the call's marks were recorded on
     devices: list[str] = field(default_factory=list)  # every GPU of a model split over several, `device` first
