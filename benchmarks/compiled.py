@@ -222,7 +222,8 @@ def compiled_decode_kwargs(case: Any, cuda: bool, new_tokens: int) -> dict[str, 
 
 
 def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int,
-                    only: tuple[str, ...] = METHODS, direct_calls: int = 0, step_clock: bool = False) -> dict[str, Any]:
+                    only: tuple[str, ...] = METHODS, direct_calls: int = 0, step_clock: bool = False,
+                    gc_off: bool = False) -> dict[str, Any]:
     import torch
 
     import stagetrace
@@ -231,7 +232,13 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
     kw = compiled_decode_kwargs(case, cuda, new_tokens)
 
     def timed(fn: Callable[[], Any]) -> float:
-        return timed_ms(fn, cuda)
+        if not gc_off:
+            return timed_ms(fn, cuda)
+        gc.disable()  # --gc-off: no collection inside a timed call (a probe of what allocations cost it)
+        try:
+            return timed_ms(fn, cuda)
+        finally:
+            gc.enable()
 
     from stagetrace.testing.reference import HostClockTimeline
     from stagetrace.tracing import compiled_decode, forward_return
@@ -395,6 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--step-clock", action="store_true",
                     help="host clock at each prepare_inputs_for_generation (every method alike): the paired "
                          "difference split into before the first decode step, per step, and after the last")
+    ap.add_argument("--gc-off", action="store_true",
+                    help="probe: Python's garbage collector off inside every timed call (each method alike)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -405,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cuda = torch.cuda.is_available() and not args.cpu_tiny
     env = environment()
-    name = "compiled" if cuda else "compiled-cpu-tiny"
+    name = ("compiled" if cuda else "compiled-cpu-tiny") + ("-gcoff" if args.gc_off else "")
     payload: dict[str, Any] = {
         "benchmark": "compiled", "env": env, "device": "cuda" if cuda else "cpu",
         "models": ("realistic Llama (22 layers, 2048 wide, bf16, random weights) and LLaVA (CLIP-L/336 + that "
@@ -423,7 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
             case = tiny.build(family, batch=int(batch))
         case.model.eval()
         payload["results"].append(decode_overhead(cfg, case, cuda, args.reps, args.warmup, args.new_tokens,
-                                                  tuple(args.methods.split(",")), args.direct_calls, args.step_clock))
+                                                  tuple(args.methods.split(",")), args.direct_calls, args.step_clock,
+                                                  args.gc_off))
         path = save(name, payload, args.out)  # survives a cut-off
         del case
         if cuda:
