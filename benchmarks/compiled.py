@@ -139,7 +139,8 @@ def stamp_cost(cuda: bool, n: int, replays: int) -> dict[str, Any]:
 
 
 METHODS = ("plain", "stagetrace", "stagetrace_lead_every1", "stagetrace_layers", "stagetrace_layers_shared",
-           "stagetrace_layers_matmul", "stagetrace_layers_every8", "host_clock", "stagetrace_no_lead", "stagetrace_prepare_mark", "plain_again")
+           "stagetrace_layers_matmul", "stagetrace_layers_every8", "host_clock", "stagetrace_no_lead",
+           "stagetrace_prepare_mark", "plain_again")
 
 
 def layer_stack_us(rec: Any) -> list[float]:
@@ -169,6 +170,7 @@ def direct_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int) -> dict[
 
     import stagetrace
     from stagetrace.labels import Kind, kind_of
+    from stagetrace.lead import CAUGHT_UP_US, lead_ns
     from stagetrace.low_level import new_timeline
 
     per_call, waited_per_call, by_kind, step_leads_us = [], [], {}, []
@@ -183,20 +185,20 @@ def direct_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int) -> dict[
         for lab, ns in zip(kinds, tl.cost_ns):
             by_kind.setdefault(Kind(lab).name, []).append(ns / 1e3)
         # Which marks the call waited for: a mark issued while the GPU still had more queued work
-        # than the mark's own cost (its lead: GPU time less issue time on the call's aligned clock;
-        # 20 µs of it launch latency) cost the call nothing; the others' cost is on its critical
-        # path. Read per mark where the record kept every timed mark (no stop-check mark dropped),
-        # else for the step marks alone, matched in order.
+        # than the mark's own cost (its lead, lead.py; up to CAUGHT_UP_US of it launch latency)
+        # cost the call nothing; the others' cost is on its critical path. Read per mark where the
+        # record kept every timed mark (no stop-check mark dropped), else for the step marks
+        # alone, matched in order.
         marks = tracer.records[-1].marks
-        leads_us = (marks.device_ns - (marks.host_ns - marks.host_ns[0])) / 1e3
+        leads_us = lead_ns(marks.device_ns, marks.host_ns) / 1e3
         steps = kind_of(marks.labels) == Kind.DECODE_FORWARD
         step_leads_us += leads_us[steps].tolist()
         costs_us = np.asarray(tl.cost_ns) / 1e3
         if len(costs_us) == len(marks) and (np.asarray(tl.labels) == marks.labels).all():
-            hidden_us = float(costs_us[leads_us > costs_us + 20.0].sum())
+            hidden_us = float(costs_us[leads_us > costs_us + CAUGHT_UP_US].sum())
         else:
             step_costs_us = costs_us[np.asarray(kinds) == Kind.DECODE_FORWARD]
-            hidden_us = sum(c for c, lead in zip(step_costs_us, leads_us[steps]) if lead > c + 20.0)
+            hidden_us = sum(c for c, lead in zip(step_costs_us, leads_us[steps]) if lead > c + CAUGHT_UP_US)
         waited_per_call.append(per_call[-1] - hidden_us)
     return {"calls": calls, "us_per_call": statistics.median(per_call),
             "us_per_call_waited_for": statistics.median(waited_per_call),
