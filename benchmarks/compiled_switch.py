@@ -20,9 +20,13 @@ compiled call of steps N, 2N, … of each method: host functions by own time (wh
 call's stamped step spends what the same step of an every-step call does not).
 
 Each step's host time is also split: the time inside the compiled call (dynamo's guards and
-cache lookup, the graph's wrapper, CUDA-graph trees' replay) and, of that, inside the CUDA-graph
-tree manager's ``run`` (on CUDA); the rest of a step is generate()'s loop and the tracer's marks.
-So a bare step that costs more than a stage-level one says where: dynamo, the tree, or outside.
+cache lookup, the graph's wrapper, CUDA-graph trees' replay); of that, the time before the compiled
+graph is entered (dynamo: ``graph_entry_clock`` times each ``__compiled_fn_*`` global as it is
+called) and, within it, until dynamo's cache lookup returned (its guard checks, off torch's
+``set_guard_complete_hook``; the rest is the chosen entry's bytecode reading the graph's inputs off
+the frame); and inside the CUDA-graph tree manager's ``run`` (on CUDA). The rest of a step is
+generate()'s loop and the tracer's marks. So a step that costs more than another says where:
+dynamo's lookup, the entry's bytecode, the tree, or outside.
 """
 from __future__ import annotations
 
@@ -57,18 +61,39 @@ def step_kinds(n_steps: int, layer_steps: list[int]) -> list[str]:
     return kinds
 
 
+def guards_us(calls_in_ns: list[int], graph_in: list[tuple[str, int]],
+              event: str | None = None) -> list[float | None]:
+    """Per compiled call: host µs from its entry to the first clocked event inside it — its first
+    graph's entry (``event`` None: dynamo's lookup and the chosen entry's bytecode) or the named
+    one ("lookup": dynamo's cache lookup alone); None where none came (a graph compiled after the
+    clock was set, a torch without the lookup hook)."""
+    out: list[float | None] = []
+    ends = calls_in_ns[1:] + [None]
+    for t0, t1 in zip(calls_in_ns, ends):
+        inside = [t for name, t in graph_in if t >= t0 and (t1 is None or t < t1)
+                  and (name == event if event else name.startswith("__compiled_fn"))]
+        out.append((inside[0] - t0) / 1e3 if inside else None)
+    return out
+
+
 def split_by_kind(samples: list[dict]) -> dict[str, dict[str, float]]:
-    """Median host µs per step kind: the whole step, inside the compiled call, inside the
-    CUDA-graph tree's runs (None where no tree ran); and the median number of tree runs per
+    """Median host µs per step kind: the whole step, inside the compiled call, of that before its
+    graph was entered (dynamo's cache lookup and the chosen entry's bytecode) and before the
+    lookup ended (guard checks), inside the CUDA-graph tree's runs (None where no tree ran); and the median number of tree runs per
     step (more than one: the compiled call is split into several graphs)."""
     parts: dict[str, dict[str, list[float]]] = {}
     for s in samples:
         kinds = step_kinds(len(s["compiled_us"]), s["layer_steps"])
         for k, kind in enumerate(kinds):
-            d = parts.setdefault(kind, {"step": [], "compiled": [], "tree": [], "tree_runs": []})
+            d = parts.setdefault(kind, {"step": [], "compiled": [], "guards": [], "lookup": [], "tree": [],
+                                        "tree_runs": []})
             if k < len(s["step_us"]):
                 d["step"].append(s["step_us"][k])
             d["compiled"].append(s["compiled_us"][k])
+            for part in ("guards", "lookup"):
+                xs = s.get(f"{part}_us", [])
+                if k < len(xs) and xs[k] is not None:
+                    d[part].append(xs[k])
             if s["tree_runs"][k]:
                 d["tree"].append(s["tree_us"][k])
             d["tree_runs"].append(s["tree_runs"][k])
@@ -97,6 +122,57 @@ def within_call(step_us: list[float], layer_steps: list[int], every: int) -> dic
     return out
 
 
+def compiled_graph_entries() -> dict[str, dict[str, Any]]:
+    """The graphs dynamo has compiled so far, as the globals their transformed frames call them by
+    (``__compiled_fn_*``, in the module of the frame that was compiled): name -> that module's dict."""
+    found = {}
+    for mod in list(sys.modules.values()):
+        g = getattr(mod, "__dict__", None)
+        if isinstance(g, dict):
+            for name in [n for n in g if isinstance(n, str) and n.startswith("__compiled_fn")]:
+                found[name] = g
+    return found
+
+
+@contextlib.contextmanager
+def graph_entry_clock(entries_ns: list[tuple[str, int]]) -> Any:
+    """While open, each compiled graph records (its name, the host clock) as it is entered, and
+    dynamo's cache lookup ("lookup", the host clock) as its guards pass (``set_guard_complete_hook``,
+    where this torch has it). From a compiled call's entry to the lookup's end is dynamo's lookup
+    (guard checks of every entry tried); from there to the graph's entry the chosen entry's own
+    bytecode (reading the graph's inputs off the frame); the rest the graph's wrappers and replay.
+    The graph timer is a frame dynamo skips."""
+    import torch
+    from torch._dynamo.eval_frame import skip_code
+
+    found = compiled_graph_entries()
+    saved = {name: g[name] for name, g in found.items()}
+
+    def clocked(name: str, fn: Any) -> Any:
+        def graph_entry(*args: Any, **kwargs: Any) -> Any:
+            entries_ns.append((name, time.perf_counter_ns()))
+            return fn(*args, **kwargs)
+
+        skip_code(graph_entry.__code__)
+        return graph_entry
+
+    def lookup_done(cache_hit: bool) -> bool:
+        entries_ns.append(("lookup" if cache_hit else "lookup_miss", time.perf_counter_ns()))
+        return cache_hit  # what dynamo does with the lookup: False would force a compile
+
+    for name, g in found.items():
+        g[name] = clocked(name, g[name])
+    set_hook = getattr(torch._C._dynamo.eval_frame, "set_guard_complete_hook", None)
+    previous = set_hook(lookup_done) if set_hook is not None else None
+    try:
+        yield sorted(found)
+    finally:
+        if set_hook is not None:
+            set_hook(previous)
+        for name, g in found.items():
+            g[name] = saved[name]
+
+
 def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: int, profile: bool,
         mark_step: bool = False, touch_layer_dicts: bool = False) -> dict[str, Any]:
     import torch
@@ -108,6 +184,8 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
 
     entries_ns: list[int] = []  # host clock at each prepare_inputs_for_generation: [prefill, step 0, 1, ...]
     compiled_ns: list[int] = []  # host time inside each call of the compiled forward (the decode steps)
+    compiled_in_ns: list[int] = []  # host clock as each call of the compiled forward begins
+    graph_in: list[tuple[str, int]] = []  # (graph, host clock) as a compiled graph is entered (graph_entry_clock)
     tree_ns: list[int] = []  # of that, inside the CUDA-graph tree manager's run (CUDA only), per replay
     trees_per_call: list[tuple[int, int]] = []  # per compiled call: (tree runs, host ns inside them)
     inner = type(model).prepare_inputs_for_generation
@@ -130,6 +208,7 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
             k = len(compiled_ns)
             prof = step_profiler[0] if step_profiler and k and k % every == 0 else None
             t0 = time.perf_counter_ns()
+            compiled_in_ns.append(t0)
             if prof is not None:
                 prof.enable()
             try:
@@ -184,6 +263,8 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
         tr = tracers[name]
         entries_ns.clear()
         compiled_ns.clear()
+        compiled_in_ns.clear()
+        graph_in.clear()
         tree_ns.clear()
         trees_per_call.clear()
         if name == "plain_hooks_touched":
@@ -204,7 +285,8 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
         step_us = [(b - a) / 1e3 for a, b in zip(e[1:], e[2:])]
         # the call's host time before its first decode step (set-up, prefill) and after its last step began
         row = {"step_us": step_us, "head_us": (e[1] - t_in) / 1e3, "tail_us": (t_out - e[-1]) / 1e3,
-               "compiled_us": [x / 1e3 for x in compiled_ns],
+               "compiled_us": [x / 1e3 for x in compiled_ns], "guards_us": guards_us(compiled_in_ns, graph_in),
+               "lookup_us": guards_us(compiled_in_ns, graph_in, "lookup"),
                "tree_us": [ns / 1e3 for _, ns in trees_per_call], "tree_runs": [n for n, _ in trees_per_call],
                "gpu_step_us": [], "layer_steps": [], "error": None, "compiled_decode": len(compiled_ns) > 0}
         if tr is not None:
@@ -214,10 +296,12 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
                        error=rec.error, compiled_decode=rec.compiled_decode)
         return row
 
-    with mock.patch.object(type(model), "prepare_inputs_for_generation", clocked), tree_patch:
+    with mock.patch.object(type(model), "prepare_inputs_for_generation", clocked), tree_patch, \
+            contextlib.ExitStack() as clock_graphs:
         for _ in range(warmup):
             for name in tracers:
                 call(name)
+        graphs = clock_graphs.enter_context(graph_entry_clock(graph_in))  # every graph is compiled by now
         samples: dict[str, list[dict]] = {name: [] for name in tracers}
         names = list(tracers)
         for rep in range(reps):
@@ -267,7 +351,7 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
             "within_call_gpu_us": {p: _ci_row(xs) for p, xs in gpu_within.items()},
             "step_median_minus_sampled_bare_after_bare_us": across,
             "host_split_median_us": {n: split_by_kind(ss) for n, ss in samples.items()},
-            "cudagraph_trees": _tree_facts() if cuda else None,
+            "cudagraph_trees": _tree_facts() if cuda else None, "graphs_clocked": graphs,
             "profiles": profiles,
             "samples": {n: [{"step_us": s["step_us"], "gpu_step_us": s["gpu_step_us"]} for s in ss]
                         for n, ss in samples.items()}}
@@ -360,8 +444,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("a call's median step minus the sampled call's bare-after-bare steps, paired per rep (µs):")
     print(table([[n, "{:+.1f} [{:+.1f}, {:+.1f}]".format(v["median"], *v["ci95"])]
                  for n, v in r["step_median_minus_sampled_bare_after_bare_us"].items()], ["method", "host"]))
-    print("host µs per step kind (median): step | inside the compiled call | inside the CUDA-graph tree | "
-          "tree runs")
+    print("host µs per step kind (median): step | inside the compiled call | of it before the graph (dynamo) | "
+          "of that, the cache lookup (guard checks) | inside the CUDA-graph tree | tree runs")
     for n, kinds in r["host_split_median_us"].items():
         print(f"  {n}: " + "; ".join(f"{k} " + " | ".join("-" if v is None else f"{v:.0f}" for v in d.values())
                                     for k, d in kinds.items()))

@@ -24,6 +24,7 @@ SCRIPTS = {
     "compiled": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--stamps", "100",
                  "--configs", "llama_b1", "--step-clock"],
     "compiled_switch": ["--cpu-tiny", "--reps", "3", "--warmup", "1", "--new-tokens", "14", "--every", "4"],
+    "guard_checks": ["--cpu-tiny", "--reps", "3"],
     "fit_validation": ["--cpu-tiny", "--samples", "30", "--ab-samples", "6", "--warmup", "2"],
 }
 
@@ -73,6 +74,15 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         # 13 decode steps, the last without a next entry: periods start at 0, 4, 8 (12 has no end)
         assert [r["within_call_host_us"][p]["n"] for p in ("stamped", "first_bare", "later_bare")] == [9, 9, 9]
         assert all(len(s["step_us"]) == 12 for ss in r["samples"].values() for s in ss)
+        assert len(r["graphs_clocked"]) == 2  # the bare graph and the stamped one
+        for name, kinds in r["host_split_median_us"].items():  # dynamo's part, and of it the lookup, per step
+            for kind, d in kinds.items():
+                assert 0 < d["lookup"] <= d["guards"] <= d["compiled"], (name, kind)
+    if script == "guard_checks":
+        r = payload["results"]
+        # the bare and the stamped entry; each check passes or fails as the layers' forwards say
+        assert r["entries"] == 2 and r["unexpected_results"] == []
+        assert all(v["n"] == 3 * (3 if "staying" in k else 1) and v["median"] > 0 for k, v in r["check_us"].items())
     if script == "in_context":
         assert {"plain", "noop", "event_mark", "plain_again"} <= set(payload["results"])
         assert payload["marks_per_call"] == 2 * 2 * 2  # 2 layers, prefill + 1 step, begin + end
