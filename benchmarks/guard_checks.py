@@ -14,6 +14,9 @@ longer matches fails, the other one is checked for the first time since the swit
 warm checks cost about the same, what a real stamped step pays is not the checks' own work but
 running them cold, after the steps in between.
 
+With ``--evict-mb`` each entry is also checked right after a walk over a buffer larger than the CPU's
+last-level cache: the same check, cold.
+
 This reads dynamo's private structures (``_debug_get_cache_entry_list``, each entry's guard
 manager) and the tracer's (``_before_compiled_step``); a probe, not an API.
 """
@@ -67,7 +70,13 @@ def frame_locals(code: types.CodeType, free: dict[str, Any], model: Any, args: t
     return loc
 
 
-def run(case: Any, cuda: bool, reps: int) -> dict[str, Any]:
+def evict_caches(buffer: Any) -> None:
+    """Walk a buffer larger than the CPU's last-level cache: what the guard check reads next comes
+    from memory, as after a real decode step's host work in between."""
+    buffer += 1
+
+
+def run(case: Any, cuda: bool, reps: int, evict_mb: int = 0) -> dict[str, Any]:
     import torch
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
@@ -132,6 +141,9 @@ def run(case: Any, cuda: bool, reps: int) -> dict[str, Any]:
             return hits[0]
 
         bare, stamped = entry_for(False), entry_for(True)
+        import numpy as np
+
+        buffer = np.zeros(max(evict_mb, 1) * (1 << 20) // 8)
         gc.collect()
         for _ in range(reps):
             tracer._before_compiled_step(True)
@@ -148,6 +160,13 @@ def run(case: Any, cuda: bool, reps: int) -> dict[str, Any]:
             add("switch out: the stamped entry fails", stamped)
             add("switch out: the bare entry, first check", bare)
             add("switch out: the bare entry, second check", bare)
+            if evict_mb:  # each entry checked again, staying in use, but with the CPU's caches evicted first
+                tracer._before_compiled_step(True)
+                evict_caches(buffer)
+                add("stamped, staying, caches evicted before", stamped)
+                tracer._before_compiled_step(False)
+                evict_caches(buffer)
+                add("bare, staying, caches evicted before", bare)
     finally:
         torch.set_grad_enabled(prev_grad)
         tracer.stop()
@@ -162,6 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-tiny", action="store_true", help="a 22-layer tiny Llama on the CPU (CPU figures)")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--evict-mb", type=int, default=64,
+                    help="also check each entry after walking a buffer of this many MiB (more than the CPU's "
+                         "last-level cache: the guard check then runs cold); 0: not")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -179,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     case.model.eval()
     payload: dict[str, Any] = {"benchmark": "guard_checks", "env": environment(), "device": "cuda" if cuda else "cpu",
                                "params": {k: v for k, v in vars(args).items() if k != "out"},
-                               "results": run(case, cuda, args.reps)}
+                               "results": run(case, cuda, args.reps, args.evict_mb)}
     path = save("guard_checks" if cuda else "guard_checks-cpu-tiny", payload, args.out)
     r = payload["results"]
     print(f"{r['entries']} cache entries on {r['frame']}; unexpected results: {r['unexpected_results'] or 'none'}")
