@@ -124,7 +124,7 @@ def hook_state(model: nn.Module) -> dict[str, tuple[int, ...]]:
     # what the tracer shadows on the top-level model must be gone again
     state["<model attributes shadowed>"] = tuple(  # type: ignore[assignment]
         a in model.__dict__ for a in ("generate", "_valid_auto_compile_criteria", "prepare_inputs_for_generation",
-                                      "_get_stopping_criteria"))
+                                      "_get_stopping_criteria", "get_compiled_call"))
     return state
 
 

@@ -470,3 +470,73 @@ def test_layers_whose_forward_is_an_instance_attribute_carry_their_stamps_over_i
     assert_partition(rec)
     assert not rec.error and rec.layer_steps == [0, 2]
     assert len([s for s in rec.spans if s.kind == "layer" and s.depth == 3]) == 2 * len(layers)
+
+
+def _switches_after_the_first_step(n_steps: int, every: int) -> int:
+    stamped = [k % every == 0 for k in range(n_steps)]
+    return sum(stamped[k] != stamped[k - 1] for k in range(1, n_steps))
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_warmed_guards_change_nothing_a_call_computes_or_records(monkeypatch, every):
+    """WARM_GUARDS (guard_warm.py): after a call's first step every switch between the bare and
+    the stamped graph is made at the stop check before its step, where the next graph's guards are
+    checked with the last compiled call's locals — and an entry passes there (the frame and its
+    locals were rebuilt right: its whole guard tree was read). Tokens, records and the model after
+    the calls are those of the same calls without it."""
+    import torch._dynamo
+
+    from stagetrace.tracing import compiled_decode
+
+    torch._dynamo.reset()  # the frame's code is shared by every tiny model compiled before: its limit of entries
+    case = tiny.build("llama")
+    new_tokens = 9  # 8 decode steps
+    kw = gen_kwargs(case, new_tokens, **static_compiled(case))
+    plain = tokens(case.model.generate(**kw))
+    before = hook_state(case.model)
+
+    def traced() -> stagetrace.Tracer:
+        with pytest.warns(UserWarning):
+            with stagetrace.trace(case.model, layer_detail="all", layer_every=every) as tracer:
+                for _ in range(2):
+                    assert torch.equal(tokens(case.model.generate(**kw)), plain)
+        assert hook_state(case.model) == before
+        return tracer
+
+    unwarmed = traced()
+    monkeypatch.setattr(compiled_decode, "WARM_GUARDS", True)
+    warmed = traced()
+    warmer = warmed._decode.warmer
+    assert not unwarmed._decode.warmer.warmed
+    assert warmer.warmed == 2 * _switches_after_the_first_step(new_tokens - 1, every)
+    assert warmer.passed == warmer.warmed and not warmer.off and warmer._last is None
+    for a, b in zip(unwarmed.records, warmed.records):
+        assert_partition(b)
+        assert not b.error and b.layer_steps == a.layer_steps == list(range(0, new_tokens - 1, every))
+        assert [(s.kind, s.name, s.depth) for s in b.spans] == [(s.kind, s.name, s.depth) for s in a.spans]
+        assert b.decode_steps_from_stop_check == a.decode_steps_from_stop_check > 0
+
+
+def test_warming_that_fails_turns_itself_off_and_changes_nothing(monkeypatch):
+    """Warming reads dynamo's private structures: where they are not what it expects, the first
+    failure turns it off for the tracer and the call goes on as without it."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    from stagetrace.tracing import compiled_decode
+
+    case = tiny.build("llama")
+    kw = gen_kwargs(case, 7, **static_compiled(case))
+    plain = tokens(case.model.generate(**kw))
+    monkeypatch.setattr(compiled_decode, "WARM_GUARDS", True)
+
+    def gone(code):
+        raise AttributeError("no cache entries here")
+
+    monkeypatch.setattr(eval_frame, "_debug_get_cache_entry_list", gone)
+    with pytest.warns(UserWarning):
+        with stagetrace.trace(case.model, layer_detail="all", layer_every=2) as tracer:
+            assert torch.equal(tokens(case.model.generate(**kw)), plain)
+    assert tracer._decode.warmer.off and tracer._decode.warmer.passed == 0
+    (rec,) = tracer.records
+    assert_partition(rec)
+    assert not rec.error and rec.layer_steps == [0, 2, 4]

@@ -33,11 +33,16 @@ from torch import nn
 from ..labels import Kind, label
 from .call import CallSlot
 from .errors import TracingError
+from .guard_warm import GuardWarmer
 from .patch import Shadows
 
-__all__ = ["CompiledDecodeMarks"]
+__all__ = ["CompiledDecodeMarks", "WARM_GUARDS"]
 
 _DECODE = label(Kind.DECODE_FORWARD)
+
+# An experiment, off until measured on a GPU (guard_warm.py): with sampled layer stamps, the switch
+# to the next step's graph made at the stop check before it, and that graph's guard check run there.
+WARM_GUARDS = False
 
 
 class CompiledDecodeMarks:
@@ -46,7 +51,9 @@ class CompiledDecodeMarks:
     compiled step of a call and before each step that needs the other graph than the step
     before it (it takes the module hooks off, and puts the layer stamps in place exactly for
     the steps that carry layers: with ``layer_every`` N, steps 0, N, 2N, … run the stamped
-    graph and the others the bare one — dynamo keeps both after its first use of each);
+    graph and the others the bare one — dynamo keeps both after its first use of each; with
+    ``WARM_GUARDS`` a switch is made at the stop check before the step instead, and the next
+    graph's guards checked there, guard_warm.py);
     ``calibrate(label)`` stamps the GPU-side ring right after the event of each step that
     runs the stamped graph (``CallState.calibrated_steps`` lists them for the merge). A
     step that keeps the graph of the step before it and carries no layers — every
@@ -60,6 +67,8 @@ class CompiledDecodeMarks:
         self._refusal, self._stamps_layers = refusal, stamps_layers
         self._before_step, self._calibrate = before_step, calibrate
         self._shadows = Shadows()
+        self.warmer = GuardWarmer(model)
+        self._warms = False  # read from WARM_GUARDS at install()
 
     def install(self) -> None:
         decide = getattr(self.model, "_valid_auto_compile_criteria", None)
@@ -71,9 +80,17 @@ class CompiledDecodeMarks:
         stops = getattr(self.model, "_get_stopping_criteria", None)
         if callable(stops):
             self._shadows.set(self.model, "_get_stopping_criteria", self._marking_stops(stops))
+        get_compiled_call = getattr(self.model, "get_compiled_call", None)
+        self._warms = WARM_GUARDS and self._stamps_layers and callable(stops) and callable(get_compiled_call)
+        if self._warms:
+            self._shadows.set(self.model, "get_compiled_call", self.warmer.capturing(get_compiled_call))
 
     def remove(self) -> None:
         self._shadows.restore()
+        self.warmer.forget()
+
+    def end_call(self) -> None:
+        self.warmer.forget()  # the call's inputs are not kept past it
 
     def _guard(self, decide: Callable[..., Any]) -> Callable[..., bool]:
         slot = self.slot
@@ -149,7 +166,14 @@ class CompiledDecodeMarks:
             return
         if max_length is not None and length >= max_length:
             return
-        if c.stamping and c.decode_forwards % c.layer_every == 0:
+        stamped_next = c.stamping and c.decode_forwards % c.layer_every == 0
+        if self._warms and c.module_hooks_off and stamped_next != c.stamped_graph:
+            # the next step runs the other graph: its layers' forwards now, and its guards checked
+            # ahead, while the host waits for the GPU (guard_warm.py); prepare_inputs then finds it done
+            self._before_step(stamped_next)
+            c.stamped_graph = stamped_next
+            self.warmer.warm()
+        if stamped_next:
             return  # the next step runs the stamped graph: its mark stays beside its calibration stamp
         if c.early_step_mark >= 0:
             c.stale_marks.append(c.early_step_mark)

@@ -242,6 +242,7 @@ class Tracer:
             model, self._slot, mark, stamps_layers=self.layer_detail == "all",
             refusal=lambda gen_config: compiled_decode_refusal(self._devices, self.layer_detail, gen_config),
             before_step=self._before_compiled_step, calibrate=self._stamps.calibrate, marks_so_far=tl.__len__)
+        self._decode = decode
         returns = ForwardReturnMarks(model, self.layout, self._slot, mark)
         decoder_ids = DecoderIds(model, self._slot)  # wraps generate()'s input preparation after `decode` does
         self._parts = [self._hooks, self._stamps, decode, returns, decoder_ids]
@@ -279,6 +280,7 @@ class Tracer:
         """A compiled decode took the module hooks off for its steps: back as they were as
         installed — with a forward compiled by hand that stamps, its stamps stay (the next
         call's prefill runs that forward too)."""
+        self._decode.end_call()
         if self._active and not self._hooks.installed:
             if not self._stamps_in_forward:
                 self._stamps.remove()
