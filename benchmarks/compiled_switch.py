@@ -174,10 +174,11 @@ def graph_entry_clock(entries_ns: list[tuple[str, int]]) -> Any:
 
 
 def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: int, profile: bool,
-        mark_step: bool = False, touch_layer_dicts: bool = False) -> dict[str, Any]:
+        mark_step: bool = False, touch_layer_dicts: bool = False, warm_guards: bool = False) -> dict[str, Any]:
     import torch
 
     import stagetrace
+    from stagetrace.tracing import compiled_decode
 
     model = case.model
     kw = compiled_decode_kwargs(case, cuda, new_tokens)
@@ -258,6 +259,9 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
                f"layers_every{every}": stagetrace.trace(model, layer_detail="all", layer_every=every, keep_marks=False),
                "layers_every1": stagetrace.trace(model, layer_detail="all", keep_marks=False)}
     sampled = f"layers_every{every}"
+    if warm_guards:  # the sampled call again, each switch made at the stop check before it, its guards checked there
+        tracers[f"{sampled}_warm"] = stagetrace.trace(model, layer_detail="all", layer_every=every, keep_marks=False)
+    warm_counts = {"warmed": 0, "passed": 0, "off": False}
 
     def call(name: str) -> dict[str, Any]:
         tr = tracers[name]
@@ -271,7 +275,8 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
             model.register_forward_pre_hook(lambda module, args: None).remove()
         gc.disable()
         try:
-            with tr or contextlib.nullcontext(), mock.patch.object(model, "get_compiled_call",
+            with mock.patch.object(compiled_decode, "WARM_GUARDS", name.endswith("_warm")), \
+                    tr or contextlib.nullcontext(), mock.patch.object(model, "get_compiled_call",
                                                                    timed_compiled_call(model.get_compiled_call)):
                 if cuda:
                     torch.cuda.synchronize()
@@ -289,6 +294,11 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
                "lookup_us": guards_us(compiled_in_ns, graph_in, "lookup"),
                "tree_us": [ns / 1e3 for _, ns in trees_per_call], "tree_runs": [n for n, _ in trees_per_call],
                "gpu_step_us": [], "layer_steps": [], "error": None, "compiled_decode": len(compiled_ns) > 0}
+        if name.endswith("_warm"):
+            warmer = tr._decode.warmer
+            warm_counts.update(warmed=warm_counts["warmed"] + warmer.warmed, passed=warm_counts["passed"] + warmer.passed,
+                               off=warm_counts["off"] or warmer.off)
+            warmer.warmed = warmer.passed = 0
         if tr is not None:
             rec = tr.records[-1]
             tr.clear()
@@ -352,6 +362,7 @@ def run(case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int, every: i
             "step_median_minus_sampled_bare_after_bare_us": across,
             "host_split_median_us": {n: split_by_kind(ss) for n, ss in samples.items()},
             "cudagraph_trees": _tree_facts() if cuda else None, "graphs_clocked": graphs,
+            "warm_guards": warm_counts if warm_guards else None,
             "profiles": profiles,
             "samples": {n: [{"step_us": s["step_us"], "gpu_step_us": s["gpu_step_us"]} for s in ss]
                         for n, ss in samples.items()}}
@@ -400,6 +411,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "with the same contents (does a step pay for the layer dicts the stamp switch writes?)")
     ap.add_argument("--dynamo-config", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._dynamo.config.KEY (a probe: e.g. skip_tensor_guards_with_matching_dict_tags=0)")
+    ap.add_argument("--warm-guards", action="store_true",
+                    help="also the sampled call with compiled_decode.WARM_GUARDS on (guard_warm.py): each switch "
+                         "of graph made at the stop check before its step, the next graph's guards checked there")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.every < 3:
@@ -425,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "compiled_switch", "env": environment(), "device": "cuda" if cuda else "cpu",
         "config": args.config, "params": {k: v for k, v in vars(args).items() if k != "out"},
         "results": run(case, cuda, args.reps, args.warmup, args.new_tokens, args.every, args.profile,
-                       args.mark_step, args.touch_layer_dicts)}
+                       args.mark_step, args.touch_layer_dicts, args.warm_guards)}
     path = save(("compiled_switch" if cuda else "compiled_switch-cpu-tiny") + ("-markstep" if args.mark_step else "")
                 + ("-touch" if args.touch_layer_dicts else "")
                 + "".join(f"-{item.partition('=')[0]}" for item in args.dynamo_config),
@@ -454,6 +468,8 @@ def main(argv: list[str] | None = None) -> dict:
                                            for p in ("head_us", "tail_us"))
                       for n, v in r["head_tail_minus_plain_us"].items()))
     print("CUDA-graph trees:", r["cudagraph_trees"])
+    if r["warm_guards"] is not None:
+        print("guard warming (calls with it on, all together):", r["warm_guards"])
     for n, text in r["profiles"].items():
         print(f"\n--- cProfile of {n}'s compiled call at steps every, 2·every, … (by own time) ---\n{text}")
     print(f"wrote {path}")

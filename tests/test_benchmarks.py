@@ -23,7 +23,8 @@ SCRIPTS = {
     "lead": ["--cpu-tiny", "--reps", "1", "--warmup", "1", "--new-tokens", "4"],
     "compiled": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--stamps", "100",
                  "--configs", "llama_b1", "--step-clock"],
-    "compiled_switch": ["--cpu-tiny", "--reps", "3", "--warmup", "1", "--new-tokens", "14", "--every", "4"],
+    "compiled_switch": ["--cpu-tiny", "--reps", "3", "--warmup", "1", "--new-tokens", "14", "--every", "4",
+                        "--warm-guards"],
     "guard_checks": ["--cpu-tiny", "--reps", "3"],
     "fit_validation": ["--cpu-tiny", "--samples", "30", "--ab-samples", "6", "--warmup", "2"],
 }
@@ -75,6 +76,10 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         assert [r["within_call_host_us"][p]["n"] for p in ("stamped", "first_bare", "later_bare")] == [9, 9, 9]
         assert all(len(s["step_us"]) == 12 for ss in r["samples"].values() for s in ss)
         assert len(r["graphs_clocked"]) == 2  # the bare graph and the stamped one
+        # --warm-guards: every switch after a call's first step was warmed, and each found its entry
+        w = r["warm_guards"]
+        assert w["warmed"] == w["passed"] > 0 and not w["off"]
+        assert "layers_every4_warm" in r["host_split_median_us"]
         for name, kinds in r["host_split_median_us"].items():  # dynamo's part, and of it the lookup, per step
             for kind, d in kinds.items():
                 assert 0 < d["lookup"] <= d["guards"] <= d["compiled"], (name, kind)
