@@ -24,50 +24,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment, save, table  # noqa: E402
 from compiled import compiled_decode_kwargs  # noqa: E402
-
-
-def frame_of_compiled_call(model: Any) -> tuple[types.CodeType, dict[str, Any]]:
-    """The code object dynamo keeps the decode step's cache entries on (the outermost frame it
-    compiled: a decorator's wrapper of the model's forward, in transformers 5.x), and that frame's
-    free variables (the wrapped function), read off the function of the forward's chain that has it."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-    chain, fn = [], type(model).forward
-    while fn is not None:
-        chain.append(fn)
-        fn = getattr(fn, "__wrapped__", None)
-    for fn in chain:
-        code = getattr(fn, "__code__", None)
-        if code is not None and _debug_get_cache_entry_list(code):
-            return code, dict(zip(code.co_freevars, [c.cell_contents for c in fn.__closure__ or ()]))
-    raise RuntimeError("no function of the model's forward chain holds dynamo cache entries")
-
-
-def frame_locals(code: types.CodeType, free: dict[str, Any], model: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The frame's locals for a call ``model(*args, **kwargs)`` through that code: its positional
-    parameters, its ``*args`` and ``**kwargs``, its free variables."""
-    n, names = code.co_argcount, code.co_varnames
-    star = names[n] if code.co_flags & inspect.CO_VARARGS else None
-    dstar = names[n + (1 if star else 0)] if code.co_flags & inspect.CO_VARKEYWORDS else None
-    pos = (model,) + tuple(args)
-    loc = dict(zip(names[:n], pos))
-    if star:
-        loc[star] = pos[n:]
-    if dstar:
-        loc[dstar] = dict(kwargs)
-    loc.update(free)
-    return loc
 
 
 def evict_caches(buffer: Any) -> None:
@@ -81,6 +46,7 @@ def run(case: Any, cuda: bool, reps: int, evict_mb: int = 0) -> dict[str, Any]:
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     import stagetrace
+    from stagetrace.tracing.guard_warm import frame_locals, frame_of_compiled_call
 
     model = case.model
     kw = compiled_decode_kwargs(case, cuda, 16)
@@ -105,7 +71,10 @@ def run(case: Any, cuda: bool, reps: int, evict_mb: int = 0) -> dict[str, Any]:
             tracer.clear()
     finally:
         type(model).get_compiled_call = get_compiled_call
-    code, free = frame_of_compiled_call(model)
+    frame = frame_of_compiled_call(model)
+    if frame is None:
+        raise RuntimeError("no function of the model's forward chain holds dynamo cache entries")
+    code, free = frame
     entries = _debug_get_cache_entry_list(code)
 
     def now_locals() -> dict[str, Any]:
