@@ -280,7 +280,10 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
         out = res.setdefault("out", model.generate(**kw))
         if step_clock and len(step_entries_ns) > 2:  # [prefill, decode step 0, 1, ...]
             e = step_entries_ns
+            # head = setup (generate()'s and the tracer's work before the prefill's input preparation)
+            # + prefill (from there to the first decode step's: the prefill, its stop check and its wait)
             res["host"] = {"head_ms": (e[1] - t_in) / 1e6, "tail_ms": (time.perf_counter_ns() - e[-1]) / 1e6,
+                           "setup_ms": (e[0] - t_in) / 1e6, "prefill_ms": (e[1] - e[0]) / 1e6,
                            "step_ms": statistics.median(b - a for a, b in zip(e[1:], e[2:])) / 1e6}
         return out
 
@@ -338,11 +341,14 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                                "paired_overhead_ci95_pct": [lo, hi], "walls_ms": walls}
         if step_clock and all("step_ms" in s for s in ss):
             # the host's own clock, paired per repetition against plain: where the difference lies
-            for part in ("head_ms", "step_ms", "tail_ms"):
+            for part in ("head_ms", "setup_ms", "prefill_ms", "step_ms", "tail_ms"):
                 diffs_us = [1e3 * (s[part] - p[part]) for s, p in zip(ss, samples["plain"])]
                 row[f"host_{part}"] = statistics.median(s[part] for s in ss)
                 row[f"host_{part[:-3]}_paired_us"] = statistics.median(diffs_us)
                 row[f"host_{part[:-3]}_paired_ci95_us"] = list(bootstrap_median_ci(diffs_us))
+            # every repetition's parts, in repetition order (paired with plain's by index), for a later look
+            row["host_samples_ms"] = {part: [s[part] for s in ss]
+                                      for part in ("setup_ms", "prefill_ms", "step_ms", "tail_ms")}
         recs = [s["record"] for s in ss if "record" in s]
         if recs:
             errors = [r["error"] for r in recs if r["error"]]
@@ -459,11 +465,12 @@ def main(argv: list[str] | None = None) -> dict:
                            "after matmul", "resolve µs (% of call)", "build µs (% of call)", "errors"]))
         clocked = [(m, v) for m, v in r["methods"].items() if "host_step_paired_us" in v]
         if clocked:
-            print("host clock, paired against plain (median µs [95% interval]): before the first decode step | "
-                  "a decode step | after the last")
+            print("host clock, paired against plain (median µs [95% interval]): before the first decode step "
+                  "(of it: before the prefill's input preparation | from there) | a decode step | after the last")
             for m, v in clocked:
                 print(f"  {m:20s} " + " | ".join("{:+.1f} [{:+.1f}, {:+.1f}]".format(
-                    v[f"host_{p}_paired_us"], *v[f"host_{p}_paired_ci95_us"]) for p in ("head", "step", "tail")))
+                    v[f"host_{p}_paired_us"], *v[f"host_{p}_paired_ci95_us"])
+                    for p in ("head", "setup", "prefill", "step", "tail")))
         st = r["methods"]["stagetrace"]
         if "direct" in st:
             d = st["direct"]

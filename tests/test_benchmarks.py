@@ -68,7 +68,9 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         assert (r["methods"]["stagetrace_lead_every1"]["n_marks"] - r["methods"]["stagetrace"]["n_marks"]
                 == steps - -(-steps // COMPILED_LEAD_EVERY))
         for m, row in r["methods"].items():  # --step-clock: the paired host-clock split of every method
-            assert {"host_head_paired_us", "host_step_paired_us", "host_tail_paired_us"} <= set(row), m
+            assert {"host_head_paired_us", "host_setup_paired_us", "host_prefill_paired_us", "host_step_paired_us",
+                    "host_tail_paired_us"} <= set(row), m
+            assert len(row["host_samples_ms"]["setup_ms"]) == 2  # one per repetition
     if script == "compiled_switch":
         r = payload["results"]
         assert r["compiled_decode"] and not r["errors"]
