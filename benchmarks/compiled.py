@@ -225,7 +225,7 @@ def compiled_decode_kwargs(case: Any, cuda: bool, new_tokens: int) -> dict[str, 
 
 def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int,
                     only: tuple[str, ...] = METHODS, direct_calls: int = 0, step_clock: bool = False,
-                    gc_off: bool = False) -> dict[str, Any]:
+                    gc_off: bool = False, touch_untraced: bool = False, settle: int = 0) -> dict[str, Any]:
     import torch
 
     import stagetrace
@@ -287,10 +287,17 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                            "step_ms": statistics.median(b - a for a, b in zip(e[1:], e[2:])) / 1e6}
         return out
 
+    touch = stagetrace.trace(model, keep_marks=False)  # --touch-untraced: started and stopped, never called
+
     def method(m: str) -> Callable[[], dict]:
         def run() -> dict:
             tr = tracers.get(m)
             if tr is None:
+                if touch_untraced:  # the model's attributes and hooks set and put back, as before a traced call
+                    with touch:
+                        pass
+                for _ in range(settle):  # untimed: the timed call follows a call of its own kind
+                    model.generate(**kw)
                 res: dict[str, Any] = {}
                 wall = timed(lambda: generate_clocked(res))
                 outputs.setdefault(m, res["out"].cpu())
@@ -303,6 +310,8 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                     stack.enter_context(mock.patch.object(compiled_decode.CompiledDecodeMarks, "_after_stop_check",
                                                           lambda self, *args: None))
                 stack.enter_context(tr)
+                for _ in range(settle):  # untimed, traced: as when a tracer stays on over many calls
+                    model.generate(**kw)
                 res = {}
                 wall = timed(lambda: generate_clocked(res))
             outputs.setdefault(m, res["out"].cpu())
@@ -412,6 +421,14 @@ def main(argv: list[str] | None = None) -> dict:
                          "difference split into before the first decode step, per step, and after the last")
     ap.add_argument("--gc-off", action="store_true",
                     help="probe: Python's garbage collector off inside every timed call (each method alike)")
+    ap.add_argument("--touch-untraced", action="store_true",
+                    help="before each untraced call (plain, plain_again), an unused tracer started and stopped, "
+                         "untimed: every timed call then follows its model's attributes and hooks being set, as a "
+                         "traced call does (its tracer is entered right before it)")
+    ap.add_argument("--settle", type=int, default=0,
+                    help="untimed calls of the same method right before each timed one (a traced method's inside "
+                         "its tracer): the timed call then follows a call of its own kind, as with a tracer kept on "
+                         "over many calls, not the switch from another method")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -422,7 +439,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     cuda = torch.cuda.is_available() and not args.cpu_tiny
     env = environment()
-    name = ("compiled" if cuda else "compiled-cpu-tiny") + ("-gcoff" if args.gc_off else "")
+    name = (("compiled" if cuda else "compiled-cpu-tiny") + ("-gcoff" if args.gc_off else "")
+            + ("-touch" if args.touch_untraced else "") + (f"-settle{args.settle}" if args.settle else ""))
     payload: dict[str, Any] = {
         "benchmark": "compiled", "env": env, "device": "cuda" if cuda else "cpu",
         "models": ("realistic Llama (22 layers, 2048 wide, bf16, random weights) and LLaVA (CLIP-L/336 + that "
@@ -441,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
         case.model.eval()
         payload["results"].append(decode_overhead(cfg, case, cuda, args.reps, args.warmup, args.new_tokens,
                                                   tuple(args.methods.split(",")), args.direct_calls, args.step_clock,
-                                                  args.gc_off))
+                                                  args.gc_off, args.touch_untraced, args.settle))
         path = save(name, payload, args.out)  # survives a cut-off
         del case
         if cuda:

@@ -22,7 +22,7 @@ SCRIPTS = {
     "stamp_fusion": ["--cpu-tiny"],
     "lead": ["--cpu-tiny", "--reps", "1", "--warmup", "1", "--new-tokens", "4"],
     "compiled": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--stamps", "100",
-                 "--configs", "llama_b1", "--step-clock"],
+                 "--configs", "llama_b1", "--step-clock", "--settle", "1", "--touch-untraced"],
     "compiled_switch": ["--cpu-tiny", "--reps", "3", "--warmup", "1", "--new-tokens", "14", "--every", "4",
                         "--warm-guards"],
     "guard_checks": ["--cpu-tiny", "--reps", "3"],
