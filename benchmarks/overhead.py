@@ -49,7 +49,8 @@ from _env import TimedTimeline, bootstrap_median_ci, environment, pin_cpu, quant
 STAGE_KEYS = ("vision_ms", "prefill_ms", "decode_ms", "other_ms", "total_ms", "ttft_ms")
 
 
-def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) -> dict[str, Callable[[], dict]]:
+def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool,
+                 settle: int = 0) -> dict[str, Callable[[], dict]]:
     import torch
 
     import stagetrace
@@ -62,7 +63,14 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
     def timed(fn: Callable[[], Any]) -> float:
         return timed_ms(fn, cuda)
 
+    def settled() -> None:
+        """--settle: untimed calls of the same method first, so the timed one follows its own kind
+        (as with a tracer left on over many calls), not the switch from another method."""
+        for _ in range(settle):
+            model.generate(**kw)
+
     def plain() -> dict:
+        settled()
         return {"wall_ms": timed(lambda: model.generate(**kw))}
 
     def traced(layer_detail: str, timeline_factory: Callable[[], Any] | None,
@@ -71,6 +79,7 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
             tl = timeline_factory() if timeline_factory else None
             with stagetrace.trace(model, layer_detail=layer_detail, layer_marks=layer_marks, timeline=tl,
                                   layer_every=layer_every, keep_marks=False) as tracer:
+                settled()
                 wall = timed(lambda: model.generate(**kw))
             rec = tracer.records[-1]
             return {"wall_ms": wall, "record": rec.to_dict(), "n_marks": rec.n_marks, "resolve_ms": rec.resolve_ms,
@@ -115,6 +124,7 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
 
         def profiled() -> dict:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            settled()
             with profile(activities=acts) as prof:
                 wall = timed(lambda: model.generate(**kw))
             with tempfile.TemporaryDirectory() as d:
@@ -130,8 +140,8 @@ def make_methods(case: Any, cuda: bool, new_tokens: int, with_profiler: bool) ->
 
 
 def run_config(name: str, case: Any, cuda: bool, reps: int, warmup: int, new_tokens: int,
-               profiler_reps: int, only: list[str] | None = None, direct_reps: int = 5) -> dict:
-    methods = make_methods(case, cuda, new_tokens, with_profiler=profiler_reps > 0)
+               profiler_reps: int, only: list[str] | None = None, direct_reps: int = 5, settle: int = 0) -> dict:
+    methods = make_methods(case, cuda, new_tokens, with_profiler=profiler_reps > 0, settle=settle)
     if only:
         methods = {m: fn for m, fn in methods.items() if m in only or m == "plain"}
     samples: dict[str, list[dict]] = {m: [] for m in methods}
@@ -259,6 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", default="", help="comma-separated subset (plain is always run); default all")
     ap.add_argument("--pin-cpu", type=int, default=None, metavar="CORE",
                     help="pin this process to one core (less scheduler noise on a shared host)")
+    ap.add_argument("--settle", type=int, default=0,
+                    help="untimed calls of the same method right before each timed one (a traced method's inside "
+                         "its tracer): the timed call follows its own kind, not the switch from another method")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -289,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
             case = tiny.build(family, batch=b)
         case.model.eval()
         results.append(run_config(cfg, case, cuda, args.reps, args.warmup, args.new_tokens, args.profiler_reps,
-                                  [m for m in args.methods.split(",") if m], args.direct_reps))
+                                  [m for m in args.methods.split(",") if m], args.direct_reps, args.settle))
         save("overhead" if cuda else "overhead-cpu-tiny", payload_of(results), args.out)  # survives a cut-off
         del case
         if cuda:

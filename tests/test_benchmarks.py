@@ -15,7 +15,7 @@ SCRIPTS = {
     "accuracy": ["--cpu", "--reps", "2", "--steps", "2", "--vision-us", "2000", "--prefill-us", "3000",
                  "--step-us", "1000"],
     "overhead": ["--cpu-tiny", "--reps", "2", "--warmup", "1", "--new-tokens", "3", "--profiler-reps", "1",
-                 "--configs", "llava_b1,llama_b2"],
+                 "--configs", "llava_b1,llama_b2", "--settle", "1"],
     "subtraction": ["--cpu-tiny", "--samples", "3"],
     "in_context": ["--cpu-tiny", "--reps", "2", "--new-tokens", "2", "--pin-cpu", "3"],
     "direct_cost": ["--cpu-tiny", "--reps", "2", "--sync-reps", "2", "--new-tokens", "3", "--pin-cpu", "3"],
