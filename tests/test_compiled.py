@@ -540,3 +540,40 @@ def test_warming_that_fails_turns_itself_off_and_changes_nothing(monkeypatch):
     (rec,) = tracer.records
     assert_partition(rec)
     assert not rec.error and rec.layer_steps == [0, 2, 4]
+
+
+def test_stamped_steps_that_dynamo_runs_eagerly_are_said_in_the_record():
+    """Dynamo counts its recompile limit per forward function, which transformers' models share; a
+    stamped graph is one more entry. Past the limit dynamo runs the step eagerly: the stamps still
+    come (launched from Python), but the step and its layers are an eager step's, which an
+    untraced call does not run — the record says so. Where the stamped graph compiles, it says
+    nothing (its wrappers never run as Python)."""
+    import torch._dynamo
+
+    case = tiny.build("llama")
+    kw = gen_kwargs(case, 9, **static_compiled(case))
+    n_layers = len(stagetrace.trace(case.model).layout.layers)
+
+    def traced_warnings() -> list[str]:
+        with pytest.warns(UserWarning):
+            with stagetrace.trace(case.model, layer_detail="all", layer_every=4) as tracer:
+                case.model.generate(**kw)
+        (rec,) = tracer.records
+        assert_partition(rec)
+        assert not rec.error and rec.layer_steps == [0, 4]
+        return [w for w in rec.warnings if "outside a compiled graph" in w]
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    case.model.generate(**kw)  # the bare graph compiled
+    assert traced_warnings() == []
+    assert not counters["graph_break"]  # the wrappers' check is folded away: one graph per variant
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        case.model.generate(**kw)  # the bare graph takes the one entry allowed
+        with pytest.warns(RuntimeWarning, match="outside a compiled graph"):
+            (said,) = traced_warnings()
+    assert said.startswith(f"{2 * n_layers} layer forwards") and "recompile_limit" in said
+    torch._dynamo.reset()

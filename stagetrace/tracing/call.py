@@ -63,6 +63,10 @@ class CallState:
     # steps whose event has a calibration stamp (only those that ran the stamped graph)
     stamped_graph: bool = False
     calibrated_steps: list[int] = field(default_factory=list)
+    # layer forwards whose stamp wrappers ran as Python, outside any compiled graph (dynamo ran the
+    # step eagerly: its recompile limit, a graph break at the layer's boundary); 0 where all stamped
+    # in a graph
+    eager_stamped_layers: int = 0
     # generate()'s compiled decode, greedy or sampled (one sequence per row, no assistant): the
     # next step's mark is taken where the step before it had its stopping criteria issued,
     # before generate() waits for the GPU to read whether to go on (``compiled_decode.py``).

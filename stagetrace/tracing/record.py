@@ -152,9 +152,23 @@ def aux_forward_note(runs: list[tuple[int, int]], spans: SpanTable) -> str:
             f"{_counted_in(runs, spans)}")
 
 
+def eager_stamped_note(layer_runs: int, n_layers: int) -> str | None:
+    """What to say of a call whose stamp wrappers ran as Python ``layer_runs`` times (None: never):
+    the steps that carry layers ran eagerly, not as the compiled graph they were to replay."""
+    if layer_runs <= 0:
+        return None
+    forwards = f" (about {layer_runs / n_layers:g} forwards of {n_layers} layers)" if n_layers else ""
+    return (f"{layer_runs} layer forwards that carry stamps ran outside a compiled graph{forwards}: dynamo ran "
+            "those steps eagerly — its recompile limit (torch._dynamo.config.recompile_limit, counted per "
+            "forward function, which transformers' models share, and layer stamps add one graph per model) "
+            "was reached, or a graph break falls at a layer's boundary — so those steps' times and their "
+            "layers' are of an eager step, which an untraced call may not run")
+
+
 def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | None, error: str | None,
                  keep_marks: bool, expect: dict[str, str] | None = None, uncounted: str | None = None,
-                 audio_parts: Sequence[str] = (), loops: int = 0, unclosed: str | None = None) -> StageRecord:
+                 audio_parts: Sequence[str] = (), loops: int = 0, unclosed: str | None = None,
+                 eager_stamped: str | None = None) -> StageRecord:
     """The record of one call: its stages, or why the call was not timed (``error``, or marks
     that were dropped or out of order), with a RuntimeWarning then. ``expect`` maps a span kind
     the call must have to what to say when it has none: said in the record's ``warnings`` and
@@ -163,7 +177,8 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
     where runs of the audio encoder (``audio_parts``) were marked, the record says in which
     stages their time is counted. ``loops``: decoding loops the call ran (an encoder–decoder's; 0
     where not counted): each loop after the first is said, its prefill being in decode. ``unclosed``:
-    why the prefill never ended (``call.unclosed_prefill``), said likewise."""
+    why the prefill never ended (``call.unclosed_prefill``), said likewise; so is ``eager_stamped``
+    (``eager_stamped_note``)."""
     if error is None and marks.dropped:
         error = (f"{marks.dropped} marks were dropped (the event pool could not grow); "
                  "this call's stages are unknown")
@@ -206,6 +221,8 @@ def build_record(marks: Marks, meta: dict[str, Any], placement: SpanPlacement | 
             rec.warnings.append(aux_forward_note(aux, rec.spans))
         if unclosed is not None:
             rec.warnings.append(unclosed)
+        if eager_stamped is not None:
+            rec.warnings.append(eager_stamped)
         steps = len(rec.decode_step_ms)
         if uncounted is not None:
             rec.warnings.append(f"{uncounted}: the tokens it generated cannot be counted from it, so output_tokens "

@@ -51,6 +51,9 @@ class LayerStamps:
         self.stream = 0  # the stream of the call in flight
         self._wrappers: list[tuple[torch.nn.Module, Callable[..., Any]]] = []
         self.per_forward = 0  # stamps one forward of the stamped graph takes (its wrappers' labels)
+        # layer forwards whose wrapper ran as Python outside a compiled graph since the last reset
+        # (inside one, dynamo folds the check away: a replayed graph runs no Python at all)
+        self.eager_runs = [0]
         self._shadows = Shadows()
 
     def unavailable_reason(self) -> str | None:
@@ -93,7 +96,8 @@ class LayerStamps:
                                 for lab in pair) for pair in labels]
             self.per_forward = sum(lab is not None for pair in labels for lab in pair)
             for (name, layer), (begin, end) in zip(self.layout.layers, labels):
-                self._wrappers.append((layer, _stamping_forward(layer.forward, op, rid, begin, end, name)))
+                self._wrappers.append((layer, _stamping_forward(layer.forward, op, rid, begin, end, name,
+                                                                self.eager_runs)))
         for layer, forward in self._wrappers:  # a plain instance attribute, switched per sampled step
             self._shadows.set(layer, "forward", forward, direct=True)
 
@@ -157,14 +161,18 @@ def _stamps_per_step(labels: np.ndarray, anchors: tuple[int, ...], per_forward: 
 
 
 def _stamping_forward(inner: Callable[..., Any], op: Any, ring: int, begin: int, end: int | None,
-                      name: str) -> Callable[..., Any]:
+                      name: str, eager_runs: list[int]) -> Callable[..., Any]:
     """A layer forward with a stamp on its hidden-state input and on its output.
 
     The stamps are copies of the tensors they stamp (see graph_stamps): the layer then
     reads the stamped input and its caller the stamped output, which pins both stamps
-    to the layer's boundaries in whatever order the compiler schedules the rest.
+    to the layer's boundaries in whatever order the compiler schedules the rest. Run as
+    Python (not traced into a graph) it counts itself in ``eager_runs``: the step it belongs
+    to then ran eagerly, which the record says.
     """
     def forward(*args: Any, **kwargs: Any) -> Any:
+        if not torch.compiler.is_compiling():  # a constant True while dynamo traces this
+            eager_runs[0] += 1
         if args and isinstance(args[0], torch.Tensor):
             args = (op(args[0], ring, begin),) + args[1:]
         elif isinstance(kwargs.get("hidden_states"), torch.Tensor):

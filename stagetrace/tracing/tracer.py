@@ -52,7 +52,7 @@ from .features import queue_features
 from .forward_return import ForwardReturnMarks
 from .errors import TracingError
 from .patch import Shadows
-from .record import FinishedCall, build_record, versions
+from .record import FinishedCall, build_record, eager_stamped_note, versions
 from .stamps import LayerStamps
 
 __all__ = ["Tracer", "trace", "attach", "TracingError", "LAYER_DETAIL", "LAYER_MARKS"]
@@ -335,6 +335,7 @@ class Tracer:
                          lead_every=compiled_every if self._forward_compiled else eager_every,
                          compiled_lead_every=compiled_every)
         self._slot.call = call
+        self._stamps.eager_runs[0] = 0
         unix_start = time.time()
         tl.mark(_CALL_BEGIN)
         try:
@@ -347,6 +348,7 @@ class Tracer:
             self._slot.call = None
             self._after_call()
         t_returned = time.perf_counter_ns()
+        call.eager_stamped_layers = self._stamps.eager_runs[0]
         marks = Marks.from_timeline(tl)  # the one sync of the call
         if call.compiled_decode:  # stop-check marks no step followed (compiled_decode.py) bound nothing
             marks = marks.without(call.unused_marks())
@@ -396,7 +398,9 @@ class Tracer:
                 rec = build_record(marks, self._meta(finished), self._placement, error,
                                    self.keep_marks, expect=self._expectations(finished.inputs),
                                    uncounted=finished.uncounted_reason(), audio_parts=self.layout.describe()["audio"],
-                                   loops=finished.call.loops, unclosed=unclosed_prefill(finished.call))
+                                   loops=finished.call.loops, unclosed=unclosed_prefill(finished.call),
+                                   eager_stamped=eager_stamped_note(finished.call.eager_stamped_layers,
+                                                                    len(self.layout.layers)))
                 rec.resolve_ms = finished.resolve_ms
                 rec.build_ms = (time.perf_counter_ns() - t0) / 1e6
                 self._unbuilt.popleft()  # only once built: a failure leaves it to be built again
