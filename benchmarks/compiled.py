@@ -330,10 +330,14 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                 fn()
         compile_and_warmup_s = time.perf_counter() - t_compile
         samples: dict[str, list[dict]] = {m: [] for m in names}
+        ran_after: dict[str, list[str]] = {m: [] for m in names}  # per method and repetition: what ran right before
         for rep in range(reps):
             gc.collect()
+            previous = "gc.collect"  # the repetition's first call follows the collection
             for m in names[rep % len(names):] + names[: rep % len(names)]:
                 samples[m].append(methods[m]())
+                ran_after[m].append(previous)
+                previous = m
         same_tokens = {m: bool(torch.equal(outputs[m], outputs["plain"])) for m in names}
         direct = direct_cost(model, kw, cuda, direct_calls) if direct_calls > 0 else None
     finally:
@@ -358,6 +362,13 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             # every repetition's parts, in repetition order (paired with plain's by index), for a later look
             row["host_samples_ms"] = {part: [s[part] for s in ss]
                                       for part in ("setup_ms", "prefill_ms", "step_ms", "tail_ms")}
+            # the host time before the first decode step by what ran right before the call: the switch from
+            # another method (or the repetition's gc.collect) shows here, in the A/A row as in the others
+            heads: dict[str, list[float]] = {}
+            for s, before in zip(ss, ran_after[m]):
+                heads.setdefault(before, []).append(1e3 * s["head_ms"])
+            row["host_head_us_by_previous"] = {before: {"median": statistics.median(xs), "n": len(xs)}
+                                              for before, xs in sorted(heads.items())}
         recs = [s["record"] for s in ss if "record" in s]
         if recs:
             errors = [r["error"] for r in recs if r["error"]]
@@ -489,6 +500,10 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  {m:20s} " + " | ".join("{:+.1f} [{:+.1f}, {:+.1f}]".format(
                     v[f"host_{p}_paired_us"], *v[f"host_{p}_paired_ci95_us"])
                     for p in ("head", "setup", "prefill", "step", "tail")))
+            print("host µs before the first decode step, median, by what ran right before the call:")
+            for m, v in clocked:
+                print(f"  {m:20s} " + ", ".join(f"after {before} {d['median']:.0f} (n {d['n']})"
+                                                for before, d in v["host_head_us_by_previous"].items()))
         st = r["methods"]["stagetrace"]
         if "direct" in st:
             d = st["direct"]

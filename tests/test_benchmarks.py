@@ -71,6 +71,8 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
             assert {"host_head_paired_us", "host_setup_paired_us", "host_prefill_paired_us", "host_step_paired_us",
                     "host_tail_paired_us"} <= set(row), m
             assert len(row["host_samples_ms"]["setup_ms"]) == 2  # one per repetition
+            assert sum(d["n"] for d in row["host_head_us_by_previous"].values()) == 2
+            assert "gc.collect" in row["host_head_us_by_previous"] or m != "plain"  # repetition 0 starts with plain
     if script == "compiled_switch":
         r = payload["results"]
         assert r["compiled_decode"] and not r["errors"]
