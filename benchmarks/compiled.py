@@ -287,13 +287,14 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                            "step_ms": statistics.median(b - a for a, b in zip(e[1:], e[2:])) / 1e6}
         return out
 
-    touch = stagetrace.trace(model, keep_marks=False)  # --touch-untraced: started and stopped, never called
+    # --touch-untraced: a tracer started and stopped before each untraced call, never called through
+    touch = stagetrace.trace(model, keep_marks=False) if touch_untraced else None
 
     def method(m: str) -> Callable[[], dict]:
         def run() -> dict:
             tr = tracers.get(m)
             if tr is None:
-                if touch_untraced:  # the model's attributes and hooks set and put back, as before a traced call
+                if touch is not None:  # the model's attributes and hooks set and put back, as before a traced call
                     with touch:
                         pass
                 for _ in range(settle):  # untimed: the timed call follows a call of its own kind
