@@ -21,6 +21,14 @@ decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetit
                       pass (layer_marks="matmul"): the compiler fuses across layers again
   stagetrace_layers_every8  stamps on every 8th step only (layer_every=8): the stamped graph
                       runs on those steps, the bare one on the others
+                      (with compiled_decode.WARM_GUARDS, the default since session 14: each
+                      switch made at the stop check before its step, the next graph's guards
+                      checked there)
+  stagetrace_layers_every8_cold  the same with WARM_GUARDS off (the switch at the step itself)
+  stagetrace_layers_every32  layers on the prefill and decode step 0 only (32 new tokens): with
+                      _prefill and every8, what one stamped step adds
+  stagetrace_layers_prefill  layer_detail="prefill": layers on the prefill only (eager hooks),
+                      the decode steps at stage level
   host_clock          stage level's hooks and wrappers marking the host clock, no CUDA event:
                       stagetrace - host_clock is what the events add, host_clock - plain the Python
   stagetrace_no_lead  stage level without the FORWARD_RETURN mark (a probe, not an option: what
@@ -139,7 +147,8 @@ def stamp_cost(cuda: bool, n: int, replays: int) -> dict[str, Any]:
 
 
 METHODS = ("plain", "stagetrace", "stagetrace_lead_every1", "stagetrace_layers", "stagetrace_layers_shared",
-           "stagetrace_layers_matmul", "stagetrace_layers_every8", "host_clock", "stagetrace_no_lead",
+           "stagetrace_layers_matmul", "stagetrace_layers_every8", "stagetrace_layers_every8_cold",
+           "stagetrace_layers_every32", "stagetrace_layers_prefill", "host_clock", "stagetrace_no_lead",
            "stagetrace_prepare_mark", "plain_again")
 
 
@@ -257,7 +266,12 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                                                             keep_marks=False),
                # the stamped graph on every 8th step only, the bare one on the others
                "stagetrace_layers_every8": stagetrace.trace(model, layer_detail="all", layer_every=8,
-                                                            keep_marks=False)}
+                                                            keep_marks=False),
+               "stagetrace_layers_every8_cold": stagetrace.trace(model, layer_detail="all", layer_every=8,
+                                                                 keep_marks=False),
+               "stagetrace_layers_every32": stagetrace.trace(model, layer_detail="all", layer_every=32,
+                                                             keep_marks=False),
+               "stagetrace_layers_prefill": stagetrace.trace(model, layer_detail="prefill", keep_marks=False)}
     outputs: dict[str, Any] = {}
 
     step_entries_ns: list[int] = []  # --step-clock: host time at each prepare_inputs_for_generation
@@ -310,6 +324,8 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                 if m == "stagetrace_prepare_mark":  # the probe: no step is marked at the stop check
                     stack.enter_context(mock.patch.object(compiled_decode.CompiledDecodeMarks, "_after_stop_check",
                                                           lambda self, *args: None))
+                if m.endswith("_cold"):  # read at install, so patched around the tracer's entry
+                    stack.enter_context(mock.patch.object(compiled_decode, "WARM_GUARDS", False))
                 stack.enter_context(tr)
                 for _ in range(settle):  # untimed, traced: as when a tracer stays on over many calls
                     model.generate(**kw)

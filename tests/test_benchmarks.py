@@ -49,7 +49,8 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
     if script == "compiled":
         (r,) = payload["results"]
         assert all(r["same_tokens"].values()) and r["stamps_per_step"] == 3
-        for m in ("stagetrace_layers", "stagetrace_layers_every8", "stagetrace_layers_matmul"):
+        for m in ("stagetrace_layers", "stagetrace_layers_every8", "stagetrace_layers_every8_cold",
+                  "stagetrace_layers_every32", "stagetrace_layers_matmul"):
             assert r["methods"][m]["compiled_decode"] and not r["methods"][m]["errors"], m
             assert r["methods"][m]["layer_stack_median_us"] > 0, m  # read off the stamps of every step
         d = r["methods"]["stagetrace"]["direct"]  # every native mark of a stage-level call, timed

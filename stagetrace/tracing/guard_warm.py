@@ -1,5 +1,5 @@
 """Dynamo's guard check of the graph a sampled compiled step switches to, run ahead, while the host
-waits for the GPU anyway (an experiment, off by default: ``compiled_decode.WARM_GUARDS``).
+waits for the GPU anyway (on by default: ``compiled_decode.WARM_GUARDS``).
 
 Why. With sampled layer stamps (``layer_every`` N) the compiled decode step has two dynamo cache
 entries, the bare graph and the stamped one. A stamped step spends 170–250 µs more than a bare one
