@@ -412,8 +412,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dynamo-config", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._dynamo.config.KEY (a probe: e.g. skip_tensor_guards_with_matching_dict_tags=0)")
     ap.add_argument("--warm-guards", action="store_true",
-                    help="also the sampled call with compiled_decode.WARM_GUARDS on (guard_warm.py): each switch "
-                         "of graph made at the stop check before its step, the next graph's guards checked there")
+                    help="also the sampled call with compiled_decode.WARM_GUARDS on (guard_warm.py; the default "
+                         "since session 14): each switch of graph made at the stop check before its step, the next "
+                         "graph's guards checked there. The layers_everyN rows always run with it off")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.every < 3:
