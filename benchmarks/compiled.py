@@ -37,8 +37,10 @@ decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetit
                       after the stop check's sync (the placement before session 12; a probe): the
                       default marks a step where the step before it issued its stopping criteria
 Wall overhead is paired per repetition; beside it, stage level's direct in-context cost
-(``--direct-calls``: every native mark timed around itself, per kind) and with what the call
-does after generate() returns (``resolve_ms``); the GPU-side cost of the stamps is also read off
+(``--direct-calls``: every native mark timed around itself, per kind), the tracer's own Python
+outside its marks in the same number of calls (``step_python``: each per-step hook timed around
+itself and around what it wraps) and with what the call does after generate() returns
+(``resolve_ms``); the GPU-side cost of the stamps is also read off
 the traced runs' own decode-step times (layers vs stage level; a step here is mostly host
 work outside the graph, so these carry host noise), and the stamped ways are compared on
 the GPU's own clock by the decoder stack's time per step, first layer begin to last layer
@@ -217,6 +219,99 @@ def direct_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int) -> dict[
             "by_kind_per_call": {k: len(v) / calls for k, v in sorted(by_kind.items())}}
 
 
+# generate() calls these once per forward; the tracer wraps each on the model (compiled_decode.py,
+# forward_return.py), so a decode step runs that Python on the host's path
+STEP_HOOKS = ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation")
+
+
+def step_python_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int,
+                     mark_us: dict[str, float]) -> dict[str, Any]:
+    """The tracer's own Python in a stage-level call, outside its native marks: each wrapper of
+    ``STEP_HOOKS`` timed around itself and around the method it wraps (a timer on the class, set
+    before the tracer wraps it), and the stop check's hook (``CompiledDecodeMarks._after_stop_check``),
+    each less the native marks it issued (counted off the timeline's length, outside the timed
+    window, at ``mark_us``: the median in-context cost of a mark of the kind it issues, from
+    ``direct_cost``). The same two timers around an untraced call (nothing between them) give
+    their own cost, subtracted from the wrapped hooks. Per call, after one call that is not counted."""
+    import stagetrace
+    from stagetrace.low_level import new_timeline
+    from stagetrace.tracing import compiled_decode
+
+    # the kind of mark each hook issues: a step's start (input preparation, stop check), a forward's return
+    issues = {"prepare_inputs_for_generation": "DECODE_FORWARD", "_update_model_kwargs_for_generation":
+              "FORWARD_RETURN", "stop_check_hook": "DECODE_FORWARD"}
+    names = [n for n in STEP_HOOKS if callable(getattr(type(model), n, None))]
+    inner_ns = {n: [0] for n in names}  # the wrapped method's time inside the current outer call
+    spent: dict[str, list[float]] = {}  # per hook: each invocation's own µs
+    tl_box: list[Any] = [None]
+
+    def n_marks() -> int:
+        return len(tl_box[0]) if tl_box[0] is not None else 0
+
+    def own_us(key: str, elapsed_ns: int, marks: int) -> None:
+        spent.setdefault(key, []).append(elapsed_ns / 1e3 - marks * mark_us.get(issues.get(key, ""), 0.0))
+
+    def inner_timer(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inner_ns[name][0] += time.perf_counter_ns() - t0
+
+        return timed
+
+    def outer_timer(name: str, fn: Callable[..., Any], key: str) -> Callable[..., Any]:
+        @functools.wraps(fn)  # generate() reads the input preparation's signature
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            inner_ns[name][0], m0 = 0, n_marks()
+            t0 = time.perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                t1 = time.perf_counter_ns()
+                own_us(key, t1 - t0 - inner_ns[name][0], n_marks() - m0)
+
+        return timed
+
+    after = compiled_decode.CompiledDecodeMarks._after_stop_check
+
+    def timed_after(self: Any, *args: Any) -> None:
+        m0 = n_marks()
+        t0 = time.perf_counter_ns()
+        after(self, *args)
+        own_us("stop_check_hook", time.perf_counter_ns() - t0, n_marks() - m0)
+
+    per_call: dict[str, list[float]] = {}
+    invocations: dict[str, int] = {}
+    with contextlib.ExitStack() as stack:
+        for n in names:
+            stack.enter_context(mock.patch.object(type(model), n, inner_timer(n, getattr(type(model), n))))
+        stack.enter_context(mock.patch.object(compiled_decode.CompiledDecodeMarks, "_after_stop_check", timed_after))
+        for traced in (False, True):
+            for i in range(calls + 1):
+                spent.clear()
+                with contextlib.ExitStack() as call_stack:
+                    if traced:
+                        tl_box[0] = new_timeline("cuda" if cuda else "cpu", capacity=1 << 12)
+                        call_stack.enter_context(stagetrace.trace(model, timeline=tl_box[0]))
+                    for n in names:  # over the tracer's wrapper (or the bound method, untraced)
+                        call_stack.enter_context(mock.patch.object(model, n, outer_timer(
+                            n, getattr(model, n), n if traced else f"{n} (timers alone)")))
+                    model.generate(**kw)
+                tl_box[0] = None
+                if i > 0:
+                    for key, xs in spent.items():
+                        per_call.setdefault(key, []).append(sum(xs))
+                        invocations[key] = len(xs)
+    out = {k: statistics.median(v) for k, v in per_call.items()}
+    net = {n: out[n] - out.get(f"{n} (timers alone)", 0.0) for n in names if n in out}
+    net["stop_check_hook"] = out.get("stop_check_hook", 0.0)
+    return {"calls": calls, "us_per_call": net, "us_per_call_total": sum(net.values()),
+            "us_per_call_raw": out, "mark_us_subtracted": mark_us, "invocations_last_call": invocations}
+
+
 def compiled_decode_kwargs(case: Any, cuda: bool, new_tokens: int) -> dict[str, Any]:
     """generate() kwargs under which transformers compiles the decode step itself (a static
     cache): its default on CUDA (inductor, CUDA graphs), dynamo's eager backend on the CPU."""
@@ -357,6 +452,8 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                 previous = m
         same_tokens = {m: bool(torch.equal(outputs[m], outputs["plain"])) for m in names}
         direct = direct_cost(model, kw, cuda, direct_calls) if direct_calls > 0 else None
+        step_python = (step_python_cost(model, kw, cuda, direct_calls, direct["by_kind_median_us"])
+                       if direct is not None else None)
     finally:
         if step_clock:
             clock_patch.stop()
@@ -413,6 +510,9 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
             # less the marks issued while the GPU had more queued work than their cost (not waited for)
             row["direct_waited_pct"] = 100 * direct["us_per_call_waited_for"] / 1e3 / base
             row["accounted_pct"] = row["direct_pct"] + row["resolve_pct"]
+        if m == "stagetrace" and step_python is not None:  # the tracer's own Python, outside the marks
+            row["step_python"] = step_python
+            row["step_python_pct"] = 100 * step_python["us_per_call_total"] / 1e3 / base
         summary[m] = row
     layers = len(getattr(tracers["stagetrace"].layout, "layers"))
     step_stage = summary["stagetrace"]["decode_step_median_ms"]
@@ -531,6 +631,11 @@ def main(argv: list[str] | None = None) -> dict:
                   f"resolve {st['direct_waited_pct'] + st['resolve_pct']:.3f}%; the step marks' lead: median "
                   f"{d['step_mark_lead_median_us'] or 0:.0f} µs (p10 {d['step_mark_lead_p10_us'] or 0:.0f}); "
                   f"a mark by kind (median, per call): {kinds}")
+        if "step_python" in st:
+            sp = st["step_python"]
+            parts = ", ".join(f"{k} {v:.0f} µs" for k, v in sp["us_per_call"].items())
+            print(f"stage level, the tracer's Python outside its marks: {sp['us_per_call_total']:.0f} µs a call "
+                  f"({st['step_python_pct']:.3f}%): {parts} (invocations in a call: {sp['invocations_last_call']})")
     print(f"wrote {path}")
     return payload
 
