@@ -65,6 +65,8 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         assert sp["invocations_last_call"]["prepare_inputs_for_generation"] == forwards
         assert sp["invocations_last_call"]["prepare_inputs_for_generation (timers alone)"] == forwards
         assert sp["us_per_call_raw"]["prepare_inputs_for_generation"] > 0
+        st = r["methods"]["stagetrace"]
+        assert st["accounted_with_python_pct"] == pytest.approx(st["accounted_pct"] + st["step_python_pct"])
         # the prefill's return, then the lead's on every COMPILED_LEAD_EVERY-th step (the default)
         from stagetrace.tracing.tracer import COMPILED_LEAD_EVERY
 
