@@ -524,6 +524,20 @@ def test_warmed_guards_change_nothing_a_call_computes_or_records(monkeypatch, ev
         assert b.decode_steps_from_stop_check == a.decode_steps_from_stop_check > 0
 
 
+@pytest.mark.parametrize("detail, every, captures", [("all", 2, True), ("all", 1, False), ("prefill", 1, False),
+                                                      ("off", 1, False)])
+def test_only_sampled_stamps_capture_the_compiled_calls_inputs(detail, every, captures):
+    """Warming needs the last compiled call's inputs only where steps switch between two graphs
+    (layer_every > 1); elsewhere ``get_compiled_call`` is left as it is, so no step pays a frame
+    for a capture that would never be used."""
+    case = tiny.build("llama")
+    assert "get_compiled_call" not in vars(case.model)
+    with stagetrace.trace(case.model, layer_detail=detail, layer_every=every) as tracer:
+        assert ("get_compiled_call" in vars(case.model)) == captures
+        assert tracer._decode._warms == captures
+    assert "get_compiled_call" not in vars(case.model)
+
+
 def test_warming_that_fails_turns_itself_off_and_changes_nothing(monkeypatch):
     """Warming reads dynamo's private structures: where they are not what it expects, the first
     failure turns it off for the tracer and the call goes on as without it."""

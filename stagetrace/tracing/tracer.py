@@ -241,7 +241,8 @@ class Tracer:
         decode = CompiledDecodeMarks(
             model, self._slot, mark, stamps_layers=self.layer_detail == "all",
             refusal=lambda gen_config: compiled_decode_refusal(self._devices, self.layer_detail, gen_config),
-            before_step=self._before_compiled_step, calibrate=self._stamps.calibrate, marks_so_far=tl.__len__)
+            before_step=self._before_compiled_step, calibrate=self._stamps.calibrate, marks_so_far=tl.__len__,
+            switches_graphs=self.layer_detail == "all" and self.layer_every > 1)
         self._decode = decode
         returns = ForwardReturnMarks(model, self.layout, self._slot, mark)
         decoder_ids = DecoderIds(model, self._slot)  # wraps generate()'s input preparation after `decode` does
