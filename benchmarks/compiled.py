@@ -289,8 +289,8 @@ def step_python_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int,
         for n in names:
             stack.enter_context(mock.patch.object(type(model), n, inner_timer(n, getattr(type(model), n))))
         stack.enter_context(mock.patch.object(compiled_decode.CompiledDecodeMarks, "_after_stop_check", timed_after))
-        for traced in (False, True):
-            for i in range(calls + 1):
+        for i in range(calls + 1):
+            for traced in (False, True):  # interleaved: the timers alone, then the same call traced
                 spent.clear()
                 with contextlib.ExitStack() as call_stack:
                     if traced:
