@@ -68,9 +68,9 @@ class CompiledDecodeMarks:
                  calibrate: Callable[[int], None], marks_so_far: Callable[[], int], switches_graphs: bool = False):
         self.model, self.slot, self._mark, self._marks_so_far = model, slot, mark, marks_so_far
         self._refusal, self._stamps_layers = refusal, stamps_layers
-        # sampled stamps (layer_every > 1): steps switch between the bare and the stamped graph, so
-        # there is a next graph to warm; with stamps on every step there is none, and the capture
-        # of each compiled call's inputs would be a frame per step for nothing
+        # sampled stamps (layer detail with layer_every > 1): steps switch between the bare and the
+        # stamped graph, so there is a next graph to warm; with stamps on every step there is none,
+        # and the capture of each compiled call's inputs would be a frame per step for nothing
         self._switches_graphs = switches_graphs
         self._before_step, self._calibrate = before_step, calibrate
         self._shadows = Shadows()
@@ -88,8 +88,7 @@ class CompiledDecodeMarks:
         if callable(stops):
             self._shadows.set(self.model, "_get_stopping_criteria", self._marking_stops(stops))
         get_compiled_call = getattr(self.model, "get_compiled_call", None)
-        self._warms = (WARM_GUARDS and self._stamps_layers and self._switches_graphs and callable(stops)
-                       and callable(get_compiled_call))
+        self._warms = WARM_GUARDS and self._switches_graphs and callable(stops) and callable(get_compiled_call)
         if self._warms:
             self._shadows.set(self.model, "get_compiled_call", self.warmer.capturing(get_compiled_call))
 
