@@ -25,6 +25,8 @@ decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetit
                       switch made at the stop check before its step, the next graph's guards
                       checked there)
   stagetrace_layers_every8_cold  the same with WARM_GUARDS off (the switch at the step itself)
+  stagetrace_layers_every8_matmul  every 8th step with layer_marks="matmul": the stamped graph
+                      fuses across layers as the bare one does (fewer kernels on the stamped step)
   stagetrace_layers_every32  layers on the prefill and decode step 0 only (32 new tokens): with
                       _prefill and every8, what one stamped step adds
   stagetrace_layers_prefill  layer_detail="prefill": layers on the prefill only (eager hooks),
@@ -150,6 +152,7 @@ def stamp_cost(cuda: bool, n: int, replays: int) -> dict[str, Any]:
 
 METHODS = ("plain", "stagetrace", "stagetrace_lead_every1", "stagetrace_layers", "stagetrace_layers_shared",
            "stagetrace_layers_matmul", "stagetrace_layers_every8", "stagetrace_layers_every8_cold",
+           "stagetrace_layers_every8_matmul",
            "stagetrace_layers_every32", "stagetrace_layers_prefill", "host_clock", "stagetrace_no_lead",
            "stagetrace_prepare_mark", "plain_again")
 
@@ -364,6 +367,8 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                                                             keep_marks=False),
                "stagetrace_layers_every8_cold": stagetrace.trace(model, layer_detail="all", layer_every=8,
                                                                  keep_marks=False),
+               "stagetrace_layers_every8_matmul": stagetrace.trace(model, layer_detail="all", layer_every=8,
+                                                                   layer_marks="matmul", keep_marks=False),
                "stagetrace_layers_every32": stagetrace.trace(model, layer_detail="all", layer_every=32,
                                                              keep_marks=False),
                "stagetrace_layers_prefill": stagetrace.trace(model, layer_detail="prefill", keep_marks=False)}
