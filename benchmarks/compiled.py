@@ -38,6 +38,9 @@ decode step (inductor, mode="reduce-overhead": CUDA graphs). Interleaved repetit
   stagetrace_prepare_mark  stage level with every step marked where generate() prepares its inputs,
                       after the stop check's sync (the placement before session 12; a probe): the
                       default marks a step where the step before it issued its stopping criteria
+  stagetrace_prepare_wrapped  stage level with the input preparation's wrapper kept on every step
+                      (before session 15; a probe): the default takes it off for the steps that
+                      need nothing of it and counts them where their forward returns
 Wall overhead is paired per repetition; beside it, stage level's direct in-context cost
 (``--direct-calls``: every native mark timed around itself, per kind), the tracer's own Python
 outside its marks in the same number of calls (``step_python``: each per-step hook timed around
@@ -154,7 +157,7 @@ METHODS = ("plain", "stagetrace", "stagetrace_lead_every1", "stagetrace_layers",
            "stagetrace_layers_matmul", "stagetrace_layers_every8", "stagetrace_layers_every8_cold",
            "stagetrace_layers_every8_matmul",
            "stagetrace_layers_every32", "stagetrace_layers_prefill", "host_clock", "stagetrace_no_lead",
-           "stagetrace_prepare_mark", "plain_again")
+           "stagetrace_prepare_mark", "stagetrace_prepare_wrapped", "plain_again")
 
 
 def layer_stack_us(rec: Any) -> list[float]:
@@ -225,6 +228,9 @@ def direct_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int) -> dict[
 # generate() calls these once per forward; the tracer wraps each on the model (compiled_decode.py,
 # forward_return.py), so a decode step runs that Python on the host's path
 STEP_HOOKS = ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation")
+# the tracer's functions run once per call, before its first mark or after its last (tracer.py's names)
+CALL_PARTS = ("named_inputs", "read_call_inputs", "queue_features", "bind_call_streams", "returned_prompt_check",
+              "new_token_count", "FinishedCall")
 
 
 def step_python_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int,
@@ -279,6 +285,14 @@ def step_python_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int,
         return timed
 
     after = compiled_decode.CompiledDecodeMarks._after_stop_check
+    make_prepare_wrapper = compiled_decode.CompiledDecodeMarks._step_marks
+
+    def timed_prepare_wrapper(self: Any, inner: Callable[..., Any]) -> Callable[..., Any]:
+        # the tracer takes its own wrapper of the input preparation off the model for the steps that
+        # need nothing of it (compiled_decode.py): a timer placed over it would keep it on, so the
+        # timer is the wrapper object the tracer places and takes off
+        return outer_timer("prepare_inputs_for_generation", make_prepare_wrapper(self, inner),
+                           "prepare_inputs_for_generation")
 
     def timed_after(self: Any, *args: Any) -> None:
         m0 = n_marks()
@@ -286,20 +300,48 @@ def step_python_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int,
         after(self, *args)
         own_us("stop_check_hook", time.perf_counter_ns() - t0, n_marks() - m0)
 
+    # the tracer's work around generate() itself (before the call's first mark, after its last), each part
+    # timed around itself in the traced call (a timer's own ~0.2 µs included): what the host adds at the
+    # call's two ends, where the GPU is idle
+    from stagetrace.low_level import Marks
+    from stagetrace.tracing import features, tracer as tracer_mod
+
+    def part_timer(key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent.setdefault(f"call part: {key}", []).append((time.perf_counter_ns() - t0) / 1e3)
+
+        return timed
+
+    call_parts = [(tracer_mod, n) for n in CALL_PARTS] + [(tracer_mod.Tracer, "_after_call"),
+                                                          (features.PendingFeatures, "hold")]
+    from_timeline = Marks.from_timeline.__func__
+
     per_call: dict[str, list[float]] = {}
     invocations: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         for n in names:
             stack.enter_context(mock.patch.object(type(model), n, inner_timer(n, getattr(type(model), n))))
         stack.enter_context(mock.patch.object(compiled_decode.CompiledDecodeMarks, "_after_stop_check", timed_after))
+        stack.enter_context(mock.patch.object(compiled_decode.CompiledDecodeMarks, "_step_marks", timed_prepare_wrapper))
         for i in range(calls + 1):
             for traced in (False, True):  # interleaved: the timers alone, then the same call traced
                 spent.clear()
                 with contextlib.ExitStack() as call_stack:
                     if traced:
+                        for owner, n in call_parts:
+                            call_stack.enter_context(mock.patch.object(owner, n, part_timer(n, getattr(owner, n))))
+                        call_stack.enter_context(mock.patch.object(Marks, "from_timeline", classmethod(
+                            part_timer("Marks.from_timeline", from_timeline))))
                         tl_box[0] = new_timeline("cuda" if cuda else "cpu", capacity=1 << 12)
                         call_stack.enter_context(stagetrace.trace(model, timeline=tl_box[0]))
                     for n in names:  # over the tracer's wrapper (or the bound method, untraced)
+                        if traced and n == "prepare_inputs_for_generation":
+                            continue  # the tracer's wrapper is timed itself (timed_prepare_wrapper)
                         call_stack.enter_context(mock.patch.object(model, n, outer_timer(
                             n, getattr(model, n), n if traced else f"{n} (timers alone)")))
                     model.generate(**kw)
@@ -309,9 +351,16 @@ def step_python_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int,
                         per_call.setdefault(key, []).append(sum(xs))
                         invocations[key] = len(xs)
     out = {k: statistics.median(v) for k, v in per_call.items()}
-    net = {n: out[n] - out.get(f"{n} (timers alone)", 0.0) for n in names if n in out}
+    # the timers' own cost, per invocation of the untimed call, taken off each invocation of the traced one
+    # (the tracer's input preparation runs on the prefill and the steps that need it only)
+    alone_per_invocation = {n: out[f"{n} (timers alone)"] / invocations[f"{n} (timers alone)"] for n in names
+                            if invocations.get(f"{n} (timers alone)")}
+    net = {n: out[n] - alone_per_invocation.get(n, 0.0) * invocations.get(n, 0) for n in names if n in out}
     net["stop_check_hook"] = out.get("stop_check_hook", 0.0)
+    parts = {k.removeprefix("call part: "): v for k, v in out.items() if k.startswith("call part: ")}
+    net = {k: v for k, v in net.items() if not k.startswith("call part: ")}
     return {"calls": calls, "us_per_call": net, "us_per_call_total": sum(net.values()),
+            "call_parts_us": parts, "call_parts_us_total": sum(parts.values()),
             "us_per_call_raw": out, "mark_us_subtracted": mark_us, "invocations_last_call": invocations}
 
 
@@ -357,6 +406,7 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                "host_clock": stagetrace.trace(model, keep_marks=False, timeline=HostClockTimeline()),
                "stagetrace_no_lead": stagetrace.trace(model, keep_marks=False),
                "stagetrace_prepare_mark": stagetrace.trace(model, keep_marks=False),
+               "stagetrace_prepare_wrapped": stagetrace.trace(model, keep_marks=False),
                "stagetrace_layers": stagetrace.trace(model, layer_detail="all", keep_marks=False),
                "stagetrace_layers_shared": stagetrace.trace(model, layer_detail="all", layer_marks="shared",
                                                             keep_marks=False),
@@ -424,6 +474,10 @@ def decode_overhead(name: str, case: Any, cuda: bool, reps: int, warmup: int, ne
                 if m == "stagetrace_prepare_mark":  # the probe: no step is marked at the stop check
                     stack.enter_context(mock.patch.object(compiled_decode.CompiledDecodeMarks, "_after_stop_check",
                                                           lambda self, *args: None))
+                if m == "stagetrace_prepare_wrapped":  # the probe: the input preparation's wrapper never comes off
+                    keep_on = compiled_decode.CompiledDecodeMarks._prepare_wrapped
+                    stack.enter_context(mock.patch.object(compiled_decode.CompiledDecodeMarks, "_prepare_wrapped",
+                                                          lambda self, c, wrapped: keep_on(self, c, True)))
                 if m.endswith("_cold"):  # read at install, so patched around the tracer's entry
                     stack.enter_context(mock.patch.object(compiled_decode, "WARM_GUARDS", False))
                 stack.enter_context(tr)
@@ -645,6 +699,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"({st['step_python_pct']:.3f}%): {parts} (invocations in a call: {sp['invocations_last_call']})"
                   + (f"; marks + Python + resolve: {st['accounted_with_python_pct']:.3f}%"
                      if "accounted_with_python_pct" in st else ""))
+            if sp.get("call_parts_us"):
+                print(f"stage level, the tracer's work at the call's two ends: {sp['call_parts_us_total']:.0f} µs a "
+                      "call: " + ", ".join(f"{k} {v:.1f} µs" for k, v in sp["call_parts_us"].items()))
     print(f"wrote {path}")
     return payload
 

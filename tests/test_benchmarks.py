@@ -57,12 +57,14 @@ def test_benchmark_script_runs_on_the_cpu(script, tmp_path):
         # (it stops at its maximum length: its last stop check takes no mark)
         assert sum(d["by_kind_per_call"].values()) == r["methods"]["stagetrace"]["n_marks"]
         assert d["us_per_call_waited_for"] <= d["us_per_call"]
-        # the tracer's Python outside its marks: each per-step hook, once per forward (the prefill's too)
+        # the tracer's Python outside its marks: each per-step hook, once per forward (the prefill's too),
+        # but the input preparation's wrapper: on the prefill only, its steps run without it
         sp = r["methods"]["stagetrace"]["step_python"]
         assert set(sp["us_per_call"]) == {"prepare_inputs_for_generation", "_update_model_kwargs_for_generation",
                                           "stop_check_hook"}
         forwards = d["by_kind_per_call"]["DECODE_FORWARD"] + 1
-        assert sp["invocations_last_call"]["prepare_inputs_for_generation"] == forwards
+        assert sp["invocations_last_call"]["prepare_inputs_for_generation"] == 1
+        assert sp["invocations_last_call"]["_update_model_kwargs_for_generation"] == forwards
         assert sp["invocations_last_call"]["prepare_inputs_for_generation (timers alone)"] == forwards
         assert sp["us_per_call_raw"]["prepare_inputs_for_generation"] > 0
         st = r["methods"]["stagetrace"]

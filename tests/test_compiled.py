@@ -85,27 +85,33 @@ def test_a_compiled_decode_marks_the_lead_on_every_nth_step_and_the_record_says_
         assert rec.lead["decode"]["verdict"] in ({"n/a"} if device == "cpu" else {"host-bound", "gpu-bound", "mixed"})
 
 
-@pytest.mark.parametrize("detail, every, switches, layer_steps", [
-    ("off", 2, [False], []),
-    ("all", 2, [True, False] * 3, [0, 2, 4]),  # 7 new tokens: decode steps 0-5
-    ("all", 3, [True, False, True, False], [0, 3]),
-    ("all", 1, [True], [0, 1, 2, 3, 4, 5]),
+@pytest.mark.parametrize("detail, every, switches, layer_steps, prepared", [
+    ("off", 2, [False], [], [False] * 6),
+    ("all", 2, [True, False] * 3, [0, 2, 4], [True, False] * 3),  # 7 new tokens: decode steps 0-5
+    ("all", 3, [True, False, True, False], [0, 3], [True, False, False] * 2),
+    ("all", 1, [True], [0, 1, 2, 3, 4, 5], [True] * 6),
 ])
 def test_a_compiled_step_switches_graphs_only_where_the_graph_changes(detail, every, switches, layer_steps,
-                                                                      monkeypatch):
+                                                                      prepared, monkeypatch):
     """The module hooks come off once per call, before its first compiled step; after it the
     layers' forwards change only on a step into or out of the stamped graph, and only a
     stamped step is calibrated. A step that keeps its graph (stage level after the first, a
-    bare step after a bare one) calls nothing but its mark."""
+    bare step after a bare one) calls nothing but its mark, and runs without the input
+    preparation's wrapper: only the stamped steps, whose mark sits beside their calibration,
+    are begun there (``prepared``)."""
+    from stagetrace.tracing.compiled_decode import CompiledDecodeMarks
     from stagetrace.tracing.stamps import LayerStamps
     from stagetrace.tracing.tracer import Tracer
 
     seen: list[bool] = []
     calibrated: list[int] = []
-    switch, calibrate = Tracer._before_compiled_step, LayerStamps.calibrate
+    begun: list[bool] = []
+    switch, calibrate, begin = Tracer._before_compiled_step, LayerStamps.calibrate, CompiledDecodeMarks._begin_step
     monkeypatch.setattr(Tracer, "_before_compiled_step", lambda self, stamped: seen.append(stamped) or switch(
         self, stamped))
     monkeypatch.setattr(LayerStamps, "calibrate", lambda self, lab: calibrated.append(lab) or calibrate(self, lab))
+    monkeypatch.setattr(CompiledDecodeMarks, "_begin_step", lambda self, c, prepared: begun.append(prepared) or begin(
+        self, c, prepared))
     case = tiny.build("llama")
     kw = gen_kwargs(case, 7, **static_compiled(case))
     plain = tokens(case.model.generate(**kw))
@@ -115,7 +121,7 @@ def test_a_compiled_step_switches_graphs_only_where_the_graph_changes(detail, ev
             for _ in range(2):
                 assert torch.equal(tokens(case.model.generate(**kw)), plain)
     assert seen == switches * 2 and hook_state(case.model) == before
-    assert len(calibrated) == 2 * len(layer_steps)
+    assert len(calibrated) == 2 * len(layer_steps) and begun == prepared * 2
     n_layers = len(tracer.layout.layers)
     for rec in tracer.records:
         assert_partition(rec)
@@ -392,7 +398,14 @@ class _Loop:
         self.stops(torch.zeros(1, length, dtype=torch.long), torch.zeros(1, 8))
 
     def step(self):
+        """generate()'s order: the input preparation, the forward, then its return (where a step run
+        without the preparation's wrapper is counted: the forward-return hook's first call)."""
         self.model.prepare_inputs_for_generation()
+        if self.call.prepare_off:
+            self.marks.step_returned(self.call)
+
+    def wrapped(self):
+        return "prepare_inputs_for_generation" in self.model.__dict__
 
     def kinds(self):
         from stagetrace.labels import kind_of
@@ -401,17 +414,54 @@ class _Loop:
 
 def test_a_stop_check_mark_begins_a_step_only_as_the_one_mark_right_before_it():
     loop = _Loop()
-    loop.check(), loop.step()                  # used: one check, nothing marked after it
-    loop.check(), loop.check(), loop.step()    # two checks (a loop that checks twice): both stale, marked at the step
-    loop.check(), loop.tl.mark(int(Kind.FORWARD_RETURN)), loop.step()  # something marked after it: stale
-    loop.check()                               # the last check: no step follows
     c = loop.call
+    assert loop.wrapped()
+    loop.check()                               # one check: the step needs nothing of its preparation's wrapper
+    assert not loop.wrapped() and c.prepare_off and c.module_hooks_off  # the first step's switch made here
+    loop.step()                                # used: counted at its forward's return
+    assert c.steps_from_stop_check == 1 and c.decode_forwards == 1
+    loop.check(), loop.check()                 # two checks (a loop that checks twice): both stale ...
+    assert loop.wrapped() and not c.prepare_off
+    loop.step()                                # ... and the step marked at its preparation
+    loop.check(), loop.tl.mark(int(Kind.FORWARD_RETURN)), loop.step()  # something marked after it: stale,
+    assert c.unmarked_steps == 1               # and the step, run without the wrapper, has no start: said
+    loop.check()                               # the last check: no step follows
     assert c.steps_from_stop_check == 1 and c.decode_forwards == 3
     assert loop.kinds() == ["DECODE_FORWARD", "DECODE_FORWARD", "DECODE_FORWARD", "DECODE_FORWARD",
-                            "DECODE_FORWARD", "FORWARD_RETURN", "DECODE_FORWARD", "DECODE_FORWARD"]
-    assert c.unused_marks() == [1, 2, 4, 7]
+                            "DECODE_FORWARD", "FORWARD_RETURN", "DECODE_FORWARD"]
+    assert c.unused_marks() == [1, 2, 4, 6]
+    loop.marks.end_call(c)                     # the wrapper is back for the next call
+    assert loop.wrapped() and not c.prepare_off
     loop.marks.remove()
-    assert "_get_stopping_criteria" not in loop.model.__dict__
+    assert "_get_stopping_criteria" not in loop.model.__dict__ and not loop.wrapped()
+
+
+def test_a_step_begun_with_no_mark_fails_its_record():
+    """By construction nothing marks between a stop check and the step it marked; were something
+    to, the step run without its preparation's wrapper would have no start: the record says its
+    stages are unknown rather than placing one."""
+    case = tiny.build("llama")
+    kw = gen_kwargs(case, 5, **static_compiled(case))
+    model = case.model
+    with stagetrace.trace(model) as tracer:
+        inner = model._has_unfinished_sequences  # generate() reads it between a step's stop check and the next step
+
+        def marking(*args, **kwargs):
+            if tracer._slot.call is not None and tracer._slot.call.decode_forwards == 2:
+                tracer._timeline.mark(int(Kind.FORWARD_RETURN))
+            return inner(*args, **kwargs)
+
+        model._has_unfinished_sequences = marking
+        try:
+            with pytest.warns(RuntimeWarning, match="began with no mark"):
+                model.generate(**kw)
+                rec = tracer.records[0]
+        finally:
+            del model._has_unfinished_sequences
+        model.generate(**kw)  # the next call is timed as usual
+    assert rec.error and "cannot be told apart" in rec.error
+    ok = tracer.records[1]
+    assert not ok.error and ok.compiled_decode and ok.decode_steps_from_stop_check == len(ok.decode_step_ms) == 4
 
 
 @pytest.mark.parametrize("change", ["eager", "beams", "stamped", "prefill", "max_length"])

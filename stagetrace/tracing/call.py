@@ -79,6 +79,12 @@ class CallState:
     early_marks: int = 0
     stale_marks: list[int] = field(default_factory=list)
     steps_from_stop_check: int = 0
+    # the next compiled step runs without the input preparation's wrapper (the stop check before it
+    # took it off: ``compiled_decode.py``), so the step is counted where its forward returns;
+    # ``unmarked_steps``: steps that began with no mark of their start (none by construction; the
+    # record then says its stages are unknown)
+    prepare_off: bool = False
+    unmarked_steps: int = 0
 
     def unused_marks(self) -> list[int]:
         """Positions of the call's marks that begin no step (taken at a stop check no step followed)."""

@@ -22,6 +22,22 @@ stop check where it did not stop at its maximum length, a loop that checks twice
 step and is dropped before the stage math (``CallState.unused_marks``); at the maximum length
 no mark is taken. A step that carries layer stamps keeps its mark at the input
 preparation, beside its calibration stamp.
+
+What the input preparation's wrapper is left with. Everything between generate()'s stop-flag
+sync and the compiled call's graph launch is on the call's critical path (the GPU is idle), and
+a wrapper frame that forwards generate()'s keyword arguments costs 3–6 µs there on an H200 host
+(``benchmarks/README.md``, session 15). So a step that needs nothing of its input preparation —
+one whose mark the stop check before it took, which runs the graph the step before it ran, and
+after which no second stop check came — runs without the wrapper: the stop check before it takes
+it off the model (one instance-dict write, ``_prepare_wrapped``) and the step's bookkeeping runs
+where its forward returns to generate() (``step_returned``, called by ``forward_return.py``),
+while the GPU runs the step. The first step's module hooks come off at the prefill's stop check
+for the same reason. The wrapper is back on for a step that needs it (its mark or calibration,
+a switch of graph not made ahead) and at the end of every call. What must stay true: a step
+without the wrapper is counted and its mark confirmed at its forward's return, before anything
+else there reads the call's counters; a mark taken between its stop check and its forward (none
+is, by construction) leaves the step without a start, which its record says
+(``CallState.unmarked_steps``) rather than placing one.
 """
 from __future__ import annotations
 
@@ -31,7 +47,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..labels import Kind, label
-from .call import CallSlot
+from .call import CallSlot, CallState
 from .errors import TracingError
 from .guard_warm import GuardWarmer
 from .patch import Shadows
@@ -39,6 +55,7 @@ from .patch import Shadows
 __all__ = ["CompiledDecodeMarks", "WARM_GUARDS"]
 
 _DECODE = label(Kind.DECODE_FORWARD)
+_PREPARE = "prepare_inputs_for_generation"
 
 # With sampled layer stamps, the switch to the next step's graph made at the stop check before it,
 # and that graph's guard check run there (guard_warm.py). On since session 14, from its measurement
@@ -76,14 +93,20 @@ class CompiledDecodeMarks:
         self._shadows = Shadows()
         self.warmer = GuardWarmer(model)
         self._warms = False  # read from WARM_GUARDS at install()
+        # the input preparation's wrapper, and what the model's own __dict__ held under its name
+        # before it (None: nothing, the class's method shows through)
+        self._prepare_wrapper: Callable[..., Any] | None = None
+        self._under_prepare: Any = None
 
     def install(self) -> None:
         decide = getattr(self.model, "_valid_auto_compile_criteria", None)
         if decide is not None:
             self._shadows.set(self.model, "_valid_auto_compile_criteria", self._guard(decide))
-        prepare = getattr(self.model, "prepare_inputs_for_generation", None)
+        prepare = getattr(self.model, _PREPARE, None)
         if callable(prepare):
-            self._shadows.set(self.model, "prepare_inputs_for_generation", self._step_marks(prepare))
+            self._under_prepare = self.model.__dict__.get(_PREPARE)
+            self._prepare_wrapper = self._step_marks(prepare)
+            self._shadows.set(self.model, _PREPARE, self._prepare_wrapper)
         stops = getattr(self.model, "_get_stopping_criteria", None)
         if callable(stops):
             self._shadows.set(self.model, "_get_stopping_criteria", self._marking_stops(stops))
@@ -96,8 +119,28 @@ class CompiledDecodeMarks:
         self._shadows.restore()
         self.warmer.forget()
 
-    def end_call(self) -> None:
+    def end_call(self, call: CallState | None) -> None:
+        if call is not None:
+            self._prepare_wrapped(call, True)  # the next call's steps start from it in place
         self.warmer.forget()  # the call's inputs are not kept past it
+
+    def _prepare_wrapped(self, c: CallState, wrapped: bool) -> None:
+        """The input preparation's wrapper on the model (True) or off it for the next step
+        (False). Only this wrapper itself comes off, and only where it is the model's own
+        attribute: another wrapper placed over it (an encoder–decoder's decoder ids, a user's)
+        keeps it on. A plain dict write: nn.Module.__setattr__ costs 25 times as much."""
+        if wrapped == (not c.prepare_off):
+            return
+        d = self.model.__dict__
+        if wrapped:
+            d[_PREPARE] = self._prepare_wrapper
+            c.prepare_off = False
+        elif self._prepare_wrapper is not None and d.get(_PREPARE) is self._prepare_wrapper:
+            if self._under_prepare is None:
+                del d[_PREPARE]
+            else:
+                d[_PREPARE] = self._under_prepare
+            c.prepare_off = True
 
     def _guard(self, decide: Callable[..., Any]) -> Callable[..., bool]:
         slot = self.slot
@@ -122,38 +165,52 @@ class CompiledDecodeMarks:
         return guarded
 
     def _step_marks(self, inner: Callable[..., Any]) -> Callable[..., Any]:
-        slot, mark, marks_so_far = self.slot, self._mark, self._marks_so_far
+        slot = self.slot
 
         @functools.wraps(inner)  # generate() inspects this signature (e.g. for inputs_embeds)
         def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
             c = slot.call
             if c is not None and c.compiled_decode and c.forwards > 0 and c.fed >= c.prompt_len:
-                stamped = c.stamping and c.decode_forwards % c.layer_every == 0
-                # the layers' forwards change only where the graph does: the first step (the
-                # module hooks come off) and, sampled, the steps into and out of the stamped graph
-                if not c.module_hooks_off or stamped != c.stamped_graph:
-                    self._before_step(stamped)
-                    c.module_hooks_off = True  # the graph sees the bare model, or its stamps
-                    c.stamped_graph = stamped
-                c.in_prefill = False
-                c.layers_now = False  # the graph's own stamps mark its layers, if any
-                c.decoding = True
-                c.forwards += 1
-                c.decode_forwards += 1
-                early = c.early_step_mark
-                if early >= 0 and c.early_marks == 1 and early == marks_so_far() - 1:
-                    c.steps_from_stop_check += 1  # this step began where the last one's stopping criteria returned
-                else:
-                    if early >= 0:
-                        c.stale_marks.append(early)
-                    mark(_DECODE)
-                c.early_step_mark, c.early_marks = -1, 0
-                if stamped:  # calibration: the step's event and the stamps' clock, side by side
-                    self._calibrate(_DECODE)
-                    c.calibrated_steps.append(c.decode_forwards - 1)
+                self._begin_step(c, prepared=True)
             return inner(*args, **kwargs)
 
         return prepare_inputs_for_generation
+
+    def step_returned(self, c: CallState) -> None:
+        """A compiled step that ran without the input preparation's wrapper returned to
+        generate(): its bookkeeping, now (the forward-return hook calls this first)."""
+        self._begin_step(c, prepared=False)
+
+    def _begin_step(self, c: CallState, prepared: bool) -> None:
+        """A compiled decode step began: at its input preparation (``prepared``), or, without
+        the wrapper there, counted where its forward returned (its mark was taken before it)."""
+        stamped = c.stamping and c.decode_forwards % c.layer_every == 0
+        # the layers' forwards change only where the graph does: the first step (the module
+        # hooks come off) and, sampled, the steps into and out of the stamped graph; a step
+        # without the wrapper had both done at the stop check before it
+        if prepared and (not c.module_hooks_off or stamped != c.stamped_graph):
+            self._before_step(stamped)
+            c.module_hooks_off = True  # the graph sees the bare model, or its stamps
+            c.stamped_graph = stamped
+        c.in_prefill = False
+        c.layers_now = False  # the graph's own stamps mark its layers, if any
+        c.decoding = True
+        c.forwards += 1
+        c.decode_forwards += 1
+        early = c.early_step_mark
+        if early >= 0 and c.early_marks == 1 and early == self._marks_so_far() - 1:
+            c.steps_from_stop_check += 1  # this step began where the last one's stopping criteria returned
+        else:
+            if early >= 0:
+                c.stale_marks.append(early)
+            if prepared:
+                self._mark(_DECODE)
+            else:  # its start was not marked (a mark came between its stop check and its forward)
+                c.unmarked_steps += 1
+        c.early_step_mark, c.early_marks = -1, 0
+        if stamped and prepared:  # calibration: the step's event and the stamps' clock, side by side
+            self._calibrate(_DECODE)
+            c.calibrated_steps.append(c.decode_forwards - 1)
 
     def _marking_stops(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(inner)
@@ -174,19 +231,30 @@ class CompiledDecodeMarks:
         if max_length is not None and length >= max_length:
             return
         stamped_next = c.stamping and c.decode_forwards % c.layer_every == 0
-        if self._warms and c.module_hooks_off and stamped_next != c.stamped_graph:
+        if not c.module_hooks_off:
+            # the first decode step follows: the module hooks come off now, while the GPU runs the
+            # prefill, rather than at the step's input preparation, after the wait
+            self._before_step(stamped_next)
+            c.module_hooks_off = True
+            c.stamped_graph = stamped_next
+        elif self._warms and stamped_next != c.stamped_graph:
             # the next step runs the other graph: its layers' forwards now, and its guards checked
             # ahead, while the host waits for the GPU (guard_warm.py); prepare_inputs then finds it done
             self._before_step(stamped_next)
             c.stamped_graph = stamped_next
             self.warmer.warm()
         if stamped_next:
-            return  # the next step runs the stamped graph: its mark stays beside its calibration stamp
+            # the next step runs the stamped graph: its mark stays beside its calibration stamp
+            self._prepare_wrapped(c, True)
+            return
         if c.early_step_mark >= 0:
             c.stale_marks.append(c.early_step_mark)
         c.early_step_mark = self._marks_so_far()
         c.early_marks += 1
         self._mark(_DECODE)
+        # the next step needs its input preparation's wrapper only to switch graphs (not made
+        # ahead) or to mark it (a loop that checked twice: the mark is taken there)
+        self._prepare_wrapped(c, stamped_next != c.stamped_graph or c.early_marks != 1)
 
 
 _MARKING_TYPES: dict[type, type] = {}

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..labels import Kind, label
 from ..layouts import ResolvedLayout
-from .call import CallSlot
+from .call import CallSlot, CallState
 from .patch import Shadows
 
 __all__ = ["ForwardReturnMarks", "FORWARD_RETURN_HOOK"]
@@ -43,28 +43,34 @@ FORWARD_RETURN_HOOK = "_update_model_kwargs_for_generation"  # generate() calls 
 
 
 class ForwardReturnMarks:
-    def __init__(self, model: nn.Module, layout: ResolvedLayout, slot: CallSlot, mark: Callable[[int], None]):
+    def __init__(self, model: nn.Module, layout: ResolvedLayout, slot: CallSlot, mark: Callable[[int], None],
+                 step_returned: Callable[[CallState], None]):
         self.model, self.layout, self.slot, self._mark = model, layout, slot, mark
+        self._step_returned = step_returned  # a compiled step run without its input preparation's wrapper
         self._shadows = Shadows()
 
     def install(self) -> None:
         for owner in [self.model, *(inner for _, inner in self.layout.inner_generators)]:
             method = getattr(owner, FORWARD_RETURN_HOOK, None)
             if callable(method):
-                self._shadows.set(owner, FORWARD_RETURN_HOOK, _marking_return(method, self.slot, self._mark))
+                self._shadows.set(owner, FORWARD_RETURN_HOOK, _marking_return(method, self.slot, self._mark,
+                                                                                  self._step_returned))
 
     def remove(self) -> None:
         self._shadows.restore()
 
 
-def _marking_return(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[int], None]) -> Callable[..., Any]:
+def _marking_return(inner: Callable[..., Any], slot: CallSlot, mark: Callable[[int], None],
+                    step_returned: Callable[[CallState], None]) -> Callable[..., Any]:
     @functools.wraps(inner)
     def update_model_kwargs(*args: Any, **kwargs: Any) -> Any:
         c = slot.call
-        # the forward that returned was decode step decode_forwards - 1 (counted at its start)
-        if c is not None and c.forwards > 0 and c.outer_depth == 0 and (
-                not c.decoding or (c.decode_forwards - 1) % c.lead_every == 0):
-            mark(_RETURN)
+        if c is not None:
+            if c.prepare_off:  # a compiled step that ran without its input preparation's wrapper: counted now
+                step_returned(c)
+            # the forward that returned was decode step decode_forwards - 1 (counted at its start)
+            if c.forwards > 0 and c.outer_depth == 0 and (not c.decoding or (c.decode_forwards - 1) % c.lead_every == 0):
+                mark(_RETURN)
         return inner(*args, **kwargs)
 
     return update_model_kwargs

@@ -65,7 +65,12 @@ class FinishedCall:
     @functools.cached_property
     def placed(self) -> tuple[Marks, str | None, int]:
         """The call's marks with its stamps placed among them; why its marks cannot be timed
-        (stamps that did not line up), or None; layer marks placed after their layer's last matmul."""
+        (stamps that did not line up, a step begun with no mark), or None; layer marks placed after
+        their layer's last matmul."""
+        if self.call.unmarked_steps:
+            return (self.marks, f"{self.call.unmarked_steps} compiled decode step(s) began with no mark of their start "
+                    "(something was marked between the stop check before the step and its forward): the steps "
+                    "cannot be told apart", 0)
         return (self.marks, None, 0) if self.stamps is None else self.stamps.place(self.marks)
 
     @functools.cached_property

@@ -244,7 +244,7 @@ class Tracer:
             before_step=self._before_compiled_step, calibrate=self._stamps.calibrate, marks_so_far=tl.__len__,
             switches_graphs=self.layer_detail == "all" and self.layer_every > 1)
         self._decode = decode
-        returns = ForwardReturnMarks(model, self.layout, self._slot, mark)
+        returns = ForwardReturnMarks(model, self.layout, self._slot, mark, decode.step_returned)
         decoder_ids = DecoderIds(model, self._slot)  # wraps generate()'s input preparation after `decode` does
         self._parts = [self._hooks, self._stamps, decode, returns, decoder_ids]
         if self.layer_marks == "matmul":  # compiled graphs made while tracing get the pass that moves stamps
@@ -277,11 +277,11 @@ class Tracer:
         else:
             self._stamps.remove()
 
-    def _after_call(self) -> None:
+    def _after_call(self, call: CallState) -> None:
         """A compiled decode took the module hooks off for its steps: back as they were as
         installed — with a forward compiled by hand that stamps, its stamps stay (the next
         call's prefill runs that forward too)."""
-        self._decode.end_call()
+        self._decode.end_call(call)
         if self._active and not self._hooks.installed:
             if not self._stamps_in_forward:
                 self._stamps.remove()
@@ -347,7 +347,7 @@ class Tracer:
             raise
         finally:
             self._slot.call = None
-            self._after_call()
+            self._after_call(call)
         t_returned = time.perf_counter_ns()
         call.eager_stamped_layers = self._stamps.eager_runs[0]
         marks = Marks.from_timeline(tl)  # the one sync of the call
