@@ -132,6 +132,11 @@ def test_a_decoder_only_output_must_begin_with_its_prompt_to_be_counted_after_it
         return returned_prompt_check(out, prompt, inputs, call)
 
     assert check(torch.cat([prompt, new], 1)).holds()
+    out = torch.cat([prompt, new], 1)
+    held = check(out)  # copies: the caller's later writes to its output or its prompt do not reach them
+    out.fill_(-1)
+    assert held.holds() and held.head.data_ptr() != out.data_ptr() and held.prompt.data_ptr() != prompt.data_ptr()
+    assert check(torch.cat([prompt, new], 1).int()).holds()  # another dtype: copied apart, compared alike
     repeated = torch.cat([prompt.repeat_interleave(2, 0), torch.ones(4, 2, dtype=torch.long)], 1)
     assert check(repeated).holds() and check(repeated.flip(0)).holds()
     alone = check(new)  # a model's own generate() returning its new tokens alone

@@ -509,6 +509,21 @@ def test_generate_under_a_user_stream_marks_that_stream():
 
 
 @pytest.mark.gpu
+def test_the_raw_stream_handle_is_the_current_streams():
+    """The call's set-up reads the current stream's raw handle (no torch.cuda.Stream object made):
+    the same handle torch's own Stream gives, on the default stream, under a user's stream, and for a
+    device given without an index."""
+    from stagetrace.tracing.devices import current_stream_handle
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert current_stream_handle(dev) == torch.cuda.current_stream(dev).cuda_stream
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        assert current_stream_handle(dev) == current_stream_handle(torch.device("cuda")) == stream.cuda_stream
+    assert current_stream_handle(dev) != stream.cuda_stream
+
+
+@pytest.mark.gpu
 def test_side_stream_work_the_model_waits_for_stays_in_its_stage():
     from stagetrace.testing.reference import spin_cycles_per_us
 

@@ -41,12 +41,26 @@ def new_model_timeline(devices: Sequence[torch.device], capacity: int) -> Timeli
     return new_timeline(devices[0].type, devices[0].index or 0, capacity=capacity)
 
 
+# The current stream's raw handle, without the torch.cuda.Stream object current_stream() builds
+# around it: inductor's generated code reads it so (get_raw_stream). On an H200 host the object
+# made this the dearest part of a call's set-up, 48 µs (benchmarks/README.md, session 15); where
+# a torch lacks it, current_stream() gives the same handle.
+_raw_stream: Callable[[int], int] | None = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def current_stream_handle(device: torch.device) -> int:
+    """The handle of ``device``'s current CUDA stream (what ``torch.cuda.current_stream(device).cuda_stream`` reads)."""
+    if _raw_stream is None:
+        return int(torch.cuda.current_stream(device).cuda_stream)
+    return int(_raw_stream(device.index if device.index is not None else torch.cuda.current_device()))
+
+
 def bind_call_streams(timeline: Timeline, devices: Sequence[torch.device]) -> int:
     """Before a call: mark each device's current stream, one clock for all; returns the
     first device's stream handle (0 on the CPU)."""
     if devices[0].type != "cuda":
         return 0
-    streams = [torch.cuda.current_stream(d).cuda_stream for d in devices]
+    streams = [current_stream_handle(d) for d in devices]
     timeline.bind_streams(streams)
     timeline.calibrate()  # before the call: never a sync inside it
     return int(streams[0])
