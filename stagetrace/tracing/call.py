@@ -349,13 +349,7 @@ def returned_prompt_check(out: Any, input_ids: Any, inputs: CallInputs,
             or uncounted_output(out) is not None or call.inner_output_prompt_len is not None):
         return None
     seq = out if isinstance(out, torch.Tensor) else out.sequences
-    head = seq[:, :input_ids.shape[-1]].detach()
-    if head.shape[-1] == input_ids.shape[-1] and head.device == input_ids.device and head.dtype == input_ids.dtype:
-        # one copy of both (one allocation, one kernel where they live: the call's host time after it
-        # returned, session 15), split back into two views
-        both = torch.cat((head, input_ids.detach()))
-        return ReturnedPromptCheck(both[:head.shape[0]], both[head.shape[0]:])
-    return ReturnedPromptCheck(head.clone(), input_ids.detach().clone())
+    return ReturnedPromptCheck(seq[:, :input_ids.shape[-1]].detach().clone(), input_ids.detach().clone())
 
 
 def new_token_count(out: Any, inputs: CallInputs, call: CallState | None = None) -> int | None:
