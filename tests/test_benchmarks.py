@@ -209,3 +209,28 @@ def test_fit_validation_with_repeats_scores_each_call_and_each_samples_typical_c
     for t in payload["results"]["targets"].values():
         assert isinstance(t["met"], bool) and isinstance(t["typical_call_met"], bool)
     assert "typical call" in proc.stdout
+
+
+def test_compiled_pairs_pairs_two_traced_methods_repetition_by_repetition(tmp_path):
+    """Two methods of one compiled.py run, paired with each other: the whole call in % of plain's
+    median and each host-clock part; a pair the run does not hold is one line on stderr and exit 2."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compiled_pairs
+
+    parts = {"setup_ms": [1.0, 1.1, 1.2, 1.3], "prefill_ms": [20.0] * 4, "step_ms": [3.0] * 4, "tail_ms": [0.2] * 4}
+    later = {k: [v + (0.001 if k == "step_ms" else 0.0) for v in vs] for k, vs in parts.items()}
+    run = {"results": [{"config": "llama_b1", "methods": {
+        "plain": {"median_ms": 100.0, "walls_ms": [100.0] * 4},
+        "a": {"walls_ms": [101.0, 102.0, 101.5, 101.0], "host_samples_ms": later},
+        "b": {"walls_ms": [100.5, 101.5, 101.0, 100.5], "host_samples_ms": parts}}}]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    row, = compiled_pairs.main([str(path), "a", "b"])
+    assert row["whole_call_pct"] == pytest.approx(0.5) and row["reps"] == 4
+    assert row["step_us"] == pytest.approx(1.0) and row["setup_us"] == pytest.approx(0.0)
+    lo, hi = row["whole_call_ci95_pct"]
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compiled_pairs.py"), str(path), "a", "c"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "has no config with both a and c" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
