@@ -260,16 +260,25 @@ def step_python_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int,
     def own_us(key: str, elapsed_ns: int, marks: int) -> None:
         spent.setdefault(key, []).append(elapsed_ns / 1e3 - marks * mark_us.get(issues.get(key, ""), 0.0))
 
-    def inner_timer(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
+    def timer(fn: Callable[..., Any], record: Callable[[int], None]) -> Callable[..., Any]:
+        """``fn`` with its own elapsed ns handed to ``record`` (outside the timed window)."""
+        @functools.wraps(fn)  # generate() reads the input preparation's signature
         def timed(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter_ns()
             try:
                 return fn(*args, **kwargs)
             finally:
-                inner_ns[name][0] += time.perf_counter_ns() - t0
+                record(time.perf_counter_ns() - t0)
 
         return timed
+
+    def inner_timer(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        box = inner_ns[name]
+
+        def add(ns: int) -> None:
+            box[0] += ns
+
+        return timer(fn, add)
 
     def outer_timer(name: str, fn: Callable[..., Any], key: str) -> Callable[..., Any]:
         @functools.wraps(fn)  # generate() reads the input preparation's signature
@@ -307,15 +316,7 @@ def step_python_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int,
     from stagetrace.tracing import features, tracer as tracer_mod
 
     def part_timer(key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter_ns()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent.setdefault(f"call part: {key}", []).append((time.perf_counter_ns() - t0) / 1e3)
-
-        return timed
+        return timer(fn, lambda ns: spent.setdefault(f"call part: {key}", []).append(ns / 1e3))
 
     call_parts = [(tracer_mod, n) for n in CALL_PARTS] + [(tracer_mod.Tracer, "_after_call"),
                                                           (features.PendingFeatures, "hold")]
