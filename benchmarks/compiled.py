@@ -359,7 +359,6 @@ def step_python_cost(model: Any, kw: dict[str, Any], cuda: bool, calls: int,
     net = {n: out[n] - alone_per_invocation.get(n, 0.0) * invocations.get(n, 0) for n in names if n in out}
     net["stop_check_hook"] = out.get("stop_check_hook", 0.0)
     parts = {k.removeprefix("call part: "): v for k, v in out.items() if k.startswith("call part: ")}
-    net = {k: v for k, v in net.items() if not k.startswith("call part: ")}
     return {"calls": calls, "us_per_call": net, "us_per_call_total": sum(net.values()),
             "call_parts_us": parts, "call_parts_us_total": sum(parts.values()),
             "us_per_call_raw": out, "mark_us_subtracted": mark_us, "invocations_last_call": invocations}

@@ -119,9 +119,8 @@ class CompiledDecodeMarks:
         self._shadows.restore()
         self.warmer.forget()
 
-    def end_call(self, call: CallState | None) -> None:
-        if call is not None:
-            self._prepare_wrapped(call, True)  # the next call's steps start from it in place
+    def end_call(self, call: CallState) -> None:
+        self._prepare_wrapped(call, True)  # the next call's steps start from it in place
         self.warmer.forget()  # the call's inputs are not kept past it
 
     def _prepare_wrapped(self, c: CallState, wrapped: bool) -> None:
